@@ -1,0 +1,92 @@
+#include "tile_gemm.h"
+
+// MKL's entry points are exported by libtorch_cpu on x86 wheels. Declared weak so a
+// torch built on another BLAS still loads this extension and takes the at::mm path.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
+                            float alpha, const uint16_t* a, int lda, const uint16_t* b, int ldb,
+                            float beta, float* c, int ldc) __attribute__((weak));
+// The C entry point (the lower-case name is the Fortran one, which takes a pointer).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
+}
+
+namespace fastgen {
+namespace cpu {
+namespace {
+
+// The engine already runs one tile per thread; a BLAS that threads inside a tile
+// would oversubscribe the cores.
+void single_threaded_blas() {
+  thread_local bool done = false;
+  if (!done && MKL_Set_Num_Threads_Local) {
+    MKL_Set_Num_Threads_Local(1);
+    done = true;
+  }
+}
+
+void sgemm_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  const float* Q = static_cast<const float*>(o->queries) + (b * o->rows + r0) * o->dim;
+  const float* K = static_cast<const float*>(o->keys) + (b * o->cols + c0) * o->dim;
+  single_threaded_blas();
+  // Column-major view: C^T (nc x nr, ld = ldc) = -2 * K_blk (D x nc)^T * Q_blk (D x nr).
+  const int m = static_cast<int>(nc), n = static_cast<int>(nr), k = static_cast<int>(o->dim);
+  const int ld = static_cast<int>(o->dim), ldc_i = static_cast<int>(ldc);
+  const float alpha = -2.0f, beta = 0.0f;
+  sgemm_("T", "N", &m, &n, &k, &alpha, K, &ld, Q, &ld, &beta, C, &ldc_i);
+}
+
+template <at::ScalarType kIn>
+void aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+               float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  const int64_t esize = c10::elementSize(kIn);
+  auto opts = at::TensorOptions().dtype(kIn);
+  char* qbase = (char*)o->queries + (b * o->rows + r0) * o->dim * esize;
+  char* kbase = (char*)o->keys + (b * o->cols + c0) * o->dim * esize;
+  at::Tensor q = at::from_blob(qbase, {nr, o->dim}, opts);
+  at::Tensor k = at::from_blob(kbase, {nc, o->dim}, opts);
+  at::Tensor c = at::from_blob(C, {nr, nc}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
+  if (kIn == at::kFloat) {
+    at::mm_out(c, q, k.t());
+  } else {
+    // Widen before the product: a bf16 *output* would break the error bound.
+    at::mm_out(c, q.to(at::kFloat), k.to(at::kFloat).t());
+  }
+  c.mul_(-2.0f);
+}
+
+void bf16_mkl_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                   float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  const uint16_t* Q = static_cast<const uint16_t*>(o->queries) + (b * o->rows + r0) * o->dim;
+  const uint16_t* K = static_cast<const uint16_t*>(o->keys) + (b * o->cols + c0) * o->dim;
+  single_threaded_blas();
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, static_cast<int>(nr),
+                         static_cast<int>(nc), static_cast<int>(o->dim), -2.0f, Q,
+                         static_cast<int>(o->dim), K, static_cast<int>(o->dim), 0.0f, C,
+                         static_cast<int>(ldc));
+}
+
+}  // namespace
+
+bool has_blas_sgemm() { return sgemm_ != nullptr; }
+bool has_blas_bf16_gemm() { return cblas_gemm_bf16bf16f32 != nullptr; }
+
+engine::TileGemm fp32_tile_gemm(const GemmOperands* ops) {
+  if (has_blas_sgemm()) return {sgemm_tile, ops};
+  return {aten_tile<at::kFloat>, ops};
+}
+
+engine::TileGemm bf16_tile_gemm(const GemmOperands* ops) {
+  if (has_blas_bf16_gemm()) return {bf16_mkl_tile, ops};
+  return {aten_tile<at::kBFloat16>, ops};
+}
+
+}  // namespace cpu
+}  // namespace fastgen

@@ -1,0 +1,230 @@
+// Reductions that plug into sqdist_engine.h.
+//
+// CertifiedTopK  - running top-k per row that is *exact*: the tile values are fp32
+//                  (or bf16-input) approximations s~ of s = ||k||^2 - 2 q.k, each
+//                  within +-window/2 of the truth (the caller proves the bound, see
+//                  csrc/cpu/error_bound.h). Every key whose s~ is within `window`
+//                  of the running k-th best is kept as a candidate; at the end the
+//                  candidates are re-ranked by the float64 distance sum((q - k)^2)
+//                  computed from the original inputs, ties to the lowest index.
+//                  The answer is therefore the float64 ranking, whatever the GEMM
+//                  did, and the returned distances are accurate (no cancellation).
+// ColumnMin      - running minimum of each column (GPNN's normaliser, pass 1).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace fastgen {
+namespace engine {
+
+// float64 squared distance between two fp32 rows: the exact answer users read.
+inline double exact_sqdist(const float* a, const float* b, int64_t dim) {
+  double acc = 0.0;
+  for (int64_t d = 0; d < dim; ++d) {
+    const double diff = static_cast<double>(a[d]) - static_cast<double>(b[d]);
+    acc += diff * diff;
+  }
+  return acc;
+}
+
+struct CertifiedTopKArgs {
+  int64_t batch, rows, cols, dim, k;
+  bool exclude_self;
+  const float* key_norms;    // (B, M) squared norms of the keys the GEMM saw
+  const float* window;       // (B, N) candidate window in tile units (>= 2x error bound)
+  const float* queries;      // (B, N, D) original values, fp32, contiguous
+  const float* keys;         // (B, M, D) original values, fp32, contiguous
+  float* out_dist;           // (B, N, k)
+  int64_t* out_idx;          // (B, N, k)
+  int64_t* overflow_rows;    // optional counter of rows that fell back to a full scan
+};
+
+class CertifiedTopK {
+ public:
+  explicit CertifiedTopK(const CertifiedTopKArgs& a) : a_(a) {}
+
+  class Local {
+   public:
+    explicit Local(const CertifiedTopKArgs& a) : a_(a) {}
+
+    void begin(int64_t /*b*/, int64_t /*r0*/, int64_t nr) {
+      const size_t n = static_cast<size_t>(nr);
+      if (cand_.size() < n) cand_.resize(n);
+      best_.assign(n * static_cast<size_t>(a_.k), kInf);
+      filled_.assign(n, 0);
+      thr_.assign(n, kInf);
+      overflow_.assign(n, 0);
+      next_prune_.assign(n, base_prune());
+      for (size_t r = 0; r < n; ++r) cand_[r].clear();
+    }
+
+    void tile(const float* tile, int64_t ldc, int64_t b, int64_t r0, int64_t nr, int64_t c0,
+              int64_t nc) {
+      const float* kn = a_.key_norms + b * a_.cols + c0;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* t = tile + r * ldc;
+        // Vectorised screen: most rows of most tiles hold nothing under the
+        // threshold once the first tiles have set it.
+        float m = kInf;
+#pragma omp simd reduction(min : m)
+        for (int64_t c = 0; c < nc; ++c) m = std::min(m, t[c] + kn[c]);
+        if (!(m <= thr_[r])) continue;
+        const int64_t self = a_.exclude_self ? r0 + r - c0 : -1;
+        for (int64_t c = 0; c < nc; ++c) {
+          const float s = t[c] + kn[c];
+          if (s <= thr_[r] && c != self) accept(b, r0, r, c0 + c, s);
+        }
+      }
+    }
+
+    void end(int64_t b, int64_t r0, int64_t nr) {
+      const int64_t k = a_.k, D = a_.dim;
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = b * a_.rows + r0 + r;
+        const float* q = a_.queries + row * D;
+        const float* keys = a_.keys + b * a_.cols * D;
+        ranked_.clear();
+        if (overflow_[r]) {
+          full_scan(q, keys, r0 + r);
+        } else {
+          for (const auto& c : cand_[r])
+            ranked_.emplace_back(exact_sqdist(q, keys + c.second * D, D), c.second);
+          const auto mid = ranked_.begin() + std::min<int64_t>(k, ranked_.size());
+          std::partial_sort(ranked_.begin(), mid, ranked_.end());
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          a_.out_dist[row * k + j] = static_cast<float>(ranked_[j].first);
+          a_.out_idx[row * k + j] = ranked_[j].second;
+        }
+      }
+    }
+
+   private:
+    static constexpr float kInf = std::numeric_limits<float>::infinity();
+
+    void accept(int64_t b, int64_t r0, int64_t r, int64_t col, float s) {
+      (void)b;
+      (void)r0;
+      auto& cand = cand_[r];
+      cand.emplace_back(s, col);
+      const int64_t k = a_.k;
+      float* best = best_.data() + r * k;
+      // insertion into the k smallest approximate values seen so far
+      if (filled_[r] < k || s < best[k - 1]) {
+        int64_t pos = std::min<int64_t>(filled_[r], k - 1);
+        while (pos > 0 && best[pos - 1] > s) {
+          best[pos] = best[pos - 1];
+          --pos;
+        }
+        best[pos] = s;
+        if (filled_[r] < k) ++filled_[r];
+        if (filled_[r] == k) thr_[r] = best[k - 1] + a_.window[b * a_.rows + r0 + r];
+      }
+      if (static_cast<int64_t>(cand.size()) >= next_prune_[r]) prune(r);
+    }
+
+    int64_t base_prune() const { return std::max<int64_t>(64, 4 * a_.k); }
+
+    void prune(int64_t r) {
+      auto& cand = cand_[r];
+      const float thr = thr_[r];
+      cand.erase(std::remove_if(cand.begin(), cand.end(),
+                                [thr](const std::pair<float, int64_t>& c) { return c.first > thr; }),
+                 cand.end());
+      // Near-duplicate data (flat image regions, repeated points) can keep many
+      // keys inside the window. Past the cap the row is answered by a full exact
+      // scan at the end instead: slower, never wrong, bounded memory.
+      if (static_cast<int64_t>(cand.size()) > kMaxCandidates + a_.k) {
+        overflow_[r] = 1;
+        thr_[r] = -kInf;
+        cand.clear();
+        cand.shrink_to_fit();
+      } else {
+        // Keep pruning amortised: the next prune waits until the set doubles.
+        next_prune_[r] = std::max<int64_t>(base_prune(), 2 * static_cast<int64_t>(cand.size()));
+      }
+    }
+
+    void full_scan(const float* q, const float* keys, int64_t self_row) {
+      for (int64_t j = 0; j < a_.cols; ++j) {
+        if (a_.exclude_self && j == self_row) continue;
+        ranked_.emplace_back(exact_sqdist(q, keys + j * a_.dim, a_.dim), j);
+      }
+      const auto mid = ranked_.begin() + std::min<int64_t>(a_.k, ranked_.size());
+      std::partial_sort(ranked_.begin(), mid, ranked_.end());
+      if (a_.overflow_rows) {
+#pragma omp atomic
+        *a_.overflow_rows += 1;
+      }
+    }
+
+    static constexpr int64_t kMaxCandidates = 8192;
+
+    const CertifiedTopKArgs& a_;
+    std::vector<std::vector<std::pair<float, int64_t>>> cand_;
+    std::vector<float> best_;
+    std::vector<int64_t> filled_;
+    std::vector<float> thr_;
+    std::vector<char> overflow_;
+    std::vector<int64_t> next_prune_;
+    std::vector<std::pair<double, int64_t>> ranked_;
+  };
+
+  Local make_local() const { return Local(a_); }
+
+ private:
+  CertifiedTopKArgs a_;
+};
+
+struct ColumnMinArgs {
+  int64_t batch, rows, cols;
+  const float* query_norms;  // (B, N)
+  const float* key_norms;    // (B, M)
+  float* out;                // (B, M) min_i ||q_i - k_j||^2, clamped at 0
+};
+
+class ColumnMin {
+ public:
+  explicit ColumnMin(const ColumnMinArgs& a) : a_(a) {}
+
+  class Local {
+   public:
+    explicit Local(const ColumnMinArgs& a) : a_(a) {}
+    void begin(int64_t, int64_t, int64_t nc) {
+      colmin_.assign(static_cast<size_t>(nc), std::numeric_limits<float>::infinity());
+    }
+    void tile(const float* tile, int64_t ldc, int64_t b, int64_t r0, int64_t nr, int64_t,
+              int64_t nc) {
+      float* cm = colmin_.data();
+      const float* qn = a_.query_norms + b * a_.rows + r0;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* t = tile + r * ldc;
+        const float q = qn[r];
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) cm[c] = std::min(cm[c], t[c] + q);
+      }
+    }
+    void end(int64_t b, int64_t c0, int64_t nc) {
+      const float* kn = a_.key_norms + b * a_.cols + c0;
+      float* out = a_.out + b * a_.cols + c0;
+      for (int64_t c = 0; c < nc; ++c) out[c] = std::max(colmin_[c] + kn[c], 0.0f);
+    }
+
+   private:
+    const ColumnMinArgs& a_;
+    std::vector<float> colmin_;
+  };
+
+  Local make_local() const { return Local(a_); }
+
+ private:
+  ColumnMinArgs a_;
+};
+
+}  // namespace engine
+}  // namespace fastgen

@@ -1,0 +1,49 @@
+// The one schema file: every fastgen op is declared here; each backend registers
+// its implementation with TORCH_LIBRARY_IMPL in its own file (csrc/cpu/*.cpp).
+#include <Python.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include "cpu/tile_gemm.h"
+#include "cpu/topk_search.h"
+
+TORCH_LIBRARY(fastgen, m) {
+  // (B, N, D) x (B, M, D) -> dist (B, N, k) float32 ascending, idx (B, N, k) int64
+  m.def("knn(Tensor queries, Tensor keys, int k, bool exclude_self, str precision) -> (Tensor, Tensor)");
+  // (N, D) x (K, D) -> idx (N,) int64, dist (N,) float32
+  m.def("nearest_code(Tensor x, Tensor codebook, str precision) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+// Not an op: what was compiled in, for fastgen.info() / `fastgen doctor`.
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  auto set = [d](const char* key, PyObject* v) {
+    PyDict_SetItemString(d, key, v);
+    Py_DECREF(v);
+  };
+#ifdef _OPENMP
+  set("openmp", PyLong_FromLong(_OPENMP));
+#else
+  set("openmp", PyBool_FromLong(0));
+#endif
+  set("compiler", PyUnicode_FromString(__VERSION__));
+  set("blas_sgemm", PyBool_FromLong(fastgen::cpu::has_blas_sgemm()));
+  set("blas_bf16_gemm", PyBool_FromLong(fastgen::cpu::has_blas_bf16_gemm()));
+  set("overflow_rows", PyLong_FromLongLong(fastgen::cpu::overflow_row_count()));
+#ifdef FASTGEN_CXX_FLAGS
+  set("cxx_flags", PyUnicode_FromString(FASTGEN_CXX_FLAGS));
+#endif
+  return d;
+}
+
+PyMethodDef kMethods[] = {
+    {"build_info", build_info, METH_NOARGS, "What the extension was built with."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "fastgen C++ kernels", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&kModule); }

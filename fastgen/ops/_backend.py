@@ -1,0 +1,46 @@
+"""Backend choice shared by every op: "auto" | "cpp" | "triton" | "torch"."""
+import importlib.util
+import os
+
+import torch
+
+from fastgen import _ext
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+def triton_available():
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(device):
+    """Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend, device):
+    """The concrete backend for tensors on `device`, or a ValueError naming `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and _ext.CPP_AVAILABLE:
+            return "cpp"
+        if device.type == "cpu":
+            _ext.warn_fallback_once()
+        return "torch"
+    if backend == "cpp":
+        if not _ext.CPP_AVAILABLE:
+            raise RuntimeError(f"backend='cpp' requested but the extension is missing: {_ext.CPP_ERROR}")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+    if backend == "triton" and not triton_runs_on(device):
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) "
+            f"and triton installed; got tensors on {device}, triton installed: {triton_available()}")
+    return backend

@@ -1,0 +1,36 @@
+"""Python-side argument checks: every error names the argument it is about."""
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PRECISIONS = ("fp32", "bf16")
+
+
+def points(t, name, ndims=(2, 3)):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} has zero features (last dimension is 0)")
+
+
+def same_kind(a, a_name, b, b_name):
+    if a.device != b.device:
+        raise ValueError(f"{a_name} is on {a.device} but {b_name} is on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{a_name} is {a.dtype} but {b_name} is {b.dtype}; cast one of them")
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{a_name} has D={a.shape[-1]} features but {b_name} has D={b.shape[-1]}")
+
+
+def finite(t, name):
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def precision(p):
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")

@@ -1,0 +1,85 @@
+"""fastgen.ops.knn: exact k nearest neighbours (squared L2), no N x M matrix."""
+import torch
+
+from fastgen import _ext
+from fastgen.ops import _backend, _validate, reference
+from fastgen.ops._sqdist_grad import sqdist_backward
+
+
+def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp32"):
+    """The `k` nearest keys of every query by squared Euclidean distance.
+
+    Args:
+        queries: (N, D) or batched (B, N, D), float32/float16/bfloat16.
+        keys: (M, D) or (B, M, D), same dtype and device as `queries`.
+        k: neighbours per query, 1 <= k <= M (M - 1 with `exclude_self`).
+        exclude_self: queries and keys are the same set; drop key i for query i
+            (by index, not by distance, so duplicates of i still count).
+        backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" or "torch".
+        precision: "fp32", or "bf16" to run the cross term on bf16 inputs. The cpp
+            backend is exact in both: candidates within a proven error bound of the
+            k-th best are re-ranked in float64, so it returns the float64 ranking.
+
+    Returns:
+        (dist, idx): float32 squared distances sorted ascending, computed directly
+        as sum((q - k)^2) (no cancellation), and int64 indices; shape (N, k) or
+        (B, N, k). Ties go to the lowest index. `dist` is differentiable w.r.t.
+        queries and keys.
+    """
+    _validate.points(queries, "queries")
+    _validate.points(keys, "keys")
+    if queries.dim() != keys.dim():
+        raise ValueError(f"queries is {queries.dim()}-D but keys is {keys.dim()}-D; both must be 2-D or both 3-D")
+    _validate.same_kind(queries, "queries", keys, "keys")
+    if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
+        raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    n, m = queries.shape[-2], keys.shape[-2]
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self needs queries and keys to be the same set (N == M), got N={n}, M={m}")
+    available = m - (1 if exclude_self else 0)
+    if k < 1 or k > available:
+        raise ValueError(f"k must be in [1, {available}] (keys has M={m}"
+                         f"{', self excluded' if exclude_self else ''}), got k={k}")
+    _validate.precision(precision)
+    _validate.finite(queries, "queries")
+    _validate.finite(keys, "keys")
+    be = _backend.resolve(backend, queries.device)
+
+    squeeze = queries.dim() == 2
+    q3 = queries.unsqueeze(0) if squeeze else queries
+    k3 = keys.unsqueeze(0) if squeeze else keys
+    if be == "cpp":
+        dist, idx = torch.ops.fastgen.knn(q3.contiguous(), k3.contiguous(), k, exclude_self, precision)
+    else:
+        if be == "triton":
+            from fastgen.ops.triton.knn import knn_triton
+            dist, idx = knn_triton(q3, k3, k, exclude_self)
+        else:
+            dist, idx = reference.knn_addmm(q3, k3, k, exclude_self)
+        if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
+            dist = reference.gather_sqdist(q3, k3, idx)
+    if squeeze:
+        return dist[0], idx[0]
+    return dist, idx
+
+
+if _ext.CPP_AVAILABLE:
+    @torch.library.register_fake("fastgen::knn")
+    def _knn_fake(queries, keys, k, exclude_self, precision):
+        B, N, _ = queries.shape
+        return (queries.new_empty((B, N, k), dtype=torch.float32),
+                queries.new_empty((B, N, k), dtype=torch.long))
+
+    def _knn_setup_context(ctx, inputs, output):
+        queries, keys, _, _, _ = inputs
+        ctx.save_for_backward(queries, keys, output[1])
+
+    def _knn_backward(ctx, grad_dist, grad_idx):
+        queries, keys, idx = ctx.saved_tensors
+        gq, gk = sqdist_backward(queries, keys, idx, grad_dist,
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gq, gk, None, None, None
+
+    torch.library.register_autograd("fastgen::knn", _knn_backward, setup_context=_knn_setup_context)

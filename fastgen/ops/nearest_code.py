@@ -1,0 +1,54 @@
+"""fastgen.ops.nearest_code: the VQ codebook lookup (exact argmin over codes)."""
+import torch
+
+from fastgen import _ext
+from fastgen.ops import _backend, _validate, reference
+from fastgen.ops._sqdist_grad import sqdist_backward
+
+
+def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
+    """Index of the nearest code for every row of `x`.
+
+    Args:
+        x: (N, D) encoder outputs, float32/float16/bfloat16.
+        codebook: (K, D) codes, same dtype and device.
+        backend, precision: as in `fastgen.ops.knn`.
+
+    Returns:
+        (idx, dist): int64 (N,) code indices (ties to the lowest index) and float32
+        (N,) squared distances sum((x - codebook[idx])^2), differentiable.
+    """
+    _validate.points(x, "x", ndims=(2,))
+    _validate.points(codebook, "codebook", ndims=(2,))
+    _validate.same_kind(x, "x", codebook, "codebook")
+    if codebook.shape[0] == 0:
+        raise ValueError("codebook is empty (0 codes)")
+    _validate.precision(precision)
+    _validate.finite(x, "x")
+    _validate.finite(codebook, "codebook")
+    be = _backend.resolve(backend, x.device)
+    if be == "cpp":
+        return torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision)
+    from fastgen.ops.knn import knn
+    dist, idx = knn(x, codebook, 1, backend=be, precision=precision)
+    return idx[:, 0], dist[:, 0]
+
+
+if _ext.CPP_AVAILABLE:
+    @torch.library.register_fake("fastgen::nearest_code")
+    def _nearest_code_fake(x, codebook, precision):
+        n = x.shape[0]
+        return x.new_empty((n,), dtype=torch.long), x.new_empty((n,), dtype=torch.float32)
+
+    def _setup_context(ctx, inputs, output):
+        x, codebook, _ = inputs
+        ctx.save_for_backward(x, codebook, output[0])
+
+    def _backward(ctx, grad_idx, grad_dist):
+        x, codebook, idx = ctx.saved_tensors
+        gx, gc = sqdist_backward(x.unsqueeze(0), codebook.unsqueeze(0), idx.view(1, -1, 1),
+                                 grad_dist.view(1, -1, 1),
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (gx[0] if gx is not None else None), (gc[0] if gc is not None else None), None
+
+    torch.library.register_autograd("fastgen::nearest_code", _backward, setup_context=_setup_context)

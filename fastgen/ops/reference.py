@@ -1,0 +1,115 @@
+"""Pure-PyTorch versions of every op.
+
+`knn_exact` is the ground truth the tests compare against: float64, distances as
+sum((q - k)^2) (no cancellation), ties to the lowest index. The others are what a
+user would write without fastgen, used as the `torch` backend and as benchmark
+providers. All of them work in chunks of query rows, so the peak is one
+(chunk, M) block, never the N x M matrix in one piece.
+"""
+import torch
+
+
+def _chunk_rows(n_keys, dim, budget_bytes, elem_bytes):
+    # rows per chunk so that a (rows, M, D) difference tensor stays within budget
+    return max(1, int(budget_bytes // max(1, n_keys * dim * elem_bytes)))
+
+
+def _as_batched(queries, keys):
+    squeeze = queries.dim() == 2
+    if squeeze:
+        queries, keys = queries.unsqueeze(0), keys.unsqueeze(0)
+    return queries, keys, squeeze
+
+
+def sqdist_exact(queries, keys):
+    """(N, D) x (M, D) -> (N, M) float64 squared distances, computed directly. Test sizes only."""
+    diff = queries.double()[:, None, :] - keys.double()[None, :, :]
+    return diff.square().sum(-1)
+
+
+def knn_exact(queries, keys, k=1, exclude_self=False, budget_bytes=64 << 20):
+    """Ground truth: float64 (dist, idx), ascending, ties to the lowest index."""
+    queries, keys, squeeze = _as_batched(queries, keys)
+    B, N, D = queries.shape
+    M = keys.shape[1]
+    out_d = torch.empty(B, N, k, dtype=torch.float64)
+    out_i = torch.empty(B, N, k, dtype=torch.long)
+    step = _chunk_rows(M, D, budget_bytes, 8)
+    for b in range(B):
+        kb = keys[b].double()
+        for s in range(0, N, step):
+            q = queries[b, s:s + step].double()
+            d = (q[:, None, :] - kb[None, :, :]).square().sum(-1)
+            if exclude_self:
+                rows = torch.arange(q.shape[0])
+                d[rows, rows + s] = float("inf")
+            # stable sort: equal distances keep index order -> lowest index first
+            dv, di = torch.sort(d, dim=1, stable=True)
+            out_d[b, s:s + step] = dv[:, :k]
+            out_i[b, s:s + step] = di[:, :k]
+    if squeeze:
+        return out_d[0], out_i[0]
+    return out_d, out_i
+
+
+def gather_sqdist(queries, keys, idx):
+    """sum((q_i - k_idx[i, j])^2) in float32 for (B, N, D), (B, M, D), (B, N, k); differentiable."""
+    B, N, k = idx.shape
+    gathered = torch.gather(keys.unsqueeze(1).expand(B, N, *keys.shape[1:]), 2,
+                            idx.unsqueeze(-1).expand(B, N, k, keys.shape[-1]))
+    return (queries.unsqueeze(2).float() - gathered.float()).square().sum(-1)
+
+
+def knn_addmm(queries, keys, k=1, exclude_self=False, chunk=256):
+    """What a user writes without fastgen: ||q||^2 + ||k||^2 - 2 q.k by chunked addmm, then topk.
+
+    float32, approximate near ties; the returned distances are recomputed directly so
+    what a user reads is accurate. Shapes (N, D) or (B, N, D).
+    """
+    queries, keys, squeeze = _as_batched(queries, keys)
+    B, N, _ = queries.shape
+    out_i = torch.empty(B, N, k, dtype=torch.long, device=queries.device)
+    for b in range(B):
+        mu = keys[b].float().mean(0, keepdim=True)  # centring: see DESIGN.md on cancellation
+        kb = keys[b].float() - mu
+        kn = kb.square().sum(1)
+        for s in range(0, N, chunk):
+            q = queries[b, s:s + chunk].float() - mu
+            d = torch.addmm(kn.unsqueeze(0), q, kb.t(), alpha=-2.0)  # (chunk, M), the cross term
+            if exclude_self:
+                rows = torch.arange(q.shape[0], device=d.device)
+                d[rows, rows + s] = float("inf")
+            if k == 1:
+                out_i[b, s:s + chunk, 0] = d.argmin(1)
+            else:
+                out_i[b, s:s + chunk] = d.topk(k, dim=1, largest=False, sorted=True).indices
+    with torch.no_grad():
+        dist = gather_sqdist(queries, keys, out_i)
+    # topk's order among near-equal values is not the exact one: sort by the direct distance
+    dist, order = torch.sort(dist, dim=-1, stable=True)
+    out_i = torch.gather(out_i, -1, order)
+    if squeeze:
+        return dist[0], out_i[0]
+    return dist, out_i
+
+
+def knn_cdist(queries, keys, k=1, chunk=4096):
+    """torch.cdist + topk in row chunks: the other common pure-PyTorch way."""
+    queries, keys, squeeze = _as_batched(queries, keys)
+    B, N, _ = queries.shape
+    out_d = torch.empty(B, N, k, device=queries.device)
+    out_i = torch.empty(B, N, k, dtype=torch.long, device=queries.device)
+    for b in range(B):
+        for s in range(0, N, chunk):
+            d = torch.cdist(queries[b, s:s + chunk].float(), keys[b].float()).square_()
+            v, i = d.topk(k, dim=1, largest=False, sorted=True)
+            out_d[b, s:s + chunk], out_i[b, s:s + chunk] = v, i
+    if squeeze:
+        return out_d[0], out_i[0]
+    return out_d, out_i
+
+
+def nearest_code_exact(x, codebook):
+    """Ground truth VQ lookup: (idx, dist) float64."""
+    d, i = knn_exact(x, codebook, 1)
+    return i[:, 0], d[:, 0]
