@@ -12,6 +12,11 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("knn(Tensor queries, Tensor keys, int k, bool exclude_self, str precision) -> (Tensor, Tensor)");
   // (N, D) x (K, D) -> idx (N,) int64, dist (N,) float32
   m.def("nearest_code(Tensor x, Tensor codebook, str precision) -> (Tensor, Tensor)");
+  // mu, logvar, eps (B, ...) same shape and dtype -> z (B, ...) dtype of mu,
+  // kl (B,) float32 (float64 for float64) = 0.5 * sum_row(mu^2 + exp(lv) - lv - 1)
+  m.def("reparameterize(Tensor mu, Tensor logvar, Tensor eps, float? logvar_min, float? logvar_max) -> (Tensor, Tensor)");
+  // -> (grad_mu, grad_logvar), one fused pass; either incoming gradient may be None
+  m.def("reparameterize_backward(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor eps, float? logvar_min, float? logvar_max) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -145,8 +145,11 @@ class CertifiedTopK {
         cand.clear();
         cand.shrink_to_fit();
       } else {
-        // Keep pruning amortised: the next prune waits until the set doubles.
-        next_prune_[r] = std::max<int64_t>(base_prune(), 2 * static_cast<int64_t>(cand.size()));
+        // Keep pruning amortised: the next prune waits until the set doubles, but
+        // comes no later than the cap so that the cap really bounds memory.
+        next_prune_[r] = std::min<int64_t>(
+            std::max<int64_t>(base_prune(), 2 * static_cast<int64_t>(cand.size())),
+            kMaxCandidates + a_.k + 1);
       }
     }
 

@@ -57,7 +57,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             from fastgen.ops.triton.knn import knn_triton
             dist, idx = knn_triton(q3, k3, k, exclude_self)
         else:
-            dist, idx = reference.knn_addmm(q3, k3, k, exclude_self)
+            dist, idx = reference.knn_addmm(q3, k3, k, exclude_self, stable_ties=True)
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
             dist = reference.gather_sqdist(q3, k3, idx)
     if squeeze:

@@ -52,6 +52,24 @@ def knn_exact(queries, keys, k=1, exclude_self=False, budget_bytes=64 << 20):
     return out_d, out_i
 
 
+def centering_shift(keys):
+    """A shift to subtract from queries and keys (M, D) -> (1, D) before the expansion.
+
+    Distances do not change under a shift, but the cancellation in
+    ||q||^2 + ||k||^2 - 2 q.k shrinks with the norms, so data far from the origin
+    ranks as well as centred data. The keys' mean is rounded to a power-of-two grid
+    at the data's scale: integer-valued data stays integer-valued after the shift, so
+    its arithmetic stays exact and exact ties stay ties (lowest index wins).
+    """
+    k = keys.float()
+    mu = k.mean(0, keepdim=True)
+    spread = float((k - mu).abs().max()) if k.numel() else 0.0
+    if spread == 0.0 or not torch.isfinite(mu).all():
+        return mu
+    step = 2.0 ** max(-126, int(torch.tensor(spread).log2().floor().item()))
+    return torch.round(mu / step) * step
+
+
 def gather_sqdist(queries, keys, idx):
     """sum((q_i - k_idx[i, j])^2) in float32 for (B, N, D), (B, M, D), (B, N, k); differentiable."""
     B, N, k = idx.shape
@@ -60,17 +78,19 @@ def gather_sqdist(queries, keys, idx):
     return (queries.unsqueeze(2).float() - gathered.float()).square().sum(-1)
 
 
-def knn_addmm(queries, keys, k=1, exclude_self=False, chunk=256):
+def knn_addmm(queries, keys, k=1, exclude_self=False, chunk=256, stable_ties=False):
     """What a user writes without fastgen: ||q||^2 + ||k||^2 - 2 q.k by chunked addmm, then topk.
 
     float32, approximate near ties; the returned distances are recomputed directly so
-    what a user reads is accurate. Shapes (N, D) or (B, N, D).
+    what a user reads is accurate. Shapes (N, D) or (B, N, D). `stable_ties` replaces
+    topk by a stable sort so equal distances go to the lowest index (the `torch`
+    backend's contract; slower, so benchmarks use plain topk).
     """
     queries, keys, squeeze = _as_batched(queries, keys)
     B, N, _ = queries.shape
     out_i = torch.empty(B, N, k, dtype=torch.long, device=queries.device)
     for b in range(B):
-        mu = keys[b].float().mean(0, keepdim=True)  # centring: see DESIGN.md on cancellation
+        mu = centering_shift(keys[b])  # see DESIGN.md on cancellation
         kb = keys[b].float() - mu
         kn = kb.square().sum(1)
         for s in range(0, N, chunk):
@@ -80,7 +100,9 @@ def knn_addmm(queries, keys, k=1, exclude_self=False, chunk=256):
                 rows = torch.arange(q.shape[0], device=d.device)
                 d[rows, rows + s] = float("inf")
             if k == 1:
-                out_i[b, s:s + chunk, 0] = d.argmin(1)
+                out_i[b, s:s + chunk, 0] = d.argmin(1)  # first occurrence on ties
+            elif stable_ties:
+                out_i[b, s:s + chunk] = torch.sort(d, dim=1, stable=True).indices[:, :k]
             else:
                 out_i[b, s:s + chunk] = d.topk(k, dim=1, largest=False, sorted=True).indices
     with torch.no_grad():

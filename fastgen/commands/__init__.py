@@ -1,0 +1,1 @@
+"""Subcommands of the `fastgen` CLI, one module each (see fastgen/cli.py)."""

@@ -1,0 +1,38 @@
+"""Shared test set-up.
+
+Triton kernels run here under the interpreter on CPU tensors: the variable must be
+set before triton decorates any kernel, so it is set before fastgen is imported.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastgen.ops import _backend  # noqa: E402
+
+
+def backends():
+    """Every backend that can run on this machine; triton only where it can run."""
+    out = ["cpp", "torch"]
+    if _backend.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        out.append("triton")
+    return out
+
+
+DTYPES = [  # dtype, the float64-ground-truth tolerance on returned distances (rel)
+    (torch.float32, 1e-5),
+    (torch.float16, 1e-5),
+    (torch.bfloat16, 1e-5),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # fresh random inputs each run, but printable when a test fails
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed
