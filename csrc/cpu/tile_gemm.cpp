@@ -1,5 +1,7 @@
 #include "tile_gemm.h"
 
+#include <vector>
+
 // MKL's entry points are exported by libtorch_cpu on x86 wheels. Declared weak so a
 // torch built on another BLAS still loads this extension and takes the at::mm path.
 extern "C" {
@@ -40,24 +42,34 @@ void sgemm_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, 
   sgemm_("T", "N", &m, &n, &k, &alpha, K, &ld, Q, &ld, &beta, C, &ldc_i);
 }
 
-template <at::ScalarType kIn>
-void aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-               float* C, int64_t ldc) {
+void aten_fp32_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                    float* C, int64_t ldc) {
   const auto* o = static_cast<const GemmOperands*>(ctx);
-  const int64_t esize = c10::elementSize(kIn);
-  auto opts = at::TensorOptions().dtype(kIn);
-  char* qbase = (char*)o->queries + (b * o->rows + r0) * o->dim * esize;
-  char* kbase = (char*)o->keys + (b * o->cols + c0) * o->dim * esize;
-  at::Tensor q = at::from_blob(qbase, {nr, o->dim}, opts);
-  at::Tensor k = at::from_blob(kbase, {nc, o->dim}, opts);
-  at::Tensor c = at::from_blob(C, {nr, nc}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
-  if (kIn == at::kFloat) {
-    at::mm_out(c, q, k.t());
-  } else {
-    // Widen before the product: a bf16 *output* would break the error bound.
-    at::mm_out(c, q.to(at::kFloat), k.to(at::kFloat).t());
-  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto* Q = static_cast<float*>(const_cast<void*>(o->queries)) + (b * o->rows + r0) * o->dim;
+  auto* K = static_cast<float*>(const_cast<void*>(o->keys)) + (b * o->cols + c0) * o->dim;
+  at::Tensor c = at::from_blob(C, {nr, nc}, {ldc, 1}, opts);
+  at::mm_out(c, at::from_blob(Q, {nr, o->dim}, opts), at::from_blob(K, {nc, o->dim}, opts).t());
   c.mul_(-2.0f);
+}
+
+void bf16_aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                    float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  auto opts = at::TensorOptions().dtype(at::kBFloat16);
+  auto* Q = static_cast<at::BFloat16*>(const_cast<void*>(o->queries)) + (b * o->rows + r0) * o->dim;
+  auto* K = static_cast<at::BFloat16*>(const_cast<void*>(o->keys)) + (b * o->cols + c0) * o->dim;
+  // one bf16 scratch tile per thread, reused across calls
+  thread_local std::vector<at::BFloat16> scratch;
+  if (scratch.size() < static_cast<size_t>(nr * nc)) scratch.resize(nr * nc);
+  at::Tensor out = at::from_blob(scratch.data(), {nr, nc}, opts);
+  at::mm_out(out, at::from_blob(Q, {nr, o->dim}, opts), at::from_blob(K, {nc, o->dim}, opts).t());
+  for (int64_t r = 0; r < nr; ++r) {
+    const at::BFloat16* src = scratch.data() + r * nc;
+    float* dst = C + r * ldc;
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) dst[c] = static_cast<float>(src[c]);
+  }
 }
 
 void bf16_mkl_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
@@ -80,13 +92,12 @@ bool has_blas_bf16_gemm() { return cblas_gemm_bf16bf16f32 != nullptr; }
 
 engine::TileGemm fp32_tile_gemm(const GemmOperands* ops) {
   if (has_blas_sgemm()) return {sgemm_tile, ops};
-  return {aten_tile<at::kFloat>, ops};
+  return {aten_fp32_tile, ops};
 }
 
-engine::TileGemm bf16_tile_gemm(const GemmOperands* ops) {
-  if (has_blas_bf16_gemm()) return {bf16_mkl_tile, ops};
-  return {aten_tile<at::kBFloat16>, ops};
-}
+engine::TileGemm bf16_aten_tile_gemm(const GemmOperands* ops) { return {bf16_aten_tile, ops}; }
+
+engine::TileGemm bf16_mkl_tile_gemm(const GemmOperands* ops) { return {bf16_mkl_tile, ops}; }
 
 }  // namespace cpu
 }  // namespace fastgen

@@ -18,9 +18,13 @@ struct GemmOperands {
 // fp32 inputs through the BLAS that torch links (MKL's sgemm when its symbol is
 // visible, else at::mm_out on views of the same memory).
 engine::TileGemm fp32_tile_gemm(const GemmOperands* ops);
-// bf16 inputs with fp32 accumulation (MKL's cblas_gemm_bf16bf16f32, else at::mm_out
-// of bf16 views into an fp32 buffer).
-engine::TileGemm bf16_tile_gemm(const GemmOperands* ops);
+// bf16 inputs, fp32 accumulation, bf16 output (oneDNN through at::mm), widened into
+// the fp32 tile. The caller pre-scales the queries by -2 and accounts for the output
+// rounding in the error bound.
+engine::TileGemm bf16_aten_tile_gemm(const GemmOperands* ops);
+// bf16 inputs, fp32 accumulation and output (MKL's cblas_gemm_bf16bf16f32; needs
+// has_blas_bf16_gemm()). Queries NOT pre-scaled: alpha = -2.
+engine::TileGemm bf16_mkl_tile_gemm(const GemmOperands* ops);
 
 bool has_blas_sgemm();
 bool has_blas_bf16_gemm();

@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "../engine/error_bound.h"
 #include "../engine/reductions.h"
@@ -15,6 +17,15 @@ std::atomic<int64_t> g_overflow_rows{0};
 }
 
 int64_t overflow_row_count() { return g_overflow_rows.load(); }
+
+// FASTGEN_BF16_GEMM=mkl picks MKL's bf16 GEMM (for comparing the two bf16 paths).
+bool bf16_via_mkl() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FASTGEN_BF16_GEMM");
+    return v != nullptr && std::string(v) == "mkl" && has_blas_bf16_gemm();
+  }();
+  return enabled;
+}
 
 std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                                   const at::Tensor& keys, int64_t k,
@@ -41,6 +52,7 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
 
   const bool bf16 = precision == "bf16";
   const double ub = bf16 ? engine::unit_roundoff_bf16() : 0.0;
+  const double uout = bf16 && !bf16_via_mkl() ? engine::unit_roundoff_bf16() : 0.0;
   // max ||k_c|| per batch, nudged up by one ulp-scale factor for the norm's own rounding
   const at::Tensor kmax = kn.amax(1).sqrt().mul(1.0 + 1e-6).to(at::kDouble).contiguous();
   const at::Tensor qnorm = qn.sqrt().to(at::kDouble).contiguous();
@@ -51,16 +63,22 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
     float* w = window.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < N; ++i)
-        w[b * N + i] = engine::candidate_window(qa[b * N + i], km[b], D, ub);
+        w[b * N + i] = engine::candidate_window(qa[b * N + i], km[b], D, ub, uout);
   }
 
+  // Operands for the cross term. bf16 goes through oneDNN's bf16 matmul (at::mm),
+  // whose bf16 *output* rounding is part of the error bound; FASTGEN_BF16_GEMM=mkl
+  // selects MKL's bf16 GEMM with fp32 output instead (slower on CPUs MKL does not tune for).
   at::Tensor qg = qc, kg = kc;
   if (bf16) {
-    qg = qc.to(at::kBFloat16).contiguous();
+    // -2 folded into the queries: exact (a power of two), saves a pass per tile
+    qg = (qc * (bf16_via_mkl() ? 1.0 : -2.0)).to(at::kBFloat16).contiguous();
     kg = kc.to(at::kBFloat16).contiguous();
   }
   GemmOperands ops{qg.data_ptr(), kg.data_ptr(), N, M, D};
-  const engine::TileGemm gemm = bf16 ? bf16_tile_gemm(&ops) : fp32_tile_gemm(&ops);
+  const engine::TileGemm gemm = !bf16         ? fp32_tile_gemm(&ops)
+                                : bf16_via_mkl() ? bf16_mkl_tile_gemm(&ops)
+                                                 : bf16_aten_tile_gemm(&ops);
 
   int64_t overflow = 0;
   engine::CertifiedTopKArgs args{B,

@@ -7,6 +7,8 @@
 //   fp32 accumulation of the dot:  2 gamma sum|q^_i k^_i|      <= 2 gamma (1+ub)^2 ab
 //   fp32 key norm:                 gamma b^2                    <= gamma S
 //   the add of norm and cross term: u |s|                        <= 1.01 u S
+//   a GEMM that rounds its output (uo = 2^-8 for a bf16 result):
+//                                   uo 2 |q^.k^| (1 + gamma)     <= uo (1+ub)^2 (1+gamma) S / 2
 // with ab <= S/4. Rankings within a row only need s = ||k||^2 - 2 q.k (the query's
 // own norm is a row constant), so E(a, b) bounds every term that moves a ranking.
 // Two keys can swap places in the float64 order only if their tile values are
@@ -23,16 +25,18 @@ namespace engine {
 inline double unit_roundoff_fp32() { return std::ldexp(1.0, -24); }
 inline double unit_roundoff_bf16() { return std::ldexp(1.0, -8); }
 
-// query_norm = ||q_c||, max_key_norm = max_j ||k_c||, input_roundoff = ub above.
+// query_norm = ||q_c||, max_key_norm = max_j ||k_c||, input_roundoff = ub and
+// output_roundoff = uo above.
 inline float candidate_window(double query_norm, double max_key_norm, int64_t dim,
-                              double input_roundoff) {
+                              double input_roundoff, double output_roundoff = 0.0) {
   const double u = unit_roundoff_fp32();
   const double du = static_cast<double>(dim) * u;
   const double gamma = du < 0.5 ? du / (1.0 - du) : 1.0;
   const double ub = input_roundoff;
   const double S = (query_norm + max_key_norm) * (query_norm + max_key_norm);
   const double rel = 3.0 * u + 1.01 * u + gamma + 0.5 * (2.0 * ub + ub * ub) +
-                     0.5 * gamma * (1.0 + ub) * (1.0 + ub);
+                     0.5 * gamma * (1.0 + ub) * (1.0 + ub) +
+                     0.5 * output_roundoff * (1.0 + ub) * (1.0 + ub) * (1.0 + gamma);
   // bf16 dot products flush denormals to zero: a tiny absolute slack covers that.
   const double slack = 1e-30 * static_cast<double>(dim + 1);
   const double window = 1.25 * 2.0 * (rel * S + slack);
