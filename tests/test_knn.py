@@ -205,6 +205,7 @@ BAD_INPUTS = [
     (lambda: knn(torch.randn(5, 3), torch.randn(2, 5, 3)), ValueError, "both must be"),
     (lambda: knn(torch.tensor([[float("nan"), 0.0]]), torch.randn(5, 2)), ValueError, "queries contains NaN"),
     (lambda: knn(torch.randn(3, 2), torch.tensor([[float("inf"), 0.0]])), ValueError, "keys contains NaN"),
+    (lambda: knn(torch.full((3, 2), 1e30), torch.randn(5, 2)), ValueError, "too large"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), exclude_self=True), ValueError, "exclude_self"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="gpu"), ValueError, "backend must be"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), precision="fp8"), ValueError, "precision must be"),
@@ -229,5 +230,5 @@ def test_bad_inputs_raise_clear_errors(call, exc, msg):
 ])
 def test_raw_op_checks_never_crash(args, msg):
     # the C++ op checks its own arguments too: a direct torch.ops call cannot segfault
-    with pytest.raises(RuntimeError, match=msg):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=msg):
         torch.ops.fastgen.knn(*args)

@@ -13,21 +13,19 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
                                            c10::string_view precision) {
   check_points(queries, "queries", 3);
   check_points(keys, "keys", 3);
-  TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
+  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
               ") and keys (", keys.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(queries.size(0) == keys.size(0), "queries and keys must have the same batch size, got ",
+  TORCH_CHECK_VALUE(queries.size(0) == keys.size(0), "queries and keys must have the same batch size, got ",
               queries.size(0), " and ", keys.size(0));
-  TORCH_CHECK(queries.size(2) == keys.size(2), "queries have D=", queries.size(2),
+  TORCH_CHECK_VALUE(queries.size(2) == keys.size(2), "queries have D=", queries.size(2),
               " features but keys have D=", keys.size(2));
-  TORCH_CHECK(!exclude_self || queries.size(1) == keys.size(1),
+  TORCH_CHECK_VALUE(!exclude_self || queries.size(1) == keys.size(1),
               "exclude_self needs queries and keys to be the same set (N == M), got N=",
               queries.size(1), " M=", keys.size(1));
   const int64_t available = keys.size(1) - (exclude_self ? 1 : 0);
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK(k <= available, "k=", k, " exceeds the number of keys available (",
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(k <= available, "k=", k, " exceeds the number of keys available (",
               available, exclude_self ? ", self excluded)" : ")");
-  check_finite(queries, "queries");
-  check_finite(keys, "keys");
   return cpu::certified_topk(queries, keys, k, exclude_self, std::string(precision));
 }
 

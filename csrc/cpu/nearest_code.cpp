@@ -13,15 +13,13 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x,
                                                     c10::string_view precision) {
   check_points(x, "x", 2);
   check_points(codebook, "codebook", 2);
-  TORCH_CHECK(x.scalar_type() == codebook.scalar_type(), "x (", x.scalar_type(),
+  TORCH_CHECK_TYPE(x.scalar_type() == codebook.scalar_type(), "x (", x.scalar_type(),
               ") and codebook (", codebook.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK(x.size(1) == codebook.size(1), "x has D=", x.size(1), " features but codebook has D=",
+  TORCH_CHECK_VALUE(x.size(1) == codebook.size(1), "x has D=", x.size(1), " features but codebook has D=",
               codebook.size(1));
-  TORCH_CHECK(codebook.size(0) >= 1, "codebook is empty (0 codes)");
-  check_finite(x, "x");
-  check_finite(codebook, "codebook");
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "codebook is empty (0 codes)");
   auto [dist, idx] = cpu::certified_topk(x.unsqueeze(0), codebook.unsqueeze(0), 1, false,
-                                         std::string(precision));
+                                         std::string(precision), "x", "codebook");
   return {idx.view({x.size(0)}), dist.view({x.size(0)})};
 }
 

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -27,11 +28,60 @@ bool bf16_via_mkl() {
   return enabled;
 }
 
+// FASTGEN_TILE=ROWSxCOLS overrides the tile shape (for benchmarking tile choices).
+engine::Tiling tiling_from_env() {
+  engine::Tiling t;
+  if (const char* v = std::getenv("FASTGEN_TILE")) {
+    long r = 0, c = 0;
+    if (std::sscanf(v, "%ldx%ld", &r, &c) == 2 && r > 0 && c > 0 && r <= 4096 && c <= 8192) {
+      t.block_rows = r;
+      t.block_cols = c;
+    }
+  }
+  return t;
+}
+
+// One pass per input: centred copy, squared norms, and the finiteness check (a
+// non-finite norm means a NaN/inf input or a norm past float32's range).
+void center_and_norm(const at::Tensor& x, const at::Tensor& mu, at::Tensor& xc, at::Tensor& xn,
+                     const char* name) {
+  const int64_t B = x.size(0), R = x.size(1), D = x.size(2);
+  const float* src = x.const_data_ptr<float>();
+  const float* m = mu.const_data_ptr<float>();
+  float* dst = xc.data_ptr<float>();
+  float* nrm = xn.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, B * R, 256, [&](int64_t s, int64_t e) {
+    bool ok = true;
+    for (int64_t row = s; row < e; ++row) {
+      const float* mb = m + (row / R) * D;
+      const float* a = src + row * D;
+      float* o = dst + row * D;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = a[d] - mb[d];
+        o[d] = v;
+        acc += v * v;
+      }
+      nrm[row] = acc;
+      ok = ok && std::isfinite(acc);
+    }
+    if (!ok) finite = false;
+  });
+  if (!finite) {
+    TORCH_CHECK_VALUE(at::isfinite(x).all().item<bool>(), name, " contains NaN or infinite values");
+    TORCH_CHECK_VALUE(false, name, " has values too large for float32 squared distances "
+                      "(a squared norm overflows); rescale the data");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                                   const at::Tensor& keys, int64_t k,
                                                   bool exclude_self,
-                                                  const std::string& precision) {
-  TORCH_CHECK(precision == "fp32" || precision == "bf16",
+                                                  const std::string& precision,
+                                                  const char* query_name, const char* key_name) {
+  TORCH_CHECK_VALUE(precision == "fp32" || precision == "bf16",
               "precision must be 'fp32' or 'bf16', got '", precision, "'");
   const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(1), D = keys.size(2);
   auto dist = at::empty({B, N, k}, queries.options().dtype(at::kFloat));
@@ -44,11 +94,12 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
   // Subtracting the keys' mean leaves every distance unchanged but shrinks the
   // norms, and with them the cancellation in ||q||^2 + ||k||^2 - 2 q.k: data far
   // from the origin (+1000 on every coordinate) ranks as well as centred data.
-  const at::Tensor mu = k32.mean(1, /*keepdim=*/true);
-  at::Tensor qc = (q32 - mu).contiguous();
-  at::Tensor kc = (k32 - mu).contiguous();
-  const at::Tensor qn = qc.square().sum(-1).contiguous();  // (B, N)
-  const at::Tensor kn = kc.square().sum(-1).contiguous();  // (B, M)
+  const at::Tensor mu = k32.mean(1, /*keepdim=*/true).contiguous();
+  at::Tensor kc = at::empty_like(k32), kn = at::empty({B, M}, k32.options());
+  at::Tensor qc = at::empty_like(q32), qn = at::empty({B, N}, q32.options());
+  // keys first, so a NaN in them is reported as the keys' fault
+  center_and_norm(k32, mu, kc, kn, key_name);
+  center_and_norm(q32, mu, qc, qn, query_name);
 
   const bool bf16 = precision == "bf16";
   const double ub = bf16 ? engine::unit_roundoff_bf16() : 0.0;
@@ -94,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                  dist.data_ptr<float>(),
                                  idx.data_ptr<int64_t>(),
                                  &overflow};
-  engine::Tiling tiling;
+  engine::Tiling tiling = tiling_from_env();
   tiling.threads = at::get_num_threads();
   engine::for_each_row_block(engine::Shape{B, N, M, D}, tiling, gemm,
                              engine::CertifiedTopK(args));

@@ -16,7 +16,9 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                                   const at::Tensor& keys, int64_t k,
                                                   bool exclude_self,
-                                                  const std::string& precision);
+                                                  const std::string& precision,
+                                                  const char* query_name = "queries",
+                                                  const char* key_name = "keys");
 
 // Rows answered by the full-scan fallback since the process started (near-duplicate
 // data); reported by fastgen.info() so a slow case is visible.

@@ -43,9 +43,10 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         raise ValueError(f"k must be in [1, {available}] (keys has M={m}"
                          f"{', self excluded' if exclude_self else ''}), got k={k}")
     _validate.precision(precision)
-    _validate.finite(queries, "queries")
-    _validate.finite(keys, "keys")
     be = _backend.resolve(backend, queries.device)
+    if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
+        _validate.finite(queries, "queries")
+        _validate.finite(keys, "keys")
 
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
@@ -75,6 +76,7 @@ if _ext.CPP_AVAILABLE:
     def _knn_setup_context(ctx, inputs, output):
         queries, keys, _, _, _ = inputs
         ctx.save_for_backward(queries, keys, output[1])
+        ctx.mark_non_differentiable(output[1])  # indices carry no gradient
 
     def _knn_backward(ctx, grad_dist, grad_idx):
         queries, keys, idx = ctx.saved_tensors

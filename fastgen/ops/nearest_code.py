@@ -24,9 +24,10 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
     if codebook.shape[0] == 0:
         raise ValueError("codebook is empty (0 codes)")
     _validate.precision(precision)
-    _validate.finite(x, "x")
-    _validate.finite(codebook, "codebook")
     be = _backend.resolve(backend, x.device)
+    if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
+        _validate.finite(x, "x")
+        _validate.finite(codebook, "codebook")
     if be == "cpp":
         return torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision)
     from fastgen.ops.knn import knn
@@ -43,6 +44,7 @@ if _ext.CPP_AVAILABLE:
     def _setup_context(ctx, inputs, output):
         x, codebook, _ = inputs
         ctx.save_for_backward(x, codebook, output[0])
+        ctx.mark_non_differentiable(output[0])  # indices carry no gradient
 
     def _backward(ctx, grad_idx, grad_dist):
         x, codebook, idx = ctx.saved_tensors
