@@ -76,34 +76,72 @@ void center_and_norm(const at::Tensor& x, const at::Tensor& mu, at::Tensor& xc, 
   }
 }
 
+PreparedOperands::PreparedOperands(const at::Tensor& queries, const at::Tensor& keys,
+                                   const std::string& precision, const char* query_name,
+                                   const char* key_name) {
+  TORCH_CHECK_VALUE(precision == "fp32" || precision == "bf16",
+                    "precision must be 'fp32' or 'bf16', got '", precision, "'");
+  B = queries.size(0);
+  N = queries.size(1);
+  M = keys.size(1);
+  D = keys.size(2);
+  bf16 = precision == "bf16";
+  // Original values in fp32 (exact for fp16/bf16 inputs): the exact re-rank reads these.
+  q32 = queries.to(at::kFloat).contiguous();
+  k32 = keys.to(at::kFloat).contiguous();
+  // Subtracting the keys' mean leaves every distance unchanged but shrinks the
+  // norms, and with them the cancellation in ||q||^2 + ||k||^2 - 2 q.k: data far
+  // from the origin (+1000 on every coordinate) ranks as well as centred data.
+  const at::Tensor mu = k32.mean(1, /*keepdim=*/true).contiguous();
+  qc = at::empty_like(q32);
+  kc = at::empty_like(k32);
+  qn = at::empty({B, N}, q32.options());
+  kn = at::empty({B, M}, k32.options());
+  // keys first, so a NaN in them is reported as the keys' fault
+  center_and_norm(k32, mu, kc, kn, key_name);
+  center_and_norm(q32, mu, qc, qn, query_name);
+
+  // Operands for the cross term. bf16 goes through oneDNN's bf16 matmul (at::mm),
+  // whose bf16 *output* rounding is part of the error bound; FASTGEN_BF16_GEMM=mkl
+  // selects MKL's bf16 GEMM with fp32 output instead (slower on CPUs MKL does not tune for).
+  qg = qc;
+  kg = kc;
+  if (bf16) {
+    // -2 folded into the queries: exact (a power of two), saves a pass per tile
+    qg = (qc * (bf16_via_mkl() ? 1.0 : -2.0)).to(at::kBFloat16).contiguous();
+    kg = kc.to(at::kBFloat16).contiguous();
+  }
+  ops = GemmOperands{qg.data_ptr(), kg.data_ptr(), N, M, D};
+  gemm = !bf16            ? fp32_tile_gemm(&ops)
+         : bf16_via_mkl() ? bf16_mkl_tile_gemm(&ops)
+                          : bf16_aten_tile_gemm(&ops);
+  tiling = tiling_from_env();
+  tiling.threads = at::get_num_threads();
+}
+
+double PreparedOperands::input_roundoff() const { return bf16 ? engine::unit_roundoff_bf16() : 0.0; }
+double PreparedOperands::output_roundoff() const {
+  return bf16 && !bf16_via_mkl() ? engine::unit_roundoff_bf16() : 0.0;
+}
+
 std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                                   const at::Tensor& keys, int64_t k,
                                                   bool exclude_self,
                                                   const std::string& precision,
                                                   const char* query_name, const char* key_name) {
-  TORCH_CHECK_VALUE(precision == "fp32" || precision == "bf16",
-              "precision must be 'fp32' or 'bf16', got '", precision, "'");
-  const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(1), D = keys.size(2);
+  const int64_t B = queries.size(0), N = queries.size(1);
   auto dist = at::empty({B, N, k}, queries.options().dtype(at::kFloat));
   auto idx = at::empty({B, N, k}, queries.options().dtype(at::kLong));
-  if (B == 0 || N == 0) return {dist, idx};
-
-  // Original values in fp32 (exact for fp16/bf16 inputs): the re-rank reads these.
-  const at::Tensor q32 = queries.to(at::kFloat).contiguous();
-  const at::Tensor k32 = keys.to(at::kFloat).contiguous();
-  // Subtracting the keys' mean leaves every distance unchanged but shrinks the
-  // norms, and with them the cancellation in ||q||^2 + ||k||^2 - 2 q.k: data far
-  // from the origin (+1000 on every coordinate) ranks as well as centred data.
-  const at::Tensor mu = k32.mean(1, /*keepdim=*/true).contiguous();
-  at::Tensor kc = at::empty_like(k32), kn = at::empty({B, M}, k32.options());
-  at::Tensor qc = at::empty_like(q32), qn = at::empty({B, N}, q32.options());
-  // keys first, so a NaN in them is reported as the keys' fault
-  center_and_norm(k32, mu, kc, kn, key_name);
-  center_and_norm(q32, mu, qc, qn, query_name);
-
-  const bool bf16 = precision == "bf16";
-  const double ub = bf16 ? engine::unit_roundoff_bf16() : 0.0;
-  const double uout = bf16 && !bf16_via_mkl() ? engine::unit_roundoff_bf16() : 0.0;
+  if (B == 0 || N == 0) {
+    TORCH_CHECK_VALUE(precision == "fp32" || precision == "bf16",
+                      "precision must be 'fp32' or 'bf16', got '", precision, "'");
+    return {dist, idx};
+  }
+  PreparedOperands p(queries, keys, precision, query_name, key_name);
+  const int64_t M = p.M, D = p.D;
+  const at::Tensor& qn = p.qn;
+  const at::Tensor& kn = p.kn;
+  const double ub = p.input_roundoff(), uout = p.output_roundoff();
   // max ||k_c|| per batch, nudged up by one ulp-scale factor for the norm's own rounding
   const at::Tensor kmax = kn.amax(1).sqrt().mul(1.0 + 1e-6).to(at::kDouble).contiguous();
   const at::Tensor qnorm = qn.sqrt().to(at::kDouble).contiguous();
@@ -116,20 +154,9 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
       for (int64_t i = 0; i < N; ++i)
         w[b * N + i] = engine::candidate_window(qa[b * N + i], km[b], D, ub, uout);
   }
-
-  // Operands for the cross term. bf16 goes through oneDNN's bf16 matmul (at::mm),
-  // whose bf16 *output* rounding is part of the error bound; FASTGEN_BF16_GEMM=mkl
-  // selects MKL's bf16 GEMM with fp32 output instead (slower on CPUs MKL does not tune for).
-  at::Tensor qg = qc, kg = kc;
-  if (bf16) {
-    // -2 folded into the queries: exact (a power of two), saves a pass per tile
-    qg = (qc * (bf16_via_mkl() ? 1.0 : -2.0)).to(at::kBFloat16).contiguous();
-    kg = kc.to(at::kBFloat16).contiguous();
-  }
-  GemmOperands ops{qg.data_ptr(), kg.data_ptr(), N, M, D};
-  const engine::TileGemm gemm = !bf16         ? fp32_tile_gemm(&ops)
-                                : bf16_via_mkl() ? bf16_mkl_tile_gemm(&ops)
-                                                 : bf16_aten_tile_gemm(&ops);
+  const at::Tensor& q32 = p.q32;
+  const at::Tensor& k32 = p.k32;
+  const engine::TileGemm& gemm = p.gemm;
 
   int64_t overflow = 0;
   engine::CertifiedTopKArgs args{B,
@@ -145,9 +172,7 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                  dist.data_ptr<float>(),
                                  idx.data_ptr<int64_t>(),
                                  &overflow};
-  engine::Tiling tiling = tiling_from_env();
-  tiling.threads = at::get_num_threads();
-  engine::for_each_row_block(engine::Shape{B, N, M, D}, tiling, gemm,
+  engine::for_each_row_block(engine::Shape{B, N, M, D}, p.tiling, gemm,
                              engine::CertifiedTopK(args));
   g_overflow_rows += overflow;
   return {dist, idx};

@@ -4,10 +4,32 @@
 
 #include <torch/all.h>
 
+#include <string>
 #include <tuple>
+
+#include "../engine/sqdist_engine.h"
+#include "tile_gemm.h"
 
 namespace fastgen {
 namespace cpu {
+
+// Everything the engine needs for one (queries, keys) pair, built in one pass per
+// input: fp32 originals, copies centred on the keys' mean (see DESIGN.md on
+// cancellation), their squared norms, the finiteness check, the GEMM operands.
+struct PreparedOperands {
+  PreparedOperands(const at::Tensor& queries, const at::Tensor& keys, const std::string& precision,
+                   const char* query_name, const char* key_name);
+  PreparedOperands(const PreparedOperands&) = delete;  // gemm points into ops
+  double input_roundoff() const;   // of the GEMM's inputs (0 for fp32)
+  double output_roundoff() const;  // of the GEMM's output (0 for fp32)
+
+  int64_t B, N, M, D;
+  bool bf16;
+  at::Tensor q32, k32, qc, kc, qn, kn, qg, kg;
+  GemmOperands ops;
+  engine::TileGemm gemm;
+  engine::Tiling tiling;
+};
 
 // queries (B, N, D), keys (B, M, D), same floating dtype. precision: "fp32" runs the
 // cross term in fp32; "bf16" runs it on bf16 inputs with fp32 accumulation. Both

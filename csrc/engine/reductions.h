@@ -239,5 +239,69 @@ class ColumnMin {
   ColumnMinArgs a_;
 };
 
+// GPNN's normalised nearest neighbour, pass 2: per row, the argmin over keys of
+// max(||q_i - k_j||^2, 0) * weight_j with weight_j = 1 / (alpha + colmin_j).
+// fp32 scores; ties (equal fp32 scores) to the lowest index.
+struct WeightedArgminArgs {
+  int64_t batch, rows, cols;
+  const float* query_norms;  // (B, N)
+  const float* key_norms;    // (B, M)
+  const float* weights;      // (B, M)
+  int64_t* out_idx;          // (B, N)
+  float* out_score;          // (B, N), may be null
+};
+
+class WeightedArgmin {
+ public:
+  explicit WeightedArgmin(const WeightedArgminArgs& a) : a_(a) {}
+
+  class Local {
+   public:
+    explicit Local(const WeightedArgminArgs& a) : a_(a) {}
+    void begin(int64_t, int64_t, int64_t nr) {
+      best_.assign(static_cast<size_t>(nr), std::numeric_limits<float>::infinity());
+      arg_.assign(static_cast<size_t>(nr), 0);
+    }
+    void tile(const float* tile, int64_t ldc, int64_t b, int64_t r0, int64_t nr, int64_t c0,
+              int64_t nc) {
+      const float* kn = a_.key_norms + b * a_.cols + c0;
+      const float* w = a_.weights + b * a_.cols + c0;
+      const float* qn = a_.query_norms + b * a_.rows + r0;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* t = tile + r * ldc;
+        const float q = qn[r];
+        float m = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : m)
+        for (int64_t c = 0; c < nc; ++c) m = std::min(m, std::max(q + t[c] + kn[c], 0.0f) * w[c]);
+        if (!(m < best_[r])) continue;
+        // the first column reaching the tile minimum: lowest index on ties
+        for (int64_t c = 0; c < nc; ++c) {
+          if (std::max(q + t[c] + kn[c], 0.0f) * w[c] == m) {
+            best_[r] = m;
+            arg_[r] = c0 + c;
+            break;
+          }
+        }
+      }
+    }
+    void end(int64_t b, int64_t r0, int64_t nr) {
+      for (int64_t r = 0; r < nr; ++r) {
+        a_.out_idx[b * a_.rows + r0 + r] = arg_[r];
+        if (a_.out_score) a_.out_score[b * a_.rows + r0 + r] = best_[r];
+      }
+    }
+
+   private:
+    const WeightedArgminArgs& a_;
+    std::vector<float> best_;
+    std::vector<int64_t> arg_;
+  };
+
+  Local make_local() const { return Local(a_); }
+
+ private:
+  WeightedArgminArgs a_;
+};
+
 }  // namespace engine
 }  // namespace fastgen

@@ -1,5 +1,10 @@
 """fastgen's functional API: each op picks a backend (cpp, triton, torch reference)."""
 from fastgen.ops.knn import knn
 from fastgen.ops.nearest_code import nearest_code
+from fastgen.ops.patch_nn import patch_nn
 
-__all__ = ["knn", "nearest_code"]
+__all__ = ["knn", "nearest_code", "patch_nn"]
+
+from fastgen.ops.reparameterize import reparameterize  # noqa: E402
+
+__all__ += ["reparameterize"]

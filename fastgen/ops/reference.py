@@ -135,3 +135,90 @@ def nearest_code_exact(x, codebook):
     """Ground truth VQ lookup: (idx, dist) float64."""
     d, i = knn_exact(x, codebook, 1)
     return i[:, 0], d[:, 0]
+
+
+def reparameterize_reference(mu, logvar, eps, logvar_min=None, logvar_max=None):
+    """The unfused PyTorch expression a VAE usually writes (the `torch` backend), and with
+    float64 inputs the ground truth: z = mu + exp(logvar/2)*eps, kl (B,) = 0.5*sum over
+    non-batch dims of mu^2 + exp(logvar) - logvar - 1. logvar is clamped to
+    [logvar_min, logvar_max] first when either is given. Half inputs are computed in
+    float32; z has mu's dtype, kl is float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    m, lv, e = mu.to(acc), logvar.to(acc), eps.to(acc)
+    if logvar_min is not None or logvar_max is not None:
+        lv = lv.clamp(logvar_min, logvar_max)
+    z = m + torch.exp(0.5 * lv) * e
+    kl = 0.5 * (m.square() + lv.exp() - lv - 1).reshape(m.shape[0], -1).sum(1)
+    return z.to(mu.dtype), kl
+
+
+def vector_quantize_reference(x, codebook, commitment=0.25):
+    """The textbook VQ layer step on rows x (N, D): the full (N, K) distance matrix
+    (float64, computed directly), argmin, an (N, K) one-hot, one-hot @ codebook.
+    Returns (z_q straight-through, idx, commitment loss (weighted), codebook loss, one_hot).
+    Test sizes only: it is everything fastgen.nn.VectorQuantizer avoids."""
+    import torch.nn.functional as F
+    idx = sqdist_exact(x.detach(), codebook.detach()).argmin(1)   # first occurrence on ties
+    one_hot = F.one_hot(idx, codebook.shape[0]).to(codebook.dtype)
+    q = one_hot @ codebook
+    commit = commitment * F.mse_loss(x, q.detach())
+    codebook_loss = F.mse_loss(q, x.detach())
+    return x + (q - x).detach(), idx, commit, codebook_loss, one_hot
+
+
+def vq_ema_update_reference(x, one_hot, cluster_size, embed_sum, decay=0.99, eps=1e-5):
+    """One EMA codebook step (van den Oord 2017, appendix) from a one-hot (N, K) in float64:
+    returns (cluster_size, embed_sum, codebook) after the step, Laplace-smoothed counts."""
+    x, one_hot = x.double(), one_hot.double()
+    cluster_size = cluster_size.double() * decay + (1 - decay) * one_hot.sum(0)
+    embed_sum = embed_sum.double() * decay + (1 - decay) * (one_hot.t() @ x)
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + cluster_size.shape[0] * eps) * n
+    return cluster_size, embed_sum, embed_sum / smoothed[:, None]
+
+
+def patch_nn_exact(queries, keys, alpha):
+    """Ground truth for patch_nn on small inputs: float64, direct distances.
+
+    Returns (idx (N,), scores (N, M), best (N,)): the optimum, the whole score matrix
+    and the optimum score per query, so tests judge a backend's choice by the score
+    it reaches (natural patches are full of near-ties).
+    """
+    d = sqdist_exact(queries, keys)  # (N, M) float64: test sizes only
+    if alpha is None:
+        s = d
+    else:
+        s = d / (alpha + d.min(0, keepdim=True).values)
+    best, idx = s.min(1)
+    return idx, s, best
+
+
+def patch_nn_two_pass(queries, keys, alpha, chunk=256):
+    """The public low-memory GPNN method: two chunked passes of addmm in fp32.
+
+    Pass 1 takes the column minimum chunk by chunk, pass 2 the normalised argmin.
+    (N, D) x (M, D) -> idx (N,). Used as the `torch` backend and as the benchmark peer.
+    """
+    q = queries.float()
+    k = keys.float()
+    mu = centering_shift(k)
+    q, k = q - mu, k - mu
+    qn = q.square().sum(1)
+    kn = k.square().sum(1)
+    n = q.shape[0]
+    if alpha is None:
+        weights = None
+    else:
+        colmin = torch.full((k.shape[0],), float("inf"), device=k.device)
+        for s in range(0, n, chunk):
+            d = torch.addmm(kn.unsqueeze(0), q[s:s + chunk], k.t(), alpha=-2.0)
+            d += qn[s:s + chunk, None]
+            colmin = torch.minimum(colmin, d.min(0).values)
+        weights = 1.0 / (alpha + colmin.clamp_min(0))
+    idx = torch.empty(n, dtype=torch.long, device=q.device)
+    for s in range(0, n, chunk):
+        d = torch.addmm(kn.unsqueeze(0), q[s:s + chunk], k.t(), alpha=-2.0)
+        if weights is not None:
+            d = (d + qn[s:s + chunk, None]).clamp_min_(0) * weights
+        idx[s:s + chunk] = d.argmin(1)
+    return idx

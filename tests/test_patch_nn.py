@@ -1,0 +1,122 @@
+"""fastgen.ops.patch_nn against the float64 ground truth.
+
+Natural patches are full of near-ties, so a choice is judged by the score it reaches
+against the float64 optimum (within an fp32 error allowance), and by index equality
+only where the best score beats the runner-up by more than that allowance.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops import patch_nn, reference
+from helpers import assert_equal_idx
+
+BACKENDS = ["cpp", "torch"]
+
+
+def fp32_allowance(q, k, alpha):
+    """Per query: how far an fp32 expansion-form score may sit from the float64 one."""
+    mu = k.double().mean(0)
+    qn = (q.double() - mu).norm(dim=1)
+    kmax = (k.double() - mu).norm(dim=1).max()
+    d_err = 64 * q.shape[1] * 2.0 ** -24 * (qn + kmax) ** 2  # generous fp32 bound on d
+    if alpha is None:
+        return d_err
+    colmin = reference.sqdist_exact(q, k).min(0).values
+    return d_err / (alpha + colmin.min())
+
+
+def check_scores(q, k, alpha, idx):
+    ref_idx, scores, best = reference.patch_nn_exact(q, k, alpha)
+    reached = scores.gather(1, idx[:, None])[:, 0]
+    tol = fp32_allowance(q, k, alpha)
+    bad = reached > best + tol
+    assert not bad.any(), f"{int(bad.sum())} of {len(bad)} queries miss the optimum score by more than fp32 allows"
+    # where the optimum is clear of the runner-up, the index itself must match
+    top2 = scores.topk(2, dim=1, largest=False).values if scores.shape[1] > 1 else None
+    if top2 is not None:
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+        assert_equal_idx(idx[clear], ref_idx[clear])
+
+
+def image_patches(size, patch=7):
+    from sklearn.datasets import load_sample_image
+    img = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float()[None] / 255
+    img = F.interpolate(img, size=size, mode="area")
+    return F.unfold(img, patch).transpose(1, 2)[0].contiguous()  # (L, 3*patch*patch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.005, 1.0, None])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (9, 4, 3), (200, 300, 27), (130, 700, 64)])
+def test_random_data_reaches_optimum(backend, alpha, shape):
+    n, m, d = shape
+    q = torch.randn(n, d)
+    k = torch.randn(m, d)
+    idx = patch_nn(q, k, alpha, backend=backend)
+    assert idx.shape == (n,) and idx.dtype == torch.long
+    check_scores(q, k, alpha, idx)
+    if alpha is None and backend == "cpp":  # plain NN is the certified exact path
+        assert_equal_idx(idx, reference.patch_nn_exact(q, k, None)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_real_image_patches(backend, precision):
+    keys = image_patches((28, 40))
+    queries = keys + 0.05 * torch.randn_like(keys)  # a noisy copy, as in GPNN's coarsest level
+    idx = patch_nn(queries, keys, 0.005, backend=backend, precision=precision)
+    if precision == "fp32":
+        check_scores(queries, keys, 0.005, idx)
+    else:  # bf16 cross term: judged with bf16's allowance (2^-8 vs 2^-24 rounding)
+        ref_idx, scores, best = reference.patch_nn_exact(queries, keys, 0.005)
+        reached = scores.gather(1, idx[:, None])[:, 0]
+        tol = fp32_allowance(queries, keys, 0.005) * 2.0 ** 16 / (64 * keys.shape[1])
+        assert (reached <= best + tol).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    q = torch.randn(60, 12).to(dtype)
+    k = torch.randn(80, 12).to(dtype)
+    check_scores(q.float(), k.float(), 0.01, patch_nn(q, k, 0.01))
+
+
+def test_batched_equals_per_batch():
+    q = torch.randn(3, 50, 10)
+    k = torch.randn(3, 70, 10)
+    idx = patch_nn(q, k, 0.005)
+    for b in range(3):
+        assert_equal_idx(idx[b], patch_nn(q[b], k[b], 0.005))
+
+
+def test_normalisation_changes_the_choice_like_the_reference():
+    # queries crowd around a few keys: the normalised score moves some of them to other
+    # keys; the op must move the same ones as the float64 reference
+    k = torch.randn(60, 8)
+    q = k[torch.randint(0, 5, (80,))] + 0.3 * torch.randn(80, 8)
+    plain, spread = patch_nn(q, k, None), patch_nn(q, k, 0.005)
+    ref_spread = reference.patch_nn_exact(q, k, 0.005)[0]
+    assert (plain != ref_spread).any(), "test data too easy: normalisation changed nothing"
+    check_scores(q, k, 0.005, spread)
+
+
+def test_opcheck():
+    q = torch.randn(1, 20, 6)
+    k = torch.randn(1, 30, 6)
+    torch.library.opcheck(torch.ops.fastgen.patch_nn.default, (q, k, 0.005, "fp32"))
+    torch.library.opcheck(torch.ops.fastgen.patch_nn.default, (q, k, None, "fp32"))
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 2)), ValueError, "D=3"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(0, 3)), ValueError, "keys is empty"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), 0.0), ValueError, "alpha must be"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), float("nan")), ValueError, "alpha must be"),
+    (lambda: patch_nn(torch.full((5, 3), float("nan")), torch.randn(4, 3)), ValueError, "queries contains NaN"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3).double()), TypeError, "float32"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), precision="fp64"), ValueError, "precision"),
+])
+def test_bad_inputs(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
