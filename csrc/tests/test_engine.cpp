@@ -135,6 +135,46 @@ void check_column_min(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_
     }
 }
 
+// Pass 2 of patch_nn against a brute force doing the same fp32 arithmetic on the
+// whole matrix: indices must match exactly, ties to the lowest index.
+void check_weighted_argmin(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_t D,
+                           bool integer, Tiling tiling) {
+  Problem p = make_problem(rng, B, N, M, D, integer, 0.f);
+  std::vector<float> qn(B * N), kn(B * M), w(B * M), score(B * N);
+  std::vector<int64_t> idx(B * N, -1);
+  std::uniform_real_distribution<float> uw(0.5f, 2.f);
+  for (int64_t i = 0; i < B * N; ++i) {
+    float s = 0;
+    for (int64_t d = 0; d < D; ++d) s += p.q[i * D + d] * p.q[i * D + d];
+    qn[i] = s;
+  }
+  for (int64_t j = 0; j < B * M; ++j) {
+    float s = 0;
+    for (int64_t d = 0; d < D; ++d) s += p.k[j * D + d] * p.k[j * D + d];
+    kn[j] = s;
+    w[j] = integer ? 1.f : uw(rng);
+  }
+  WeightedArgminArgs a{B, N, M, qn.data(), kn.data(), w.data(), idx.data(), score.data()};
+  NaiveCtx ctx{&p};
+  for_each_row_block(Shape{B, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, WeightedArgmin(a));
+  std::vector<float> row(M);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < N; ++i) {
+      naive_gemm(&ctx, b, i, 1, 0, M, row.data(), M);
+      int64_t best = 0;
+      float bs = INFINITY;
+      for (int64_t j = 0; j < M; ++j) {
+        const float s = std::max(qn[b * N + i] + row[j] + kn[b * M + j], 0.0f) * w[b * M + j];
+        if (s < bs) {
+          bs = s;
+          best = j;
+        }
+      }
+      EXPECT(idx[b * N + i] == best, "weighted argmin row %ld: %ld want %ld", (long)i,
+             (long)idx[b * N + i], (long)best);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -151,7 +191,11 @@ int main() {
     check_topk(rng, 2, 19, 19, 3, 4, true, false, t);   // exclude_self
     check_topk(rng, 1, 21, 21, 1, 6, true, true, t);    // exclude_self with duplicates
     for (int64_t N : {1, 9, 30})
-      for (int64_t M : {1, 8, 23}) check_column_min(rng, 2, N, M, 5, t);
+      for (int64_t M : {1, 8, 23}) {
+        check_column_min(rng, 2, N, M, 5, t);
+        check_weighted_argmin(rng, 2, N, M, 5, false, t);
+        check_weighted_argmin(rng, 1, N, M, 2, true, t);  // exact ties
+      }
   }
   // more candidates than the cap: the full-scan fallback answers these rows
   check_topk(rng, 1, 2, 9000, 1, 3, false, true, Tiling{64, 256, 0});
