@@ -14,6 +14,8 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("nearest_code(Tensor x, Tensor codebook, str precision) -> (Tensor, Tensor)");
   // (B, N, D) x (B, M, D) -> idx (B, N) int64 of argmin_j d_ij / (alpha + min_i d_ij)
   m.def("patch_nn(Tensor queries, Tensor keys, float? alpha, str precision) -> Tensor");
+  // source (B, C, Hs, Ws), idx (B, Hq, Wq) -> (B, C, Hq + p - 1, Wq + p - 1): mean of chosen patches
+  m.def("fold_patches(Tensor source, Tensor idx, int patch) -> Tensor");
   // mu, logvar, eps (B, ...) same shape and dtype -> z (B, ...) dtype of mu,
   // kl (B,) float32 (float64 for float64) = 0.5 * sum_row(mu^2 + exp(lv) - lv - 1)
   m.def("reparameterize(Tensor mu, Tensor logvar, Tensor eps, float? logvar_min, float? logvar_max) -> (Tensor, Tensor)");

@@ -222,3 +222,15 @@ def patch_nn_two_pass(queries, keys, alpha, chunk=256):
             d = (d + qn[s:s + chunk, None]).clamp_min_(0) * weights
         idx[s:s + chunk] = d.argmin(1)
     return idx
+
+
+def fold_patches_reference(source, idx, patch):
+    """unfold -> gather -> fold / count: the straightforward way, with the (N, C*p*p) matrix."""
+    B, C, Hs, Ws = source.shape
+    Hq, Wq = idx.shape[1:]
+    cols = torch.nn.functional.unfold(source.double(), patch)  # (B, C*p*p, Ls)
+    chosen = torch.gather(cols, 2, idx.reshape(B, 1, -1).expand(B, cols.shape[1], Hq * Wq))
+    size = (Hq + patch - 1, Wq + patch - 1)
+    total = torch.nn.functional.fold(chosen, size, patch)
+    count = torch.nn.functional.fold(torch.ones_like(chosen), size, patch)
+    return total / count
