@@ -11,6 +11,9 @@ import sys
 COMMANDS = [
     "fastgen.commands.doctor",
     "fastgen.commands.bench",
+    "fastgen.commands.train",
+    "fastgen.commands.sample",
+    "fastgen.commands.gpnn",
 ]
 
 

@@ -147,7 +147,8 @@ def test_opcheck(dtype, bounds):
     torch.library.opcheck(torch.ops.fastgen.reparameterize.default, (mu, lv, eps, *bounds))
     torch.library.opcheck(torch.ops.fastgen.reparameterize.default, (mu[:, None], lv[:, None], eps[:, None], *bounds))
     m, l = mu.detach(), lv.detach()
-    gz, gk = torch.randn(3, 7).to(dtype), torch.randn(3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gz, gk = torch.randn(3, 7).to(dtype), torch.randn(3, dtype=kl_dtype)
     for args in ((gz, gk), (gz, None), (None, gk)):
         torch.library.opcheck(torch.ops.fastgen.reparameterize_backward.default, (*args, m, l, eps, *bounds))
 

@@ -19,6 +19,8 @@
 #include <utility>
 #include <vector>
 
+#include "simd_kernels.h"
+
 namespace fastgen {
 namespace engine {
 
@@ -66,24 +68,27 @@ class CertifiedTopK {
     void tile(const float* tile, int64_t ldc, int64_t b, int64_t r0, int64_t nr, int64_t c0,
               int64_t nc) {
       const float* kn = a_.key_norms + b * a_.cols + c0;
+      const int64_t nchunks = (nc + kScreenChunk - 1) / kScreenChunk;
+      mc_.resize(static_cast<size_t>(nchunks));
       for (int64_t r = 0; r < nr; ++r) {
         const float* t = tile + r * ldc;
-        // Vectorised screen: most rows of most tiles hold nothing under the
-        // threshold once the first tiles have set it.
-        float m = kInf;
-#pragma omp simd reduction(min : m)
-        for (int64_t c = 0; c < nc; ++c) m = std::min(m, t[c] + kn[c]);
-        if (!(m <= thr_[r])) continue;
+        // Vectorised screen: the minimum of each 16-column chunk. Once the first
+        // tiles have set the threshold, most chunks of most rows hold nothing under
+        // it and the scalar accept path never sees them.
+        chunk_minima(t, kn, nc, mc_.data());
         const int64_t self = a_.exclude_self ? r0 + r - c0 : -1;
-        // Then 16 columns at a time, so the scalar accept path only visits the
-        // chunks that hold something under the threshold (matters for k > 1).
-        for (int64_t cs = 0; cs < nc; cs += kChunk) {
-          const int64_t ce = std::min(nc, cs + kChunk);
-          float mc = kInf;
-#pragma omp simd reduction(min : mc)
-          for (int64_t c = cs; c < ce; ++c) mc = std::min(mc, t[c] + kn[c]);
-          if (!(mc <= thr_[r])) continue;
-          for (int64_t c = cs; c < ce; ++c) {
+        if (self >= 0 && self < nc) {  // the self column never counts: re-take its chunk's min
+          const int64_t j = self / kScreenChunk;
+          float m = kInf;
+          for (int64_t c = j * kScreenChunk; c < std::min(nc, (j + 1) * kScreenChunk); ++c)
+            if (c != self) m = std::min(m, t[c] + kn[c]);
+          mc_[j] = m;
+        }
+        if (filled_[r] < a_.k) seed_threshold(b, r0, r, nchunks);
+        for (int64_t j = 0; j < nchunks; ++j) {
+          if (!(mc_[j] <= thr_[r])) continue;
+          const int64_t ce = std::min(nc, (j + 1) * kScreenChunk);
+          for (int64_t c = j * kScreenChunk; c < ce; ++c) {
             const float s = t[c] + kn[c];
             if (s <= thr_[r] && c != self) accept(b, r0, r, c0 + c, s);
           }
@@ -101,8 +106,10 @@ class CertifiedTopK {
         if (overflow_[r]) {
           full_scan(q, keys, r0 + r);
         } else {
+          // only the candidates still inside the final window need the exact distance
           for (const auto& c : cand_[r])
-            ranked_.emplace_back(exact_sqdist(q, keys + c.second * D, D), c.second);
+            if (c.first <= thr_[r])
+              ranked_.emplace_back(exact_sqdist(q, keys + c.second * D, D), c.second);
           const auto mid = ranked_.begin() + std::min<int64_t>(k, ranked_.size());
           std::partial_sort(ranked_.begin(), mid, ranked_.end());
         }
@@ -115,6 +122,19 @@ class CertifiedTopK {
 
    private:
     static constexpr float kInf = std::numeric_limits<float>::infinity();
+
+    // Before a row has k candidates its threshold is +inf and every value would take
+    // the scalar accept path. The chunk minima are values of k distinct keys as soon
+    // as there are k chunks, so their k-th smallest bounds the row's final k-th best
+    // from above: a valid threshold from the first tile on, for the cost of a
+    // selection among a few dozen numbers.
+    void seed_threshold(int64_t b, int64_t r0, int64_t r, int64_t nchunks) {
+      if (nchunks < a_.k) return;
+      seed_.assign(mc_.begin(), mc_.begin() + nchunks);
+      std::nth_element(seed_.begin(), seed_.begin() + (a_.k - 1), seed_.end());
+      const float kth = seed_[a_.k - 1];
+      if (kth < kInf) thr_[r] = std::min(thr_[r], kth + a_.window[b * a_.rows + r0 + r]);
+    }
 
     void accept(int64_t b, int64_t r0, int64_t r, int64_t col, float s) {
       (void)b;
@@ -176,7 +196,6 @@ class CertifiedTopK {
     }
 
     static constexpr int64_t kMaxCandidates = 8192;
-    static constexpr int64_t kChunk = 16;
 
     const CertifiedTopKArgs& a_;
     std::vector<std::vector<std::pair<float, int64_t>>> cand_;
@@ -186,6 +205,8 @@ class CertifiedTopK {
     std::vector<char> overflow_;
     std::vector<int64_t> next_prune_;
     std::vector<std::pair<double, int64_t>> ranked_;
+    std::vector<float> seed_;
+    std::vector<float> mc_;
   };
 
   Local make_local() const { return Local(a_); }
@@ -217,9 +238,7 @@ class ColumnMin {
       const float* qn = a_.query_norms + b * a_.rows + r0;
       for (int64_t r = 0; r < nr; ++r) {
         const float* t = tile + r * ldc;
-        const float q = qn[r];
-#pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) cm[c] = std::min(cm[c], t[c] + q);
+        column_min_update(cm, t, qn[r], nc);
       }
     }
     void end(int64_t b, int64_t c0, int64_t nc) {
@@ -270,9 +289,7 @@ class WeightedArgmin {
       for (int64_t r = 0; r < nr; ++r) {
         const float* t = tile + r * ldc;
         const float q = qn[r];
-        float m = std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(min : m)
-        for (int64_t c = 0; c < nc; ++c) m = std::min(m, std::max(q + t[c] + kn[c], 0.0f) * w[c]);
+        const float m = weighted_min(t, kn, w, q, nc);
         if (!(m < best_[r])) continue;
         // the first column reaching the tile minimum: lowest index on ties
         for (int64_t c = 0; c < nc; ++c) {

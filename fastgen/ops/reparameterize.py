@@ -123,7 +123,8 @@ def reparameterize(mu, logvar, eps=None, generator=None, *, reduction="none", lo
             try:
                 eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
             except RuntimeError as exc:
-                raise ValueError(f"generator (on {generator.device}) cannot draw eps for mu on {mu.device}: {exc}") from exc
+                raise ValueError(f"generator (on {generator.device}) cannot draw eps for mu on "
+                                 f"{mu.device}: {exc}") from exc
         if be == "cpp":
             z, kl = torch.ops.fastgen.reparameterize(mu, logvar, eps, lo, hi)
         else:

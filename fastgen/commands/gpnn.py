@@ -1,0 +1,186 @@
+"""`fastgen gpnn sample|retarget|inpaint|analogy`: GPNN on an image file (or folder).
+
+    fastgen gpnn sample [IMAGE] -n 8 --out DIR          (default image: sklearn's china.jpg)
+    fastgen gpnn sample --images FOLDER -n 100 --out DIR  (torchrun-ready, see fastgen.gpnn_distributed)
+    fastgen gpnn retarget IMAGE --size 128x256 --out DIR
+    fastgen gpnn inpaint IMAGE --mask MASK --out DIR      (mask: white = regenerate)
+    fastgen gpnn analogy A B --out DIR                    (B's structure, A's patches)
+
+Inputs are shrunk to --max-side (default 128) on their longer side first: a quick demo
+on a CPU; pass --max-side 0 for full resolution. Every output is a PNG in --out, plus
+a contact sheet (*_sheet.png: the inputs and the outputs side by side).
+"""
+import os
+
+
+def add_parser(sub):
+    p = sub.add_parser("gpnn", help="GPNN single-image generation: sample, retarget, inpaint, analogy",
+                       description=__doc__.splitlines()[0])
+    tasks = p.add_subparsers(dest="task", required=True)
+
+    s = tasks.add_parser("sample", help="random images with the patches of IMAGE (or of each image in --images)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("image", nargs="?", default=None, help="image file (default: sklearn's china.jpg)")
+    src.add_argument("--images", default=None, help="folder of images: -n samples of each (works under torchrun)")
+    s.add_argument("-n", type=int, default=8, help="samples per image (default 8)")
+    s.add_argument("--size", default=None, help="output size HxW (default: the (shrunk) input's size)")
+    s.add_argument("--batch", type=int, default=4, help="samples of one image matched together (default 4)")
+    s.add_argument("--overwrite", action="store_true", help="redo samples whose PNG exists (default: skip them)")
+    _common(s)
+    s.set_defaults(func=run_sample)
+
+    r = tasks.add_parser("retarget", help="IMAGE re-arranged to a new size")
+    r.add_argument("image")
+    r.add_argument("--size", required=True, help="output size HxW")
+    _common(r)
+    r.set_defaults(func=run_retarget)
+
+    i = tasks.add_parser("inpaint", help="regenerate the white pixels of MASK in IMAGE")
+    i.add_argument("image")
+    i.add_argument("--mask", required=True, help="mask image of IMAGE's size; white (>= 128) = regenerate")
+    _common(i)
+    i.set_defaults(func=run_inpaint)
+
+    a = tasks.add_parser("analogy", help="B's structure drawn with A's patches")
+    a.add_argument("a", help="image that gives the patches")
+    a.add_argument("b", help="image that gives the structure (and the output size)")
+    _common(a)
+    a.set_defaults(func=run_analogy)
+
+
+def _common(p):
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-side", type=int, default=128,
+                   help="shrink inputs so their longer side is at most this (0 = full size; default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=10, help="patch-NN iterations per pyramid level")
+    p.add_argument("--patch-size", type=int, default=7)
+    p.add_argument("--alpha", type=float, default=None,
+                   help="normalisation (default 0.005; inpaint 0.05); larger = closer to plain NN")
+    p.add_argument("--noise-std", type=float, default=0.75, help="coarsest-level noise, [0, 1] units")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def load_source(path, max_side=None):
+    """(3, H, W) in [0, 1] from an image file, or sklearn's china.jpg when path is None."""
+    from fastgen.images import load_image, shrink_to
+    if path is not None:
+        return load_image(path, max_side)
+    try:
+        from sklearn.datasets import load_sample_image
+    except ImportError:
+        raise ValueError("no IMAGE given and scikit-learn (which ships the default china.jpg) "
+                         "is not installed; pass an image file") from None
+    import torch
+    x = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float().div_(255)
+    return shrink_to(x, max_side)
+
+
+def parse_size(text, name="--size"):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except (ValueError, AttributeError):
+        raise ValueError(f"{name} must look like HxW (e.g. 128x256), got {text!r}") from None
+    return h, w
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _model(args, alpha=0.005):
+    from fastgen.models.gpnn import GPNN
+    if args.max_side < 0:
+        raise ValueError(f"--max-side must be >= 0, got {args.max_side}")
+    return GPNN(patch_size=args.patch_size, iterations=args.iterations,
+                alpha=alpha if args.alpha is None else args.alpha, noise_std=args.noise_std,
+                backend=args.backend, precision=args.precision)
+
+
+def _device(args, rank_local=0):
+    import torch
+    if args.device:
+        return torch.device(args.device)
+    return torch.device(f"cuda:{rank_local}" if torch.cuda.is_available() else "cpu")
+
+
+def run_sample(args):
+    import torch
+    from fastgen import gpnn_distributed as gd
+    model = _model(args)
+    size = parse_size(args.size) if args.size else None
+    paths = gd.image_files(args.images) if args.images else [args.image]
+    rank, world, created = gd.init_from_env()
+    device = _device(args, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    barrier = None
+    if world > 1:
+        import torch.distributed as dist
+        barrier = dist.barrier
+    try:
+        written = gd.run_samples(model, paths, lambda p: load_source(p, args.max_side).to(device), args.n,
+                                 args.out, seed=args.seed, output_size=size, batch=args.batch,
+                                 overwrite=args.overwrite, progress=not args.no_progress,
+                                 rank=rank, world=world, barrier=barrier)
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    where = f" (rank {rank} of {world})" if world > 1 else ""
+    print(f"wrote {len(written)} samples to {args.out}{where}")
+    return 0
+
+
+def run_retarget(args):
+    from fastgen.images import save_contact_sheet, save_image
+    model = _model(args)
+    size = parse_size(args.size)
+    x = load_source(args.image, args.max_side).to(_device(args))
+    y = model.retarget(x, size, progress=not args.no_progress)[0].cpu()
+    name = f"{_stem(args.image)}_retarget_{size[0]}x{size[1]}"
+    png = save_image(y, os.path.join(args.out, name + ".png"))
+    save_contact_sheet([x.cpu(), y], os.path.join(args.out, name + "_sheet.png"))
+    print(f"wrote {png}")
+    return 0
+
+
+def run_inpaint(args):
+    import torch
+    import torch.nn.functional as F
+    from fastgen.images import load_image, save_contact_sheet, save_image
+    model = _model(args, alpha=0.05)   # the paper's editing setting: a weaker push to use every patch
+    full = load_image(args.image)
+    mask = load_image(args.mask, mode="L")[0]
+    if tuple(mask.shape) != tuple(full.shape[-2:]):
+        raise ValueError(f"--mask is {mask.shape[0]}x{mask.shape[1]} but the image is "
+                         f"{full.shape[-2]}x{full.shape[-1]}; they must be the same size")
+    mask = (mask >= 0.5).float()
+    x = load_source(args.image, args.max_side)
+    if tuple(x.shape[-2:]) != tuple(full.shape[-2:]):   # shrink the mask like the image: any touch = masked
+        mask = (F.interpolate(mask[None, None], size=x.shape[-2:], mode="area")[0, 0] > 0).float()
+    device = _device(args)
+    y = model.inpaint(x.to(device), mask.to(device), seed=args.seed, progress=not args.no_progress)[0].cpu()
+    name = f"{_stem(args.image)}_inpaint"
+    png = save_image(y, os.path.join(args.out, name + ".png"))
+    holed = torch.where(mask.bool(), torch.full_like(x, 0.5), x)
+    save_contact_sheet([x, holed, y], os.path.join(args.out, name + "_sheet.png"), nrow=3)
+    print(f"wrote {png}")
+    return 0
+
+
+def run_analogy(args):
+    from fastgen.images import save_contact_sheet, save_image
+    model = _model(args)
+    device = _device(args)
+    a = load_source(args.a, args.max_side).to(device)
+    b = load_source(args.b, args.max_side).to(device)
+    y = model.analogy(b, a, progress=not args.no_progress)[0].cpu()
+    name = f"{_stem(args.b)}_as_{_stem(args.a)}_analogy"
+    png = save_image(y, os.path.join(args.out, name + ".png"))
+    save_contact_sheet([a.cpu(), b.cpu(), y], os.path.join(args.out, name + "_sheet.png"), nrow=3)
+    print(f"wrote {png}")
+    return 0

@@ -1,0 +1,124 @@
+"""Datasets for the training CLI: sklearn digits (no download) and image folders.
+
+Every dataset is a float32 tensor (N, C, H, W) with values k / (levels - 1) in [0, 1]
+plus the number of quantization levels (17 for digits, 256 for 8-bit images), which
+the VAE's discretized likelihood needs.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass
+class Dataset:
+    train: torch.Tensor   # (N, C, H, W) float32 in [0, 1]
+    test: torch.Tensor
+    levels: int           # quantization levels: x = k / (levels - 1)
+    source: str
+
+    @property
+    def image_shape(self):
+        return tuple(self.train.shape[1:])
+
+
+def split(images, test_fraction, seed=0):
+    """A fixed train/test split (seeded permutation), both parts non-empty."""
+    n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 images to split into train and test, got {n}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = min(n - 1, max(1, round(n * test_fraction)))
+    return images[perm[n_test:]], images[perm[:n_test]]
+
+
+def load_digits(test_fraction=0.2, binarize=False, size=None):
+    """sklearn's 1,797 8x8 digits (values 0..16) as (N, 1, 8, 8) in [0, 1], 17 levels."""
+    from sklearn.datasets import load_digits as sk_digits
+    x = torch.tensor(sk_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    levels = 17
+    if size is not None and size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = torch.round(x.clamp(0, 1) * 16) / 16
+    if binarize:
+        x, levels = (x > 0.5).float(), 2
+    train, test = split(x, test_fraction)
+    return Dataset(train, test, levels, "sklearn digits")
+
+
+def list_images(folder):
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"--data {folder!r}: no such file or folder (use 'digits' or an image folder)")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--data {folder!r} is a file; point it at a folder of images")
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise ValueError(f"no images found in {folder!r} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                         f"in it and its subfolders)")
+    return sorted(files)
+
+
+def _center_square(img):
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def load_image_folder(folder, size=None, grayscale=None, test_fraction=0.1, binarize=False):
+    """Every image under `folder` as (N, C, H, W) in [0, 1], 256 levels.
+
+    size: None keeps the images' own size (they must all match); an int center-crops
+    each image to a square and resizes it to size x size. grayscale: None picks 1
+    channel if every image is greyscale, else RGB; True/False forces it.
+    Unreadable files, mixed sizes and empty folders raise ValueError naming the files.
+    """
+    from PIL import Image, UnidentifiedImageError
+    files = list_images(folder)
+    imgs = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                imgs.append(im.copy())
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"cannot read image {f!r}: {exc}") from exc
+    if grayscale is None:
+        grayscale = all(im.mode in ("1", "L", "I;16", "I", "LA") for im in imgs)
+    mode = "L" if grayscale else "RGB"
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"size must be a positive number of pixels, got {size}")
+        imgs = [_center_square(im.convert(mode)).resize((size, size), Image.BICUBIC) for im in imgs]
+    else:
+        sizes = {}
+        for f, im in zip(files, imgs):
+            sizes.setdefault(im.size, f)
+        if len(sizes) > 1:
+            examples = "; ".join(f"{w}x{h} ({os.path.relpath(f, folder)})" for (w, h), f in list(sizes.items())[:3])
+            raise ValueError(f"images in {folder!r} have {len(sizes)} different sizes, e.g. {examples}; "
+                             f"pass --size N to center-crop and resize them all to N x N")
+        imgs = [im.convert(mode) for im in imgs]
+    import numpy as np
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in imgs])
+    x = torch.from_numpy(arr).float().div_(255.0)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+    levels = 256
+    if binarize:
+        x, levels = (x > 0.5).float(), 2
+    train, test = split(x, test_fraction)
+    return Dataset(train, test, levels, os.path.abspath(folder))
+
+
+def load(data, size=None, test_fraction=None, binarize=False):
+    """--data digits|PATH -> Dataset."""
+    if data == "digits":
+        return load_digits(0.2 if test_fraction is None else test_fraction, binarize, size)
+    return load_image_folder(data, size=size, test_fraction=0.1 if test_fraction is None else test_fraction,
+                             binarize=binarize)

@@ -1,0 +1,351 @@
+"""fastgen.models.GPNN: single-image generation by patch nearest neighbours (Granot et al., CVPR 2022).
+
+Coarse to fine over an image pyramid: at every level each 7x7 patch (stride 1) of the
+current image is replaced by the source patch that `fastgen.ops.patch_nn` picks, and the
+new image is the mean of the overlapping chosen patches (`fastgen.ops.fold_patches`).
+The normalised score  D_ij / (alpha + min_i' D_i'j)  pushes queries towards source patches
+nobody uses yet, so the output reuses all of the source instead of collapsing onto a
+few patches. No N x M distance matrix exists at any point.
+
+Per level l (finest l = 0), with S_l the source at that level and X the current image:
+    queries = patches of X (X upsampled from level l+1 before the first iteration)
+    keys    = patches of upsample(S_{l+1}) on the first iteration (the "blurred"
+              source: it matches the blur of the upsampled X), of S_l afterwards
+    values  = patches of S_l
+    X       = fold_patches(S_l, patch_nn(queries, keys, alpha))      (T times)
+At the coarsest level the keys are S_L on every iteration and X starts as
+S_L + noise.
+
+Choices where public implementations differ (each is tested in tests/test_gpnn.py):
+
+- Value range: images are float in [0, 1] in and out (as in the code published with
+  the paper, read here in a public copy; Efficient-GPNN maps images to [-1, 1], which
+  makes the same sigma = 0.75 half as strong relative to the image). Inputs outside [0, 1] are rejected, not rescaled.
+- Where noise enters: once, on the coarsest level: X_L = S_L (resized to the output's
+  coarsest shape) + N(0, noise_std^2), one noise value per pixel shared by all
+  channels, not clamped (it only steers the first matches; every output pixel is a
+  mean of source pixels, so outputs stay in [0, 1]). No noise at finer levels.
+- Distance scaling: D_ij is the MEAN squared difference over the C*p*p patch entries
+  (as in the published code), so alpha = 0.005 means the same thing for any patch size
+  or channel count. patch_nn works on sums, so it is called with alpha * C * p * p,
+  which ranks identically.
+- Pyramid: n = ceil(log(short_side / coarsest_side) / log(pyramid_ratio)) steps with
+  scales (coarsest_side / short_side) ** (l / n), i.e. exactly coarsest_side on the
+  short side at the top and a per-step ratio <= pyramid_ratio; aspect ratio kept on
+  every level (the published code squashes the top level to a square). Resizing is
+  bicubic, antialiased when shrinking, clamped to [0, 1]. Output pyramids (retarget,
+  analogy) use the same scales applied to the output size, every side >= patch_size.
+- Batching: the samples of one call go through the batched (B, N, D) form of
+  patch_nn with the keys expanded per sample, in chunks so that the expanded keys stay
+  under ~256 MB (large images then run one sample at a time).
+- Seeds: sample i of `sample(..., seed=s)` uses a torch.Generator seeded s + i, so it
+  equals `sample(..., num_samples=1, seed=s + i)` -- a large job split over processes
+  reproduces a single run sample by sample.
+- retarget adds no noise (the result is deterministic); random retargeted samples are
+  `sample(image, output_size=...)`. analogy starts from the structure image itself,
+  no noise. inpaint starts from the mean colour of the kept pixels plus noise inside
+  the mask; only query patches that touch the mask are matched (the others keep their
+  own source patch), and keys are the source patches that do not touch the mask.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastgen.ops import fold_patches, patch_nn
+
+# keys expanded to (B, M, D) for the batched patch_nn stay under this many bytes
+_KEY_BYTES_BUDGET = 256 << 20
+
+
+def _resize(x, size):
+    """Bicubic resize of (B, C, H, W) to `size`, antialiased when shrinking, clamped to [0, 1]."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink).clamp_(0, 1)
+
+
+def _patches(x, p):
+    """(B, C, H, W) -> (B, (H-p+1)*(W-p+1), C*p*p): stride-1 patches, row-major positions."""
+    return F.unfold(x, p).transpose(1, 2).contiguous()
+
+
+class GPNN:
+    """Generative Patch Nearest Neighbours: samples, retargeting, inpainting, analogies
+    from one image, on fastgen.ops.patch_nn (normalised patch NN, no N x M matrix).
+
+    Images are float tensors (C, H, W) in [0, 1]; outputs are float32 in [0, 1] on the
+    input's device. See the module docstring for the algorithm and every choice made.
+
+    Args:
+        patch_size: side of the square patches (7).
+        pyramid_ratio: > 1, the largest scale step between two pyramid levels (4/3).
+        coarsest_side: short side of the coarsest level in pixels (14), >= patch_size.
+        iterations: patch-NN iterations per level (10).
+        alpha: > 0, in mean-squared-difference units (0.005 for sampling; larger =
+            weaker push to use every source patch); None = plain nearest neighbour.
+        noise_std: std of the noise added to the coarsest level, in [0, 1] pixel units.
+        backend, precision: passed to fastgen.ops.patch_nn.
+    """
+
+    def __init__(self, patch_size=7, pyramid_ratio=4 / 3, coarsest_side=14, iterations=10,
+                 alpha=0.005, noise_std=0.75, backend="auto", precision="fp32"):
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if not pyramid_ratio > 1:
+            raise ValueError(f"pyramid_ratio must be > 1, got {pyramid_ratio!r}")
+        if not isinstance(coarsest_side, int) or coarsest_side < patch_size:
+            raise ValueError(f"coarsest_side must be an int >= patch_size ({patch_size}), got {coarsest_side!r}")
+        if not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        if alpha is not None and not (0 < float(alpha) < float("inf")):
+            raise ValueError(f"alpha must be a positive finite number or None, got {alpha!r}")
+        if not (0 <= float(noise_std) < float("inf")):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        self.patch_size = patch_size
+        self.pyramid_ratio = float(pyramid_ratio)
+        self.coarsest_side = coarsest_side
+        self.iterations = iterations
+        self.alpha = None if alpha is None else float(alpha)
+        self.noise_std = float(noise_std)
+        self.backend = backend
+        self.precision = precision
+
+    def __repr__(self):
+        return (f"GPNN(patch_size={self.patch_size}, pyramid_ratio={self.pyramid_ratio:.4g}, "
+                f"coarsest_side={self.coarsest_side}, iterations={self.iterations}, alpha={self.alpha}, "
+                f"noise_std={self.noise_std}, backend={self.backend!r}, precision={self.precision!r})")
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def sample(self, image, num_samples=1, output_size=None, seed=None, progress=True):
+        """`num_samples` random images with the patches of `image`: (num_samples, C, H, W).
+
+        output_size: (H, W) of the samples (default: the image's size); seed: int, sample i
+        uses seed + i (None: drawn from torch's global generator)."""
+        image = self._check_image(image, "image")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        elif not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        return self.sample_seeds(image, [seed + i for i in range(num_samples)], output_size, progress)
+
+    @torch.no_grad()
+    def sample_seeds(self, image, seeds, output_size=None, progress=True):
+        """One sample per seed in `seeds` (what `sample` and distributed jobs call)."""
+        image = self._check_image(image, "image")
+        seeds = list(seeds)
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+        out_size = self._check_size(output_size, "output_size", default=image.shape[-2:])
+        src = self._source_pyramid(image)
+        out_shapes = self._output_shapes(image.shape[-2:], out_size, len(src))
+        coarse = _resize(src[-1], out_shapes[-1])
+        noise = torch.stack([torch.randn((1,) + out_shapes[-1], generator=torch.Generator().manual_seed(s))
+                             for s in seeds]).to(image.device)
+        init = coarse + self.noise_std * noise              # one noise value per pixel, all channels
+        return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn sample")
+
+    @torch.no_grad()
+    def retarget(self, image, size, progress=True):
+        """`image` resized to `size` = (H, W) by re-arranging its patches (no noise:
+        deterministic); (1, C, H, W)."""
+        image = self._check_image(image, "image")
+        size = self._check_size(size, "size")
+        src = self._source_pyramid(image)
+        out_shapes = self._output_shapes(image.shape[-2:], size, len(src))
+        init = _resize(src[-1], out_shapes[-1])
+        return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn retarget")
+
+    @torch.no_grad()
+    def inpaint(self, image, mask, seed=None, progress=True):
+        """Regenerate the pixels where `mask` is 1 from the image's other patches; (1, C, H, W).
+
+        mask: (H, W) or (1, H, W), bool or float (> 0.5 = regenerate). Keys are the source
+        patches that do not touch the mask; pixels outside the mask are copied back
+        unchanged after every iteration, so they equal the input exactly."""
+        image = self._check_image(image, "image")
+        mask = self._check_mask(mask, image)
+        src = self._source_pyramid(image)
+        masks = [(F.interpolate(mask[None, None], size=s.shape[-2:], mode="area") > 0) if i else mask[None, None].bool()
+                 for i, s in enumerate(src)]
+        p = self.patch_size
+        for lvl, (s, m) in enumerate(zip(src, masks)):
+            if bool(F.max_pool2d(m.float(), p, stride=1).bool().all()):
+                raise ValueError(f"mask leaves no {p}x{p} source patch outside it at pyramid level {lvl} "
+                                 f"({s.shape[-2]}x{s.shape[-1]}); use a smaller mask or a smaller patch_size")
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        gen = torch.Generator().manual_seed(int(seed))
+        coarse, m = src[-1], masks[-1]
+        keep = (~m).expand_as(coarse)
+        fill = coarse[keep].view(coarse.shape[1], -1).mean(1) if bool(keep.any()) else coarse.mean((0, 2, 3))
+        noise = torch.randn((1, 1) + tuple(coarse.shape[-2:]), generator=gen).to(image.device)
+        init = torch.where(m, fill.view(1, -1, 1, 1) + self.noise_std * noise, coarse)
+        shapes = [tuple(s.shape[-2:]) for s in src]
+        return self._synthesize(src, shapes, init, masks=masks, progress=progress, desc="gpnn inpaint")
+
+    @torch.no_grad()
+    def analogy(self, structure_image, patch_image, progress=True):
+        """The structure of `structure_image` (B) drawn with the patches of `patch_image` (A):
+        (1, C, H_B, W_B). Both images need the same number of channels."""
+        b = self._check_image(structure_image, "structure_image")
+        a = self._check_image(patch_image, "patch_image")
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"structure_image has {b.shape[0]} channels but patch_image has {a.shape[0]}")
+        if a.device != b.device:
+            raise ValueError(f"structure_image is on {b.device} but patch_image is on {a.device}")
+        src = self._source_pyramid(a)
+        out_shapes = self._output_shapes(a.shape[-2:], b.shape[-2:], len(src))
+        init = _resize(b[None], out_shapes[-1])
+        return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn analogy")
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def _scales(self, short):
+        """Scale per level, finest (1.0) first; coarsest gives `coarsest_side` on the short side."""
+        if short <= self.coarsest_side:
+            return [1.0]
+        steps = math.ceil(math.log(short / self.coarsest_side) / math.log(self.pyramid_ratio) - 1e-9)
+        return [(self.coarsest_side / short) ** (lvl / steps) for lvl in range(steps + 1)]
+
+    def _source_pyramid(self, image):
+        """[(1, C, h_l, w_l)] finest first; each level resized from the full image."""
+        x = image[None].float()
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        return [_resize(x, (max(p, round(h * s)), max(p, round(w * s)))) for s in self._scales(min(h, w))]
+
+    def _output_shapes(self, src_size, out_size, levels):
+        p = self.patch_size
+        scales = self._scales(min(src_size))
+        assert len(scales) == levels
+        return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
+
+    def _patch_backend(self, device):
+        # patch_nn has no Triton kernel yet; on CUDA "auto" means its torch two-pass method
+        if self.backend == "auto" and device.type == "cuda":
+            return "torch"
+        return self.backend
+
+    def _match(self, x, keys_img, valid_keys=None, query_pos=None):
+        """idx (B, Hq, Wq) into the stride-1 patch grid of keys_img for every patch of x."""
+        p = self.patch_size
+        bsz = x.shape[0]
+        hq, wq = x.shape[-2] - p + 1, x.shape[-1] - p + 1
+        keys = _patches(keys_img, p)[0]                                # (M, D)
+        if valid_keys is not None:
+            keys = keys[valid_keys]
+        queries = _patches(x, p)                                       # (B, N, D)
+        if query_pos is not None:
+            queries = queries[:, query_pos]
+        d = keys.shape[1]
+        alpha = None if self.alpha is None else self.alpha * d         # mean -> sum of squares
+        chunk = max(1, _KEY_BYTES_BUDGET // max(1, keys.numel() * keys.element_size()))
+        backend = self._patch_backend(x.device)
+        idx = torch.cat([
+            patch_nn(queries[i:i + chunk], keys.expand(min(chunk, bsz - i), -1, -1), alpha,
+                     backend=backend, precision=self.precision)
+            for i in range(0, bsz, chunk)])
+        if valid_keys is not None:
+            idx = valid_keys[idx]                                      # subset -> full grid index
+        if query_pos is not None:
+            full = torch.arange(hq * wq, device=x.device).expand(bsz, -1).clone()  # own patch
+            full[:, query_pos] = idx
+            idx = full
+        return idx.view(bsz, hq, wq)
+
+    def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn"):
+        from tqdm.auto import tqdm
+        p = self.patch_size
+        levels = len(src)
+        x = init
+        backend = self._patch_backend(x.device)
+        bar = tqdm(total=levels * self.iterations, desc=desc, disable=not progress, leave=False)
+        try:
+            for lvl in reversed(range(levels)):
+                s = src[lvl]
+                h, w = out_shapes[lvl]
+                bar.set_postfix_str(f"level {levels - lvl}/{levels} {h}x{w}")
+                if lvl == levels - 1:
+                    blurred = s
+                else:
+                    x = _resize(x, (h, w))
+                    blurred = _resize(src[lvl + 1], s.shape[-2:])
+                valid_keys = query_pos = None
+                if masks is not None:
+                    m = masks[lvl]
+                    touch = F.max_pool2d(m.float(), p, stride=1).flatten() > 0
+                    valid_keys = torch.nonzero(~touch).flatten()
+                    query_pos = torch.nonzero(touch).flatten()
+                    if query_pos.numel() == 0:                         # nothing to regenerate here
+                        x = s.expand(x.shape[0], -1, -1, -1).clone()
+                        bar.update(self.iterations)
+                        continue
+                for it in range(self.iterations):
+                    idx = self._match(x, blurred if it == 0 else s, valid_keys, query_pos)
+                    x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
+                    if masks is not None:
+                        x = torch.where(masks[lvl], x, s)
+                    bar.update(1)
+        finally:
+            bar.close()
+        return x
+
+    # ------------------------------------------------------------------ argument checks
+
+    def _check_image(self, image, name):
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (C, H, W) in [0, 1], got {type(image).__name__}")
+        if image.dim() != 3:
+            raise ValueError(f"{name} must be a (C, H, W) tensor, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor in [0, 1], got {image.dtype} "
+                            "(divide 8-bit images by 255)")
+        c, h, w = image.shape
+        if c == 0:
+            raise ValueError(f"{name} has 0 channels")
+        p = self.patch_size
+        if h < p or w < p:
+            raise ValueError(f"{name} is {h}x{w}, smaller than one {p}x{p} patch")
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(f"{name} must have values in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        return image.float().clamp(0, 1)
+
+    def _check_size(self, size, name, default=None):
+        if size is None and default is not None:
+            return tuple(int(s) for s in default)
+        try:
+            h, w = (int(s) for s in size)
+            ok = (h, w) == tuple(size)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a pair of ints (H, W), got {size!r}")
+        p = self.patch_size
+        if h < p or w < p:
+            raise ValueError(f"{name} must be at least one {p}x{p} patch, got {h}x{w}")
+        return h, w
+
+    def _check_mask(self, mask, image):
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor (H, W), got {type(mask).__name__}")
+        if mask.dim() == 3 and mask.shape[0] == 1:
+            mask = mask[0]
+        if mask.dim() != 2 or tuple(mask.shape) != tuple(image.shape[-2:]):
+            raise ValueError(f"mask must be (H, W) = {tuple(image.shape[-2:])} like image, "
+                             f"got shape {tuple(mask.shape)}")
+        if mask.device != image.device:
+            raise ValueError(f"mask is on {mask.device} but image is on {image.device}")
+        mask = mask.float()
+        if not bool(torch.isfinite(mask).all()):
+            raise ValueError("mask contains NaN or infinite values")
+        return (mask > 0.5).float()

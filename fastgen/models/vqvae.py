@@ -1,0 +1,133 @@
+"""fastgen.models.VQVAE: conv encoder -> fastgen.nn.VectorQuantizer -> conv decoder
+(van den Oord et al. 2017).
+
+    L = ||x_hat - x||^2 + beta * ||z_e - sg(z_q)||^2 + ||sg(z_e) - z_q||^2
+
+with the squared error a mean over pixels and the two VQ terms means over code
+elements (the codebook term is 0 with EMA codes, the default). Images in [0, 1] are
+centred (x - 0.5) on the way in and shifted back on the way out. The encoder halves
+the resolution log2(downsample) times with stride-2 4x4 convolutions, then runs
+residual blocks; the decoder mirrors it with transposed convolutions. A PixelCNN prior
+over the (H / downsample, W / downsample) code maps (fastgen.models.pixelcnn) turns
+it into a generative model.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.nn import VectorQuantizer
+
+
+class ResidualBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))), as in the VQ-VAE paper."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def _levels(downsample):
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1 \
+            or downsample & (downsample - 1):
+        raise ValueError(f"downsample must be a power of two (1, 2, 4, 8, ...), got {downsample!r}")
+    return int(math.log2(downsample))
+
+
+class VQVAE(nn.Module):
+    """Vector-quantized autoencoder.
+
+    Args:
+        image_shape: (C, H, W), values in [0, 1]; H and W divisible by `downsample`.
+        downsample: spatial reduction from image to code map (a power of two).
+        hidden, res_hidden, num_res_blocks: widths and depth of encoder and decoder.
+        num_codes, code_dim: codebook size K and code dimension D.
+        commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizer's.
+    """
+
+    def __init__(self, image_shape, downsample=2, hidden=64, res_hidden=32, num_res_blocks=2, num_codes=64,
+                 code_dim=16, commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20):
+        super().__init__()
+        c, h, w = image_shape
+        levels = _levels(downsample)
+        if h % downsample or w % downsample:
+            raise ValueError(f"image_shape {tuple(image_shape)}: H and W must be divisible by "
+                             f"downsample={downsample}")
+        self.config = dict(image_shape=tuple(image_shape), downsample=downsample, hidden=hidden,
+                           res_hidden=res_hidden, num_res_blocks=num_res_blocks, num_codes=num_codes,
+                           code_dim=code_dim, commitment=commitment, ema=ema, decay=decay,
+                           kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold)
+        self.image_shape = tuple(image_shape)
+        self.code_shape = (h // downsample, w // downsample)
+        self.num_codes = num_codes
+
+        enc, ch = [], c
+        for i in range(levels):
+            nxt = hidden if i == levels - 1 else max(hidden // 2, 1)
+            enc += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
+            ch = nxt
+        enc += [nn.Conv2d(ch, hidden, 3, padding=1)]
+        enc += [ResidualBlock(hidden, res_hidden) for _ in range(num_res_blocks)]
+        enc += [nn.ReLU(), nn.Conv2d(hidden, code_dim, 1)]
+        self.encoder = nn.Sequential(*enc)
+
+        self.quantizer = VectorQuantizer(num_codes, code_dim, commitment=commitment, ema=ema, decay=decay,
+                                         kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold,
+                                         channel_last=False)
+
+        dec = [nn.Conv2d(code_dim, hidden, 3, padding=1)]
+        dec += [ResidualBlock(hidden, res_hidden) for _ in range(num_res_blocks)]
+        dec += [nn.ReLU()]
+        ch = hidden
+        for i in range(levels):
+            nxt = max(hidden // 2, 1)
+            dec += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
+            ch = nxt
+        dec += [nn.Conv2d(ch, c, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def _check(self, x):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x must be (B, {', '.join(map(str, self.image_shape))}) images, "
+                             f"got {tuple(getattr(x, 'shape', ()))}")
+
+    def forward(self, x):
+        """Training step: dict(loss, recon (B,) squared error per image (sum over pixels),
+        commitment, codebook, perplexity, indices (B, h, w))."""
+        self._check(x)
+        z_e = self.encoder(x - 0.5)
+        vq = self.quantizer(z_e)
+        x_hat = self.decoder(vq.quantized) + 0.5
+        mse = F.mse_loss(x_hat, x)
+        loss = mse + vq.losses["commitment"] + vq.losses["codebook"]
+        recon = (x_hat.detach() - x).square().flatten(1).sum(1)
+        return dict(loss=loss, mse=mse.detach(), recon=recon, commitment=vq.losses["commitment"].detach(),
+                    codebook=vq.losses["codebook"].detach(), perplexity=vq.perplexity, indices=vq.indices)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Images -> code indices (B, h, w) int64 (no codebook update, whatever the mode)."""
+        self._check(x)
+        was = self.quantizer.training
+        self.quantizer.eval()
+        try:
+            return self.quantizer(self.encoder(x - 0.5)).indices
+        finally:
+            self.quantizer.train(was)
+
+    @torch.no_grad()
+    def decode(self, indices):
+        """Code indices (B, h, w) -> images (B, C, H, W) clamped to [0, 1]."""
+        if not isinstance(indices, torch.Tensor) or tuple(indices.shape[1:]) != self.code_shape:
+            raise ValueError(f"indices must be (B, {self.code_shape[0]}, {self.code_shape[1]}), "
+                             f"got {tuple(getattr(indices, 'shape', ()))}")
+        return (self.decoder(self.quantizer.decode_indices(indices)) + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))

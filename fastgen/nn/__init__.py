@@ -1,0 +1,8 @@
+"""Drop-in nn.Modules built only on fastgen.ops."""
+from fastgen.nn.gaussian_latent import GaussianLatent, LatentSample
+
+__all__ = ["GaussianLatent", "LatentSample"]
+
+from fastgen.nn.vector_quantizer import ResidualVQ, VectorQuantizer, VQOutput  # noqa: E402
+
+__all__ += ["VectorQuantizer", "ResidualVQ", "VQOutput"]

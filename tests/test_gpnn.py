@@ -1,0 +1,293 @@
+"""GPNN (fastgen.models.gpnn), its CLI and its distributed runner, on CI-sized images.
+
+china.jpg shrunk to 40x60 (4 pyramid levels) with 2-3 iterations per level: each
+sample takes well under a second on a laptop core.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgen.models.gpnn import GPNN, _patches, _resize
+from fastgen.ops import knn
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def china():
+    from sklearn.datasets import load_sample_image
+    x = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float() / 255
+    return F.interpolate(x[None], size=(40, 60), mode="bicubic", antialias=True)[0].clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPNN(iterations=3)
+
+
+@pytest.fixture(scope="module")
+def samples(china, model):
+    return model.sample(china, num_samples=2, seed=0, progress=False)
+
+
+def patch_nn_mse(x, source, p=7):
+    """Mean over x's patches of the mean squared difference to the nearest source patch."""
+    q = _patches(x[None], p)[0]
+    k = _patches(source[None], p)[0]
+    dist, _ = knn(q, k, 1)
+    return float(dist.mean()) / q.shape[1]
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_sample_is_not_a_copy_but_made_of_source_patches(china, samples):
+    assert samples.shape == (2, 3, 40, 60)
+    assert samples.dtype == torch.float32
+    assert 0 <= float(samples.min()) and float(samples.max()) <= 1     # value range: [0, 1] out
+    flipped = patch_nn_mse(china.flip(-1), china)                     # same statistics, other patches
+    for s in samples:
+        pixel_mse = float((s - china).square().mean())
+        assert pixel_mse > 1e-3, f"sample is a copy of the source (pixel MSE {pixel_mse:.2e})"
+        nn_mse = patch_nn_mse(s, china)
+        assert nn_mse < 2e-3 and nn_mse < 0.25 * flipped, \
+            f"sample patches are far from the source's: {nn_mse:.2e} (flipped source: {flipped:.2e})"
+
+
+def test_seeds(china, model, samples):
+    again = model.sample(china, num_samples=1, seed=0, progress=False)
+    assert torch.equal(again[0], samples[0]), "same seed gave a different sample"
+    assert float((samples[0] - samples[1]).square().mean()) > 1e-4, "two seeds gave the same sample"
+    # sample i of seed s is the sample of seed s + i, whatever the batch (distributed runs rely on it)
+    one = model.sample(china, num_samples=1, seed=1, progress=False)
+    assert torch.equal(one[0], samples[1])
+
+
+def test_seed_none_follows_torch_manual_seed(china):
+    g = GPNN(iterations=1)
+    torch.manual_seed(3)
+    a = g.sample(china, progress=False)
+    torch.manual_seed(3)
+    assert torch.equal(a, g.sample(china, progress=False))
+
+
+def test_output_size(china, model):
+    out = model.sample(china, num_samples=1, output_size=(30, 80), seed=0, progress=False)
+    assert out.shape == (1, 3, 30, 80)
+
+
+# ---------------------------------------------------------------- documented choices
+
+def test_pyramid_coarsest_side_ratio_and_aspect(china, model):
+    pyr = model._source_pyramid(china)
+    shapes = [tuple(s.shape[-2:]) for s in pyr]
+    assert shapes[0] == (40, 60) and min(shapes[-1]) == model.coarsest_side
+    for (h0, w0), (h1, w1) in zip(shapes, shapes[1:]):
+        assert 1 < h0 / h1 <= 4 / 3 + 0.05                             # rounding to whole pixels
+        assert abs(w1 / h1 - 60 / 40) < 0.1                            # aspect kept
+    assert len(GPNN()._source_pyramid(torch.rand(3, 12, 30))) == 1    # short side <= 14: one level
+
+
+def test_noise_enters_once_at_the_coarsest_level_same_for_all_channels(china, monkeypatch):
+    g = GPNN(iterations=1)
+    seen = {}
+
+    def capture(src, out_shapes, init, **kw):
+        seen.update(src=src, init=init)
+        return init
+    monkeypatch.setattr(g, "_synthesize", capture)
+    g.sample(china, num_samples=2, seed=0)
+    noise = seen["init"] - seen["src"][-1]                             # (2, 3, 14, 21), not clamped
+    assert noise.shape == (2, 3, 14, 21)
+    assert torch.allclose(noise[:, :1].expand_as(noise), noise, atol=1e-6)
+    assert 0.6 < float(noise.std()) < 0.9                              # sigma 0.75, [0, 1] units
+    assert float(seen["init"].max()) > 1.5                             # in [0, 1] units, not clamped
+
+
+def test_no_noise_sample_equals_retarget(china):
+    g = GPNN(iterations=2, noise_std=0.0)
+    a = g.sample(china, seed=0, progress=False)
+    assert torch.equal(a, g.sample(china, seed=1, progress=False))
+    assert torch.equal(a, g.retarget(china, (40, 60), progress=False))
+
+
+def test_alpha_is_in_mean_squared_difference_units(china, monkeypatch):
+    import fastgen.models.gpnn as mod
+    alphas = []
+    real = mod.patch_nn
+
+    def spy(q, k, alpha, **kw):
+        alphas.append(alpha)
+        return real(q, k, alpha, **kw)
+    monkeypatch.setattr(mod, "patch_nn", spy)
+    GPNN(iterations=1, alpha=0.01).sample(china, seed=0, progress=False)
+    assert alphas and all(a == pytest.approx(0.01 * 3 * 7 * 7) for a in alphas)
+    alphas.clear()
+    GPNN(iterations=1, alpha=None).sample(china, seed=0, progress=False)
+    assert alphas and all(a is None for a in alphas)
+
+
+# ---------------------------------------------------------------- other tasks
+
+def test_retarget_size(china, model):
+    out = model.retarget(china, (32, 90), progress=False)
+    assert out.shape == (1, 3, 32, 90)
+    assert patch_nn_mse(out[0], china) < 2e-3
+
+
+def test_inpaint_keeps_pixels_outside_the_mask(china, model):
+    mask = torch.zeros(40, 60)
+    mask[10:24, 25:40] = 1
+    out = model.inpaint(china, mask, seed=0, progress=False)
+    assert out.shape == (1, 3, 40, 60)
+    keep = ~mask.bool()
+    assert torch.equal(out[0][:, keep], china[:, keep])
+    assert float((out[0] - china)[:, mask.bool()].abs().mean()) > 1e-3   # the hole was regenerated
+    assert torch.equal(out, model.inpaint(china, mask[None].bool(), seed=0, progress=False))
+
+
+def test_inpaint_mask_covering_everything(china, model):
+    with pytest.raises(ValueError, match="mask leaves no"):
+        model.inpaint(china, torch.ones(40, 60), progress=False)
+
+
+def test_analogy_has_the_structure_images_size(china, model):
+    structure = _resize(china.flip(-1)[None], (36, 44))[0]
+    out = model.analogy(structure, china, progress=False)
+    assert out.shape == (1, 3, 36, 44)
+    assert patch_nn_mse(out[0], china) < 5e-3
+
+
+# ---------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda g, x: g.sample(x[0]), ValueError, r"image must be a \(C, H, W\)"),
+    (lambda g, x: g.sample(x[None]), ValueError, r"image must be a \(C, H, W\)"),
+    (lambda g, x: g.sample(x[:, :5, :6]), ValueError, "image is 5x6, smaller than one 7x7 patch"),
+    (lambda g, x: g.sample(torch.where(x > 0.5, float("nan"), x)), ValueError, "image contains NaN"),
+    (lambda g, x: g.sample(x * 255), ValueError, r"image must have values in \[0, 1\]"),
+    (lambda g, x: g.sample((x * 255).to(torch.uint8)), TypeError, "image must be a float tensor"),
+    (lambda g, x: g.sample(x.numpy()), TypeError, "image must be a torch.Tensor"),
+    (lambda g, x: g.sample(x, num_samples=0), ValueError, "num_samples"),
+    (lambda g, x: g.sample_seeds(x, []), ValueError, "seeds must be a non-empty list"),
+    (lambda g, x: g.sample(x, seed=1.5), TypeError, "seed must be an int"),
+    (lambda g, x: g.sample(x, output_size=(5, 40)), ValueError, "output_size"),
+    (lambda g, x: g.retarget(x, (30,)), ValueError, "size must be a pair"),
+    (lambda g, x: g.inpaint(x, torch.zeros(40, 61)), ValueError, "mask must be"),
+    (lambda g, x: g.inpaint(x, torch.full((40, 60), float("nan"))), ValueError, "mask contains NaN"),
+    (lambda g, x: g.analogy(x[:1], x), ValueError, "structure_image has 1 channels"),
+    (lambda g, x: g.analogy(x, x * float("nan")), ValueError, "patch_image contains NaN"),
+])
+def test_bad_inputs_name_the_argument(china, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(GPNN(iterations=1), china)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"patch_size": 0}, "patch_size"), ({"pyramid_ratio": 1.0}, "pyramid_ratio"),
+    ({"coarsest_side": 5}, "coarsest_side"), ({"iterations": 0}, "iterations"),
+    ({"alpha": -1}, "alpha"), ({"noise_std": float("nan")}, "noise_std"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPNN(**kwargs)
+
+
+# ---------------------------------------------------------------- CLI
+
+@pytest.fixture()
+def tiny_png(tmp_path, china):
+    from fastgen.images import save_image
+    return save_image(_resize(china[None], (24, 36))[0], str(tmp_path / "tiny.png"))
+
+
+def test_cli_writes_pngs(tmp_path, tiny_png):
+    from fastgen.cli import main
+    from fastgen.images import load_image
+    out = tmp_path / "out"
+    fast = ["--iterations", "1", "--no-progress"]
+    assert main(["gpnn", "sample", tiny_png, "-n", "2", "--out", str(out), *fast]) == 0
+    for name in ["tiny_sample0000.png", "tiny_sample0001.png", "tiny_sheet.png"]:
+        assert (out / name).is_file(), name
+    assert load_image(str(out / "tiny_sample0000.png")).shape == (3, 24, 36)
+
+    assert main(["gpnn", "retarget", tiny_png, "--size", "20x50", "--out", str(out), *fast]) == 0
+    assert load_image(str(out / "tiny_retarget_20x50.png")).shape == (3, 20, 50)
+    assert (out / "tiny_retarget_20x50_sheet.png").is_file()
+
+    from PIL import Image
+    import numpy as np
+    m = np.zeros((24, 36), np.uint8)
+    m[8:16, 12:24] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    assert main(["gpnn", "inpaint", tiny_png, "--mask", str(tmp_path / "mask.png"), "--out", str(out), *fast]) == 0
+    inp = load_image(str(out / "tiny_inpaint.png"))
+    src = load_image(tiny_png)
+    keep = torch.from_numpy(m == 0)
+    assert torch.equal(inp[:, keep], src[:, keep])          # exact through 8-bit PNGs too
+    assert (out / "tiny_inpaint_sheet.png").is_file()
+
+    assert main(["gpnn", "analogy", tiny_png, str(out / "tiny_retarget_20x50.png"), "--out", str(out), *fast]) == 0
+    assert load_image(str(out / "tiny_retarget_20x50_as_tiny_analogy.png")).shape == (3, 20, 50)
+
+
+def test_cli_errors(tmp_path, tiny_png, capsys):
+    from fastgen.cli import main
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert main(["gpnn", "sample", str(bad), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["gpnn", "sample", str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["gpnn", "retarget", tiny_png, "--size", "20by50", "--out", str(tmp_path)]) == 2
+    assert "--size must look like HxW" in capsys.readouterr().err
+    from PIL import Image
+    Image.new("L", (10, 12)).save(tmp_path / "small_mask.png")
+    assert main(["gpnn", "inpaint", tiny_png, "--mask", str(tmp_path / "small_mask.png"), "--out", str(tmp_path)]) == 2
+    assert "--mask is 12x10 but the image is 24x36" in capsys.readouterr().err
+    assert main(["gpnn", "sample", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "--images" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- distributed
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_two_gloo_ranks_write_every_job_once(tmp_path, china):
+    import torch.multiprocessing as mp
+    from fastgen import gpnn_distributed as gd
+    from fastgen.images import load_image, save_image
+    images = tmp_path / "images"
+    paths = [save_image(_resize(china[None], (24, 36))[0], str(images / "a.png")),
+             save_image(_resize(china.flip(-1)[None], (22, 30))[0], str(images / "b.png"))]
+    assert gd.image_files(str(images)) == paths
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    model = dict(iterations=1)
+    kwargs = dict(model=model, max_side=0, paths=paths, num_samples=3, out=str(out), seed=7, batch=2)
+    mp.spawn(gd._spawned_worker, args=(2, _free_port(), kwargs, str(results)), nprocs=2, join=True)
+
+    written = []
+    for r in range(2):
+        written += [p for p in (results / f"rank{r}.txt").read_text().splitlines() if p]
+    expected = [gd.sample_path(str(out), n, i) for n in ("a", "b") for i in range(3)]
+    assert sorted(written) == sorted(expected), "a job ran twice or not at all"
+    assert all(os.path.isfile(p) for p in expected)
+    assert (out / "a_sheet.png").is_file() and (out / "b_sheet.png").is_file()
+    # outputs do not depend on the split: job (b, 2) equals a one-process sample of seed 7 + 2
+    ref = GPNN(**model).sample_seeds(load_image(paths[1]), [9], progress=False)[0]
+    assert torch.equal(load_image(expected[5]), (ref * 255 + 0.5).floor() / 255)
+    # a rerun skips the jobs already done
+    assert gd.run_samples(GPNN(**model), paths, load_image, 3, str(out), seed=7, progress=False) == []
+
+
+def test_rank_jobs_partition():
+    from fastgen.gpnn_distributed import rank_jobs
+    jobs = [j for r in range(3) for j in rank_jobs(4, 5, r, 3)]
+    assert sorted(jobs) == [(k, i) for k in range(4) for i in range(5)]
