@@ -227,6 +227,20 @@ def test_clamp_bounds_values_and_zero_gradient(backend):
     assert_close(z[0, :3], torch.exp(0.5 * torch.tensor([-50., -3., 0.2])), 1e-6, 1e-20)
 
 
+def test_cpp_large_outputs():
+    # >= 8 MiB outputs take the huge-page-advised allocation path of the C++ op
+    mu, lv, eps = inputs((1100, 4001), torch.float32, requires_grad=True)
+    z, kl = reparameterize(mu, lv, eps, backend="cpp")
+    m, l, z_ref, kl_ref = reference64(mu, lv, eps, None)
+    assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    assert_close(kl, kl_ref, rtol=1e-5, atol=1e-5)
+    gz, gk = torch.randn(1100, 4001), torch.randn(1100)
+    g = torch.autograd.grad([z, kl], [mu, lv], [gz, gk])
+    r = torch.autograd.grad([z_ref, kl_ref], [m, l], [gz.double(), gk.double()])
+    for a, b in zip(g, r):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_cpp_same_bits_for_any_thread_count():
     mu, lv, eps = inputs((3, 50000), torch.float32)
     old = torch.get_num_threads()

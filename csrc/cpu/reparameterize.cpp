@@ -22,6 +22,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -262,6 +266,25 @@ void backward_block(const T* gz, double gk, const T* mu, const T* lv, const T* e
                   static_cast<float>(hi));
 }
 
+// Outputs are fresh memory, and writing them first costs a page fault per 4 KiB page:
+// for a (8192, 1024) float32 output (32 MiB, a fresh mmap every call) that was 16 ms
+// of a 27 ms forward on the development VM. Advising transparent huge pages on the
+// 2 MiB-aligned interior before the first write makes it 512x fewer faults (measured
+// 16 -> 4 ms per 32 MiB). Only this tensor's own range is advised, it is written in
+// full right after, and the advice is ignored where THP is off or unsupported.
+at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && end > begin)
+    (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
 struct Layout {
   int64_t rows, row_len, blocks_per_row, tasks, grain;
 };
@@ -307,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_cpu(const at::Tensor& mu_in,
   const double lo = logvar_min.value_or(-std::numeric_limits<double>::infinity());
   const double hi = logvar_max.value_or(std::numeric_limits<double>::infinity());
   const Layout L = layout_of(mu);
-  at::Tensor z = at::empty_like(mu);
+  at::Tensor z = empty_output(mu);
   const auto kl_type = mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor kl = at::empty({L.rows}, mu.options().dtype(kl_type));
   std::vector<double> partial(L.tasks);
@@ -359,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
   }
   const double lo = logvar_min.value_or(-std::numeric_limits<double>::infinity());
   const double hi = logvar_max.value_or(std::numeric_limits<double>::infinity());
-  at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(mu);
+  at::Tensor grad_mu = empty_output(mu), grad_logvar = empty_output(mu);
   const double* pk = grad_kl.defined() ? grad_kl.data_ptr<double>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_backward_cpu", [&] {
