@@ -37,8 +37,9 @@ import torch
 
 DEFAULT_SHAPES = [(32768, 64, 512), (65536, 256, 8192)]   # (N, D, K)
 QUICK_SHAPES = [(4096, 32, 256)]
-PROVIDERS = ("fastgen", "vector-quantize-pytorch", "torch-onehot")
-DEFAULT_PROVIDERS = ("fastgen", "vector-quantize-pytorch")
+# fastgen-bf16: the certified bf16 lookup, which returns the same (exact) codes as fp32
+PROVIDERS = ("fastgen", "fastgen-bf16", "vector-quantize-pytorch", "torch-onehot")
+DEFAULT_PROVIDERS = ("fastgen", "fastgen-bf16", "vector-quantize-pytorch")
 BASELINE = "vector-quantize-pytorch"
 CHECK_ROWS = 4096
 
@@ -69,9 +70,10 @@ class _OneHotVQ(torch.nn.Module):
 
 def make_layer(provider, N, D, K):
     """(step(x) -> (z_q (N, D), idx (N,), loss), codebook() -> the (K, D) codes the next step uses)."""
-    if provider == "fastgen":
+    if provider in ("fastgen", "fastgen-bf16"):
         from fastgen.nn import VectorQuantizer
-        vq = VectorQuantizer(K, D, ema=True, decay=0.99, commitment=0.25).train()
+        vq = VectorQuantizer(K, D, ema=True, decay=0.99, commitment=0.25,
+                             precision="bf16" if provider == "fastgen-bf16" else "fp32").train()
 
         def step(x):
             out = vq(x)
