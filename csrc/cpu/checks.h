@@ -16,4 +16,17 @@ inline void check_points(const at::Tensor& t, const char* name, int64_t ndim) {
 }
 
 
+// queries (B, N, D) and keys (B, M, D): one dtype, one batch size, one D.
+inline void check_point_sets(const at::Tensor& queries, const at::Tensor& keys) {
+  check_points(queries, "queries", 3);
+  check_points(keys, "keys", 3);
+  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
+                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_VALUE(queries.size(0) == keys.size(0),
+                    "queries and keys must have the same batch size, got ", queries.size(0),
+                    " and ", keys.size(0));
+  TORCH_CHECK_VALUE(queries.size(2) == keys.size(2), "queries have D=", queries.size(2),
+                    " features but keys have D=", keys.size(2));
+}
+
 }  // namespace fastgen

@@ -11,14 +11,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                            int64_t k, bool exclude_self,
                                            c10::string_view precision) {
-  check_points(queries, "queries", 3);
-  check_points(keys, "keys", 3);
-  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
-              ") and keys (", keys.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK_VALUE(queries.size(0) == keys.size(0), "queries and keys must have the same batch size, got ",
-              queries.size(0), " and ", keys.size(0));
-  TORCH_CHECK_VALUE(queries.size(2) == keys.size(2), "queries have D=", queries.size(2),
-              " features but keys have D=", keys.size(2));
+  check_point_sets(queries, keys);
   TORCH_CHECK_VALUE(!exclude_self || queries.size(1) == keys.size(1),
               "exclude_self needs queries and keys to be the same set (N == M), got N=",
               queries.size(1), " M=", keys.size(1));

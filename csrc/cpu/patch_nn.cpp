@@ -16,14 +16,7 @@ namespace {
 
 at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
                         std::optional<double> alpha, c10::string_view precision) {
-  check_points(queries, "queries", 3);
-  check_points(keys, "keys", 3);
-  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
-                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK_VALUE(queries.size(0) == keys.size(0), "queries and keys must have the same batch size, got ",
-                    queries.size(0), " and ", keys.size(0));
-  TORCH_CHECK_VALUE(queries.size(2) == keys.size(2), "queries have D=", queries.size(2),
-                    " features but keys have D=", keys.size(2));
+  check_point_sets(queries, keys);
   TORCH_CHECK_VALUE(keys.size(1) >= 1, "keys is empty (0 patches)");
   TORCH_CHECK_VALUE(!alpha.has_value() || (std::isfinite(*alpha) && *alpha > 0.0),
                     "alpha must be a positive finite number or None, got ", alpha.value_or(0.0));

@@ -34,3 +34,14 @@ def finite(t, name):
 def precision(p):
     if p not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")
+
+
+def point_sets(queries, keys):
+    """queries (N, D) / (B, N, D) and keys (M, D) / (B, M, D) of one dtype, device and D."""
+    points(queries, "queries")
+    points(keys, "keys")
+    if queries.dim() != keys.dim():
+        raise ValueError(f"queries is {queries.dim()}-D but keys is {keys.dim()}-D; both must be 2-D or both 3-D")
+    same_kind(queries, "queries", keys, "keys")
+    if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
+        raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")

@@ -26,13 +26,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         (B, N, k). Ties go to the lowest index. `dist` is differentiable w.r.t.
         queries and keys.
     """
-    _validate.points(queries, "queries")
-    _validate.points(keys, "keys")
-    if queries.dim() != keys.dim():
-        raise ValueError(f"queries is {queries.dim()}-D but keys is {keys.dim()}-D; both must be 2-D or both 3-D")
-    _validate.same_kind(queries, "queries", keys, "keys")
-    if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
-        raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")
+    _validate.point_sets(queries, keys)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     n, m = queries.shape[-2], keys.shape[-2]

@@ -25,13 +25,7 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
     Returns:
         int64 indices, (N,) or (B, N).
     """
-    _validate.points(queries, "queries")
-    _validate.points(keys, "keys")
-    if queries.dim() != keys.dim():
-        raise ValueError(f"queries is {queries.dim()}-D but keys is {keys.dim()}-D; both must be 2-D or both 3-D")
-    _validate.same_kind(queries, "queries", keys, "keys")
-    if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
-        raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")
+    _validate.point_sets(queries, keys)
     if keys.shape[-2] == 0:
         raise ValueError("keys is empty (0 patches)")
     if alpha is not None:
