@@ -47,12 +47,6 @@ def info():
     elif not torch.cuda.is_available():
         t["why_not"] = ("no CUDA device; Triton kernels run here only under TRITON_INTERPRET=1 "
                         "(correctness checks, not speed)")
-    if _ext.CPP_AVAILABLE:
-        try:
-            backends["cpp"]["bf16_packing"] = bool(torch.ops.aten._cpu_could_pack_bf16()) \
-                if hasattr(torch.ops.aten, "_cpu_could_pack_bf16") else None
-        except Exception:  # pragma: no cover - informational only
-            backends["cpp"]["bf16_packing"] = None
     import fastgen
     return {
         "fastgen": fastgen.__version__,
