@@ -42,7 +42,17 @@ def test_opcheck():
     (lambda: fold_patches(torch.rand(8, 8), torch.zeros(2, 2, dtype=torch.long), 3), ValueError, "source must be"),
     (lambda: fold_patches(torch.rand(3, 8, 8), torch.zeros(2, dtype=torch.long), 3), ValueError, "idx must be 2-D"),
     (lambda: fold_patches(torch.rand(3, 8, 8), torch.zeros(2, 2, dtype=torch.long), 0), ValueError, "patch_size"),
+    (lambda: fold_patches(torch.rand(3, 8, 8), torch.zeros(0, 3, dtype=torch.long), 2), ValueError, "empty query grid"),
+    (lambda: fold_patches(torch.rand(3, 8, 8), torch.zeros(2, 2, dtype=torch.long, device="meta"), 2), ValueError, "idx is on meta"),
+    (lambda: fold_patches(torch.rand(3, 8, 8, requires_grad=True), torch.zeros(2, 2, dtype=torch.long), 2), ValueError, "not differentiable"),
 ])
 def test_bad_inputs(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+def test_raw_op_checks_the_query_grid_and_devices():
+    with pytest.raises(ValueError, match="empty query grid"):
+        torch.ops.fastgen.fold_patches(torch.rand(1, 1, 4, 4), torch.zeros(1, 0, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.fastgen.fold_patches(torch.rand(1, 1, 4, 4), torch.zeros(1, 2, 2, dtype=torch.long, device="meta"), 2)

@@ -206,6 +206,8 @@ BAD_INPUTS = [
     (lambda: knn(torch.tensor([[float("nan"), 0.0]]), torch.randn(5, 2)), ValueError, "queries contains NaN"),
     (lambda: knn(torch.randn(3, 2), torch.tensor([[float("inf"), 0.0]])), ValueError, "keys contains NaN"),
     (lambda: knn(torch.full((3, 2), 1e30), torch.randn(5, 2)), ValueError, "too large"),
+    (lambda: knn(torch.tensor([[1.5e19]]), torch.tensor([[-1.5e19]])), ValueError, "too large"),
+    (lambda: knn(torch.randn(5, 3, device="meta"), torch.randn(6, 3, device="meta")), ValueError, "CPU or CUDA"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), exclude_self=True), ValueError, "exclude_self"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="gpu"), ValueError, "backend must be"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), precision="fp8"), ValueError, "precision must be"),
@@ -232,3 +234,8 @@ def test_raw_op_checks_never_crash(args, msg):
     # the C++ op checks its own arguments too: a direct torch.ops call cannot segfault
     with pytest.raises((RuntimeError, ValueError, TypeError), match=msg):
         torch.ops.fastgen.knn(*args)
+
+
+def test_raw_op_with_a_meta_input_raises():
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.fastgen.knn(torch.randn(1, 5, 3), torch.randn(1, 6, 3, device="meta"), 2, False, "fp32")

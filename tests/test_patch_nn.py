@@ -113,6 +113,10 @@ def test_opcheck():
     (lambda: patch_nn(torch.randn(5, 3), torch.randn(0, 3)), ValueError, "keys is empty"),
     (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), 0.0), ValueError, "alpha must be"),
     (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), float("nan")), ValueError, "alpha must be"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), 1e-50), ValueError, "alpha must be"),
+    (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), 1e39), ValueError, "alpha must be"),
+    (lambda: patch_nn(torch.tensor([[1.5e19], [1.4e19]]), torch.tensor([[-1.5e19], [1.4e19]])), ValueError, "too large"),
+    (lambda: patch_nn(torch.randn(5, 3, device="meta"), torch.randn(4, 3, device="meta")), ValueError, "CPU or CUDA"),
     (lambda: patch_nn(torch.full((5, 3), float("nan")), torch.randn(4, 3)), ValueError, "queries contains NaN"),
     (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3).double()), TypeError, "float32"),
     (lambda: patch_nn(torch.randn(5, 3), torch.randn(4, 3), precision="fp64"), ValueError, "precision"),
@@ -120,3 +124,9 @@ def test_opcheck():
 def test_bad_inputs(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+def test_raw_op_with_a_meta_input_raises():
+    # a meta input routes the call to the fake kernel, which must not hand back junk
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.fastgen.patch_nn(torch.randn(1, 5, 3), torch.randn(1, 4, 3, device="meta"), 0.005, "fp32")

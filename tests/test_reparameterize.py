@@ -385,3 +385,18 @@ def test_torch_compile():
     assert_close(kl, kl_e, 1e-6, 1e-6)
     for a, b in zip(g, g_e):
         assert_close(a, b, 1e-6, 1e-6)
+
+
+def test_double_backward_raises_clearly():
+    from fastgen.ops import reparameterize
+    mu = torch.randn(4, 3, requires_grad=True)
+    lv = torch.randn(4, 3, requires_grad=True)
+    z, kl = reparameterize(mu, lv, torch.randn(4, 3), backend="cpp")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(kl.sum(), lv, create_graph=True)
+
+
+def test_raw_op_with_a_meta_input_raises():
+    t = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.fastgen.reparameterize(t, t, torch.randn(4, 3, device="meta"), None, None)

@@ -25,6 +25,7 @@ at::Tensor fold_patches_cpu(const at::Tensor& source, const at::Tensor& idx, int
   TORCH_CHECK_VALUE(Hs >= patch && Ws >= patch, "source (", Hs, "x", Ws,
                     ") is smaller than one patch (", patch, "x", patch, ")");
   const int64_t Hq = idx.size(1), Wq = idx.size(2);
+  TORCH_CHECK_VALUE(Hq >= 1 && Wq >= 1, "idx has an empty query grid (", Hq, "x", Wq, ")");
   const int64_t Wsp = Ws - patch + 1, nsrc = (Hs - patch + 1) * Wsp;
   const int64_t Ho = Hq + patch - 1, Wo = Wq + patch - 1;
   if (idx.numel() > 0) {

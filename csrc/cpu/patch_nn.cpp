@@ -18,8 +18,9 @@ at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
                         std::optional<double> alpha, c10::string_view precision) {
   check_point_sets(queries, keys);
   TORCH_CHECK_VALUE(keys.size(1) >= 1, "keys is empty (0 patches)");
-  TORCH_CHECK_VALUE(!alpha.has_value() || (std::isfinite(*alpha) && *alpha > 0.0),
-                    "alpha must be a positive finite number or None, got ", alpha.value_or(0.0));
+  // float32 weights 1 / (alpha + colmin) must neither overflow nor vanish
+  TORCH_CHECK_VALUE(!alpha.has_value() || (*alpha >= 1e-30 && *alpha <= 1e30),
+                    "alpha must be in [1e-30, 1e30] or None, got ", alpha.value_or(0.0));
   const std::string prec(precision);
   const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(1);
   if (!alpha.has_value()) {

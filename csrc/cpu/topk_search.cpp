@@ -65,7 +65,8 @@ void center_and_norm(const at::Tensor& x, const at::Tensor& mu, at::Tensor& xc, 
         acc += v * v;
       }
       nrm[row] = acc;
-      ok = ok && std::isfinite(acc);
+      // 4x: a pairwise distance ||q - k||^2 <= 2||q||^2 + 2||k||^2 must stay finite too
+      ok = ok && std::isfinite(4.0f * acc);
     }
     if (!ok) finite = false;
   });

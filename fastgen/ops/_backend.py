@@ -26,6 +26,8 @@ def resolve(backend, device):
     """The concrete backend for tensors on `device`, or a ValueError naming `backend`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"fastgen ops run on CPU or CUDA tensors, got tensors on {device}")
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"

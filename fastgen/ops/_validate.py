@@ -45,3 +45,11 @@ def point_sets(queries, keys):
     same_kind(queries, "queries", keys, "keys")
     if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
         raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")
+
+
+def one_device(**tensors):
+    """Fake (meta) kernels run instead of the real ones whenever any input is a meta
+    tensor, so they repeat the device check the real kernels would have made."""
+    given = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(given.values())) > 1:
+        raise ValueError("inputs must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in given.items()))

@@ -2,7 +2,7 @@
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, reference
+from fastgen.ops import _backend, _validate, reference
 
 
 def fold_patches(source, idx, patch_size, *, backend="auto"):
@@ -28,11 +28,17 @@ def fold_patches(source, idx, patch_size, *, backend="auto"):
         raise ValueError(f"idx must be {source.dim() - 1}-D to match source, got shape {tuple(idx.shape)}")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if source.device != idx.device:
+        raise ValueError(f"source is on {source.device} but idx is on {idx.device}")
+    if idx.shape[-1] == 0 or idx.shape[-2] == 0:
+        raise ValueError(f"idx has an empty query grid (shape {tuple(idx.shape)})")
     squeeze = source.dim() == 3
     src = source.unsqueeze(0) if squeeze else source
     ids = idx.unsqueeze(0) if squeeze else idx
     be = _backend.resolve(backend, src.device)
     if be == "cpp":
+        if source.requires_grad and torch.is_grad_enabled():
+            raise ValueError("fold_patches (cpp) is not differentiable: pass source.detach(), or backend='torch'")
         out = torch.ops.fastgen.fold_patches(src, ids, patch_size)
     else:
         out = reference.fold_patches_reference(src, ids, patch_size).to(src.dtype)
@@ -42,5 +48,6 @@ def fold_patches(source, idx, patch_size, *, backend="auto"):
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::fold_patches")
     def _fold_patches_fake(source, idx, patch):
+        _validate.one_device(source=source, idx=idx)
         B, C = source.shape[:2]
         return source.new_empty((B, C, idx.shape[1] + patch - 1, idx.shape[2] + patch - 1))

@@ -63,6 +63,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::knn")
     def _knn_fake(queries, keys, k, exclude_self, precision):
+        _validate.one_device(queries=queries, keys=keys)
         B, N, _ = queries.shape
         return (queries.new_empty((B, N, k), dtype=torch.float32),
                 queries.new_empty((B, N, k), dtype=torch.long))

@@ -38,6 +38,7 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::nearest_code")
     def _nearest_code_fake(x, codebook, precision):
+        _validate.one_device(x=x, codebook=codebook)
         n = x.shape[0]
         return x.new_empty((n,), dtype=torch.long), x.new_empty((n,), dtype=torch.float32)
 

@@ -30,8 +30,9 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
         raise ValueError("keys is empty (0 patches)")
     if alpha is not None:
         alpha = float(alpha)
-        if not (alpha > 0 and alpha < float("inf")):
-            raise ValueError(f"alpha must be a positive finite number or None, got {alpha}")
+        # float32 weights 1 / (alpha + colmin) must neither overflow nor vanish
+        if not (1e-30 <= alpha <= 1e30):
+            raise ValueError(f"alpha must be in [1e-30, 1e30] or None, got {alpha}")
     _validate.precision(precision)
     be = _backend.resolve(backend, queries.device)
     if be == "triton":
@@ -51,4 +52,5 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::patch_nn")
     def _patch_nn_fake(queries, keys, alpha, precision):
+        _validate.one_device(queries=queries, keys=keys)
         return queries.new_empty(queries.shape[:2], dtype=torch.long)

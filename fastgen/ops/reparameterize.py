@@ -13,7 +13,7 @@ import math
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, reference
+from fastgen.ops import _backend, _validate, reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
@@ -143,10 +143,12 @@ def _kl_dtype(dtype):
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::reparameterize")
     def _reparameterize_fake(mu, logvar, eps, logvar_min, logvar_max):
+        _validate.one_device(mu=mu, logvar=logvar, eps=eps)
         return torch.empty_like(mu), mu.new_empty((mu.shape[0],), dtype=_kl_dtype(mu.dtype))
 
     @torch.library.register_fake("fastgen::reparameterize_backward")
     def _reparameterize_backward_fake(grad_z, grad_kl, mu, logvar, eps, logvar_min, logvar_max):
+        _validate.one_device(grad_z=grad_z, grad_kl=grad_kl, mu=mu, logvar=logvar, eps=eps)
         return torch.empty_like(mu), torch.empty_like(mu)
 
     def _setup_context(ctx, inputs, output):
@@ -155,6 +157,9 @@ if _ext.CPP_AVAILABLE:
         ctx.bounds = (lo, hi)
 
     def _backward(ctx, grad_z, grad_kl):
+        if torch.is_grad_enabled():  # create_graph=True: the fused backward has no derivative
+            raise RuntimeError("double backward through fastgen reparameterize is not supported; "
+                               "use backend='torch' for higher-order gradients")
         mu, logvar, eps = ctx.saved_tensors
         lo, hi = ctx.bounds
         grad_mu, grad_logvar = torch.ops.fastgen.reparameterize_backward(grad_z, grad_kl, mu, logvar, eps, lo, hi)
