@@ -109,3 +109,19 @@ def train_epoch(model, optimizer, data, batch_size, generator, *, max_batches=No
     if hasattr(bar, "close"):
         bar.close()
     return total / max(count, 1)
+
+
+def resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs):
+    """Load a checkpoint written by a training command into model, optimizer and RNGs.
+
+    Returns (history, start_epoch, done): done is True when the run already has
+    `epochs` epochs, in which case there is nothing left to train.
+    """
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"], data_gen)
+    history, start = list(ckpt["history"]), int(ckpt["epoch"])
+    print(f"resuming {ckpt_path} after epoch {start}")
+    if start >= epochs:
+        print(f"already trained {start} epochs (--epochs {epochs}); nothing to do")
+    return history, start, start >= epochs

@@ -163,13 +163,8 @@ def run(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=ckpt["lr"] if ckpt else args.lr)
     history, start = [], 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"], data_gen)
-        history, start = list(ckpt["history"]), int(ckpt["epoch"])
-        print(f"resuming {ckpt_path} after epoch {start}")
-        if start >= args.epochs:
-            print(f"already trained {start} epochs (--epochs {args.epochs}); nothing to do")
+        history, start, done = training.resume(ckpt, model, optimizer, data_gen, ckpt_path, args.epochs)
+        if done:
             return 0
     test = ds.test[:args.max_test] if args.max_test else ds.test
     n_params = sum(p.numel() for p in model.parameters())

@@ -141,13 +141,8 @@ def _fit(args, model, train_data, ckpt, device, evaluate, write_pngs, extra, des
     history, start = [], 0
     ckpt_path = os.path.join(args.out, CHECKPOINT)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"], data_gen)
-        history, start = list(ckpt["history"]), int(ckpt["epoch"])
-        print(f"resuming {ckpt_path} after epoch {start}")
-        if start >= args.epochs:
-            print(f"already trained {start} epochs (--epochs {args.epochs}); nothing to do")
+        history, start, done = training.resume(ckpt, model, optimizer, data_gen, ckpt_path, args.epochs)
+        if done:
             return 0
     print(describe(sum(p.numel() for p in model.parameters())))
     for epoch in range(start, args.epochs):
