@@ -15,7 +15,6 @@ passes of 2*N*M*D flops each.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -60,7 +59,8 @@ def child(provider, size, repeats):
     peak = _peak_kb(method)
     times.sort()
     n, d = keys.shape
-    print(json.dumps({"provider": provider, "N": n, "M": n, "D": d, "median_s": times[len(times) // 2],
+    from fastgen.benchmarking import RESULT_TAG
+    print(RESULT_TAG + json.dumps({"provider": provider, "N": n, "M": n, "D": d, "median_s": times[len(times) // 2],
                       "min_s": times[0], "max_s": times[-1], "repeats": repeats,
                       "peak_mb": (peak - base) / 1024 if peak and base else None,
                       "threads": torch.get_num_threads(), "idx_sum": int(idx.sum())}))
@@ -97,12 +97,13 @@ def main():
         return 0
     rows = []
     for prov in args.providers.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", prov, "--size", str(args.size),
-                              "--repeats", str(args.repeats)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-2000:], file=sys.stderr)
+        from fastgen.benchmarking import run_child
+        result = run_child([sys.executable, __file__, "--child", prov, "--size", str(args.size),
+                            "--repeats", str(args.repeats)])
+        if isinstance(result, str):
+            print(f"{prov}: {result}", file=sys.stderr)
             continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(result)
         print(json.dumps(rows[-1]), flush=True)
     ref = {r["provider"]: r["median_s"] for r in rows}.get("torch-two-pass")
     print("\n| N x M x D | provider | median s | GFLOP/s (2 passes) | peak MB | x torch-two-pass |")

@@ -30,7 +30,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -132,22 +131,12 @@ def _measure_here(provider, N, D, K, repeats, seed, threads):
 def measure_in_subprocess(provider, N, D, K, repeats=3, seed=0, threads=None, timeout=None):
     spec = dict(provider=provider, N=N, D=D, K=K, repeats=repeats, seed=seed,
                 threads=threads or torch.get_num_threads())
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    nan = float("nan")
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"median_s": nan, "p20_s": nan, "p80_s": nan, "peak_mb": nan, "error": f"timed out after {timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("FASTGEN_BENCH_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
-    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    if proc.returncode < 0:
-        tail = f"killed by signal {-proc.returncode} (out of memory?); {tail}"
-    return {"median_s": nan, "p20_s": nan, "p80_s": nan, "peak_mb": nan, "error": tail}
+    from fastgen.benchmarking import run_child
+    result = run_child([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], timeout)
+    if isinstance(result, str):
+        nan = float("nan")
+        return {"median_s": nan, "p20_s": nan, "p80_s": nan, "peak_mb": nan, "error": result}
+    return result
 
 
 def provider_unavailable(name):
@@ -213,7 +202,8 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", default=None, help="also write the raw rows here")
     args = p.parse_args(argv)
     if args.child:
-        print("FASTGEN_BENCH_RESULT " + json.dumps(_measure_here(**json.loads(args.child))), flush=True)
+        from fastgen.benchmarking import RESULT_TAG
+        print(RESULT_TAG + json.dumps(_measure_here(**json.loads(args.child))), flush=True)
         return 0
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")

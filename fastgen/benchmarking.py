@@ -176,6 +176,31 @@ def _release_free_heap():
         pass
 
 
+RESULT_TAG = "FASTGEN_BENCH_RESULT "
+
+
+def run_child(argv, timeout=None):
+    """Run one measurement in a fresh process that imports this same fastgen.
+
+    The child prints its result as one JSON line behind RESULT_TAG. Returns the parsed
+    result, or a string saying why there is none (timeout, crash, out of memory).
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout} s"
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    if proc.returncode < 0:
+        tail = f"killed by signal {-proc.returncode} (out of memory?); {tail}"
+    return tail
+
+
 def _reset_peak_kb():
     """Reset the high-water mark to the current RSS; return (baseline kB, method)."""
     try:
@@ -226,7 +251,7 @@ def _measure_here(provider, N, M, D, k_values, repeats, seed, threads):
 def _child_main(spec_json):
     spec = json.loads(spec_json)
     out = _measure_here(**spec)
-    print("FASTGEN_BENCH_RESULT " + json.dumps(out), flush=True)
+    print(RESULT_TAG + json.dumps(out), flush=True)
 
 
 def measure_in_subprocess(provider, N, M, D, k_values, repeats=5, seed=0, threads=None, timeout=None):
@@ -239,26 +264,11 @@ def measure_in_subprocess(provider, N, M, D, k_values, repeats=5, seed=0, thread
     spec = {"provider": provider, "N": N, "M": M, "D": D, "k_values": k_values, "repeats": repeats,
             "seed": seed, "threads": threads or torch.get_num_threads()}
     code = "import sys; from fastgen.benchmarking import _child_main; _child_main(sys.argv[1])"
-    env = dict(os.environ)
-    # the child must import this same fastgen, wherever it was imported from
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    nan = float("nan")
-
-    def failed(why):
-        return [{"median_s": nan, "p20_s": nan, "p80_s": nan, "peak_mb": nan, "error": why} for _ in k_values]
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return failed(f"timed out after {timeout} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("FASTGEN_BENCH_RESULT "):
-            return json.loads(line.split(" ", 1)[1])
-    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    if proc.returncode < 0:
-        tail = f"killed by signal {-proc.returncode} (out of memory?); {tail}"
-    return failed(tail)
+    result = run_child([sys.executable, "-c", code, json.dumps(spec)], timeout)
+    if isinstance(result, str):
+        nan = float("nan")
+        return [{"median_s": nan, "p20_s": nan, "p80_s": nan, "peak_mb": nan, "error": result} for _ in k_values]
+    return result
 
 
 # --------------------------------------------------------------------------- correctness guard
