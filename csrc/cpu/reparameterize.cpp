@@ -200,16 +200,21 @@ void backward_f64(const double* gz, double gk, const double* mu, const double* l
 
 // Half / bfloat16: widen kChunk elements at a time, run the float32 kernel, narrow.
 template <typename T>
+void widen(const T* mu, const T* lv, const T* eps, int64_t m, float* bm, float* bl, float* be) {
+  for (int64_t i = 0; i < m; ++i) {
+    bm[i] = static_cast<float>(mu[i]);
+    bl[i] = static_cast<float>(lv[i]);
+    be[i] = static_cast<float>(eps[i]);
+  }
+}
+
+template <typename T>
 double forward_narrow(const T* mu, const T* lv, const T* eps, T* z, int64_t n, float lo, float hi) {
   float bm[kChunk], bl[kChunk], be[kChunk], bz[kChunk];
   double acc = 0.0;
   for (int64_t s = 0; s < n; s += kChunk) {
     const int64_t m = std::min(kChunk, n - s);
-    for (int64_t i = 0; i < m; ++i) {
-      bm[i] = static_cast<float>(mu[s + i]);
-      bl[i] = static_cast<float>(lv[s + i]);
-      be[i] = static_cast<float>(eps[s + i]);
-    }
+    widen(mu + s, lv + s, eps + s, m, bm, bl, be);
     acc += forward_f32(bm, bl, be, bz, m, lo, hi);
     for (int64_t i = 0; i < m; ++i) z[s + i] = static_cast<T>(bz[i]);
   }
@@ -222,11 +227,7 @@ void backward_narrow(const T* gz, float gk, const T* mu, const T* lv, const T* e
   float bg[kChunk], bm[kChunk], bl[kChunk], be[kChunk], om[kChunk], ol[kChunk];
   for (int64_t s = 0; s < n; s += kChunk) {
     const int64_t m = std::min(kChunk, n - s);
-    for (int64_t i = 0; i < m; ++i) {
-      bm[i] = static_cast<float>(mu[s + i]);
-      bl[i] = static_cast<float>(lv[s + i]);
-      be[i] = static_cast<float>(eps[s + i]);
-    }
+    widen(mu + s, lv + s, eps + s, m, bm, bl, be);
     if (gz)
       for (int64_t i = 0; i < m; ++i) bg[i] = static_cast<float>(gz[s + i]);
     backward_f32(gz ? bg : nullptr, gk, bm, bl, be, om, ol, m, lo, hi);

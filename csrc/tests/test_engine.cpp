@@ -63,6 +63,15 @@ Problem make_problem(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_t
   return p;
 }
 
+// fp32 squared norm of every D-long row of x
+void squared_norms(const std::vector<float>& x, int64_t D, std::vector<float>& out) {
+  for (size_t i = 0; i < out.size(); ++i) {
+    float s = 0;
+    for (int64_t d = 0; d < D; ++d) s += x[i * D + d] * x[i * D + d];
+    out[i] = s;
+  }
+}
+
 void check_topk(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_t D, int64_t K,
                 bool exclude_self, bool integer, Tiling tiling) {
   Problem p = make_problem(rng, B, N, M, D, integer, 0.f);
@@ -112,16 +121,8 @@ void check_column_min(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_
                       Tiling tiling) {
   Problem p = make_problem(rng, B, N, M, D, false, 0.f);
   std::vector<float> qn(B * N), kn(B * M), out(B * M, -1.f);
-  for (int64_t i = 0; i < B * N; ++i) {
-    float s = 0;
-    for (int64_t d = 0; d < D; ++d) s += p.q[i * D + d] * p.q[i * D + d];
-    qn[i] = s;
-  }
-  for (int64_t j = 0; j < B * M; ++j) {
-    float s = 0;
-    for (int64_t d = 0; d < D; ++d) s += p.k[j * D + d] * p.k[j * D + d];
-    kn[j] = s;
-  }
+  squared_norms(p.q, D, qn);
+  squared_norms(p.k, D, kn);
   ColumnMinArgs a{B, N, M, qn.data(), kn.data(), out.data()};
   NaiveCtx ctx{&p};
   for_each_col_block(Shape{B, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, ColumnMin(a));
@@ -143,17 +144,9 @@ void check_weighted_argmin(std::mt19937& rng, int64_t B, int64_t N, int64_t M, i
   std::vector<float> qn(B * N), kn(B * M), w(B * M), score(B * N);
   std::vector<int64_t> idx(B * N, -1);
   std::uniform_real_distribution<float> uw(0.5f, 2.f);
-  for (int64_t i = 0; i < B * N; ++i) {
-    float s = 0;
-    for (int64_t d = 0; d < D; ++d) s += p.q[i * D + d] * p.q[i * D + d];
-    qn[i] = s;
-  }
-  for (int64_t j = 0; j < B * M; ++j) {
-    float s = 0;
-    for (int64_t d = 0; d < D; ++d) s += p.k[j * D + d] * p.k[j * D + d];
-    kn[j] = s;
-    w[j] = integer ? 1.f : uw(rng);
-  }
+  squared_norms(p.q, D, qn);
+  squared_norms(p.k, D, kn);
+  for (auto& v : w) v = integer ? 1.f : uw(rng);
   WeightedArgminArgs a{B, N, M, qn.data(), kn.data(), w.data(), idx.data(), score.data()};
   NaiveCtx ctx{&p};
   for_each_row_block(Shape{B, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, WeightedArgmin(a));
