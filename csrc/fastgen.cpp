@@ -4,6 +4,7 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include "cpu/patch_nn.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/topk_search.h"
 
@@ -14,6 +15,10 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("nearest_code(Tensor x, Tensor codebook, str precision) -> (Tensor, Tensor)");
   // (B, N, D) x (B, M, D) -> idx (B, N) int64 of argmin_j d_ij / (alpha + min_i d_ij)
   m.def("patch_nn(Tensor queries, Tensor keys, float? alpha, str precision) -> Tensor");
+  // (B, N, D) x keys (M, D) sorted so that each [key_offsets[g], key_offsets[g+1]) is one
+  // cluster, key_order (M,) = original index of each sorted key -> idx (B, N) int64 of
+  // ORIGINAL key indices; the same result as patch_nn, with provably useless tiles skipped
+  m.def("patch_nn_clustered(Tensor queries, Tensor keys, Tensor key_offsets, Tensor key_order, float alpha, str precision) -> Tensor");
   // source (B, C, Hs, Ws), idx (B, Hq, Wq) -> (B, C, Hq + p - 1, Wq + p - 1): mean of chosen patches
   m.def("fold_patches(Tensor source, Tensor idx, int patch) -> Tensor");
   // mu, logvar, eps (B, ...) same shape and dtype -> z (B, ...) dtype of mu,
@@ -41,6 +46,9 @@ PyObject* build_info(PyObject*, PyObject*) {
   set("blas_sgemm", PyBool_FromLong(fastgen::cpu::has_blas_sgemm()));
   set("blas_bf16_gemm", PyBool_FromLong(fastgen::cpu::has_blas_bf16_gemm()));
   set("overflow_rows", PyLong_FromLongLong(fastgen::cpu::overflow_row_count()));
+  const auto tiles = fastgen::cpu::patch_nn_prune_stats();
+  set("patch_nn_tiles_total", PyLong_FromLongLong(tiles.first));
+  set("patch_nn_tiles_computed", PyLong_FromLongLong(tiles.second));
 #ifdef FASTGEN_CXX_FLAGS
   set("cxx_flags", PyUnicode_FromString(FASTGEN_CXX_FLAGS));
 #endif

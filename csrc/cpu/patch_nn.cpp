@@ -6,21 +6,69 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
+#include "../engine/error_bound.h"
+#include "../engine/pruned_passes.h"
 #include "../engine/reductions.h"
 #include "checks.h"
+#include "patch_nn.h"
 #include "topk_search.h"
 
 namespace fastgen {
 namespace {
 
+engine::PruneStats g_prune_stats;
+
+// Query blocks of this many rows and key balls of at most this many keys: measured on
+// china.jpg patches (benchmarks/RESULTS.md), smaller blocks prune more tiles but run
+// smaller, less efficient GEMMs.
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kMaxBall = 256;
+
+void check_alpha(double alpha) {
+  // float32 weights 1 / (alpha + colmin) must neither overflow nor vanish
+  TORCH_CHECK_VALUE(alpha >= 1e-30 && alpha <= 1e30, "alpha must be in [1e-30, 1e30] or None, got ",
+                    alpha);
+}
+
+std::vector<int64_t> checked_offsets(const at::Tensor& key_offsets, int64_t M) {
+  TORCH_CHECK_VALUE(key_offsets.dim() == 1 && key_offsets.size(0) >= 2,
+                    "key_offsets must be a 1-D tensor of at least 2 entries, got shape ", key_offsets.sizes());
+  TORCH_CHECK_TYPE(key_offsets.scalar_type() == at::kLong, "key_offsets must be int64, got ",
+                   key_offsets.scalar_type());
+  TORCH_CHECK(key_offsets.device().is_cpu(), "key_offsets must be on the CPU, got ", key_offsets.device());
+  const at::Tensor o = key_offsets.contiguous();
+  std::vector<int64_t> v(o.data_ptr<int64_t>(), o.data_ptr<int64_t>() + o.numel());
+  TORCH_CHECK_VALUE(v.front() == 0 && v.back() == M, "key_offsets must start at 0 and end at the number of keys (",
+                    M, "), got ", v.front(), " ... ", v.back());
+  for (size_t g = 1; g < v.size(); ++g)
+    TORCH_CHECK_VALUE(v[g] >= v[g - 1], "key_offsets must be non-decreasing (entry ", g, ")");
+  return v;
+}
+
+void check_order(const at::Tensor& key_order, int64_t M) {
+  TORCH_CHECK_VALUE(key_order.dim() == 1 && key_order.size(0) == M,
+                    "key_order must be a 1-D tensor of ", M, " entries (one per key), got shape ",
+                    key_order.sizes());
+  TORCH_CHECK_TYPE(key_order.scalar_type() == at::kLong, "key_order must be int64, got ",
+                   key_order.scalar_type());
+  TORCH_CHECK(key_order.device().is_cpu(), "key_order must be on the CPU, got ", key_order.device());
+  const at::Tensor o = key_order.contiguous();
+  const int64_t* p = o.data_ptr<int64_t>();
+  std::vector<char> seen(static_cast<size_t>(M), 0);
+  for (int64_t j = 0; j < M; ++j) {
+    TORCH_CHECK_VALUE(p[j] >= 0 && p[j] < M && !seen[p[j]],
+                      "key_order must be a permutation of 0..", M - 1, " (entry ", j, " is ", p[j], ")");
+    seen[p[j]] = 1;
+  }
+}
+
 at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
                         std::optional<double> alpha, c10::string_view precision) {
   check_point_sets(queries, keys);
   TORCH_CHECK_VALUE(keys.size(1) >= 1, "keys is empty (0 patches)");
-  // float32 weights 1 / (alpha + colmin) must neither overflow nor vanish
-  TORCH_CHECK_VALUE(!alpha.has_value() || (*alpha >= 1e-30 && *alpha <= 1e30),
-                    "alpha must be in [1e-30, 1e30] or None, got ", alpha.value_or(0.0));
+  if (alpha.has_value()) check_alpha(*alpha);
   const std::string prec(precision);
   const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(1);
   if (!alpha.has_value()) {
@@ -49,7 +97,96 @@ at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
   return idx;
 }
 
+// One (N, D) problem against keys sorted by cluster: queries sorted by their nearest
+// key ball, both passes pruned (engine/pruned_passes.h). Writes original key ids.
+void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::vector<int64_t>& offsets,
+                const int64_t* key_order, double alpha, const std::string& prec, int64_t* out) {
+  cpu::PreparedOperands p(queries.unsqueeze(0), keys.unsqueeze(0), prec, "queries", "keys");
+  const int64_t N = p.N, M = p.M, D = p.D;
+  const engine::Balls kb = engine::make_balls(p.kc.data_ptr<float>(), D, offsets, kMaxBall);
+
+  // Queries sorted by nearest key ball make query blocks that sit near few balls.
+  // Only a heuristic for speed: any order gives the same answer.
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor centres = at::from_blob(const_cast<float*>(kb.centres.data()), {kb.count(), D}, f32);
+  const at::Tensor cnorm = at::from_blob(const_cast<float*>(kb.centre_norms.data()), {kb.count()}, f32);
+  const at::Tensor qc = p.qc[0];
+  std::vector<at::Tensor> nearest;
+  for (int64_t s = 0; s < N; s += 8192)
+    nearest.push_back(at::addmm(cnorm, qc.slice(0, s, std::min(N, s + 8192)), centres.t(), 1.0, -2.0).argmin(1));
+  const at::Tensor perm = at::cat(nearest).argsort(/*stable=*/true);
+  p.qc = p.qc.index_select(1, perm).contiguous();
+  p.qn = p.qn.index_select(1, perm).contiguous();
+  p.qg = p.bf16 ? p.qg.index_select(1, perm).contiguous() : p.qc;
+  p.ops.queries = p.qg.data_ptr();
+
+  std::vector<int64_t> qoff;
+  for (int64_t s = 0; s < N; s += kQueryBlock) qoff.push_back(s);
+  qoff.push_back(N);
+  const engine::Balls qb = engine::make_balls(p.qc.data_ptr<float>(), D, qoff, kQueryBlock);
+
+  // error windows of the fp32 bound GEMMs (ball centres are fp32 points like any other)
+  auto max_norm = [](const std::vector<float>& n2) {
+    float m = 0.0f;
+    for (float v : n2) m = std::max(m, v);
+    return std::sqrt(static_cast<double>(m)) * (1.0 + 1e-6);
+  };
+  const double kc_max = max_norm(kb.centre_norms), qc_max = max_norm(qb.centre_norms);
+  std::vector<float> qwin(N), kwin(M);
+  const float* qn = p.qn.data_ptr<float>();
+  const float* kn = p.kn.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i) qwin[i] = engine::candidate_window(std::sqrt(static_cast<double>(qn[i])), kc_max, D, 0.0);
+  for (int64_t j = 0; j < M; ++j) kwin[j] = engine::candidate_window(std::sqrt(static_cast<double>(kn[j])), qc_max, D, 0.0);
+
+  cpu::GemmOperands q_kcentres{p.qc.data_ptr<float>(), kb.centres.data(), N, kb.count(), D};
+  cpu::GemmOperands k_qcentres{p.kc.data_ptr<float>(), qb.centres.data(), M, qb.count(), D};
+  engine::PrunedPassArgs args{N, M, D, qn, kn, qwin.data(), kwin.data(), &qb, &kb, p.gemm,
+                              cpu::fp32_tile_gemm(&q_kcentres), cpu::fp32_tile_gemm(&k_qcentres),
+                              at::get_num_threads(), &g_prune_stats};
+
+  at::Tensor colmin = at::empty({M}, f32);
+  engine::pruned_column_min(args, colmin.data_ptr<float>());
+  const at::Tensor weights = (colmin + alpha).reciprocal_();
+  at::Tensor sorted_idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
+  engine::pruned_weighted_argmin(args, weights.data_ptr<float>(), key_order, sorted_idx.data_ptr<int64_t>());
+  at::from_blob(out, {N}, at::TensorOptions().dtype(at::kLong)).index_put_({perm}, sorted_idx);
+}
+
+at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                  const at::Tensor& key_offsets, const at::Tensor& key_order,
+                                  double alpha, c10::string_view precision) {
+  check_points(queries, "queries", 3);
+  check_points(keys, "keys", 2);
+  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
+                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_VALUE(queries.size(2) == keys.size(1), "queries have D=", queries.size(2),
+                    " features but keys have D=", keys.size(1));
+  const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(0);
+  TORCH_CHECK_VALUE(M >= 1, "keys is empty (0 patches)");
+  check_alpha(alpha);
+  const std::string prec(precision);
+  TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
+  const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
+  check_order(key_order, M);
+  const at::Tensor order = key_order.contiguous();
+  auto idx = at::empty({B, N}, queries.options().dtype(at::kLong));
+  if (N == 0) return idx;
+  const at::Tensor q = queries.contiguous(), k = keys.contiguous();
+  for (int64_t b = 0; b < B; ++b)
+    pruned_one(q[b], k, offsets, order.data_ptr<int64_t>(), alpha, prec, idx.data_ptr<int64_t>() + b * N);
+  return idx;
+}
+
 }  // namespace
+
+namespace cpu {
+std::pair<int64_t, int64_t> patch_nn_prune_stats() {
+  return {g_prune_stats.tiles_total.load(), g_prune_stats.tiles_computed.load()};
+}
+}  // namespace cpu
 }  // namespace fastgen
 
-TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("patch_nn", &fastgen::patch_nn_cpu); }
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("patch_nn", &fastgen::patch_nn_cpu);
+  m.impl("patch_nn_clustered", &fastgen::patch_nn_clustered_cpu);
+}

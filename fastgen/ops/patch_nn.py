@@ -1,11 +1,66 @@
-"""fastgen.ops.patch_nn: GPNN's normalised patch nearest neighbour, no N x M matrix."""
+"""fastgen.ops.patch_nn: GPNN's normalised patch nearest neighbour, no N x M matrix.
+
+Two passes (column minimum, then normalised argmin). On the CPU both are pruned by
+default: keys are grouped by k-means (`cluster_keys`, reusable across searches against
+the same keys), queries by their nearest key cluster, and a (query block, key cluster)
+tile is skipped when a triangle-inequality bound proves it cannot change the answer.
+Natural-image patches are clustered enough that most tiles are skipped; the answer is
+that of the full sweep (see csrc/engine/pruned_passes.h).
+"""
+from typing import NamedTuple
+
 import torch
 
 from fastgen import _ext
 from fastgen.ops import _backend, _validate, reference
 
 
-def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
+class KeyClusters(NamedTuple):
+    """Keys grouped for the pruned patch_nn; build with `cluster_keys(keys)` once and
+    pass in place of `keys` to every search against the same keys (GPNN: 10 per level)."""
+    keys: torch.Tensor         # (M, D) as given
+    sorted_keys: torch.Tensor  # (M, D) contiguous, one cluster after another
+    offsets: torch.Tensor      # (C + 1,) int64: cluster g is sorted_keys[offsets[g]:offsets[g+1]]
+    order: torch.Tensor        # (M,) int64: original index of each sorted key
+
+
+def cluster_keys(keys, cluster_size=128, iterations=4, seed=0):
+    """k-means (Lloyd, `iterations` steps, ~`cluster_size` keys per cluster) of (M, D) keys.
+
+    The clustering only decides how much patch_nn can skip, never its answer; a few
+    Lloyd steps are enough (each costs ~1/cluster_size of one patch_nn pass).
+    Deterministic for a given seed."""
+    _validate.points(keys, "keys", ndims=(2,))
+    if not isinstance(cluster_size, int) or isinstance(cluster_size, bool) or cluster_size < 1:
+        raise ValueError(f"cluster_size must be a positive int, got {cluster_size!r}")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    m = keys.shape[0]
+    if m == 0:
+        raise ValueError("keys is empty (0 patches)")
+    _validate.finite(keys, "keys")
+    from fastgen.ops.nearest_code import nearest_code
+    x = keys.float()
+    c = -(-m // cluster_size)
+    gen = torch.Generator().manual_seed(int(seed))
+    centres = x[torch.randperm(m, generator=gen)[:c].to(keys.device)].clone()
+    assign = torch.zeros(m, dtype=torch.long, device=keys.device)
+    for step in range(iterations + 1):
+        assign = nearest_code(x, centres)[0]
+        if step == iterations:
+            break
+        counts = torch.bincount(assign, minlength=c)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0                      # an empty cluster keeps its old centre
+        centres[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+    order = torch.argsort(assign, stable=True)   # within a cluster: original order (ties)
+    counts = torch.bincount(assign, minlength=c)
+    offsets = torch.zeros(c + 1, dtype=torch.long, device=keys.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return KeyClusters(keys, keys[order].contiguous(), offsets.cpu(), order.cpu())
+
+
+def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=True):
     """For every query patch, the key patch minimising ||q - k||^2 / (alpha + min_q' ||q' - k||^2).
 
     The denominator is how well key k is already covered by the closest query; dividing
@@ -14,18 +69,29 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
 
     Args:
         queries: (N, D) or (B, N, D) flattened patches, float32/float16/bfloat16.
-        keys: (M, D) or (B, M, D), same dtype and device.
+        keys: (M, D) or (B, M, D), same dtype and device; or a `KeyClusters` from
+            `cluster_keys` ((M, D) keys shared by every batch element).
         alpha: > 0, small = strong push to use every key (0.005 for sampling); None
             gives the plain (exact) nearest neighbour.
         backend: "auto", "cpp", or "torch" (the two-pass chunked PyTorch method).
         precision: "fp32" or "bf16" cross term. Scores are fp32: natural patches are
             full of near-ties, so different backends may pick different keys of
             (within fp32 rounding) equal score.
+        prune: skip tiles that provably cannot change the answer (cpp backend with an
+            alpha; clusters the keys first unless `keys` is a KeyClusters already).
+            The answer is the same; only the work differs.
 
     Returns:
-        int64 indices, (N,) or (B, N).
+        int64 indices into the original keys, (N,) or (B, N).
     """
-    _validate.point_sets(queries, keys)
+    clusters = keys if isinstance(keys, KeyClusters) else None
+    if clusters is not None:
+        keys = clusters.keys
+        _validate.points(queries, "queries")
+        _validate.points(keys, "keys", ndims=(2,))
+        _validate.same_kind(queries, "queries", keys, "keys")
+    else:
+        _validate.point_sets(queries, keys)
     if keys.shape[-2] == 0:
         raise ValueError("keys is empty (0 patches)")
     if alpha is not None:
@@ -39,7 +105,18 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
         raise NotImplementedError("patch_nn has no Triton kernel yet; use backend='torch' on CUDA tensors")
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
-    k3 = keys.unsqueeze(0) if squeeze else keys
+    if be == "cpp" and prune and alpha is not None:
+        if clusters is not None:
+            idx = _clustered(q3, clusters, alpha, precision)
+        elif keys.dim() == 2:
+            idx = _clustered(q3, cluster_keys(keys), alpha, precision)
+        else:  # a key set per batch element
+            idx = torch.cat([_clustered(q3[b:b + 1], cluster_keys(keys[b]), alpha, precision)
+                             for b in range(q3.shape[0])])
+        return idx[0] if squeeze else idx
+    if clusters is not None:
+        keys = keys.expand(q3.shape[0], -1, -1)
+    k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
     else:
@@ -49,8 +126,24 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32"):
     return idx[0] if squeeze else idx
 
 
+def _clustered(q3, clusters, alpha, precision):
+    return torch.ops.fastgen.patch_nn_clustered(q3.contiguous(), clusters.sorted_keys, clusters.offsets,
+                                                clusters.order, alpha, precision)
+
+
+def prune_stats():
+    """(tiles in all pruned patch_nn sweeps so far, tiles actually computed) in this process."""
+    info = _ext.build_info() if _ext.CPP_AVAILABLE else {}
+    return info.get("patch_nn_tiles_total", 0), info.get("patch_nn_tiles_computed", 0)
+
+
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::patch_nn")
     def _patch_nn_fake(queries, keys, alpha, precision):
+        _validate.one_device(queries=queries, keys=keys)
+        return queries.new_empty(queries.shape[:2], dtype=torch.long)
+
+    @torch.library.register_fake("fastgen::patch_nn_clustered")
+    def _patch_nn_clustered_fake(queries, keys, key_offsets, key_order, alpha, precision):
         _validate.one_device(queries=queries, keys=keys)
         return queries.new_empty(queries.shape[:2], dtype=torch.long)
