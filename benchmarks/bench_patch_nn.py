@@ -6,8 +6,9 @@ GPNN end to end.
     python benchmarks/bench_patch_nn.py --e2e 128       # one GPNN sample of china.jpg at 128 px height
 
 Providers, all on the same patches (keys = 7x7x3 patches of sklearn's china.jpg, queries
-= the same patches plus noise, as at GPNN's coarsest level): fastgen-cpp (fp32 and bf16
-cross term) and torch-two-pass, the public low-memory method (chunks of 256 rows
+= the same patches plus noise, as at GPNN's coarsest level): fastgen-cpp (pruned: the
+default, its k-means of the keys included in the time), fastgen-cpp-full (prune=False,
+every tile), each with an fp32 or bf16 cross term, and torch-two-pass, the public low-memory method (chunks of 256 rows
 through addmm, column minimum first, then the normalised argmin). Each provider runs in
 a fresh process so its peak memory (RSS above the inputs) is its own. The floor: two
 passes of 2*N*M*D flops each.
@@ -19,7 +20,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROVIDERS = ("fastgen-cpp", "fastgen-cpp-bf16", "torch-two-pass")
+PROVIDERS = ("fastgen-cpp", "fastgen-cpp-full", "fastgen-cpp-bf16", "fastgen-cpp-full-bf16", "torch-two-pass")
 
 
 def patches(size):
@@ -48,8 +49,11 @@ def child(provider, size, repeats):
         fn = lambda: reference.patch_nn_two_pass(queries, keys, alpha)  # noqa: E731
     else:
         prec = "bf16" if provider.endswith("bf16") else "fp32"
-        fn = lambda: patch_nn(queries, keys, alpha, backend="cpp", precision=prec)  # noqa: E731
+        prune = "-full" not in provider
+        fn = lambda: patch_nn(queries, keys, alpha, backend="cpp", precision=prec, prune=prune)  # noqa: E731
     patch_nn(queries[:64], keys[:64], alpha)  # load code and thread pools before the baseline
+    from fastgen.ops.patch_nn import prune_stats
+    tiles0 = prune_stats()
     base, method = _reset_peak_kb()
     times = []
     for _ in range(repeats):
@@ -57,13 +61,16 @@ def child(provider, size, repeats):
         idx = fn()
         times.append(time.perf_counter() - t)
     peak = _peak_kb(method)
+    tiles1 = prune_stats()
     times.sort()
     n, d = keys.shape
     from fastgen.benchmarking import RESULT_TAG
     print(RESULT_TAG + json.dumps({"provider": provider, "N": n, "M": n, "D": d, "median_s": times[len(times) // 2],
                       "min_s": times[0], "max_s": times[-1], "repeats": repeats,
                       "peak_mb": (peak - base) / 1024 if peak and base else None,
-                      "threads": torch.get_num_threads(), "idx_sum": int(idx.sum())}))
+                      "threads": torch.get_num_threads(), "idx_sum": int(idx.sum()),
+                      "tiles_computed": ((tiles1[1] - tiles0[1]) / (tiles1[0] - tiles0[0])
+                                         if tiles1[0] > tiles0[0] else None)}))
 
 
 def e2e(height, precision):
@@ -106,14 +113,16 @@ def main():
         rows.append(result)
         print(json.dumps(rows[-1]), flush=True)
     ref = {r["provider"]: r["median_s"] for r in rows}.get("torch-two-pass")
-    print("\n| N x M x D | provider | median s | GFLOP/s (2 passes) | peak MB | x torch-two-pass |")
-    print("|---|---|--:|--:|--:|--:|")
+    print("\n| N x M x D | provider | median s | effective GFLOP/s (2 full passes) | tiles computed | "
+          "peak MB | time / torch-two-pass |")
+    print("|---|---|--:|--:|--:|--:|--:|")
     for r in rows:
         flops = 2 * 2 * r["N"] * r["M"] * r["D"]
         ratio = f"{r['median_s'] / ref:.2f}" if ref else "n/a"
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
+        tiles = f"{r['tiles_computed']:.3f}" if r.get("tiles_computed") is not None else "all"
         print(f"| {r['N']} x {r['M']} x {r['D']} | {r['provider']} | {r['median_s']:.2f} | "
-              f"{flops / r['median_s'] / 1e9:.0f} | {peak} | {ratio} |")
+              f"{flops / r['median_s'] / 1e9:.0f} | {tiles} | {peak} | {ratio} |")
     return 0
 
 

@@ -5,6 +5,8 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -20,11 +22,29 @@ namespace {
 
 engine::PruneStats g_prune_stats;
 
-// Query blocks of this many rows and key balls of at most this many keys: measured on
-// china.jpg patches (benchmarks/RESULTS.md), smaller blocks prune more tiles but run
-// smaller, less efficient GEMMs.
-constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kMaxBall = 256;
+// Query blocks of this many rows, key balls of at most this many keys, GEMMs of about
+// `batch` gathered rows/columns: measured on china.jpg patches (benchmarks/RESULTS.md);
+// smaller blocks prune more but cost more bound work per distance computed.
+struct PruneShape {
+  int64_t query_block = 64;   // queries per block
+  int64_t max_ball = 1024;    // larger key clusters are split (bounds the scratch tiles)
+  int64_t batch = 512;        // rows/columns gathered into one GEMM
+};
+
+// FASTGEN_PRUNE=QUERY_BLOCKxMAX_BALLxBATCH overrides the shape (for benchmarking).
+PruneShape prune_shape() {
+  PruneShape s;
+  if (const char* v = std::getenv("FASTGEN_PRUNE")) {
+    long q = 0, k = 0, b = 0;
+    if (std::sscanf(v, "%ldx%ldx%ld", &q, &k, &b) == 3 && q > 0 && k > 0 && b > 0 && q <= 4096 &&
+        k <= 4096 && b <= 8192) {
+      s.query_block = q;
+      s.max_ball = k;
+      s.batch = b;
+    }
+  }
+  return s;
+}
 
 void check_alpha(double alpha) {
   // float32 weights 1 / (alpha + colmin) must neither overflow nor vanish
@@ -103,7 +123,8 @@ void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::ve
                 const int64_t* key_order, double alpha, const std::string& prec, int64_t* out) {
   cpu::PreparedOperands p(queries.unsqueeze(0), keys.unsqueeze(0), prec, "queries", "keys");
   const int64_t N = p.N, M = p.M, D = p.D;
-  const engine::Balls kb = engine::make_balls(p.kc.data_ptr<float>(), D, offsets, kMaxBall);
+  const PruneShape shape = prune_shape();
+  const engine::Balls kb = engine::make_balls(p.kc.data_ptr<float>(), D, offsets, shape.max_ball);
 
   // Queries sorted by nearest key ball make query blocks that sit near few balls.
   // Only a heuristic for speed: any order gives the same answer.
@@ -121,31 +142,27 @@ void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::ve
   p.ops.queries = p.qg.data_ptr();
 
   std::vector<int64_t> qoff;
-  for (int64_t s = 0; s < N; s += kQueryBlock) qoff.push_back(s);
+  for (int64_t s = 0; s < N; s += shape.query_block) qoff.push_back(s);
   qoff.push_back(N);
-  const engine::Balls qb = engine::make_balls(p.qc.data_ptr<float>(), D, qoff, kQueryBlock);
 
-  // error windows of the fp32 bound GEMMs (ball centres are fp32 points like any other)
-  auto max_norm = [](const std::vector<float>& n2) {
-    float m = 0.0f;
-    for (float v : n2) m = std::max(m, v);
-    return std::sqrt(static_cast<double>(m)) * (1.0 + 1e-6);
-  };
-  const double kc_max = max_norm(kb.centre_norms), qc_max = max_norm(qb.centre_norms);
-  std::vector<float> qwin(N), kwin(M);
+  // error windows of the fp32 ||q - c||^2 (ball centres are fp32 points like any other)
+  float cmax2 = 0.0f;
+  for (float v : kb.centre_norms) cmax2 = std::max(cmax2, v);
+  const double kc_max = std::sqrt(static_cast<double>(cmax2)) * (1.0 + 1e-6);
+  std::vector<float> qwin(N);
   const float* qn = p.qn.data_ptr<float>();
   const float* kn = p.kn.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i) qwin[i] = engine::candidate_window(std::sqrt(static_cast<double>(qn[i])), kc_max, D, 0.0);
-  for (int64_t j = 0; j < M; ++j) kwin[j] = engine::candidate_window(std::sqrt(static_cast<double>(kn[j])), qc_max, D, 0.0);
+  for (int64_t i = 0; i < N; ++i)
+    qwin[i] = engine::candidate_window(std::sqrt(static_cast<double>(qn[i])), kc_max, D, 0.0);
 
   cpu::GemmOperands q_kcentres{p.qc.data_ptr<float>(), kb.centres.data(), N, kb.count(), D};
-  cpu::GemmOperands k_qcentres{p.kc.data_ptr<float>(), qb.centres.data(), M, qb.count(), D};
-  engine::PrunedPassArgs args{N, M, D, qn, kn, qwin.data(), kwin.data(), &qb, &kb, p.gemm,
-                              cpu::fp32_tile_gemm(&q_kcentres), cpu::fp32_tile_gemm(&k_qcentres),
-                              at::get_num_threads(), &g_prune_stats};
+  engine::PrunedPassArgs args{N, M, D, p.qg.data_ptr(), p.kg.data_ptr(),
+                              static_cast<int64_t>(p.qg.element_size()), qn, kn, qwin.data(),
+                              &qoff, &kb, p.ptr_gemm, cpu::fp32_tile_gemm(&q_kcentres),
+                              at::get_num_threads(), &g_prune_stats, shape.batch};
 
   at::Tensor colmin = at::empty({M}, f32);
-  engine::pruned_column_min(args, colmin.data_ptr<float>());
+  engine::pruned_column_min(args, engine::block_ranges(args), colmin.data_ptr<float>());
   const at::Tensor weights = (colmin + alpha).reciprocal_();
   at::Tensor sorted_idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
   engine::pruned_weighted_argmin(args, weights.data_ptr<float>(), key_order, sorted_idx.data_ptr<int64_t>());
@@ -181,7 +198,7 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
 
 namespace cpu {
 std::pair<int64_t, int64_t> patch_nn_prune_stats() {
-  return {g_prune_stats.tiles_total.load(), g_prune_stats.tiles_computed.load()};
+  return {g_prune_stats.pairs_total.load(), g_prune_stats.pairs_computed.load()};
 }
 }  // namespace cpu
 }  // namespace fastgen

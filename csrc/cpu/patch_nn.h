@@ -7,8 +7,9 @@
 namespace fastgen {
 namespace cpu {
 
-// (tiles in all pruned sweeps, tiles actually computed) since the process started:
-// how much the ball bounds skip, for fastgen.info(), tests and benchmarks.
+// ((query, key) pairs in all pruned sweeps, pairs whose distance was computed) since
+// the process started: how much the ball bounds skip, for fastgen.info(), tests and
+// benchmarks.
 std::pair<int64_t, int64_t> patch_nn_prune_stats();
 
 }  // namespace cpu

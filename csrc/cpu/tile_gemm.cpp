@@ -1,5 +1,6 @@
 #include "tile_gemm.h"
 
+#include <utility>
 #include <vector>
 
 // MKL's entry points are exported by libtorch_cpu on x86 wheels. Declared weak so a
@@ -29,41 +30,35 @@ void single_threaded_blas() {
   }
 }
 
-void sgemm_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                float* C, int64_t ldc) {
-  const auto* o = static_cast<const GemmOperands*>(ctx);
-  const float* Q = static_cast<const float*>(o->queries) + (b * o->rows + r0) * o->dim;
-  const float* K = static_cast<const float*>(o->keys) + (b * o->cols + c0) * o->dim;
+// The raw GEMMs: C[r * ldc + c] = -2 <Q_r, K_c>, row-major Q (nr x dim), K (nc x dim).
+void sgemm_rows(int64_t dim, const float* Q, int64_t nr, const float* K, int64_t nc, float* C,
+                int64_t ldc) {
   single_threaded_blas();
   // Column-major view: C^T (nc x nr, ld = ldc) = -2 * K_blk (D x nc)^T * Q_blk (D x nr).
-  const int m = static_cast<int>(nc), n = static_cast<int>(nr), k = static_cast<int>(o->dim);
-  const int ld = static_cast<int>(o->dim), ldc_i = static_cast<int>(ldc);
+  const int m = static_cast<int>(nc), n = static_cast<int>(nr), k = static_cast<int>(dim);
+  const int ld = static_cast<int>(dim), ldc_i = static_cast<int>(ldc);
   const float alpha = -2.0f, beta = 0.0f;
   sgemm_("T", "N", &m, &n, &k, &alpha, K, &ld, Q, &ld, &beta, C, &ldc_i);
 }
 
-void aten_fp32_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                    float* C, int64_t ldc) {
-  const auto* o = static_cast<const GemmOperands*>(ctx);
+void aten_fp32_rows(int64_t dim, const float* Q, int64_t nr, const float* K, int64_t nc, float* C,
+                    int64_t ldc) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto* Q = static_cast<float*>(const_cast<void*>(o->queries)) + (b * o->rows + r0) * o->dim;
-  auto* K = static_cast<float*>(const_cast<void*>(o->keys)) + (b * o->cols + c0) * o->dim;
   at::Tensor c = at::from_blob(C, {nr, nc}, {ldc, 1}, opts);
-  at::mm_out(c, at::from_blob(Q, {nr, o->dim}, opts), at::from_blob(K, {nc, o->dim}, opts).t());
+  at::mm_out(c, at::from_blob(const_cast<float*>(Q), {nr, dim}, opts),
+             at::from_blob(const_cast<float*>(K), {nc, dim}, opts).t());
   c.mul_(-2.0f);
 }
 
-void bf16_aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+void bf16_aten_rows(int64_t dim, const at::BFloat16* Q, int64_t nr, const at::BFloat16* K, int64_t nc,
                     float* C, int64_t ldc) {
-  const auto* o = static_cast<const GemmOperands*>(ctx);
   auto opts = at::TensorOptions().dtype(at::kBFloat16);
-  auto* Q = static_cast<at::BFloat16*>(const_cast<void*>(o->queries)) + (b * o->rows + r0) * o->dim;
-  auto* K = static_cast<at::BFloat16*>(const_cast<void*>(o->keys)) + (b * o->cols + c0) * o->dim;
   // one bf16 scratch tile per thread, reused across calls
   thread_local std::vector<at::BFloat16> scratch;
   if (scratch.size() < static_cast<size_t>(nr * nc)) scratch.resize(nr * nc);
   at::Tensor out = at::from_blob(scratch.data(), {nr, nc}, opts);
-  at::mm_out(out, at::from_blob(Q, {nr, o->dim}, opts), at::from_blob(K, {nc, o->dim}, opts).t());
+  at::mm_out(out, at::from_blob(const_cast<at::BFloat16*>(Q), {nr, dim}, opts),
+             at::from_blob(const_cast<at::BFloat16*>(K), {nc, dim}, opts).t());
   for (int64_t r = 0; r < nr; ++r) {
     const at::BFloat16* src = scratch.data() + r * nc;
     float* dst = C + r * ldc;
@@ -72,17 +67,69 @@ void bf16_aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t 
   }
 }
 
+void bf16_mkl_rows(int64_t dim, const uint16_t* Q, int64_t nr, const uint16_t* K, int64_t nc, float* C,
+                   int64_t ldc) {
+  single_threaded_blas();
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, static_cast<int>(nr), static_cast<int>(nc),
+                         static_cast<int>(dim), -2.0f, Q, static_cast<int>(dim), K,
+                         static_cast<int>(dim), 0.0f, C, static_cast<int>(ldc));
+}
+
+// Tiles of the operands: the rows [r0, r0 + nr) of batch b's queries, [c0, c0 + nc) of its keys.
+template <class T>
+std::pair<const T*, const T*> tile_rows(const GemmOperands* o, int64_t b, int64_t r0, int64_t c0) {
+  return {static_cast<const T*>(o->queries) + (b * o->rows + r0) * o->dim,
+          static_cast<const T*>(o->keys) + (b * o->cols + c0) * o->dim};
+}
+
+void sgemm_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  auto [Q, K] = tile_rows<float>(o, b, r0, c0);
+  sgemm_rows(o->dim, Q, nr, K, nc, C, ldc);
+}
+
+void aten_fp32_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                    float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  auto [Q, K] = tile_rows<float>(o, b, r0, c0);
+  aten_fp32_rows(o->dim, Q, nr, K, nc, C, ldc);
+}
+
+void bf16_aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                    float* C, int64_t ldc) {
+  const auto* o = static_cast<const GemmOperands*>(ctx);
+  auto [Q, K] = tile_rows<at::BFloat16>(o, b, r0, c0);
+  bf16_aten_rows(o->dim, Q, nr, K, nc, C, ldc);
+}
+
 void bf16_mkl_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                    float* C, int64_t ldc) {
   const auto* o = static_cast<const GemmOperands*>(ctx);
-  const uint16_t* Q = static_cast<const uint16_t*>(o->queries) + (b * o->rows + r0) * o->dim;
-  const uint16_t* K = static_cast<const uint16_t*>(o->keys) + (b * o->cols + c0) * o->dim;
-  single_threaded_blas();
-  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, static_cast<int>(nr),
-                         static_cast<int>(nc), static_cast<int>(o->dim), -2.0f, Q,
-                         static_cast<int>(o->dim), K, static_cast<int>(o->dim), 0.0f, C,
-                         static_cast<int>(ldc));
+  auto [Q, K] = tile_rows<uint16_t>(o, b, r0, c0);
+  bf16_mkl_rows(o->dim, Q, nr, K, nc, C, ldc);
+}
+
+// Gathered rows (engine::PtrGemm): ctx is the GemmOperands, for dim only.
+void sgemm_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C, int64_t ldc) {
+  sgemm_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const float*>(Q), nr,
+             static_cast<const float*>(K), nc, C, ldc);
+}
+void aten_fp32_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
+                   int64_t ldc) {
+  aten_fp32_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const float*>(Q), nr,
+                 static_cast<const float*>(K), nc, C, ldc);
+}
+void bf16_aten_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
+                   int64_t ldc) {
+  bf16_aten_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const at::BFloat16*>(Q), nr,
+                 static_cast<const at::BFloat16*>(K), nc, C, ldc);
+}
+void bf16_mkl_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
+                  int64_t ldc) {
+  bf16_mkl_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const uint16_t*>(Q), nr,
+                static_cast<const uint16_t*>(K), nc, C, ldc);
 }
 
 }  // namespace
@@ -98,6 +145,13 @@ engine::TileGemm fp32_tile_gemm(const GemmOperands* ops) {
 engine::TileGemm bf16_aten_tile_gemm(const GemmOperands* ops) { return {bf16_aten_tile, ops}; }
 
 engine::TileGemm bf16_mkl_tile_gemm(const GemmOperands* ops) { return {bf16_mkl_tile, ops}; }
+
+engine::PtrGemm fp32_ptr_gemm(const GemmOperands* ops) {
+  if (has_blas_sgemm()) return {sgemm_ptr, ops};
+  return {aten_fp32_ptr, ops};
+}
+engine::PtrGemm bf16_aten_ptr_gemm(const GemmOperands* ops) { return {bf16_aten_ptr, ops}; }
+engine::PtrGemm bf16_mkl_ptr_gemm(const GemmOperands* ops) { return {bf16_mkl_ptr, ops}; }
 
 }  // namespace cpu
 }  // namespace fastgen

@@ -3,6 +3,7 @@
 
 #include <torch/all.h>
 
+#include "../engine/pruned_passes.h"
 #include "../engine/sqdist_engine.h"
 
 namespace fastgen {
@@ -25,6 +26,12 @@ engine::TileGemm bf16_aten_tile_gemm(const GemmOperands* ops);
 // bf16 inputs, fp32 accumulation and output (MKL's cblas_gemm_bf16bf16f32; needs
 // has_blas_bf16_gemm()). Queries NOT pre-scaled: alpha = -2.
 engine::TileGemm bf16_mkl_tile_gemm(const GemmOperands* ops);
+
+// The same three GEMMs on gathered rows (engine::PtrGemm), for the pruned passes;
+// `ops` only supplies dim.
+engine::PtrGemm fp32_ptr_gemm(const GemmOperands* ops);
+engine::PtrGemm bf16_aten_ptr_gemm(const GemmOperands* ops);
+engine::PtrGemm bf16_mkl_ptr_gemm(const GemmOperands* ops);
 
 bool has_blas_sgemm();
 bool has_blas_bf16_gemm();

@@ -116,6 +116,9 @@ PreparedOperands::PreparedOperands(const at::Tensor& queries, const at::Tensor& 
   gemm = !bf16            ? fp32_tile_gemm(&ops)
          : bf16_via_mkl() ? bf16_mkl_tile_gemm(&ops)
                           : bf16_aten_tile_gemm(&ops);
+  ptr_gemm = !bf16            ? fp32_ptr_gemm(&ops)
+             : bf16_via_mkl() ? bf16_mkl_ptr_gemm(&ops)
+                              : bf16_aten_ptr_gemm(&ops);
   tiling = tiling_from_env();
   tiling.threads = at::get_num_threads();
 }

@@ -28,6 +28,7 @@ struct PreparedOperands {
   at::Tensor q32, k32, qc, kc, qn, kn, qg, kg;
   GemmOperands ops;
   engine::TileGemm gemm;
+  engine::PtrGemm ptr_gemm;  // the same GEMM on gathered rows (pruned passes)
   engine::Tiling tiling;
 };
 

@@ -1,31 +1,30 @@
-// GPNN's two passes with exact pruning of whole tiles by ball bounds.
+// GPNN's two passes with exact pruning by ball and annulus bounds.
 //
-// Natural-image patches are far from uniform: grouped into tight clusters, most
-// (query block, key cluster) pairs are provably too far apart to matter. Points are
-// pre-sorted so that every group is a contiguous range, each group gets a ball
-// (centre c, radius r >= max ||x - c||), and the triangle inequality
-//     ||q - k|| >= ||q - c_K|| - r_K        (k in ball K)
-// gives a lower bound on every distance of a tile from one small GEMM against the
-// centres. A tile is skipped only when that bound proves that no entry of it can
-// change the result:
-//   pass 1 (column minimum, per key ball):  lb(k_j, query block) > current colmin_j
-//                                           for every key j of the ball;
-//   pass 2 (weighted argmin, per query block): lb(q_i, key ball) * min_{j in ball} w_j
-//                                           > current best score of q_i for every row i.
-// Tiles are visited in order of increasing bound, so the running minima shrink fast
-// and the rest are skipped; once the smallest remaining bound exceeds the largest
-// running minimum the sweep stops.
+// Natural-image patches are far from uniform. Keys are grouped by k-means into balls
+// (centre c, members k_j at distance rho_j = ||k_j - c||, sorted by rho_j inside the
+// ball); queries are sorted by their nearest ball and cut into blocks. For a query q
+// the triangle inequality bounds every key of a ball at once:
+//     ||q - k_j|| >= | ||q - c|| - rho_j |
+// so, given a threshold t (a running minimum), only keys with rho_j within t of
+// ||q - c|| can matter: an interval of rho, i.e. a contiguous range of the ball's
+// sorted members. One GEMM of queries against the centres yields every ||q - c||;
+// the passes then compute distances only for those ranges:
+//   pass 1 (column minimum, per ball): for each query block b, keys with
+//          gap(rho_j, [min_b ||q - c||, max_b ||q - c||])^2 <= colmin_j so far;
+//   pass 2 (weighted argmin, per query block): for each ball, keys with rho_j in the
+//          union over rows of [||q_i - c|| -+ sqrt(best_i / min_ball w)].
+// Blocks/balls are visited in order of increasing bound, so the running minima shrink
+// fast; surviving ranges are gathered into GEMMs of ~`batch` rows/columns.
 //
-// Exactness: a skipped key's true distance exceeds the best value already computed,
-// so the result is what the full sweep returns up to the fp32 rounding of values
-// that it computes anyway (the same guarantee as the full sweep). The bound itself is
-// computed in fp32: `bound_window[i]` (a proven bound on the error of the computed
-// ||x_i - c||^2, from error_bound.h) is subtracted before the square root and again
-// after squaring, which also covers centring. Ties go to the lowest original key
-// index, whatever order the clusters are visited in.
+// Exactness: a skipped key's true distance exceeds the value already computed for its
+// row/column, so the result is what the full sweep returns up to the fp32 rounding of
+// values it computes anyway (the same guarantee as the full sweep). Every ||q - c|| is
+// computed in fp32 with a proven error window (error_bound.h): the intervals use
+// [sqrt(g - W), sqrt(g + W)] and thresholds are widened by W (which also covers the
+// centring). Ties go to the lowest original key index, whatever the visiting order.
 //
 // Like sqdist_engine.h this header knows nothing about torch (tested under
-// ASan/UBSan in csrc/tests/test_engine.cpp); tiles come from TileGemm callbacks.
+// ASan/UBSan in csrc/tests/test_engine.cpp); GEMMs come from callbacks.
 #pragma once
 
 #include <algorithm>
@@ -55,6 +54,8 @@ struct Balls {
   std::vector<float> centre_norms;  // ||c||^2
   std::vector<float> radii;      // >= max ||x - c|| over the members, rounded up
   std::vector<float> norm_max;   // max ||x|| over the members (for error windows)
+  std::vector<float> member_dist;   // per point: ||x - c|| of its ball (float64, rounded)
+  std::vector<float> dist_min, dist_max;  // per ball: range of member_dist, widened
   int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
   int64_t size(int64_t g) const { return offsets[g + 1] - offsets[g]; }
   int64_t max_size() const {
@@ -81,6 +82,9 @@ inline Balls make_balls(const float* points, int64_t dim, const std::vector<int6
   b.centre_norms.assign(n, 0.0f);
   b.radii.assign(n, 0.0f);
   b.norm_max.assign(n, 0.0f);
+  b.member_dist.assign(static_cast<size_t>(b.offsets.back()), 0.0f);
+  b.dist_min.assign(n, 0.0f);
+  b.dist_max.assign(n, 0.0f);
 #pragma omp parallel for schedule(dynamic, 16)
   for (int64_t g = 0; g < n; ++g) {
     const int64_t s = b.offsets[g], e = b.offsets[g + 1];
@@ -93,7 +97,7 @@ inline Balls make_balls(const float* points, int64_t dim, const std::vector<int6
       c[d] = static_cast<float>(mean[d] / static_cast<double>(std::max<int64_t>(e - s, 1)));
       cn += static_cast<double>(c[d]) * c[d];
     }
-    double r2 = 0.0, x2max = 0.0;
+    double r2 = 0.0, x2max = 0.0, dmin = INFINITY;
     for (int64_t i = s; i < e; ++i) {
       double acc = 0.0, x2 = 0.0;
       for (int64_t d = 0; d < dim; ++d) {
@@ -103,44 +107,68 @@ inline Balls make_balls(const float* points, int64_t dim, const std::vector<int6
       }
       r2 = std::max(r2, acc);
       x2max = std::max(x2max, x2);
+      b.member_dist[i] = static_cast<float>(std::sqrt(acc));
+      dmin = std::min(dmin, std::sqrt(acc));
     }
+    b.dist_min[g] = static_cast<float>(dmin * (1.0 - 1e-6));
     b.centre_norms[g] = static_cast<float>(cn);
     // float64 sums of <= 2^20 terms are off by far less than 1e-6 relative
     b.radii[g] = std::nextafter(static_cast<float>(std::sqrt(r2) * (1.0 + 1e-6)), INFINITY);
+    b.dist_max[g] = b.radii[g];
     b.norm_max[g] = static_cast<float>(std::sqrt(x2max) * (1.0 + 1e-6));
   }
   return b;
 }
 
-// Lower bound on ||x - y||^2 for every y in a ball, from the computed ||x - c||^2 =
-// norm_x + norm_c + cross (cross = -2 x.c from the GEMM) and the window on its error.
-inline float ball_lower_bound(float norm_x, float norm_c, float cross, float radius, float window) {
-  const float g = norm_x + norm_c + cross - window;
-  if (!(g > 0.0f)) return 0.0f;
-  const float gap = std::sqrt(g) * (1.0f - 1e-6f) - radius;
-  if (!(gap > 0.0f)) return 0.0f;
-  return std::max(gap * gap * (1.0f - 1e-6f) - window, 0.0f);
+// [lo, hi] containing the true ||x - c|| given the computed g = ||x||^2 + ||c||^2 - 2 x.c
+// and the window W on g's error.
+inline void centre_distance_range(float g, float window, float* lo, float* hi) {
+  *lo = g - window > 0.0f ? std::sqrt(g - window) * (1.0f - 1e-6f) : 0.0f;
+  *hi = std::sqrt(std::max(g + window, 0.0f)) * (1.0f + 1e-6f);
 }
 
-// Work counters for tests and benchmarks: tiles computed out of all tiles.
+// Distance from rho to the interval [lo, hi] (0 inside), made a little smaller so the
+// float rounding of rho and of the subtraction cannot lift it.
+inline float interval_gap(float rho, float lo, float hi) {
+  const float g = std::max(lo - rho * (1.0f + 2e-6f), rho * (1.0f - 2e-6f) - hi);
+  return g > 0.0f ? g * (1.0f - 1e-6f) : 0.0f;
+}
+
+// Work counters for tests and benchmarks: (query, key) distances computed out of all.
 struct PruneStats {
-  std::atomic<int64_t> tiles_total{0};
-  std::atomic<int64_t> tiles_computed{0};
+  std::atomic<int64_t> pairs_total{0};
+  std::atomic<int64_t> pairs_computed{0};
+};
+
+// C[r * ldc + c] = -2 <Q_r, K_c> for row-major Q (nr x dim) and K (nc x dim) of the
+// operands' element type (fp32 or bf16); ctx carries dim and the type.
+using PtrGemmFn = void (*)(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc,
+                           float* C, int64_t ldc);
+struct PtrGemm {
+  PtrGemmFn fn;
+  const void* ctx;
+  void operator()(const void* Q, int64_t nr, const void* K, int64_t nc, float* C, int64_t ldc) const {
+    fn(ctx, Q, nr, K, nc, C, ldc);
+  }
 };
 
 struct PrunedPassArgs {
   int64_t rows, cols, dim;          // one (N, D) x (M, D) problem
+  const void* query_rows;           // (N, D) GEMM operand of element size elem_bytes
+  const void* key_rows;             // (M, D), each ball's members contiguous
+  int64_t elem_bytes;
   const float* query_norms;         // (N) ||q||^2 (the operands' coordinates)
   const float* key_norms;           // (M)
   const float* query_windows;       // (N) error window of a computed ||q - c||^2
-  const float* key_windows;         // (M) error window of a computed ||k - c||^2
-  const Balls* query_blocks;        // over the N queries (pass 1's inner groups)
+  const std::vector<int64_t>* query_offsets;  // query blocks: [offsets[b], offsets[b+1])
   const Balls* key_balls;           // over the M keys
-  TileGemm gemm;                    // rows of queries x cols of keys: -2 q.k
-  TileGemm query_centre_gemm;       // rows of queries x key-ball centres
-  TileGemm key_centre_gemm;         // rows of keys x query-block centres
+  PtrGemm gemm;                     // cross term of gathered rows
+  TileGemm centre_gemm;             // fp32 rows of queries x key-ball centres
   int threads = 0;
   PruneStats* stats = nullptr;
+  // Surviving ranges are gathered into one GEMM of about this many rows/columns: one
+  // small GEMM per (block, ball) pair runs at half the speed of a large one.
+  int64_t batch = 512;
 };
 
 namespace detail {
@@ -158,62 +186,144 @@ inline int pass_threads(int t) {
   return 1;
 #endif
 }
+// Appends rows [r0, r0 + n) of a row-major operand to `buf`.
+inline void append_rows(std::vector<unsigned char>& buf, const void* base, int64_t r0, int64_t n,
+                        int64_t row_bytes) {
+  const auto* p = static_cast<const unsigned char*>(base) + r0 * row_bytes;
+  buf.insert(buf.end(), p, p + n * row_bytes);
+}
+// ||q - c|| ranges of rows [r0, r0 + nr) against every ball: lo/hi (nr x count).
+inline void centre_ranges(const PrunedPassArgs& a, int64_t r0, int64_t nr, std::vector<float>& lo,
+                          std::vector<float>& hi) {
+  const Balls& kb = *a.key_balls;
+  const int64_t nkb = kb.count();
+  a.centre_gemm(0, r0, nr, 0, nkb, lo.data(), nkb);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t g = 0; g < nkb; ++g) {
+      const int64_t i = r * nkb + g;
+      centre_distance_range(a.query_norms[r0 + r] + kb.centre_norms[g] + lo[i],
+                            a.query_windows[r0 + r], &lo[i], &hi[i]);
+    }
+}
 }  // namespace detail
 
+// Per (query block, ball): the range of ||q - c|| over the block's queries, and the
+// largest error window of the block. What pass 1 needs from the queries.
+struct BlockRanges {
+  std::vector<float> lo, hi;  // (blocks x balls)
+  std::vector<float> window;  // (blocks)
+};
+
+inline BlockRanges block_ranges(const PrunedPassArgs& a) {
+  const std::vector<int64_t>& qo = *a.query_offsets;
+  const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = a.key_balls->count();
+  int64_t qmax = 0;
+  for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
+  BlockRanges br;
+  br.lo.assign(static_cast<size_t>(nqb * nkb), INFINITY);
+  br.hi.assign(static_cast<size_t>(nqb * nkb), 0.0f);
+  br.window.assign(nqb, 0.0f);
+#pragma omp parallel num_threads(detail::pass_threads(a.threads))
+  {
+    std::vector<float> lo(static_cast<size_t>(qmax * nkb)), hi(lo.size());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nqb; ++b) {
+      const int64_t r0 = qo[b], nr = qo[b + 1] - qo[b];
+      detail::centre_ranges(a, r0, nr, lo, hi);
+      float* blo = br.lo.data() + b * nkb;
+      float* bhi = br.hi.data() + b * nkb;
+      for (int64_t r = 0; r < nr; ++r) {
+        br.window[b] = std::max(br.window[b], a.query_windows[r0 + r]);
+        for (int64_t g = 0; g < nkb; ++g) {
+          blo[g] = std::min(blo[g], lo[r * nkb + g]);
+          bhi[g] = std::max(bhi[g], hi[r * nkb + g]);
+        }
+      }
+    }
+  }
+  return br;
+}
+
 // Pass 1: colmin[j] = max(min_i ||q_i - k_j||^2, 0).
-inline void pruned_column_min(const PrunedPassArgs& a, float* colmin) {
-  const Balls& qb = *a.query_blocks;
+inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, float* colmin) {
+  const std::vector<int64_t>& qo = *a.query_offsets;
   const Balls& kb = *a.key_balls;
-  const int64_t nqb = qb.count(), nkb = kb.count();
-  const int64_t kmax = kb.max_size(), qmax = qb.max_size();
+  const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
+  const int64_t kmax = kb.max_size();
+  int64_t qmax = 0;
+  for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
+  const int64_t row_bytes = a.dim * a.elem_bytes;
+  const float wall = *std::max_element(br.window.begin(), br.window.end());
   int64_t computed = 0;
 #pragma omp parallel num_threads(detail::pass_threads(a.threads)) reduction(+ : computed)
   {
-    std::vector<float> bound(static_cast<size_t>(kmax * nqb));
-    std::vector<float> tile(static_cast<size_t>(qmax * kmax));
-    std::vector<float> block_min(nqb), cm(kmax), dist(kmax);
+    std::vector<float> tile(static_cast<size_t>((a.batch + qmax) * kmax));
+    std::vector<float> lb(nqb), cm(kmax), dist(kmax), qn;
+    std::vector<unsigned char> rows;
+    std::vector<int64_t> pending;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < nkb; ++g) {
       const int64_t k0 = kb.offsets[g], nk = kb.size(g);
-      // bound[j][b]: lower bound on ||q - k_j||^2 over query block b
-      a.key_centre_gemm(0, k0, nk, 0, nqb, bound.data(), nqb);
-      std::fill(block_min.begin(), block_min.end(), std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < nk; ++j) {
-        float* bj = bound.data() + j * nqb;
-        for (int64_t b = 0; b < nqb; ++b) {
-          bj[b] = ball_lower_bound(a.key_norms[k0 + j], qb.centre_norms[b], bj[b], qb.radii[b],
-                                   a.key_windows[k0 + j]);
-          block_min[b] = std::min(block_min[b], bj[b]);
-        }
+      if (nk == 0) continue;
+      const float* rho = kb.member_dist.data() + k0;
+      for (int64_t b = 0; b < nqb; ++b) {
+        // gap between the block's ||q - c|| range and the ball's rho range
+        const float gap = std::max(br.lo[b * nkb + g] - kb.dist_max[g], kb.dist_min[g] - br.hi[b * nkb + g]);
+        lb[b] = gap > 0.0f ? gap * gap * (1.0f - 1e-6f) : 0.0f;
       }
-      const std::vector<int64_t> order = detail::order_by(block_min);
+      const std::vector<int64_t> order = detail::order_by(lb);
       std::fill(cm.begin(), cm.begin() + nk, std::numeric_limits<float>::infinity());
       float worst = std::numeric_limits<float>::infinity();  // max_j of the running colmin
-      for (int64_t b : order) {
-        if (block_min[b] > worst) break;  // sorted: no later block can help any key
-        bool needed = false;
-        for (int64_t j = 0; j < nk && !needed; ++j)
-          needed = bound[j * nqb + b] <= cm[j];
-        if (!needed) continue;
-        const int64_t r0 = qb.offsets[b], nr = qb.size(b);
-        a.gemm(0, r0, nr, k0, nk, tile.data(), kmax);
-        // dist = -2 q.k + ||q||^2, the key norm added at the end (as ColumnMin)
-        std::fill(dist.begin(), dist.begin() + nk, std::numeric_limits<float>::infinity());
-        for (int64_t r = 0; r < nr; ++r)
-          column_min_update(dist.data(), tile.data() + r * kmax, a.query_norms[r0 + r], nk);
-        worst = 0.0f;
-        for (int64_t j = 0; j < nk; ++j) {
-          cm[j] = std::min(cm[j], std::max(dist[j] + a.key_norms[k0 + j], 0.0f));
-          worst = std::max(worst, cm[j]);
+      int64_t span0 = nk, span1 = 0, pending_rows = 0;
+      auto flush = [&] {
+        rows.clear();
+        qn.clear();
+        for (int64_t b : pending) {
+          detail::append_rows(rows, a.query_rows, qo[b], qo[b + 1] - qo[b], row_bytes);
+          qn.insert(qn.end(), a.query_norms + qo[b], a.query_norms + qo[b + 1]);
         }
-        ++computed;
+        const int64_t nr = static_cast<int64_t>(qn.size()), nc = span1 - span0;
+        const void* K = static_cast<const unsigned char*>(a.key_rows) + (k0 + span0) * row_bytes;
+        a.gemm(rows.data(), nr, K, nc, tile.data(), nc);
+        // -2 q.k + ||q||^2 per key; the key norm is added once at the end (as ColumnMin)
+        std::fill(dist.begin(), dist.begin() + nc, std::numeric_limits<float>::infinity());
+        for (int64_t r = 0; r < nr; ++r) column_min_update(dist.data(), tile.data() + r * nc, qn[r], nc);
+        for (int64_t c = 0; c < nc; ++c)
+          cm[span0 + c] = std::min(cm[span0 + c], std::max(dist[c] + a.key_norms[k0 + span0 + c], 0.0f));
+        worst = *std::max_element(cm.begin(), cm.begin() + nk);
+        computed += nr * nc;
+        pending.clear();
+        span0 = nk;
+        span1 = 0;
+        pending_rows = 0;
+      };
+      for (int64_t b : order) {
+        if (lb[b] > worst + wall) break;  // sorted: no later block can lower any colmin
+        // keys of the ball this block can still improve: a contiguous-ish rho range
+        const float lo = br.lo[b * nkb + g], hi = br.hi[b * nkb + g], w = br.window[b];
+        int64_t j0 = -1, j1 = -1;
+        for (int64_t j = 0; j < nk; ++j) {
+          const float gap = interval_gap(rho[j], lo, hi);
+          if (gap * gap <= cm[j] + w) {
+            if (j0 < 0) j0 = j;
+            j1 = j + 1;
+          }
+        }
+        if (j0 < 0) continue;
+        pending.push_back(b);
+        pending_rows += qo[b + 1] - qo[b];
+        span0 = std::min(span0, j0);
+        span1 = std::max(span1, j1);
+        // the nearest block alone first: its minima make the bounds bite from then on
+        if (worst == std::numeric_limits<float>::infinity() || pending_rows >= a.batch) flush();
       }
+      if (!pending.empty()) flush();
       for (int64_t j = 0; j < nk; ++j) colmin[k0 + j] = cm[j];
     }
   }
   if (a.stats) {
-    a.stats->tiles_total += nqb * nkb;
-    a.stats->tiles_computed += computed;
+    a.stats->pairs_total += a.rows * a.cols;
+    a.stats->pairs_computed += computed;
   }
 }
 
@@ -221,58 +331,59 @@ inline void pruned_column_min(const PrunedPassArgs& a, float* colmin) {
 // the lowest key_order value.
 inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights,
                                    const int64_t* key_order, int64_t* out_idx) {
-  const Balls& qb = *a.query_blocks;
+  const std::vector<int64_t>& qo = *a.query_offsets;
   const Balls& kb = *a.key_balls;
-  const int64_t nqb = qb.count(), nkb = kb.count();
-  const int64_t kmax = kb.max_size(), qmax = qb.max_size();
-  // the smallest weight of each key ball scales its distance bound into a score bound
+  const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
+  const int64_t kmax = kb.max_size();
+  int64_t qmax = 0;
+  for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
+  const int64_t row_bytes = a.dim * a.elem_bytes;
+  // the smallest weight of each ball turns a distance bound into a score bound
   std::vector<float> wmin(nkb, std::numeric_limits<float>::infinity());
   for (int64_t g = 0; g < nkb; ++g)
     for (int64_t j = kb.offsets[g]; j < kb.offsets[g + 1]; ++j) wmin[g] = std::min(wmin[g], weights[j]);
   int64_t computed = 0;
 #pragma omp parallel num_threads(detail::pass_threads(a.threads)) reduction(+ : computed)
   {
-    std::vector<float> bound(static_cast<size_t>(qmax * nkb));
-    std::vector<float> tile(static_cast<size_t>(qmax * kmax));
-    std::vector<float> ball_min(nkb), best(qmax);
-    std::vector<int64_t> arg(qmax);
+    const int64_t width = a.batch + kmax;
+    std::vector<float> lo(static_cast<size_t>(qmax * nkb)), hi(lo.size()), lbw(lo.size());
+    std::vector<float> tile(static_cast<size_t>(qmax * width));
+    std::vector<float> ball_min(nkb), best(qmax), kn, w;
+    std::vector<int64_t> arg(qmax), ord;
+    std::vector<unsigned char> cols;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < nqb; ++b) {
-      const int64_t r0 = qb.offsets[b], nr = qb.size(b);
-      a.query_centre_gemm(0, r0, nr, 0, nkb, bound.data(), nkb);
+      const int64_t r0 = qo[b], nr = qo[b + 1] - qo[b];
+      detail::centre_ranges(a, r0, nr, lo, hi);
       std::fill(ball_min.begin(), ball_min.end(), std::numeric_limits<float>::infinity());
-      for (int64_t r = 0; r < nr; ++r) {
-        float* br = bound.data() + r * nkb;
+      for (int64_t r = 0; r < nr; ++r)
         for (int64_t g = 0; g < nkb; ++g) {
+          const int64_t i = r * nkb + g;
+          const float gap = std::max(lo[i] - kb.dist_max[g], kb.dist_min[g] - hi[i]);
+          const float d = gap > 0.0f ? std::max(gap * gap * (1.0f - 1e-6f) - a.query_windows[r0 + r], 0.0f) : 0.0f;
           // (1 - 1e-6): the product's own rounding must not lift the bound
-          br[g] = ball_lower_bound(a.query_norms[r0 + r], kb.centre_norms[g], br[g], kb.radii[g],
-                                   a.query_windows[r0 + r]) * wmin[g] * (1.0f - 1e-6f);
-          ball_min[g] = std::min(ball_min[g], br[g]);
+          lbw[i] = d * wmin[g] * (1.0f - 1e-6f);
+          ball_min[g] = std::min(ball_min[g], lbw[i]);
         }
-      }
       const std::vector<int64_t> order = detail::order_by(ball_min);
       std::fill(best.begin(), best.begin() + nr, std::numeric_limits<float>::infinity());
       std::fill(arg.begin(), arg.begin() + nr, std::numeric_limits<int64_t>::max());
       float worst = std::numeric_limits<float>::infinity();
-      for (int64_t g : order) {
-        if (ball_min[g] > worst) break;
-        bool needed = false;
-        for (int64_t r = 0; r < nr && !needed; ++r) needed = bound[r * nkb + g] <= best[r];
-        if (!needed) continue;
-        const int64_t c0 = kb.offsets[g], nc = kb.size(g);
-        a.gemm(0, r0, nr, c0, nc, tile.data(), kmax);
-        const float* kn = a.key_norms + c0;
-        const float* w = weights + c0;
+      const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;
+      int64_t pending_cols = 0;
+      auto flush = [&] {
+        const int64_t nc = static_cast<int64_t>(kn.size());
+        a.gemm(Q, nr, cols.data(), nc, tile.data(), nc);
         worst = 0.0f;
         for (int64_t r = 0; r < nr; ++r) {
-          const float* t = tile.data() + r * kmax;
+          const float* t = tile.data() + r * nc;
           const float q = a.query_norms[r0 + r];
-          const float m = weighted_min(t, kn, w, q, nc);
+          const float m = weighted_min(t, kn.data(), w.data(), q, nc);
           if (m <= best[r]) {
             // among the columns reaching m, the lowest original index
             int64_t pick = std::numeric_limits<int64_t>::max();
             for (int64_t c = 0; c < nc; ++c)
-              if (std::max(q + t[c] + kn[c], 0.0f) * w[c] == m) pick = std::min(pick, key_order[c0 + c]);
+              if (std::max(q + t[c] + kn[c], 0.0f) * w[c] == m) pick = std::min(pick, ord[c]);
             if (m < best[r] || pick < arg[r]) {
               best[r] = m;
               arg[r] = pick;
@@ -280,14 +391,48 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
           }
           worst = std::max(worst, best[r]);
         }
-        ++computed;
+        computed += nr * nc;
+        cols.clear();
+        kn.clear();
+        w.clear();
+        ord.clear();
+        pending_cols = 0;
+      };
+      for (int64_t g : order) {
+        if (ball_min[g] > worst) break;
+        // union over the rows that may still improve of the rho interval they need
+        float ulo = INFINITY, uhi = -INFINITY;
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r * nkb + g;
+          if (lbw[i] > best[r]) continue;
+          const float t = std::sqrt(best[r] / wmin[g] + a.query_windows[r0 + r]) * (1.0f + 1e-6f);
+          ulo = std::min(ulo, lo[i] - t);
+          uhi = std::max(uhi, hi[i] + t);
+        }
+        if (!(ulo <= uhi)) continue;
+        const int64_t c0 = kb.offsets[g], nk = kb.size(g);
+        const float* rho = kb.member_dist.data() + c0;
+        int64_t j0 = -1, j1 = -1;
+        for (int64_t j = 0; j < nk; ++j)
+          if (interval_gap(rho[j], ulo, uhi) <= 0.0f) {
+            if (j0 < 0) j0 = j;
+            j1 = j + 1;
+          }
+        if (j0 < 0) continue;
+        detail::append_rows(cols, a.key_rows, c0 + j0, j1 - j0, row_bytes);
+        kn.insert(kn.end(), a.key_norms + c0 + j0, a.key_norms + c0 + j1);
+        w.insert(w.end(), weights + c0 + j0, weights + c0 + j1);
+        ord.insert(ord.end(), key_order + c0 + j0, key_order + c0 + j1);
+        pending_cols += j1 - j0;
+        if (worst == std::numeric_limits<float>::infinity() || pending_cols >= a.batch) flush();
       }
+      if (pending_cols > 0) flush();
       for (int64_t r = 0; r < nr; ++r) out_idx[r0 + r] = arg[r];
     }
   }
   if (a.stats) {
-    a.stats->tiles_total += nqb * nkb;
-    a.stats->tiles_computed += computed;
+    a.stats->pairs_total += a.rows * a.cols;
+    a.stats->pairs_computed += computed;
   }
 }
 

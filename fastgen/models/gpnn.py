@@ -35,9 +35,12 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   every level (the published code squashes the top level to a square). Resizing is
   bicubic, antialiased when shrinking, clamped to [0, 1]. Output pyramids (retarget,
   analogy) use the same scales applied to the output size, every side >= patch_size.
-- Batching: the samples of one call go through the batched (B, N, D) form of
-  patch_nn with the keys expanded per sample, in chunks so that the expanded keys stay
-  under ~256 MB (large images then run one sample at a time).
+- Batching and reuse: the samples of one call go through the batched (B, N, D) form
+  of patch_nn. On the CPU the keys of a level are clustered once (`cluster_keys`) and
+  that KeyClusters is shared by all samples and all iterations that search those keys
+  (the blurred keys of the first iteration have their own); patch_nn then skips the
+  tiles its bounds prove useless. Elsewhere the keys are expanded per sample, in chunks
+  so that the expanded keys stay under ~256 MB.
 - Seeds: sample i of `sample(..., seed=s)` uses a torch.Generator seeded s + i, so it
   equals `sample(..., num_samples=1, seed=s + i)` -- a large job split over processes
   reproduces a single run sample by sample.
@@ -53,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.ops import fold_patches, patch_nn
+from fastgen.ops._backend import resolve as _resolve
+from fastgen.ops.patch_nn import KeyClusters, cluster_keys
 
 # keys expanded to (B, M, D) for the batched patch_nn stay under this many bytes
 _KEY_BYTES_BUDGET = 256 << 20
@@ -233,25 +238,39 @@ class GPNN:
             return "torch"
         return self.backend
 
-    def _match(self, x, keys_img, valid_keys=None, query_pos=None):
-        """idx (B, Hq, Wq) into the stride-1 patch grid of keys_img for every patch of x."""
+    def _keys(self, keys_img, valid_keys=None):
+        """(M, D) stride-1 patches of keys_img (those in valid_keys), grouped by k-means
+        when patch_nn will prune: built once per key image and level, reused by all
+        iterations and samples that search it."""
+        keys = _patches(keys_img, self.patch_size)[0]
+        if valid_keys is not None:
+            keys = keys[valid_keys]
+        if self.alpha is not None and _resolve(self._patch_backend(keys.device), keys.device) == "cpp":
+            return cluster_keys(keys)
+        return keys
+
+    def _match(self, x, keys, valid_keys=None, query_pos=None):
+        """idx (B, Hq, Wq) into the stride-1 patch grid of the key image for every patch
+        of x; keys from `_keys`."""
         p = self.patch_size
         bsz = x.shape[0]
         hq, wq = x.shape[-2] - p + 1, x.shape[-1] - p + 1
-        keys = _patches(keys_img, p)[0]                                # (M, D)
-        if valid_keys is not None:
-            keys = keys[valid_keys]
         queries = _patches(x, p)                                       # (B, N, D)
         if query_pos is not None:
             queries = queries[:, query_pos]
-        d = keys.shape[1]
+        clustered = isinstance(keys, KeyClusters)
+        flat = keys.keys if clustered else keys
+        d = flat.shape[1]
         alpha = None if self.alpha is None else self.alpha * d         # mean -> sum of squares
-        chunk = max(1, _KEY_BYTES_BUDGET // max(1, keys.numel() * keys.element_size()))
         backend = self._patch_backend(x.device)
-        idx = torch.cat([
-            patch_nn(queries[i:i + chunk], keys.expand(min(chunk, bsz - i), -1, -1), alpha,
-                     backend=backend, precision=self.precision)
-            for i in range(0, bsz, chunk)])
+        if clustered:                                                  # shared keys, no copies
+            idx = patch_nn(queries, keys, alpha, backend=backend, precision=self.precision)
+        else:
+            chunk = max(1, _KEY_BYTES_BUDGET // max(1, flat.numel() * flat.element_size()))
+            idx = torch.cat([
+                patch_nn(queries[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), alpha,
+                         backend=backend, precision=self.precision)
+                for i in range(0, bsz, chunk)])
         if valid_keys is not None:
             idx = valid_keys[idx]                                      # subset -> full grid index
         if query_pos is not None:
@@ -287,8 +306,10 @@ class GPNN:
                         x = s.expand(x.shape[0], -1, -1, -1).clone()
                         bar.update(self.iterations)
                         continue
+                keys_blurred = self._keys(blurred, valid_keys)
+                keys_sharp = keys_blurred if blurred is s else self._keys(s, valid_keys)
                 for it in range(self.iterations):
-                    idx = self._match(x, blurred if it == 0 else s, valid_keys, query_pos)
+                    idx = self._match(x, keys_blurred if it == 0 else keys_sharp, valid_keys, query_pos)
                     x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
                     if masks is not None:
                         x = torch.where(masks[lvl], x, s)

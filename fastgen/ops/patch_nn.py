@@ -21,7 +21,8 @@ class KeyClusters(NamedTuple):
     keys: torch.Tensor         # (M, D) as given
     sorted_keys: torch.Tensor  # (M, D) contiguous, one cluster after another
     offsets: torch.Tensor      # (C + 1,) int64: cluster g is sorted_keys[offsets[g]:offsets[g+1]]
-    order: torch.Tensor        # (M,) int64: original index of each sorted key
+    order: torch.Tensor        # (M,) int64: original index of each sorted key (by cluster,
+                               # then distance to the cluster's centre)
 
 
 def cluster_keys(keys, cluster_size=128, iterations=4, seed=0):
@@ -53,7 +54,11 @@ def cluster_keys(keys, cluster_size=128, iterations=4, seed=0):
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         filled = counts > 0                      # an empty cluster keeps its old centre
         centres[filled] = sums[filled] / counts[filled, None].to(x.dtype)
-    order = torch.argsort(assign, stable=True)   # within a cluster: original order (ties)
+    # within a cluster by distance to its centre: patch_nn's annulus bound then needs a
+    # contiguous range of each cluster (ties broken by original index)
+    rho = (x - centres[assign]).pow(2).sum(1)
+    order = torch.argsort(rho, stable=True)
+    order = order[torch.argsort(assign[order], stable=True)]
     counts = torch.bincount(assign, minlength=c)
     offsets = torch.zeros(c + 1, dtype=torch.long, device=keys.device)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -132,9 +137,10 @@ def _clustered(q3, clusters, alpha, precision):
 
 
 def prune_stats():
-    """(tiles in all pruned patch_nn sweeps so far, tiles actually computed) in this process."""
+    """((query, key) pairs in all pruned patch_nn passes so far, pairs whose distance was
+    computed) in this process; computed / total is the fraction of the work done."""
     info = _ext.build_info() if _ext.CPP_AVAILABLE else {}
-    return info.get("patch_nn_tiles_total", 0), info.get("patch_nn_tiles_computed", 0)
+    return info.get("patch_nn_pairs_total", 0), info.get("patch_nn_pairs_computed", 0)
 
 
 if _ext.CPP_AVAILABLE:
