@@ -133,10 +133,10 @@ def test_raw_op_with_a_meta_input_raises():
 
 
 # ---------------------------------------------------------------------------------------
-# The pruned path (prune=True, KeyClusters, fastgen::patch_nn_clustered): whole tiles are
-# skipped by triangle-inequality bounds, so every test below also runs on clustered data
-# (image patches, blobs) where tiles really are skipped; a bound that is too high would
-# skip a tile holding the answer and show up as a worse score or a different index.
+# The pruned path (prune=True, KeyClusters, fastgen::patch_nn_clustered): (query, key)
+# distances are skipped by triangle-inequality bounds, so the tests below also run on
+# clustered data (image patches, blobs) where work really is skipped; a bound that is too
+# high would skip the answer and show up as a worse score or a different index.
 
 from fastgen.ops.patch_nn import KeyClusters, cluster_keys, prune_stats  # noqa: E402
 
@@ -201,15 +201,29 @@ def judge(q, k, alpha, idx, precision="fp32", min_clear=0.0):
     return clear
 
 
-def blobs(n, m, d, centres=12, sigma=0.5, scale=4.0):
-    """Queries and keys around a few far-apart centres: most tiles can be skipped."""
+def blobs(n, m, d, centres=12, sigma=0.5, scale=4.0, uncovered=0):
+    """Queries and keys around a few far-apart centres: most distances can be skipped. With
+    `uncovered`, that many key blobs get no queries: their keys' large column minima
+    (small weights) draw queries from far away, as uncovered source regions do in GPNN."""
     c = scale * torch.randn(centres, d)
-    return (c[torch.randint(0, centres, (n,))] + sigma * torch.randn(n, d),
+    return (c[torch.randint(0, centres - uncovered, (n,))] + sigma * torch.randn(n, d),
             c[torch.randint(0, centres, (m,))] + sigma * torch.randn(m, d))
 
 
+# FASTGEN_PRUNE=QUERY_BLOCKxMAX_BALLxBATCH (csrc/cpu/patch_nn.cpp): small blocks and balls,
+# one range per GEMM, so every skip is decided on its own bound; at the default shape
+# most surviving ranges are gathered and computed anyway, which hides a loose bound.
+FINE = "8x16x1"
+
+
+def use_prune_shape(monkeypatch, shape):
+    if shape is not None:
+        monkeypatch.setenv("FASTGEN_PRUNE", shape)
+
+
 def pruned_fraction(call):
-    """Runs call() and returns (its result, tiles computed / tiles in all pruned sweeps)."""
+    """Runs call() and returns (its result, the fraction of (query, key) distances its
+    pruned passes computed), from prune_stats() before and after."""
     total0, computed0 = prune_stats()
     out = call()
     total1, computed1 = prune_stats()
@@ -237,17 +251,19 @@ def test_pruned_random_data_reaches_optimum(shape, dtype, precision):
     judge(q, k, 0.005, idx, precision)
 
 
-@pytest.mark.parametrize("data", ["image", "image-offset", "blobs"])
+@pytest.mark.parametrize("prune_shape", [None, FINE])
+@pytest.mark.parametrize("data", ["image", "image-offset", "blobs", "blobs-uncovered"])
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "fp32"), (torch.float32, "bf16"),
                                              (torch.float16, "fp32"), (torch.bfloat16, "bf16")])
-def test_pruned_clustered_data_reaches_optimum(data, dtype, precision):
+def test_pruned_clustered_data_reaches_optimum(data, dtype, precision, prune_shape, monkeypatch):
+    use_prune_shape(monkeypatch, prune_shape)
     if data.startswith("image"):
         keys = image_patches((28, 40))  # 748 patches, D = 147
         queries = keys + 0.05 * torch.randn_like(keys)
         if data == "image-offset":  # far from the origin: the bounds must survive centring
             keys, queries = keys + 100, queries + 100
     else:
-        queries, keys = blobs(700, 900, 9)
+        queries, keys = blobs(700, 900, 9, uncovered=4 if data == "blobs-uncovered" else 0)
     q, k = queries.to(dtype), keys.to(dtype)
     idx, frac = pruned_fraction(lambda: patch_nn(q, k, 0.005, precision=precision))
     assert frac < 1.0, "test data too easy: nothing was skipped"
@@ -265,9 +281,12 @@ def test_pruned_equals_full_sweep_on_tie_free_data(shape, alpha):
     assert_equal_idx(pruned[clear], full[clear])
 
 
+@pytest.mark.parametrize("prune_shape", [None, FINE])
+@pytest.mark.parametrize("uncovered", [0, 4])
 @pytest.mark.parametrize("shape", [(700, 900, 9), (1000, 1500, 16), (600, 800, 24)])
-def test_pruned_equals_full_sweep_on_blobs(shape):
-    q, k = blobs(*shape)
+def test_pruned_equals_full_sweep_on_blobs(shape, uncovered, prune_shape, monkeypatch):
+    use_prune_shape(monkeypatch, prune_shape)
+    q, k = blobs(*shape, uncovered=uncovered)
     pruned, frac = pruned_fraction(lambda: patch_nn(q, k, 0.005, prune=True))
     assert frac < 1.0, "test data too easy: nothing was skipped"
     full = patch_nn(q, k, 0.005, prune=False)
@@ -343,13 +362,15 @@ def symmetric_integer_keys(base):
 
 
 # blobs only in fp32: coordinates up to ~30 are not exact in a bf16 GEMM output
+@pytest.mark.parametrize("prune_shape", [None, FINE])
 @pytest.mark.parametrize("layout,precision", [("grid", "fp32"), ("grid", "bf16"), ("blobs", "fp32")])
 @pytest.mark.parametrize("cluster_size", [1, 4, 128])
-def test_duplicated_keys_tie_to_the_lowest_index(layout, cluster_size, precision):
+def test_duplicated_keys_tie_to_the_lowest_index(layout, cluster_size, precision, prune_shape, monkeypatch):
+    use_prune_shape(monkeypatch, prune_shape)
     if layout == "grid":  # values in -2..2: many exact ties of distinct keys as well
         base = torch.randint(-2, 3, (60, 4)).float()
         q = torch.randint(-2, 3, (200, 4)).float()
-    else:  # far-apart integer blobs: tiles are skipped while ties remain exact
+    else:  # far-apart integer blobs: work is skipped while ties remain exact
         centres = 10.0 * torch.randint(-1, 2, (6, 4)).float()
         base = centres[torch.randint(0, 6, (100,))] + torch.randint(-1, 2, (100, 4)).float()
         q = symmetric_integer_keys(centres)[torch.randint(0, 12, (200,))] + torch.randint(-1, 2, (200, 4)).float()
@@ -374,14 +395,14 @@ def test_pruning_skips_work_on_image_patches():
     queries = keys + 0.05 * torch.randn_like(keys)
     kc = cluster_keys(keys)
     idx, frac = pruned_fraction(lambda: patch_nn(queries, kc, 0.005))
-    assert frac < 0.7, f"computed {frac:.2f} of the tiles"
+    assert frac < 0.7, f"computed {frac:.2f} of the distances"
     assert idx.shape == (keys.shape[0],) and ((idx >= 0) & (idx < keys.shape[0])).all()
 
 
 def test_pruning_skips_work_on_blobs():
     q, k = blobs(1000, 1500, 16)
     _, frac = pruned_fraction(lambda: patch_nn(q, k, 0.005))
-    assert frac < 0.7, f"computed {frac:.2f} of the tiles"
+    assert frac < 0.7, f"computed {frac:.2f} of the distances"
 
 
 def test_batched_pruned_with_key_clusters_and_3d_keys():

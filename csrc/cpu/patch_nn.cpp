@@ -26,7 +26,7 @@ engine::PruneStats g_prune_stats;
 // `batch` gathered rows/columns: measured on china.jpg patches (benchmarks/RESULTS.md);
 // smaller blocks prune more but cost more bound work per distance computed.
 struct PruneShape {
-  int64_t query_block = 64;   // queries per block
+  int64_t query_block = 32;   // queries per block
   int64_t max_ball = 1024;    // larger key clusters are split (bounds the scratch tiles)
   int64_t batch = 512;        // rows/columns gathered into one GEMM
 };

@@ -253,6 +253,10 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
   int64_t qmax = 0;
   for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
   const int64_t row_bytes = a.dim * a.elem_bytes;
+  if (nqb <= 0) {  // no queries: nothing covers any key
+    std::fill(colmin, colmin + a.cols, std::numeric_limits<float>::infinity());
+    return;
+  }
   const float wall = *std::max_element(br.window.begin(), br.window.end());
   int64_t computed = 0;
 #pragma omp parallel num_threads(detail::pass_threads(a.threads)) reduction(+ : computed)

@@ -1,14 +1,19 @@
-// C++ tests of the torch-free engine core (sqdist_engine.h + reductions.h), built by
-// CMake under AddressSanitizer + UBSan: an out-of-bounds tile index fails here
-// instead of silently corrupting results. Tiny, odd tile sizes make every edge
-// case (partial row blocks, partial column blocks, one-element tiles) appear.
+// C++ tests of the torch-free engine core (sqdist_engine.h, reductions.h and
+// pruned_passes.h), built by CMake under AddressSanitizer + UBSan: an out-of-bounds
+// tile index fails here instead of silently corrupting results. Tiny, odd tile sizes
+// make every edge case (partial row blocks, partial column blocks, one-element tiles)
+// appear.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
 #include "../engine/error_bound.h"
+#include "../engine/pruned_passes.h"
 #include "../engine/reductions.h"
 #include "../engine/sqdist_engine.h"
 
@@ -168,6 +173,354 @@ void check_weighted_argmin(std::mt19937& rng, int64_t B, int64_t N, int64_t M, i
     }
 }
 
+
+// ---- pruned_passes.h ---------------------------------------------------------------
+
+// make_balls: groups split at max_size inside the given ranges (empty ranges dropped),
+// every member within its ball's radius in float64, the centre the group's mean.
+void check_make_balls(std::mt19937& rng, int64_t n, int64_t dim,
+                      const std::vector<int64_t>& offsets, int64_t max_size, float scale,
+                      float offset) {
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> x(n * dim);
+  for (auto& v : x) v = offset + scale * g(rng);
+  if (n >= 3)  // one group of identical points: radius 0 must still hold them
+    for (int64_t d = 0; d < dim; ++d) x[1 * dim + d] = x[2 * dim + d] = x[0 * dim + d];
+  const Balls b = make_balls(x.data(), dim, offsets, max_size);
+  std::vector<int64_t> want{0};
+  for (size_t r = 0; r + 1 < offsets.size(); ++r)
+    for (int64_t s = offsets[r]; s < offsets[r + 1]; s += max_size)
+      want.push_back(std::min(s + max_size, offsets[r + 1]));
+  size_t first_diff = 0;
+  while (first_diff < std::min(b.offsets.size(), want.size()) && b.offsets[first_diff] == want[first_diff])
+    ++first_diff;
+  EXPECT(b.dim == dim && b.offsets == want,
+         "make_balls n=%ld max_size=%ld: %ld groups, want %ld; first wrong offset at entry %ld", (long)n,
+         (long)max_size, (long)b.count(), (long)want.size() - 1, (long)first_diff);
+  if (b.offsets != want) return;
+  const int64_t nb = b.count();
+  EXPECT(b.centres.size() == size_t(nb * dim) && b.radii.size() == size_t(nb) &&
+             b.centre_norms.size() == size_t(nb) && b.norm_max.size() == size_t(nb) &&
+             b.member_dist.size() == size_t(n) && b.dist_min.size() == size_t(nb) &&
+             b.dist_max.size() == size_t(nb),
+         "make_balls: array sizes");
+  if (b.member_dist.size() != size_t(n) || b.dist_min.size() != size_t(nb) ||
+      b.dist_max.size() != size_t(nb))
+    return;
+  int64_t largest = 0;
+  for (int64_t gi = 0; gi < nb; ++gi) {
+    const int64_t s = b.offsets[gi], e = b.offsets[gi + 1];
+    EXPECT(e - s >= 1 && e - s <= max_size && b.size(gi) == e - s, "group %ld has %ld points",
+           (long)gi, (long)(e - s));
+    largest = std::max(largest, e - s);
+    const float* c = &b.centres[gi * dim];
+    double cn = 0.0;
+    for (int64_t d = 0; d < dim; ++d) {
+      double mean = 0.0;
+      for (int64_t i = s; i < e; ++i) mean += x[i * dim + d];
+      mean /= double(e - s);
+      EXPECT(std::fabs(c[d] - mean) <= 1e-6 * (1.0 + std::fabs(mean)), "group %ld centre[%ld] %g, mean %g",
+             (long)gi, (long)d, c[d], mean);
+      cn += double(c[d]) * c[d];
+    }
+    EXPECT(std::fabs(b.centre_norms[gi] - cn) <= 1e-6 * cn + 1e-30, "group %ld centre norm %g want %g",
+           (long)gi, b.centre_norms[gi], cn);
+    double rmax = 0.0, xmax = 0.0;
+    for (int64_t i = s; i < e; ++i) {
+      const double r = std::sqrt(exact_sqdist(&x[i * dim], c, dim));
+      double x2 = 0.0;
+      for (int64_t d = 0; d < dim; ++d) x2 += double(x[i * dim + d]) * x[i * dim + d];
+      rmax = std::max(rmax, r);
+      xmax = std::max(xmax, std::sqrt(x2));
+      EXPECT(r <= double(b.radii[gi]),
+             "n=%ld dim=%ld offset=%g: point %ld at %.17g from its centre, radius %.17g", (long)n,
+             (long)dim, offset, (long)i, r, double(b.radii[gi]));
+      // rho: the member's distance to the centre (float64, rounded), inside the ball's rho range
+      EXPECT(std::fabs(b.member_dist[i] - r) <= 1e-7 * r + 1e-37 &&
+                 double(b.dist_min[gi]) <= r && r <= double(b.dist_max[gi]),
+             "n=%ld dim=%ld offset=%g: point %ld at %.17g, member_dist %.17g, range [%.17g, %.17g]", (long)n,
+             (long)dim, offset, (long)i, r, double(b.member_dist[i]), double(b.dist_min[gi]),
+             double(b.dist_max[gi]));
+    }
+    // rounded up, not inflated: a loose radius would only cost pruning, but say so
+    EXPECT(double(b.radii[gi]) <= rmax * (1 + 1e-5) + 1e-30, "group %ld radius %g for max distance %g",
+           (long)gi, b.radii[gi], rmax);
+    EXPECT(double(b.norm_max[gi]) >= xmax, "group %ld norm_max %g < %g", (long)gi, b.norm_max[gi], xmax);
+  }
+  EXPECT(b.max_size() == largest, "max_size %ld want %ld", (long)b.max_size(), (long)largest);
+}
+
+// Points around `clusters` centres `sep` apart (integer data: small integer offsets
+// from integer centres, so equal distances are exactly equal). Keys are stored one
+// cluster after another (key_offsets, some clusters empty); key_order maps a stored key
+// to its "original" id (a random permutation, so ties must follow it, not storage).
+struct ClusteredProblem {
+  int64_t N, M, D;
+  std::vector<float> q, k;
+  std::vector<int64_t> key_offsets, key_order;
+};
+
+ClusteredProblem make_clustered(std::mt19937& rng, int64_t N, int64_t M, int64_t D, int64_t clusters,
+                                float sep, float spread, bool integer, bool sort_queries, float offset,
+                                bool sort_by_rho = true) {
+  ClusteredProblem p{N, M, D, {}, {}, {0}, {}};
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::uniform_int_distribution<int> small(-1, 1), cl(0, int(clusters) - 1);
+  std::vector<float> centres(clusters * D);
+  for (auto& v : centres)
+    v = offset + (integer ? sep * float(small(rng)) + float(2 * small(rng)) : sep * g(rng));
+  auto point = [&](int64_t c, float* out) {
+    for (int64_t d = 0; d < D; ++d)
+      out[d] = centres[c * D + d] + (integer ? float(small(rng)) : spread * g(rng));
+  };
+  // keys: a random size per cluster (zero allowed), one cluster after another
+  std::vector<int64_t> of_key(M);
+  for (auto& c : of_key) c = cl(rng);
+  std::sort(of_key.begin(), of_key.end());
+  p.k.resize(M * D);
+  for (int64_t j = 0; j < M; ++j) point(of_key[j], &p.k[j * D]);
+  for (int64_t c = 0; c < clusters; ++c)
+    p.key_offsets.push_back(std::upper_bound(of_key.begin(), of_key.end(), c) - of_key.begin());
+  if (integer && M >= 4)  // exact copies of keys stored in other clusters' ranges
+    for (int64_t t = 0; t < M / 4; ++t) {
+      const int64_t from = std::uniform_int_distribution<int64_t>(0, M - 1)(rng);
+      const int64_t to = std::uniform_int_distribution<int64_t>(0, M - 1)(rng);
+      std::copy(&p.k[from * D], &p.k[from * D] + D, &p.k[to * D]);
+    }
+  // inside a cluster by distance to its mean, as cluster_keys stores them: the annulus
+  // bound then selects a contiguous range (the passes must be exact either way)
+  if (sort_by_rho)
+    for (int64_t c = 0; c < clusters; ++c) {
+      const int64_t s = p.key_offsets[c], e = p.key_offsets[c + 1];
+      if (e - s < 2) continue;
+      std::vector<float> mean(D, 0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        double m = 0.0;
+        for (int64_t j = s; j < e; ++j) m += p.k[j * D + d];
+        mean[d] = float(m / double(e - s));
+      }
+      std::vector<std::pair<double, int64_t>> rho;
+      for (int64_t j = s; j < e; ++j) rho.emplace_back(exact_sqdist(&p.k[j * D], mean.data(), D), j);
+      std::stable_sort(rho.begin(), rho.end());
+      std::vector<float> sorted;
+      for (const auto& r : rho) sorted.insert(sorted.end(), &p.k[r.second * D], &p.k[r.second * D] + D);
+      std::copy(sorted.begin(), sorted.end(), &p.k[s * D]);
+    }
+  p.key_order.resize(M);
+  std::iota(p.key_order.begin(), p.key_order.end(), 0);
+  std::shuffle(p.key_order.begin(), p.key_order.end(), rng);
+  std::vector<int64_t> of_query(N);
+  for (auto& c : of_query) c = cl(rng);
+  if (sort_queries) std::sort(of_query.begin(), of_query.end());  // as patch_nn.cpp does
+  p.q.resize(N * D);
+  for (int64_t i = 0; i < N; ++i) point(of_query[i], &p.q[i * D]);
+  return p;
+}
+
+// The pruned passes' cross term on gathered rows: the naive loop of naive_gemm (same
+// fp32 operations in the same order, so the same values) on fp32 rows, or on bf16 rows
+// (elem_bytes 2: the upper half of an fp32, exact for the small integers used with it).
+struct PtrCtx {
+  int64_t D, elem_bytes;
+};
+float load_elem(const void* base, int64_t i, int64_t elem_bytes) {
+  if (elem_bytes == 4) return static_cast<const float*>(base)[i];
+  const uint32_t bits = uint32_t(static_cast<const uint16_t*>(base)[i]) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+void naive_ptr_gemm(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
+                    int64_t ldc) {
+  const PtrCtx& c = *static_cast<const PtrCtx*>(ctx);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t j = 0; j < nc; ++j) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < c.D; ++d)
+        acc += load_elem(Q, r * c.D + d, c.elem_bytes) * load_elem(K, j * c.D + d, c.elem_bytes);
+      C[r * ldc + j] = -2.f * acc;
+    }
+}
+std::vector<uint16_t> to_bf16_bits(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[i], sizeof bits);
+    out[i] = uint16_t(bits >> 16);
+  }
+  return out;
+}
+
+struct PrunedConfig {
+  int64_t query_block, max_ball, batch, elem_bytes;
+  int threads;
+  bool random_weights;
+};
+
+// Both pruned passes against brute force: (1) the same fp32 arithmetic on the whole
+// matrix, which a correct pruning reproduces bit for bit (a skipped tile's values all
+// exceed what was kept), ties to the lowest key_order; (2) float64 distances, within
+// the fp32 error window. Returns the fraction of (query, key) pairs computed.
+double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, std::mt19937& rng) {
+  const int64_t N = p.N, M = p.M, D = p.D;
+  std::vector<int64_t> qoff;
+  for (int64_t s = 0; s < N; s += cfg.query_block) qoff.push_back(s);
+  qoff.push_back(N);
+  const Balls kb = make_balls(p.k.data(), D, p.key_offsets, cfg.max_ball);
+  std::vector<float> qn(N), kn(M), qwin(N);
+  squared_norms(p.q, D, qn);
+  squared_norms(p.k, D, kn);
+  // error windows of the fp32 ||q - c||^2, as patch_nn.cpp computes them
+  float cmax2 = 0.f;
+  for (float v : kb.centre_norms) cmax2 = std::max(cmax2, v);
+  const double kc_max = std::sqrt(double(cmax2)) * (1.0 + 1e-6);
+  for (int64_t i = 0; i < N; ++i) qwin[i] = candidate_window(std::sqrt(double(qn[i])), kc_max, D, 0.0);
+
+  Problem all{1, N, M, D, p.q, p.k};
+  Problem q_kc{1, N, kb.count(), D, p.q, kb.centres};
+  NaiveCtx c_all{&all}, c_qkc{&q_kc};
+  const PtrCtx pc{D, cfg.elem_bytes};
+  const std::vector<uint16_t> q16 = to_bf16_bits(p.q), k16 = to_bf16_bits(p.k);
+  const void* qrows = cfg.elem_bytes == 4 ? static_cast<const void*>(p.q.data()) : q16.data();
+  const void* krows = cfg.elem_bytes == 4 ? static_cast<const void*>(p.k.data()) : k16.data();
+  PruneStats stats;
+  PrunedPassArgs a{N, M, D, qrows, krows, cfg.elem_bytes, qn.data(), kn.data(), qwin.data(), &qoff, &kb,
+                   PtrGemm{naive_ptr_gemm, &pc}, TileGemm{naive_gemm, &c_qkc}, cfg.threads, &stats};
+  a.batch = cfg.batch;
+  char what[200];
+  std::snprintf(what, sizeof what, "N=%ld M=%ld D=%ld block=%ld ball=%ld batch=%ld bytes=%ld threads=%d",
+                (long)N, (long)M, (long)D, (long)cfg.query_block, (long)cfg.max_ball, (long)cfg.batch,
+                (long)cfg.elem_bytes, cfg.threads);
+
+  // pass 1
+  std::vector<float> colmin(M, -1.f);
+  pruned_column_min(a, block_ranges(a), colmin.data());
+  // every key ball computes its nearest query block at least: M <= computed <= N M pairs
+  const int64_t pairs = N * M;
+  // (one block against one ball: nothing can be skipped, all N M are computed)
+  const bool one_tile = N <= cfg.query_block && kb.count() == 1;
+  EXPECT(stats.pairs_total == pairs && stats.pairs_computed <= pairs && stats.pairs_computed >= M &&
+             (!one_tile || stats.pairs_computed == pairs),
+         "%s: pass 1 computed %ld of %ld pairs", what, (long)stats.pairs_computed.load(),
+         (long)stats.pairs_total.load());
+  std::vector<float> t(N * M);  // the whole fp32 cross-term matrix
+  naive_gemm(&c_all, 0, 0, N, 0, M, t.data(), M);
+  double qmax = 0, kmax = 0;
+  for (float v : qn) qmax = std::max(qmax, std::sqrt(double(v)));
+  for (float v : kn) kmax = std::max(kmax, std::sqrt(double(v)));
+  for (int64_t j = 0; j < M; ++j) {
+    float m = INFINITY;
+    double m64 = INFINITY;
+    for (int64_t i = 0; i < N; ++i) {
+      m = std::min(m, t[i * M + j] + qn[i]);
+      m64 = std::min(m64, exact_sqdist(&p.q[i * D], &p.k[j * D], D));
+    }
+    const float want = std::max(m + kn[j], 0.0f);
+    EXPECT(colmin[j] == want, "%s: colmin[%ld] = %.9g, the full fp32 sweep gives %.9g (float64 %.9g)", what,
+           (long)j, colmin[j], want, m64);
+    const double tol = candidate_window(std::sqrt(double(kn[j])), qmax, D, 0.0);
+    EXPECT(std::fabs(colmin[j] - m64) <= tol, "%s: colmin[%ld] = %.9g, float64 %.9g", what, (long)j,
+           colmin[j], m64);
+  }
+
+  // pass 2, on GPNN's weights (or arbitrary positive ones: the bound scales by the
+  // smallest weight of a ball)
+  std::vector<float> w(M);
+  std::uniform_real_distribution<float> uw(0.05f, 3.f);
+  for (int64_t j = 0; j < M; ++j) w[j] = cfg.random_weights ? uw(rng) : 1.0f / (0.005f + colmin[j]);
+  float wmax = 0.f;
+  for (float v : w) wmax = std::max(wmax, v);
+  std::vector<int64_t> idx(N, -1);
+  const int64_t computed1 = stats.pairs_computed;
+  pruned_weighted_argmin(a, w.data(), p.key_order.data(), idx.data());
+  const int64_t computed2 = stats.pairs_computed - computed1;
+  EXPECT(stats.pairs_total == 2 * pairs && computed2 <= pairs && computed2 >= N &&
+             (!one_tile || computed2 == pairs),
+         "%s: pass 2 computed %ld of %ld pairs", what, (long)computed2, (long)pairs);
+  for (int64_t i = 0; i < N; ++i) {
+    float best = INFINITY;
+    int64_t want = -1;
+    double best64 = INFINITY;
+    for (int64_t j = 0; j < M; ++j) {
+      const float s = std::max(qn[i] + t[i * M + j] + kn[j], 0.0f) * w[j];
+      if (s < best || (s == best && p.key_order[j] < want)) {
+        best = s;
+        want = p.key_order[j];
+      }
+      best64 = std::min(best64, exact_sqdist(&p.q[i * D], &p.k[j * D], D) * w[j]);
+    }
+    EXPECT(idx[i] == want, "%s: row %ld picks key %ld, the full fp32 sweep key %ld", what, (long)i,
+           (long)idx[i], (long)want);
+    if (idx[i] < 0 || idx[i] >= M) continue;
+    // float64 score of the pick (key_order maps stored position -> id)
+    const int64_t at = std::find(p.key_order.begin(), p.key_order.end(), idx[i]) - p.key_order.begin();
+    const double got64 = exact_sqdist(&p.q[i * D], &p.k[at * D], D) * w[at];
+    const double tol = 2.0 * candidate_window(std::sqrt(double(qn[i])), kmax, D, 0.0) * wmax + 1e-6 * best64;
+    EXPECT(got64 <= best64 + tol, "%s: row %ld reaches %.9g, float64 optimum %.9g", what, (long)i, got64, best64);
+  }
+  return double(stats.pairs_computed) / double(stats.pairs_total);
+}
+
+void check_pruned(std::mt19937& rng) {
+  // make_balls: odd sizes, empty ranges, splits at max_size, far from the origin
+  const std::vector<int64_t> ranges[] = {{0, 1}, {0, 3, 3, 10, 11, 40}, {0, 0, 7, 7, 40}, {0, 40}};
+  for (const auto& r : ranges)
+    for (int64_t max_size : {1, 2, 3, 8, 64})
+      for (int64_t dim : {1, 5})
+        for (float offset : {0.f, 1000.f}) check_make_balls(rng, r.back(), dim, r, max_size, 1.f, offset);
+  check_make_balls(rng, 300, 3, {0, 128, 300}, 128, 1e-3f, 3e4f);  // tiny balls, huge coordinates
+
+  struct Case {
+    int64_t N, M, D, clusters;
+    float sep, spread;
+    bool integer, sorted;
+    float offset;
+  };
+  const Case cases[] = {
+      {1, 1, 1, 1, 10.f, 1.f, false, true, 0.f},
+      {1, 37, 3, 4, 10.f, 1.f, false, true, 0.f},
+      {29, 1, 5, 3, 10.f, 1.f, false, true, 0.f},
+      {70, 90, 5, 6, 20.f, 0.5f, false, true, 0.f},   // well separated
+      {90, 120, 1, 6, 20.f, 1.f, false, true, 0.f},   // D = 1, 2: annulus bounds are nearly tight,
+      {80, 100, 2, 5, 10.f, 1.f, false, true, 0.f},   // so every threshold decides something
+      {70, 90, 5, 6, 20.f, 0.5f, false, false, 0.f},  // query blocks span clusters
+      {64, 200, 7, 5, 3.f, 1.f, false, true, 0.f},    // overlapping clusters
+      {50, 80, 4, 5, 20.f, 0.5f, false, true, 500.f}, // far from the origin (not centred)
+      {60, 60, 3, 4, 8.f, 1.f, true, true, 0.f},      // exact ties and copies
+      {45, 77, 2, 3, 4.f, 1.f, true, false, 0.f},
+  };
+  int variant = 0;
+  for (const Case& c : cases)
+    for (int64_t block : {1, 7, 64})
+      for (int64_t ball : {1, 5, 256})
+        for (int64_t batch : {1, 40, 512}) {
+          ++variant;
+          const ClusteredProblem p = make_clustered(rng, c.N, c.M, c.D, c.clusters, c.sep, c.spread, c.integer,
+                                                    c.sorted, c.offset, /*sort_by_rho=*/variant % 4 != 1);
+          const int64_t bytes = c.integer && variant % 2 ? 2 : 4;  // bf16 rows: exact for small integers
+          check_pruned_passes(p, {block, ball, batch, bytes, 1 + (variant / 2) % 2, variant % 3 == 0}, rng);
+        }
+  // Far from the origin with tiny clusters: the fp32 rounding of ||x||^2 ~ 1e5 rivals the
+  // distances themselves, so the bounds hold only if the error windows cover it.
+  for (int rep = 0; rep < 4; ++rep)
+    for (int64_t D : {1, 3, 8})
+      for (float spread : {0.01f, 0.1f}) {
+        const ClusteredProblem p = make_clustered(rng, 40, 60, D, 4, 0.3f, spread, false, true, 300.f);
+        for (int64_t block : {1, 7})
+          for (int64_t ball : {1, 5, 256})
+            for (int64_t batch : {1, 512}) check_pruned_passes(p, {block, ball, batch, 4, 1, batch == 1}, rng);
+      }
+  // well-separated clusters, queries sorted by cluster: most pairs provably useless
+  for (int64_t D : {2, 9})
+    for (int64_t batch : {1, 512}) {
+      const ClusteredProblem p = make_clustered(rng, 200, 240, D, 8, 30.f, 0.5f, false, true, 0.f);
+      const double frac = check_pruned_passes(p, {16, 32, batch, 4, 2, false}, rng);
+      // gathering surviving tiles into batches decides on staler minima: fewer skipped
+      EXPECT(frac < (batch == 1 ? 0.5 : 0.75),
+             "D=%ld batch=%ld well-separated clusters: computed %.2f of the pairs", (long)D, (long)batch, frac);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -192,6 +545,7 @@ int main() {
   }
   // more candidates than the cap: the full-scan fallback answers these rows
   check_topk(rng, 1, 2, 9000, 1, 3, false, true, Tiling{64, 256, 0});
+  check_pruned(rng);
   // empty problems return without touching anything
   for_each_row_block(Shape{0, 5, 5, 3}, Tiling{}, TileGemm{nullptr, nullptr}, ColumnMin({}));
   if (g_failures) {

@@ -25,7 +25,7 @@ class KeyClusters(NamedTuple):
                                # then distance to the cluster's centre)
 
 
-def cluster_keys(keys, cluster_size=128, iterations=4, seed=0):
+def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
     """k-means (Lloyd, `iterations` steps, ~`cluster_size` keys per cluster) of (M, D) keys.
 
     The clustering only decides how much patch_nn can skip, never its answer; a few
