@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import backends
 from fastgen.ops import patch_nn, reference
 from helpers import assert_equal_idx
 
-BACKENDS = ["cpp", "torch"]
+BACKENDS = backends()  # triton where it runs (under TRITON_INTERPRET=1 on this machine)
 
 
 def fp32_allowance(q, k, alpha):
@@ -60,8 +61,9 @@ def test_random_data_reaches_optimum(backend, alpha, shape):
         assert_equal_idx(idx, reference.patch_nn_exact(q, k, None)[0])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# precision is a CPU option: the Triton kernel always runs fp32 tiles
+@pytest.mark.parametrize("backend,precision", [(b, p) for b in BACKENDS for p in ("fp32", "bf16")
+                                               if b != "triton" or p == "fp32"])
 def test_real_image_patches(backend, precision):
     keys = image_patches((28, 40))
     queries = keys + 0.05 * torch.randn_like(keys)  # a noisy copy, as in GPNN's coarsest level
@@ -525,3 +527,25 @@ def test_clustered_opcheck(dtype, alpha, precision):
     kc = cluster_keys(k, cluster_size=8)
     torch.library.opcheck(torch.ops.fastgen.patch_nn_clustered.default,
                           (q, kc.sorted_keys, kc.offsets, kc.order, alpha, precision))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])
+def test_triton_ops_opcheck(backend):
+    from fastgen.ops.triton.patch_nn import patch_nn_triton  # noqa: F401  (registers the op)
+    q = torch.randn(2, 20, 6)
+    k = torch.randn(2, 30, 6)
+    torch.library.opcheck(torch.ops.fastgen.patch_nn_triton.default, (q, k, 0.005))
+    torch.library.opcheck(torch.ops.fastgen.column_min_triton.default, (q, k))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])
+def test_triton_ties_and_batches(backend):
+    # small integers: distances are exact in fp32 (the kernel's centring shift is snapped
+    # to a power-of-two grid) and both sides round d * w alike, so ties are real ties
+    base = torch.randint(-2, 3, (40, 4)).float()
+    keys = torch.cat([base, -base, base[:10]])            # the last 10 copy earlier keys
+    q = torch.randint(-2, 3, (3, 50, 4)).float()
+    idx = patch_nn(q, keys.expand(3, -1, -1), 0.5, backend=backend)
+    d = ((q[:, :, None, :] - keys[None, None]) ** 2).sum(-1)
+    w = (d.min(1).values + 0.5).reciprocal()
+    assert_equal_idx(idx, (d * w[:, None, :]).argmin(-1))   # first index on ties

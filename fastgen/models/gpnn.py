@@ -233,9 +233,6 @@ class GPNN:
         return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
 
     def _patch_backend(self, device):
-        # patch_nn has no Triton kernel yet; on CUDA "auto" means its torch two-pass method
-        if self.backend == "auto" and device.type == "cuda":
-            return "torch"
         return self.backend
 
     def _keys(self, keys_img, valid_keys=None):

@@ -78,7 +78,8 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
             `cluster_keys` ((M, D) keys shared by every batch element).
         alpha: > 0, small = strong push to use every key (0.005 for sampling); None
             gives the plain (exact) nearest neighbour.
-        backend: "auto", "cpp", or "torch" (the two-pass chunked PyTorch method).
+        backend: "auto", "cpp", "triton" (two passes, no pruning; verified under
+            TRITON_INTERPRET=1 only), or "torch" (the two-pass chunked PyTorch method).
         precision: "fp32" or "bf16" cross term. Scores are fp32: natural patches are
             full of near-ties, so different backends may pick different keys of
             (within fp32 rounding) equal score.
@@ -106,8 +107,6 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
             raise ValueError(f"alpha must be in [1e-30, 1e30] or None, got {alpha}")
     _validate.precision(precision)
     be = _backend.resolve(backend, queries.device)
-    if be == "triton":
-        raise NotImplementedError("patch_nn has no Triton kernel yet; use backend='torch' on CUDA tensors")
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
     if be == "cpp" and prune and alpha is not None:
@@ -124,6 +123,15 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
+    elif be == "triton":  # fp32 tiles (precision is a CPU option); plain NN = exact kNN with k=1
+        _validate.finite(queries, "queries")
+        _validate.finite(keys, "keys")
+        if alpha is None:
+            from fastgen.ops.triton.knn import knn_triton
+            idx = knn_triton(q3, k3, 1, False)[1][..., 0]
+        else:
+            from fastgen.ops.triton.patch_nn import patch_nn_triton
+            idx = patch_nn_triton(q3, k3, alpha)
     else:
         _validate.finite(queries, "queries")
         _validate.finite(keys, "keys")
