@@ -45,6 +45,13 @@
 namespace fastgen {
 namespace engine {
 
+// Largest group of an offsets list.
+inline int64_t max_group(const std::vector<int64_t>& offsets) {
+  int64_t m = 0;
+  for (size_t g = 0; g + 1 < offsets.size(); ++g) m = std::max(m, offsets[g + 1] - offsets[g]);
+  return m;
+}
+
 // Groups of consecutive points (rows of a row-major (n, dim) fp32 array), each with a
 // ball that provably contains it.
 struct Balls {
@@ -52,21 +59,17 @@ struct Balls {
   std::vector<int64_t> offsets;  // count() + 1 ascending, offsets[0] = 0
   std::vector<float> centres;    // count() x dim
   std::vector<float> centre_norms;  // ||c||^2
-  std::vector<float> radii;      // >= max ||x - c|| over the members, rounded up
-  std::vector<float> norm_max;   // max ||x|| over the members (for error windows)
   std::vector<float> member_dist;   // per point: ||x - c|| of its ball (float64, rounded)
   std::vector<float> dist_min, dist_max;  // per ball: range of member_dist, widened
+                                          // (dist_max: the radius, rounded up)
   int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
   int64_t size(int64_t g) const { return offsets[g + 1] - offsets[g]; }
-  int64_t max_size() const {
-    int64_t m = 0;
-    for (int64_t g = 0; g < count(); ++g) m = std::max(m, size(g));
-    return m;
-  }
+  int64_t max_size() const { return max_group(offsets); }
 };
 
 // Ranges [offsets[g], offsets[g+1]) of `points`, split so no group exceeds max_size.
-// Centres are float64 means rounded to fp32; radii are float64 distances to the
+// Centres are float64 means rounded to fp32; member distances and radii (dist_max) are
+// float64 distances to the
 // rounded centre, rounded up, so the ball holds every member exactly.
 inline Balls make_balls(const float* points, int64_t dim, const std::vector<int64_t>& offsets,
                         int64_t max_size) {
@@ -80,8 +83,6 @@ inline Balls make_balls(const float* points, int64_t dim, const std::vector<int6
   const int64_t n = b.count();
   b.centres.assign(static_cast<size_t>(n * dim), 0.0f);
   b.centre_norms.assign(n, 0.0f);
-  b.radii.assign(n, 0.0f);
-  b.norm_max.assign(n, 0.0f);
   b.member_dist.assign(static_cast<size_t>(b.offsets.back()), 0.0f);
   b.dist_min.assign(n, 0.0f);
   b.dist_max.assign(n, 0.0f);
@@ -97,25 +98,21 @@ inline Balls make_balls(const float* points, int64_t dim, const std::vector<int6
       c[d] = static_cast<float>(mean[d] / static_cast<double>(std::max<int64_t>(e - s, 1)));
       cn += static_cast<double>(c[d]) * c[d];
     }
-    double r2 = 0.0, x2max = 0.0, dmin = INFINITY;
+    double r2 = 0.0, dmin = INFINITY;
     for (int64_t i = s; i < e; ++i) {
-      double acc = 0.0, x2 = 0.0;
+      double acc = 0.0;
       for (int64_t d = 0; d < dim; ++d) {
         const double v = static_cast<double>(points[i * dim + d]);
         acc += (v - c[d]) * (v - c[d]);
-        x2 += v * v;
       }
       r2 = std::max(r2, acc);
-      x2max = std::max(x2max, x2);
       b.member_dist[i] = static_cast<float>(std::sqrt(acc));
       dmin = std::min(dmin, std::sqrt(acc));
     }
     b.dist_min[g] = static_cast<float>(dmin * (1.0 - 1e-6));
     b.centre_norms[g] = static_cast<float>(cn);
     // float64 sums of <= 2^20 terms are off by far less than 1e-6 relative
-    b.radii[g] = std::nextafter(static_cast<float>(std::sqrt(r2) * (1.0 + 1e-6)), INFINITY);
-    b.dist_max[g] = b.radii[g];
-    b.norm_max[g] = static_cast<float>(std::sqrt(x2max) * (1.0 + 1e-6));
+    b.dist_max[g] = std::nextafter(static_cast<float>(std::sqrt(r2) * (1.0 + 1e-6)), INFINITY);
   }
   return b;
 }
@@ -217,8 +214,7 @@ struct BlockRanges {
 inline BlockRanges block_ranges(const PrunedPassArgs& a) {
   const std::vector<int64_t>& qo = *a.query_offsets;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = a.key_balls->count();
-  int64_t qmax = 0;
-  for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
+  const int64_t qmax = max_group(qo);
   BlockRanges br;
   br.lo.assign(static_cast<size_t>(nqb * nkb), INFINITY);
   br.hi.assign(static_cast<size_t>(nqb * nkb), 0.0f);
@@ -250,8 +246,7 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
   const Balls& kb = *a.key_balls;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
   const int64_t kmax = kb.max_size();
-  int64_t qmax = 0;
-  for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
+  const int64_t qmax = max_group(qo);
   const int64_t row_bytes = a.dim * a.elem_bytes;
   if (nqb <= 0) {  // no queries: nothing covers any key
     std::fill(colmin, colmin + a.cols, std::numeric_limits<float>::infinity());
@@ -339,8 +334,7 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
   const Balls& kb = *a.key_balls;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
   const int64_t kmax = kb.max_size();
-  int64_t qmax = 0;
-  for (int64_t b = 0; b < nqb; ++b) qmax = std::max(qmax, qo[b + 1] - qo[b]);
+  const int64_t qmax = max_group(qo);
   const int64_t row_bytes = a.dim * a.elem_bytes;
   // the smallest weight of each ball turns a distance bound into a score bound
   std::vector<float> wmin(nkb, std::numeric_limits<float>::infinity());

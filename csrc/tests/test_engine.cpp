@@ -199,8 +199,7 @@ void check_make_balls(std::mt19937& rng, int64_t n, int64_t dim,
          (long)max_size, (long)b.count(), (long)want.size() - 1, (long)first_diff);
   if (b.offsets != want) return;
   const int64_t nb = b.count();
-  EXPECT(b.centres.size() == size_t(nb * dim) && b.radii.size() == size_t(nb) &&
-             b.centre_norms.size() == size_t(nb) && b.norm_max.size() == size_t(nb) &&
+  EXPECT(b.centres.size() == size_t(nb * dim) && b.centre_norms.size() == size_t(nb) &&
              b.member_dist.size() == size_t(n) && b.dist_min.size() == size_t(nb) &&
              b.dist_max.size() == size_t(nb),
          "make_balls: array sizes");
@@ -225,16 +224,13 @@ void check_make_balls(std::mt19937& rng, int64_t n, int64_t dim,
     }
     EXPECT(std::fabs(b.centre_norms[gi] - cn) <= 1e-6 * cn + 1e-30, "group %ld centre norm %g want %g",
            (long)gi, b.centre_norms[gi], cn);
-    double rmax = 0.0, xmax = 0.0;
+    double rmax = 0.0;
     for (int64_t i = s; i < e; ++i) {
       const double r = std::sqrt(exact_sqdist(&x[i * dim], c, dim));
-      double x2 = 0.0;
-      for (int64_t d = 0; d < dim; ++d) x2 += double(x[i * dim + d]) * x[i * dim + d];
       rmax = std::max(rmax, r);
-      xmax = std::max(xmax, std::sqrt(x2));
-      EXPECT(r <= double(b.radii[gi]),
+      EXPECT(r <= double(b.dist_max[gi]),
              "n=%ld dim=%ld offset=%g: point %ld at %.17g from its centre, radius %.17g", (long)n,
-             (long)dim, offset, (long)i, r, double(b.radii[gi]));
+             (long)dim, offset, (long)i, r, double(b.dist_max[gi]));
       // rho: the member's distance to the centre (float64, rounded), inside the ball's rho range
       EXPECT(std::fabs(b.member_dist[i] - r) <= 1e-7 * r + 1e-37 &&
                  double(b.dist_min[gi]) <= r && r <= double(b.dist_max[gi]),
@@ -243,9 +239,8 @@ void check_make_balls(std::mt19937& rng, int64_t n, int64_t dim,
              double(b.dist_max[gi]));
     }
     // rounded up, not inflated: a loose radius would only cost pruning, but say so
-    EXPECT(double(b.radii[gi]) <= rmax * (1 + 1e-5) + 1e-30, "group %ld radius %g for max distance %g",
-           (long)gi, b.radii[gi], rmax);
-    EXPECT(double(b.norm_max[gi]) >= xmax, "group %ld norm_max %g < %g", (long)gi, b.norm_max[gi], xmax);
+    EXPECT(double(b.dist_max[gi]) <= rmax * (1 + 1e-5) + 1e-30, "group %ld radius %g for max distance %g",
+           (long)gi, b.dist_max[gi], rmax);
   }
   EXPECT(b.max_size() == largest, "max_size %ld want %ld", (long)b.max_size(), (long)largest);
 }
