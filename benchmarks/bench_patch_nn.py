@@ -69,7 +69,7 @@ def child(provider, size, repeats):
                       "min_s": times[0], "max_s": times[-1], "repeats": repeats,
                       "peak_mb": (peak - base) / 1024 if peak and base else None,
                       "threads": torch.get_num_threads(), "idx_sum": int(idx.sum()),
-                      "tiles_computed": ((tiles1[1] - tiles0[1]) / (tiles1[0] - tiles0[0])
+                      "computed_fraction": ((tiles1[1] - tiles0[1]) / (tiles1[0] - tiles0[0])
                                          if tiles1[0] > tiles0[0] else None)}))
 
 
@@ -113,14 +113,14 @@ def main():
         rows.append(result)
         print(json.dumps(rows[-1]), flush=True)
     ref = {r["provider"]: r["median_s"] for r in rows}.get("torch-two-pass")
-    print("\n| N x M x D | provider | median s | effective GFLOP/s (2 full passes) | tiles computed | "
+    print("\n| N x M x D | provider | median s | effective GFLOP/s (2 full passes) | distances computed | "
           "peak MB | time / torch-two-pass |")
     print("|---|---|--:|--:|--:|--:|--:|")
     for r in rows:
         flops = 2 * 2 * r["N"] * r["M"] * r["D"]
         ratio = f"{r['median_s'] / ref:.2f}" if ref else "n/a"
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
-        tiles = f"{r['tiles_computed']:.3f}" if r.get("tiles_computed") is not None else "all"
+        tiles = f"{r['computed_fraction']:.3f}" if r.get("computed_fraction") is not None else "all"
         print(f"| {r['N']} x {r['M']} x {r['D']} | {r['provider']} | {r['median_s']:.2f} | "
               f"{flops / r['median_s'] / 1e9:.0f} | {tiles} | {peak} | {ratio} |")
     return 0

@@ -549,3 +549,17 @@ def test_triton_ties_and_batches(backend):
     d = ((q[:, :, None, :] - keys[None, None]) ** 2).sum(-1)
     w = (d.min(1).values + 0.5).reciprocal()
     assert_equal_idx(idx, (d * w[:, None, :]).argmin(-1))   # first index on ties
+
+
+def test_clustered_op_rejects_a_bound_table_near_n_by_m():
+    # one key per cluster and half a million queries: the (query block x cluster) bound
+    # table would pass 1 GB, so the op refuses before allocating anything
+    q = torch.zeros(1, 32 * 2 ** 14, 1)
+    k = torch.arange(2 ** 13 + 1, dtype=torch.float32)[:, None]
+    offsets = torch.arange(k.shape[0] + 1)
+    with pytest.raises(ValueError, match="too many key clusters"):
+        torch.ops.fastgen.patch_nn_clustered(q, k, offsets, torch.arange(k.shape[0]), 0.005, "fp32")
+    # fewer queries with the same clusters pass: every query sits at 0, key 0 is at 0,
+    # so key 0's score 0 beats every other key's j^2 / (alpha + j^2)
+    idx = torch.ops.fastgen.patch_nn_clustered(q[:, :4096], k, offsets, torch.arange(k.shape[0]), 0.005, "fp32")
+    assert idx.shape == (1, 4096) and bool((idx == 0).all())

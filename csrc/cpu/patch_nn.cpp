@@ -185,6 +185,13 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
   TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
   const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_order(key_order, M);
+  // The pass-1 bounds keep a (query block x cluster) table: with absurdly small clusters
+  // it would approach the N x M matrix this op exists to avoid.
+  const int64_t blocks = (N + prune_shape().query_block - 1) / prune_shape().query_block;
+  TORCH_CHECK_VALUE(blocks * static_cast<int64_t>(offsets.size() - 1) <= (int64_t{1} << 27),
+                    "too many key clusters (", offsets.size() - 1, ") for ", N,
+                    " queries: the bound table would pass 1 GB; cluster the keys more coarsely "
+                    "(cluster_keys(keys, cluster_size=...) with a larger cluster_size)");
   const at::Tensor order = key_order.contiguous();
   auto idx = at::empty({B, N}, queries.options().dtype(at::kLong));
   if (N == 0) return idx;

@@ -1,6 +1,5 @@
 #include "tile_gemm.h"
 
-#include <utility>
 #include <vector>
 
 // MKL's entry points are exported by libtorch_cpu on x86 wheels. Declared weak so a
@@ -76,60 +75,25 @@ void bf16_mkl_rows(int64_t dim, const uint16_t* Q, int64_t nr, const uint16_t* K
                          static_cast<int>(dim), 0.0f, C, static_cast<int>(ldc));
 }
 
-// Tiles of the operands: the rows [r0, r0 + nr) of batch b's queries, [c0, c0 + nc) of its keys.
+// The engine's two callback forms around one raw GEMM: a tile of the operands (rows
+// [r0, r0 + nr) of batch b's queries, [c0, c0 + nc) of its keys), or gathered rows.
+// ctx is the GemmOperands (for the tile form: pointers and sizes; for rows: dim only).
 template <class T>
-std::pair<const T*, const T*> tile_rows(const GemmOperands* o, int64_t b, int64_t r0, int64_t c0) {
-  return {static_cast<const T*>(o->queries) + (b * o->rows + r0) * o->dim,
-          static_cast<const T*>(o->keys) + (b * o->cols + c0) * o->dim};
-}
+using RowsFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, float*, int64_t);
 
-void sgemm_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                float* C, int64_t ldc) {
+template <class T, RowsFn<T> Rows>
+void tile_call(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* C,
+               int64_t ldc) {
   const auto* o = static_cast<const GemmOperands*>(ctx);
-  auto [Q, K] = tile_rows<float>(o, b, r0, c0);
-  sgemm_rows(o->dim, Q, nr, K, nc, C, ldc);
+  Rows(o->dim, static_cast<const T*>(o->queries) + (b * o->rows + r0) * o->dim, nr,
+       static_cast<const T*>(o->keys) + (b * o->cols + c0) * o->dim, nc, C, ldc);
 }
 
-void aten_fp32_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                    float* C, int64_t ldc) {
-  const auto* o = static_cast<const GemmOperands*>(ctx);
-  auto [Q, K] = tile_rows<float>(o, b, r0, c0);
-  aten_fp32_rows(o->dim, Q, nr, K, nc, C, ldc);
-}
-
-void bf16_aten_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                    float* C, int64_t ldc) {
-  const auto* o = static_cast<const GemmOperands*>(ctx);
-  auto [Q, K] = tile_rows<at::BFloat16>(o, b, r0, c0);
-  bf16_aten_rows(o->dim, Q, nr, K, nc, C, ldc);
-}
-
-void bf16_mkl_tile(const void* ctx, int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                   float* C, int64_t ldc) {
-  const auto* o = static_cast<const GemmOperands*>(ctx);
-  auto [Q, K] = tile_rows<uint16_t>(o, b, r0, c0);
-  bf16_mkl_rows(o->dim, Q, nr, K, nc, C, ldc);
-}
-
-// Gathered rows (engine::PtrGemm): ctx is the GemmOperands, for dim only.
-void sgemm_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C, int64_t ldc) {
-  sgemm_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const float*>(Q), nr,
-             static_cast<const float*>(K), nc, C, ldc);
-}
-void aten_fp32_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
-                   int64_t ldc) {
-  aten_fp32_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const float*>(Q), nr,
-                 static_cast<const float*>(K), nc, C, ldc);
-}
-void bf16_aten_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
-                   int64_t ldc) {
-  bf16_aten_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const at::BFloat16*>(Q), nr,
-                 static_cast<const at::BFloat16*>(K), nc, C, ldc);
-}
-void bf16_mkl_ptr(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
-                  int64_t ldc) {
-  bf16_mkl_rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const uint16_t*>(Q), nr,
-                static_cast<const uint16_t*>(K), nc, C, ldc);
+template <class T, RowsFn<T> Rows>
+void rows_call(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc, float* C,
+               int64_t ldc) {
+  Rows(static_cast<const GemmOperands*>(ctx)->dim, static_cast<const T*>(Q), nr,
+       static_cast<const T*>(K), nc, C, ldc);
 }
 
 }  // namespace
@@ -138,20 +102,22 @@ bool has_blas_sgemm() { return sgemm_ != nullptr; }
 bool has_blas_bf16_gemm() { return cblas_gemm_bf16bf16f32 != nullptr; }
 
 engine::TileGemm fp32_tile_gemm(const GemmOperands* ops) {
-  if (has_blas_sgemm()) return {sgemm_tile, ops};
-  return {aten_fp32_tile, ops};
+  if (has_blas_sgemm()) return {tile_call<float, sgemm_rows>, ops};
+  return {tile_call<float, aten_fp32_rows>, ops};
 }
-
-engine::TileGemm bf16_aten_tile_gemm(const GemmOperands* ops) { return {bf16_aten_tile, ops}; }
-
-engine::TileGemm bf16_mkl_tile_gemm(const GemmOperands* ops) { return {bf16_mkl_tile, ops}; }
+engine::TileGemm bf16_aten_tile_gemm(const GemmOperands* ops) {
+  return {tile_call<at::BFloat16, bf16_aten_rows>, ops};
+}
+engine::TileGemm bf16_mkl_tile_gemm(const GemmOperands* ops) { return {tile_call<uint16_t, bf16_mkl_rows>, ops}; }
 
 engine::PtrGemm fp32_ptr_gemm(const GemmOperands* ops) {
-  if (has_blas_sgemm()) return {sgemm_ptr, ops};
-  return {aten_fp32_ptr, ops};
+  if (has_blas_sgemm()) return {rows_call<float, sgemm_rows>, ops};
+  return {rows_call<float, aten_fp32_rows>, ops};
 }
-engine::PtrGemm bf16_aten_ptr_gemm(const GemmOperands* ops) { return {bf16_aten_ptr, ops}; }
-engine::PtrGemm bf16_mkl_ptr_gemm(const GemmOperands* ops) { return {bf16_mkl_ptr, ops}; }
+engine::PtrGemm bf16_aten_ptr_gemm(const GemmOperands* ops) {
+  return {rows_call<at::BFloat16, bf16_aten_rows>, ops};
+}
+engine::PtrGemm bf16_mkl_ptr_gemm(const GemmOperands* ops) { return {rows_call<uint16_t, bf16_mkl_rows>, ops}; }
 
 }  // namespace cpu
 }  // namespace fastgen

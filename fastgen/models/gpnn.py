@@ -232,9 +232,6 @@ class GPNN:
         assert len(scales) == levels
         return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
 
-    def _patch_backend(self, device):
-        return self.backend
-
     def _keys(self, keys_img, valid_keys=None):
         """(M, D) stride-1 patches of keys_img (those in valid_keys), grouped by k-means
         when patch_nn will prune: built once per key image and level, reused by all
@@ -242,7 +239,7 @@ class GPNN:
         keys = _patches(keys_img, self.patch_size)[0]
         if valid_keys is not None:
             keys = keys[valid_keys]
-        if self.alpha is not None and _resolve(self._patch_backend(keys.device), keys.device) == "cpp":
+        if self.alpha is not None and _resolve(self.backend, keys.device) == "cpp":
             return cluster_keys(keys)
         return keys
 
@@ -259,7 +256,7 @@ class GPNN:
         flat = keys.keys if clustered else keys
         d = flat.shape[1]
         alpha = None if self.alpha is None else self.alpha * d         # mean -> sum of squares
-        backend = self._patch_backend(x.device)
+        backend = self.backend
         if clustered:                                                  # shared keys, no copies
             idx = patch_nn(queries, keys, alpha, backend=backend, precision=self.precision)
         else:
@@ -281,7 +278,7 @@ class GPNN:
         p = self.patch_size
         levels = len(src)
         x = init
-        backend = self._patch_backend(x.device)
+        backend = self.backend
         bar = tqdm(total=levels * self.iterations, desc=desc, disable=not progress, leave=False)
         try:
             for lvl in reversed(range(levels)):
