@@ -13,12 +13,21 @@ def fold_patches(source, idx, patch_size, *, backend="auto"):
         idx: (Hq, Wq) or (B, Hq, Wq) int64: for each query patch position (stride 1),
             the flat index `row * (Ws - p + 1) + col` of the source patch to copy.
         patch_size: p.
+        backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" or "torch".
+            cpp (csrc/cpu/fold_patches.cpp) and triton (fastgen/ops/triton/fold_patches.py,
+            verified under TRITON_INTERPRET=1 only, never run on a GPU) gather from
+            `source` directly, no (N, C*p*p) patch matrix, and sum in fp32; torch is the
+            float64 unfold -> gather -> fold reference (reference.fold_patches_reference).
 
     Returns:
-        (C, Hq + p - 1, Wq + p - 1) (or batched): each pixel the mean over the query
-        patches covering it of the pixel their chosen source patch has there. The cpp
-        backend gathers from `source` directly: no (N, C*p*p) patch matrix. Not
-        differentiable.
+        (C, Hq + p - 1, Wq + p - 1) (or batched), in source's dtype: each pixel the mean
+        over the query patches covering it of the pixel their chosen source patch has
+        there. cpp and triton are not differentiable; torch is.
+
+    Raises:
+        ValueError / TypeError naming the argument on cpp and triton: idx values outside
+        [0, (Hs - p + 1) * (Ws - p + 1)), idx not int64, source not float32/float16/bfloat16,
+        source smaller than one patch, mismatched batch sizes.
     """
     if not isinstance(source, torch.Tensor) or not isinstance(idx, torch.Tensor):
         raise TypeError("source and idx must be torch.Tensors")
@@ -40,9 +49,36 @@ def fold_patches(source, idx, patch_size, *, backend="auto"):
         if source.requires_grad and torch.is_grad_enabled():
             raise ValueError("fold_patches (cpp) is not differentiable: pass source.detach(), or backend='torch'")
         out = torch.ops.fastgen.fold_patches(src, ids, patch_size)
+    elif be == "triton":
+        if source.requires_grad and torch.is_grad_enabled():
+            raise ValueError("fold_patches (triton) is not differentiable: pass source.detach(), or backend='torch'")
+        _check_like_cpp(src, ids, patch_size)
+        from fastgen.ops.triton.fold_patches import fold_patches_triton
+        out = fold_patches_triton(src, ids, patch_size)
     else:
         out = reference.fold_patches_reference(src, ids, patch_size).to(src.dtype)
     return out[0] if squeeze else out
+
+
+def _check_like_cpp(source, idx, patch):
+    """The checks (and messages) of csrc/cpu/fold_patches.cpp, for the Triton path: a
+    kernel cannot raise, so idx's range is checked here before launching (the kernel
+    itself only reads nothing for a bad value and writes NaN where it lands)."""
+    if idx.dtype != torch.long:
+        raise TypeError(f"idx must be int64, got {idx.dtype}")
+    if source.dtype not in _validate.FLOAT_DTYPES:
+        raise TypeError(f"source must be float32, float16 or bfloat16, got {source.dtype}")
+    B, _, Hs, Ws = source.shape
+    if idx.shape[0] != B:
+        raise ValueError(f"idx has batch size {idx.shape[0]} but source has {B}")
+    if Hs < patch or Ws < patch:
+        raise ValueError(f"source ({Hs}x{Ws}) is smaller than one patch ({patch}x{patch})")
+    n_src = (Hs - patch + 1) * (Ws - patch + 1)
+    if idx.numel() > 0:
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both ends
+        if lo < 0 or hi >= n_src:
+            raise ValueError(f"idx values must be in [0, {n_src}) (source patch positions), "
+                             f"got values in [{lo}, {hi}]")
 
 
 if _ext.CPP_AVAILABLE:
