@@ -117,6 +117,41 @@ at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
   return idx;
 }
 
+// Query order for pruned_one: stably by nearest ball centre (argmin_g ||c_g||^2 - 2 q.c_g),
+// one fp32 GEMM tile of rows against all centres per chunk, then a counting sort.
+at::Tensor order_by_nearest_ball(const at::Tensor& qc, const engine::Balls& kb) {
+  const int64_t N = qc.size(0), D = qc.size(1), C = kb.count();
+  constexpr int64_t kRows = 64;
+  cpu::GemmOperands ops{qc.data_ptr<float>(), kb.centres.data(), N, C, D};
+  const engine::TileGemm gemm = cpu::fp32_tile_gemm(&ops);
+  std::vector<int64_t> nearest(N);
+  at::parallel_for(0, (N + kRows - 1) / kRows, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> tile(static_cast<size_t>(kRows * C));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kRows, nr = std::min(kRows, N - r0);
+      gemm(0, r0, nr, 0, C, tile.data(), C);
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* t = tile.data() + r * C;
+        int64_t best = 0;
+        float bv = t[0] + kb.centre_norms[0];
+        for (int64_t g = 1; g < C; ++g)
+          if (t[g] + kb.centre_norms[g] < bv) {
+            bv = t[g] + kb.centre_norms[g];
+            best = g;
+          }
+        nearest[r0 + r] = best;
+      }
+    }
+  });
+  std::vector<int64_t> start(C + 1, 0);
+  for (int64_t g : nearest) ++start[g + 1];
+  for (int64_t g = 0; g < C; ++g) start[g + 1] += start[g];
+  at::Tensor perm = at::empty({N}, at::TensorOptions().dtype(at::kLong));
+  int64_t* pp = perm.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) pp[start[nearest[i]]++] = i;
+  return perm;
+}
+
 // One (N, D) problem against keys sorted by cluster: queries sorted by their nearest
 // key ball, both passes pruned (engine/pruned_passes.h). Writes original key ids.
 void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::vector<int64_t>& offsets,
@@ -128,14 +163,7 @@ void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::ve
 
   // Queries sorted by nearest key ball make query blocks that sit near few balls.
   // Only a heuristic for speed: any order gives the same answer.
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor centres = at::from_blob(const_cast<float*>(kb.centres.data()), {kb.count(), D}, f32);
-  const at::Tensor cnorm = at::from_blob(const_cast<float*>(kb.centre_norms.data()), {kb.count()}, f32);
-  const at::Tensor qc = p.qc[0];
-  std::vector<at::Tensor> nearest;
-  for (int64_t s = 0; s < N; s += 8192)
-    nearest.push_back(at::addmm(cnorm, qc.slice(0, s, std::min(N, s + 8192)), centres.t(), 1.0, -2.0).argmin(1));
-  const at::Tensor perm = at::cat(nearest).argsort(/*stable=*/true);
+  const at::Tensor perm = order_by_nearest_ball(p.qc[0], kb);
   p.qc = p.qc.index_select(1, perm).contiguous();
   p.qn = p.qn.index_select(1, perm).contiguous();
   p.qg = p.bf16 ? p.qg.index_select(1, perm).contiguous() : p.qc;
@@ -161,7 +189,7 @@ void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::ve
                               &qoff, &kb, p.ptr_gemm, cpu::fp32_tile_gemm(&q_kcentres),
                               at::get_num_threads(), &g_prune_stats, shape.batch};
 
-  at::Tensor colmin = at::empty({M}, f32);
+  at::Tensor colmin = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
   engine::pruned_column_min(args, engine::block_ranges(args), colmin.data_ptr<float>());
   const at::Tensor weights = (colmin + alpha).reciprocal_();
   at::Tensor sorted_idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));

@@ -126,10 +126,7 @@ inline void centre_distance_range(float g, float window, float* lo, float* hi) {
 
 // Distance from rho to the interval [lo, hi] (0 inside), made a little smaller so the
 // float rounding of rho and of the subtraction cannot lift it.
-inline float interval_gap(float rho, float lo, float hi) {
-  const float g = std::max(lo - rho * (1.0f + 2e-6f), rho * (1.0f - 2e-6f) - hi);
-  return g > 0.0f ? g * (1.0f - 1e-6f) : 0.0f;
-}
+inline float interval_gap(float rho, float lo, float hi) { return FASTGEN_INTERVAL_GAP(rho, lo, hi); }
 
 // Work counters for tests and benchmarks: (query, key) distances computed out of all.
 struct PruneStats {
@@ -163,18 +160,15 @@ struct PrunedPassArgs {
   TileGemm centre_gemm;             // fp32 rows of queries x key-ball centres
   int threads = 0;
   PruneStats* stats = nullptr;
-  // Surviving ranges are gathered into one GEMM of about this many rows/columns: one
-  // small GEMM per (block, ball) pair runs at half the speed of a large one.
+  // Surviving keys are gathered into one GEMM of about this many columns: one small
+  // GEMM per (block, ball) pair runs at half the speed of a large one. Pass 2's first
+  // GEMMs of a block are smaller (first_batch, doubling up to batch) because the
+  // running minima they produce are what lets the bounds skip the rest.
   int64_t batch = 512;
+  int64_t first_batch = 128;
 };
 
 namespace detail {
-inline std::vector<int64_t> order_by(const std::vector<float>& v) {
-  std::vector<int64_t> o(v.size());
-  std::iota(o.begin(), o.end(), 0);
-  std::stable_sort(o.begin(), o.end(), [&](int64_t a, int64_t b) { return v[a] < v[b]; });
-  return o;
-}
 inline int pass_threads(int t) {
 #ifdef _OPENMP
   return t > 0 ? t : omp_get_max_threads();
@@ -196,18 +190,36 @@ inline void centre_ranges(const PrunedPassArgs& a, int64_t r0, int64_t nr, std::
   const int64_t nkb = kb.count();
   a.centre_gemm(0, r0, nr, 0, nkb, lo.data(), nkb);
   for (int64_t r = 0; r < nr; ++r)
-    for (int64_t g = 0; g < nkb; ++g) {
-      const int64_t i = r * nkb + g;
-      centre_distance_range(a.query_norms[r0 + r] + kb.centre_norms[g] + lo[i],
-                            a.query_windows[r0 + r], &lo[i], &hi[i]);
-    }
+    centre_range_row(lo.data() + r * nkb, kb.centre_norms.data(), a.query_norms[r0 + r],
+                     a.query_windows[r0 + r], nkb, lo.data() + r * nkb, hi.data() + r * nkb);
 }
+// The items whose bound is <= limit, by increasing (bound, index): only these can be
+// visited, and a full sort of all of them would cost more than the visits.
+inline std::vector<std::pair<float, int64_t>> sorted_below(const float* bound, int64_t n, float limit,
+                                                           int64_t skip) {
+  std::vector<std::pair<float, int64_t>> v;
+  for (int64_t i = 0; i < n; ++i)
+    if (bound[i] <= limit && i != skip) v.emplace_back(bound[i], i);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+inline int64_t argmin(const float* v, int64_t n) { return std::min_element(v, v + n) - v; }
+// Flush sizes: first_batch, then doubling up to batch.
+struct FlushSchedule {
+  int64_t next, cap;
+  FlushSchedule(const PrunedPassArgs& a) : next(std::min(a.first_batch, a.batch)), cap(a.batch) {}
+  bool due(int64_t pending) {
+    if (pending < next) return false;
+    next = std::min(2 * next, cap);
+    return true;
+  }
+};
 }  // namespace detail
 
-// Per (query block, ball): the range of ||q - c|| over the block's queries, and the
-// largest error window of the block. What pass 1 needs from the queries.
+// Per (ball, query block): the range of ||q - c|| over the block's queries, and the
+// largest error window of each block. What pass 1 needs to order and skip blocks.
 struct BlockRanges {
-  std::vector<float> lo, hi;  // (blocks x balls)
+  std::vector<float> lo, hi;  // (balls x blocks): ball-major, pass 1 reads one ball's row
   std::vector<float> window;  // (blocks)
 };
 
@@ -215,6 +227,7 @@ inline BlockRanges block_ranges(const PrunedPassArgs& a) {
   const std::vector<int64_t>& qo = *a.query_offsets;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = a.key_balls->count();
   const int64_t qmax = max_group(qo);
+  constexpr int64_t kChunk = 16;  // blocks per transposed store: one cache line per ball
   BlockRanges br;
   br.lo.assign(static_cast<size_t>(nqb * nkb), INFINITY);
   br.hi.assign(static_cast<size_t>(nqb * nkb), 0.0f);
@@ -222,25 +235,43 @@ inline BlockRanges block_ranges(const PrunedPassArgs& a) {
 #pragma omp parallel num_threads(detail::pass_threads(a.threads))
   {
     std::vector<float> lo(static_cast<size_t>(qmax * nkb)), hi(lo.size());
+    std::vector<float> clo(static_cast<size_t>(kChunk * nkb)), chi(clo.size());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < nqb; ++b) {
-      const int64_t r0 = qo[b], nr = qo[b + 1] - qo[b];
-      detail::centre_ranges(a, r0, nr, lo, hi);
-      float* blo = br.lo.data() + b * nkb;
-      float* bhi = br.hi.data() + b * nkb;
-      for (int64_t r = 0; r < nr; ++r) {
-        br.window[b] = std::max(br.window[b], a.query_windows[r0 + r]);
-        for (int64_t g = 0; g < nkb; ++g) {
-          blo[g] = std::min(blo[g], lo[r * nkb + g]);
-          bhi[g] = std::max(bhi[g], hi[r * nkb + g]);
+    for (int64_t b0 = 0; b0 < nqb; b0 += kChunk) {
+      const int64_t nb = std::min(kChunk, nqb - b0);
+      std::fill(clo.begin(), clo.end(), INFINITY);
+      std::fill(chi.begin(), chi.end(), 0.0f);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i, r0 = qo[b], nr = qo[b + 1] - qo[b];
+        detail::centre_ranges(a, r0, nr, lo, hi);
+        float* blo = clo.data() + i * nkb;
+        float* bhi = chi.data() + i * nkb;
+        for (int64_t r = 0; r < nr; ++r) {
+          br.window[b] = std::max(br.window[b], a.query_windows[r0 + r]);
+          const float* rlo = lo.data() + r * nkb;
+          const float* rhi = hi.data() + r * nkb;
+#pragma omp simd
+          for (int64_t g = 0; g < nkb; ++g) {
+            blo[g] = std::min(blo[g], rlo[g]);
+            bhi[g] = std::max(bhi[g], rhi[g]);
+          }
         }
       }
+      for (int64_t g = 0; g < nkb; ++g)
+        for (int64_t i = 0; i < nb; ++i) {
+          br.lo[g * nqb + b0 + i] = clo[i * nkb + g];
+          br.hi[g * nqb + b0 + i] = chi[i * nkb + g];
+        }
     }
   }
   return br;
 }
 
-// Pass 1: colmin[j] = max(min_i ||q_i - k_j||^2, 0).
+// Pass 1: colmin[j] = max(min_i ||q_i - k_j||^2, 0). Per ball: query blocks in order of
+// their bound; a block joins the next GEMM if its ||q - c|| range may lower some key's
+// running minimum, with the span of those keys. (Testing each row's own ||q - c||
+// computed 25 % fewer pairs but cost as much in dot products, which read the rows
+// from memory once more: measured, no faster.)
 inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, float* colmin) {
   const std::vector<int64_t>& qo = *a.query_offsets;
   const Balls& kb = *a.key_balls;
@@ -259,64 +290,60 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
     std::vector<float> tile(static_cast<size_t>((a.batch + qmax) * kmax));
     std::vector<float> lb(nqb), cm(kmax), dist(kmax), qn;
     std::vector<unsigned char> rows;
-    std::vector<int64_t> pending;
+    std::vector<int32_t> need(kmax);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < nkb; ++g) {
       const int64_t k0 = kb.offsets[g], nk = kb.size(g);
       if (nk == 0) continue;
       const float* rho = kb.member_dist.data() + k0;
+      const float* blo = br.lo.data() + g * nqb;
+      const float* bhi = br.hi.data() + g * nqb;
+#pragma omp simd
       for (int64_t b = 0; b < nqb; ++b) {
         // gap between the block's ||q - c|| range and the ball's rho range
-        const float gap = std::max(br.lo[b * nkb + g] - kb.dist_max[g], kb.dist_min[g] - br.hi[b * nkb + g]);
+        const float gap = std::max(blo[b] - kb.dist_max[g], kb.dist_min[g] - bhi[b]);
         lb[b] = gap > 0.0f ? gap * gap * (1.0f - 1e-6f) : 0.0f;
       }
-      const std::vector<int64_t> order = detail::order_by(lb);
       std::fill(cm.begin(), cm.begin() + nk, std::numeric_limits<float>::infinity());
+      std::fill(need.begin(), need.begin() + nk, 0);
       float worst = std::numeric_limits<float>::infinity();  // max_j of the running colmin
-      int64_t span0 = nk, span1 = 0, pending_rows = 0;
+      detail::FlushSchedule schedule(a);
       auto flush = [&] {
-        rows.clear();
-        qn.clear();
-        for (int64_t b : pending) {
-          detail::append_rows(rows, a.query_rows, qo[b], qo[b + 1] - qo[b], row_bytes);
-          qn.insert(qn.end(), a.query_norms + qo[b], a.query_norms + qo[b + 1]);
-        }
-        const int64_t nr = static_cast<int64_t>(qn.size()), nc = span1 - span0;
-        const void* K = static_cast<const unsigned char*>(a.key_rows) + (k0 + span0) * row_bytes;
+        const int64_t nr = static_cast<int64_t>(qn.size());
+        if (nr == 0) return;
+        int64_t s0 = 0, s1 = nk;  // the span of keys some pending row may lower
+        while (s0 < nk && !need[s0]) ++s0;
+        while (s1 > s0 && !need[s1 - 1]) --s1;
+        const int64_t nc = s1 - s0;
+        const void* K = static_cast<const unsigned char*>(a.key_rows) + (k0 + s0) * row_bytes;
         a.gemm(rows.data(), nr, K, nc, tile.data(), nc);
         // -2 q.k + ||q||^2 per key; the key norm is added once at the end (as ColumnMin)
         std::fill(dist.begin(), dist.begin() + nc, std::numeric_limits<float>::infinity());
         for (int64_t r = 0; r < nr; ++r) column_min_update(dist.data(), tile.data() + r * nc, qn[r], nc);
         for (int64_t c = 0; c < nc; ++c)
-          cm[span0 + c] = std::min(cm[span0 + c], std::max(dist[c] + a.key_norms[k0 + span0 + c], 0.0f));
+          cm[s0 + c] = std::min(cm[s0 + c], std::max(dist[c] + a.key_norms[k0 + s0 + c], 0.0f));
         worst = *std::max_element(cm.begin(), cm.begin() + nk);
         computed += nr * nc;
-        pending.clear();
-        span0 = nk;
-        span1 = 0;
-        pending_rows = 0;
+        rows.clear();
+        qn.clear();
+        std::fill(need.begin(), need.begin() + nk, 0);
       };
-      for (int64_t b : order) {
-        if (lb[b] > worst + wall) break;  // sorted: no later block can lower any colmin
-        // keys of the ball this block can still improve: a contiguous-ish rho range
-        const float lo = br.lo[b * nkb + g], hi = br.hi[b * nkb + g], w = br.window[b];
-        int64_t j0 = -1, j1 = -1;
-        for (int64_t j = 0; j < nk; ++j) {
-          const float gap = interval_gap(rho[j], lo, hi);
-          if (gap * gap <= cm[j] + w) {
-            if (j0 < 0) j0 = j;
-            j1 = j + 1;
-          }
-        }
-        if (j0 < 0) continue;
-        pending.push_back(b);
-        pending_rows += qo[b + 1] - qo[b];
-        span0 = std::min(span0, j0);
-        span1 = std::max(span1, j1);
-        // the nearest block alone first: its minima make the bounds bite from then on
-        if (worst == std::numeric_limits<float>::infinity() || pending_rows >= a.batch) flush();
+      // block b's rows, if its ||q - c|| range may lower some key's running minimum
+      auto visit = [&](int64_t b) {
+        if (mark_keys_colmin(rho, cm.data(), nk, blo[b], bhi[b], br.window[b], need.data()) == 0) return;
+        detail::append_rows(rows, a.query_rows, qo[b], qo[b + 1] - qo[b], row_bytes);
+        qn.insert(qn.end(), a.query_norms + qo[b], a.query_norms + qo[b + 1]);
+      };
+      // the nearest block alone first: its minima make the bounds bite from then on
+      const int64_t first = detail::argmin(lb.data(), nqb);
+      visit(first);
+      flush();
+      for (const auto& [bound, b] : detail::sorted_below(lb.data(), nqb, worst + wall, first)) {
+        if (bound > worst + wall) break;  // sorted: no later block can lower any colmin
+        visit(b);
+        if (schedule.due(static_cast<int64_t>(qn.size()))) flush();
       }
-      if (!pending.empty()) flush();
+      flush();
       for (int64_t j = 0; j < nk; ++j) colmin[k0 + j] = cm[j];
     }
   }
@@ -327,7 +354,8 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
 }
 
 // Pass 2: out_idx[i] = key_order[argmin_j max(||q_i - k_j||^2, 0) * weights[j]], ties to
-// the lowest key_order value.
+// the lowest key_order value. Per query block: balls in order of their bound; within a
+// ball, the keys that some row's bound (with the key's own weight) lets through.
 inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights,
                                    const int64_t* key_order, int64_t* out_idx) {
   const std::vector<int64_t>& qo = *a.query_offsets;
@@ -349,28 +377,23 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
     std::vector<float> ball_min(nkb), best(qmax), kn, w;
     std::vector<int64_t> arg(qmax), ord;
     std::vector<unsigned char> cols;
+    std::vector<int32_t> need(kmax);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < nqb; ++b) {
       const int64_t r0 = qo[b], nr = qo[b + 1] - qo[b];
       detail::centre_ranges(a, r0, nr, lo, hi);
       std::fill(ball_min.begin(), ball_min.end(), std::numeric_limits<float>::infinity());
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t g = 0; g < nkb; ++g) {
-          const int64_t i = r * nkb + g;
-          const float gap = std::max(lo[i] - kb.dist_max[g], kb.dist_min[g] - hi[i]);
-          const float d = gap > 0.0f ? std::max(gap * gap * (1.0f - 1e-6f) - a.query_windows[r0 + r], 0.0f) : 0.0f;
-          // (1 - 1e-6): the product's own rounding must not lift the bound
-          lbw[i] = d * wmin[g] * (1.0f - 1e-6f);
-          ball_min[g] = std::min(ball_min[g], lbw[i]);
-        }
-      const std::vector<int64_t> order = detail::order_by(ball_min);
+        ball_bound_row(lo.data() + r * nkb, hi.data() + r * nkb, kb.dist_min.data(), kb.dist_max.data(),
+                       wmin.data(), a.query_windows[r0 + r], nkb, lbw.data() + r * nkb, ball_min.data());
       std::fill(best.begin(), best.begin() + nr, std::numeric_limits<float>::infinity());
       std::fill(arg.begin(), arg.begin() + nr, std::numeric_limits<int64_t>::max());
       float worst = std::numeric_limits<float>::infinity();
       const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;
-      int64_t pending_cols = 0;
+      detail::FlushSchedule schedule(a);
       auto flush = [&] {
         const int64_t nc = static_cast<int64_t>(kn.size());
+        if (nc == 0) return;
         a.gemm(Q, nr, cols.data(), nc, tile.data(), nc);
         worst = 0.0f;
         for (int64_t r = 0; r < nr; ++r) {
@@ -394,11 +417,14 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
         kn.clear();
         w.clear();
         ord.clear();
-        pending_cols = 0;
       };
-      for (int64_t g : order) {
-        if (ball_min[g] > worst) break;
-        // union over the rows that may still improve of the rho interval they need
+      // the keys of ball g that some row may still improve with
+      auto visit = [&](int64_t g) {
+        const int64_t c0 = kb.offsets[g], nk = kb.size(g);
+        const float* rho = kb.member_dist.data() + c0;
+        // union over the rows of the rho interval they need at the ball's smallest
+        // weight: (about) a contiguous range of the members, sorted by their rho from
+        // the k-means centre (close to, not exactly, the ball's own centre)
         float ulo = INFINITY, uhi = -INFINITY;
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = r * nkb + g;
@@ -407,24 +433,46 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
           ulo = std::min(ulo, lo[i] - t);
           uhi = std::max(uhi, hi[i] + t);
         }
-        if (!(ulo <= uhi)) continue;
-        const int64_t c0 = kb.offsets[g], nk = kb.size(g);
-        const float* rho = kb.member_dist.data() + c0;
-        int64_t j0 = -1, j1 = -1;
+        if (!(ulo <= uhi)) return;
+        int64_t j0 = nk, j1 = 0;
         for (int64_t j = 0; j < nk; ++j)
           if (interval_gap(rho[j], ulo, uhi) <= 0.0f) {
-            if (j0 < 0) j0 = j;
+            j0 = std::min(j0, j);
             j1 = j + 1;
           }
-        if (j0 < 0) continue;
-        detail::append_rows(cols, a.key_rows, c0 + j0, j1 - j0, row_bytes);
-        kn.insert(kn.end(), a.key_norms + c0 + j0, a.key_norms + c0 + j1);
-        w.insert(w.end(), weights + c0 + j0, weights + c0 + j1);
-        ord.insert(ord.end(), key_order + c0 + j0, key_order + c0 + j1);
-        pending_cols += j1 - j0;
-        if (worst == std::numeric_limits<float>::infinity() || pending_cols >= a.batch) flush();
+        if (j0 >= j1) return;
+        // inside the range, each key against each row with the key's own weight
+        std::fill(need.begin(), need.begin() + (j1 - j0), 0);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r * nkb + g;
+          if (lbw[i] > best[r]) continue;
+          mark_keys_weighted(rho + j0, weights + c0 + j0, j1 - j0, lo[i], hi[i], a.query_windows[r0 + r],
+                             best[r], need.data());
+        }
+        for (int64_t j = j0; j < j1;) {  // runs of needed keys, one copy each
+          if (!need[j - j0]) {
+            ++j;
+            continue;
+          }
+          int64_t e = j + 1;
+          while (e < j1 && need[e - j0]) ++e;
+          detail::append_rows(cols, a.key_rows, c0 + j, e - j, row_bytes);
+          kn.insert(kn.end(), a.key_norms + c0 + j, a.key_norms + c0 + e);
+          w.insert(w.end(), weights + c0 + j, weights + c0 + e);
+          ord.insert(ord.end(), key_order + c0 + j, key_order + c0 + e);
+          j = e;
+        }
+      };
+      // the nearest ball alone first: its scores make the bounds bite from then on
+      const int64_t first = detail::argmin(ball_min.data(), nkb);
+      visit(first);
+      flush();
+      for (const auto& [bound, g] : detail::sorted_below(ball_min.data(), nkb, worst, first)) {
+        if (bound > worst) break;
+        visit(g);
+        if (schedule.due(static_cast<int64_t>(kn.size()))) flush();
       }
-      if (pending_cols > 0) flush();
+      flush();
       for (int64_t r = 0; r < nr; ++r) out_idx[r0 + r] = arg[r];
     }
   }

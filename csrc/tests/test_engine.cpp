@@ -382,6 +382,7 @@ double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, s
   PrunedPassArgs a{N, M, D, qrows, krows, cfg.elem_bytes, qn.data(), kn.data(), qwin.data(), &qoff, &kb,
                    PtrGemm{naive_ptr_gemm, &pc}, TileGemm{naive_gemm, &c_qkc}, cfg.threads, &stats};
   a.batch = cfg.batch;
+  a.first_batch = std::max<int64_t>(1, cfg.batch / 4);
   char what[200];
   std::snprintf(what, sizeof what, "N=%ld M=%ld D=%ld block=%ld ball=%ld batch=%ld bytes=%ld threads=%d",
                 (long)N, (long)M, (long)D, (long)cfg.query_block, (long)cfg.max_ball, (long)cfg.batch,
@@ -493,7 +494,8 @@ void check_pruned(std::mt19937& rng) {
           const ClusteredProblem p = make_clustered(rng, c.N, c.M, c.D, c.clusters, c.sep, c.spread, c.integer,
                                                     c.sorted, c.offset, /*sort_by_rho=*/variant % 4 != 1);
           const int64_t bytes = c.integer && variant % 2 ? 2 : 4;  // bf16 rows: exact for small integers
-          check_pruned_passes(p, {block, ball, batch, bytes, 1 + (variant / 2) % 2, variant % 3 == 0}, rng);
+          check_pruned_passes(p, {block, ball, batch, bytes, 1 + (variant / 2) % 2, variant % 3 == 0},
+                              rng);
         }
   // Far from the origin with tiny clusters: the fp32 rounding of ||x||^2 ~ 1e5 rivals the
   // distances themselves, so the bounds hold only if the error windows cover it.
