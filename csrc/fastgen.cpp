@@ -18,7 +18,7 @@ TORCH_LIBRARY(fastgen, m) {
   // (B, N, D) x keys (M, D) sorted so that each [key_offsets[g], key_offsets[g+1]) is one
   // cluster, key_order (M,) = original index of each sorted key -> idx (B, N) int64 of
   // ORIGINAL key indices; the same result as patch_nn, with provably useless tiles skipped
-  m.def("patch_nn_clustered(Tensor queries, Tensor keys, Tensor key_offsets, Tensor key_order, float alpha, str precision) -> Tensor");
+  m.def("patch_nn_clustered(Tensor queries, Tensor keys, Tensor key_offsets, Tensor key_order, float alpha, str precision, Tensor? hint=None) -> Tensor");
   // source (B, C, Hs, Ws), idx (B, Hq, Wq) -> (B, C, Hq + p - 1, Wq + p - 1): mean of chosen patches
   m.def("fold_patches(Tensor source, Tensor idx, int patch) -> Tensor");
   // mu, logvar, eps (B, ...) same shape and dtype -> z (B, ...) dtype of mu,

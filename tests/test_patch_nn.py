@@ -407,6 +407,95 @@ def test_pruning_skips_work_on_blobs():
     assert frac < 0.7, f"computed {frac:.2f} of the distances"
 
 
+def _hints(kind, idx, m):
+    if kind == "answer":
+        return idx.clone()
+    if kind == "random":
+        return torch.randint(0, m, idx.shape)
+    return torch.zeros_like(idx)  # "first": one key for every query
+
+
+@pytest.mark.parametrize("prune_shape", [None, FINE])
+@pytest.mark.parametrize("hint_kind", ["answer", "random", "first"])
+@pytest.mark.parametrize("data,precision", [("image", "fp32"), ("image", "bf16"), ("blobs-uncovered", "fp32"),
+                                            ("grid", "fp32")])
+def test_hint_does_not_change_the_answer(data, precision, hint_kind, prune_shape, monkeypatch):
+    use_prune_shape(monkeypatch, prune_shape)
+    if data == "image":
+        keys = image_patches((28, 40))
+        q = keys + 0.05 * torch.randn_like(keys)
+    elif data == "grid":  # exact arithmetic, many exact ties: the picks must match bit for bit
+        keys = symmetric_integer_keys(torch.randint(-2, 3, (60, 4)).float())
+        q = torch.randint(-2, 3, (200, 4)).float()
+    else:
+        q, keys = blobs(700, 900, 9, uncovered=4)
+    kc = cluster_keys(keys)
+    idx = patch_nn(q, kc, 0.005, precision=precision)
+    hinted = patch_nn(q, kc, 0.005, precision=precision, hint=_hints(hint_kind, idx, keys.shape[0]))
+    if data == "grid":
+        assert_equal_idx(hinted, idx)
+    else:
+        judge(q, keys, 0.005, hinted, precision)
+        clear = judge(q, keys, 0.005, idx, precision)
+        assert_equal_idx(hinted[clear], idx[clear])
+
+
+def test_hint_from_the_previous_iteration_skips_work():
+    # GPNN's case: the next iteration's queries are close to this one's, so the last
+    # answers are good thresholds from the start
+    keys = image_patches((64, 64))
+    q1 = keys + 0.05 * torch.randn_like(keys)
+    q2 = q1 + 0.01 * torch.randn_like(q1)
+    kc = cluster_keys(keys)
+    prev = patch_nn(q1, kc, 0.005)
+    plain, frac_plain = pruned_fraction(lambda: patch_nn(q2, kc, 0.005))
+    hinted, frac_hinted = pruned_fraction(lambda: patch_nn(q2, kc, 0.005, hint=prev))
+    assert frac_hinted < 0.95 * frac_plain, f"hinted {frac_hinted:.3f} vs {frac_plain:.3f} of the distances"
+    clear = judge(q2, keys, 0.005, plain)
+    assert_equal_idx(hinted[clear], plain[clear])
+
+
+def test_hint_batched_and_ignored_by_unpruned_paths():
+    q, k = torch.randn(3, 40, 5), torch.randn(60, 5)
+    kc = cluster_keys(k, cluster_size=8)
+    idx = patch_nn(q, kc, 0.005)
+    assert_equal_idx(patch_nn(q, kc, 0.005, hint=torch.randint(0, 60, (3, 40))), idx)
+    k3 = k.expand(3, -1, -1)
+    full = patch_nn(q, k3, 0.005, prune=False)
+    assert_equal_idx(patch_nn(q, k3, 0.005, prune=False, hint=idx), full)
+    assert_equal_idx(patch_nn(q, k3, 0.005, backend="torch", hint=idx), patch_nn(q, k3, 0.005, backend="torch"))
+    assert_equal_idx(patch_nn(q, k3, 0.005, hint=idx), idx)  # per-batch clustering of 3-D keys
+
+
+@pytest.mark.parametrize("hint,exc,msg", [
+    ([0, 1, 2], TypeError, "hint must be a torch.Tensor"),
+    (torch.zeros(5, dtype=torch.int32), TypeError, "hint must be int64"),
+    (torch.zeros(5), TypeError, "hint must be int64"),
+    (torch.zeros(4, dtype=torch.long), ValueError, "hint must have shape"),
+    (torch.zeros(1, 5, dtype=torch.long), ValueError, "hint must have shape"),
+    (torch.tensor([0, 1, 2, 3, 10]), ValueError, r"hint values must be key indices in \[0, 10\)"),
+    (torch.tensor([0, 1, -1, 3, 4]), ValueError, "hint values must be key indices"),
+])
+def test_bad_hints(hint, exc, msg):
+    q, k = torch.randn(5, 3), torch.randn(10, 3)
+    with pytest.raises(exc, match=msg):
+        patch_nn(q, k, 0.005, hint=hint)
+    with pytest.raises(exc, match=msg):
+        patch_nn(q, cluster_keys(k), 0.005, hint=hint)
+
+
+@pytest.mark.parametrize("hint,exc,msg", [
+    (torch.zeros(1, 4, dtype=torch.long), ValueError, "hint must be"),
+    (torch.zeros(5, dtype=torch.long), ValueError, "hint must be"),
+    (torch.zeros(1, 5, dtype=torch.int32), TypeError, "hint must be int64"),
+    (torch.full((1, 5), 4), ValueError, "hint values must be key indices"),
+    (torch.full((1, 5), -1), ValueError, "hint values must be key indices"),
+])
+def test_clustered_op_bad_hints(hint, exc, msg):
+    with pytest.raises(exc, match=msg):
+        torch.ops.fastgen.patch_nn_clustered(*_clustered_args(), hint)
+
+
 def test_batched_pruned_with_key_clusters_and_3d_keys():
     q, k = blobs(3 * 120, 400, 10)
     q = q.view(3, 120, 10)
@@ -527,6 +616,8 @@ def test_clustered_opcheck(dtype, alpha, precision):
     kc = cluster_keys(k, cluster_size=8)
     torch.library.opcheck(torch.ops.fastgen.patch_nn_clustered.default,
                           (q, kc.sorted_keys, kc.offsets, kc.order, alpha, precision))
+    torch.library.opcheck(torch.ops.fastgen.patch_nn_clustered.default,
+                          (q, kc.sorted_keys, kc.offsets, kc.order, alpha, precision, torch.randint(0, 30, (2, 20))))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])

@@ -154,8 +154,10 @@ at::Tensor order_by_nearest_ball(const at::Tensor& qc, const engine::Balls& kb) 
 
 // One (N, D) problem against keys sorted by cluster: queries sorted by their nearest
 // key ball, both passes pruned (engine/pruned_passes.h). Writes original key ids.
+// hint: null or, per query, the original id of a key that is likely a good answer.
 void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::vector<int64_t>& offsets,
-                const int64_t* key_order, double alpha, const std::string& prec, int64_t* out) {
+                const int64_t* key_order, double alpha, const std::string& prec, const int64_t* hint,
+                int64_t* out) {
   cpu::PreparedOperands p(queries.unsqueeze(0), keys.unsqueeze(0), prec, "queries", "keys");
   const int64_t N = p.N, M = p.M, D = p.D;
   const PruneShape shape = prune_shape();
@@ -193,13 +195,26 @@ void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::ve
   engine::pruned_column_min(args, engine::block_ranges(args), colmin.data_ptr<float>());
   const at::Tensor weights = (colmin + alpha).reciprocal_();
   at::Tensor sorted_idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
-  engine::pruned_weighted_argmin(args, weights.data_ptr<float>(), key_order, sorted_idx.data_ptr<int64_t>());
+  std::vector<float> init_best;
+  if (hint != nullptr) {
+    // the hinted key's score as each query's starting threshold (sorted positions)
+    std::vector<int64_t> position(M), hint_sorted(N);
+    for (int64_t s = 0; s < M; ++s) position[key_order[s]] = s;
+    const int64_t* pp = perm.data_ptr<int64_t>();
+    for (int64_t i = 0; i < N; ++i) hint_sorted[i] = position[hint[pp[i]]];
+    init_best.resize(N);
+    engine::hint_thresholds(p.qc.data_ptr<float>(), p.kc.data_ptr<float>(), qn, kn, N, D, hint_sorted.data(),
+                            weights.data_ptr<float>(), p.input_roundoff(), p.output_roundoff(), init_best.data());
+  }
+  engine::pruned_weighted_argmin(args, weights.data_ptr<float>(), key_order, sorted_idx.data_ptr<int64_t>(),
+                                 hint != nullptr ? init_best.data() : nullptr);
   at::from_blob(out, {N}, at::TensorOptions().dtype(at::kLong)).index_put_({perm}, sorted_idx);
 }
 
 at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                   const at::Tensor& key_offsets, const at::Tensor& key_order,
-                                  double alpha, c10::string_view precision) {
+                                  double alpha, c10::string_view precision,
+                                  const std::optional<at::Tensor>& hint) {
   check_points(queries, "queries", 3);
   check_points(keys, "keys", 2);
   TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
@@ -220,12 +235,26 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
                     "too many key clusters (", offsets.size() - 1, ") for ", N,
                     " queries: the bound table would pass 1 GB; cluster the keys more coarsely "
                     "(cluster_keys(keys, cluster_size=...) with a larger cluster_size)");
+  at::Tensor hints;
+  if (hint.has_value()) {
+    TORCH_CHECK_VALUE(hint->dim() == 2 && hint->size(0) == B && hint->size(1) == N,
+                      "hint must be (B, N) = (", B, ", ", N, ") like the queries, got shape ", hint->sizes());
+    TORCH_CHECK_TYPE(hint->scalar_type() == at::kLong, "hint must be int64, got ", hint->scalar_type());
+    TORCH_CHECK(hint->device().is_cpu(), "hint must be on the CPU, got ", hint->device());
+    hints = hint->contiguous();
+    if (hints.numel() > 0) {
+      const int64_t lo = hints.min().item<int64_t>(), hi = hints.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < M, "hint values must be key indices in [0, ", M, "), got values in [", lo,
+                        ", ", hi, "]");
+    }
+  }
   const at::Tensor order = key_order.contiguous();
   auto idx = at::empty({B, N}, queries.options().dtype(at::kLong));
   if (N == 0) return idx;
   const at::Tensor q = queries.contiguous(), k = keys.contiguous();
   for (int64_t b = 0; b < B; ++b)
-    pruned_one(q[b], k, offsets, order.data_ptr<int64_t>(), alpha, prec, idx.data_ptr<int64_t>() + b * N);
+    pruned_one(q[b], k, offsets, order.data_ptr<int64_t>(), alpha, prec,
+               hints.defined() ? hints.data_ptr<int64_t>() + b * N : nullptr, idx.data_ptr<int64_t>() + b * N);
   return idx;
 }
 

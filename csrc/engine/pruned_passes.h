@@ -35,6 +35,7 @@
 #include <numeric>
 #include <vector>
 
+#include "error_bound.h"
 #include "simd_kernels.h"
 #include "sqdist_engine.h"
 
@@ -353,11 +354,40 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
   }
 }
 
+// Pass 2's starting thresholds from one candidate key per query (GPNN: the previous
+// iteration's choice): init_best[i] >= any score the GEMM can compute for (i, hint[i]),
+// so that key, and every key that can tie or beat it, is still computed (the answer is
+// unchanged) while keys whose bound passes it are skipped from the first GEMM on.
+// q32/k32: the fp32 rows the GEMM operands were rounded from; window_roundoffs: the
+// GEMM's input/output roundoff (error_bound.h) .
+inline void hint_thresholds(const float* q32, const float* k32, const float* query_norms,
+                            const float* key_norms, int64_t rows, int64_t dim, const int64_t* hint,
+                            const float* weights, double input_roundoff, double output_roundoff,
+                            float* init_best) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t h = hint[i];
+    const float* q = q32 + i * dim;
+    const float* k = k32 + h * dim;
+    float dotp = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) dotp += q[d] * k[d];
+    // the GEMM's value and this one both sit within the error bound of the true
+    // distance, so within the window (2.5 bounds) of each other
+    const float window = candidate_window(std::sqrt(static_cast<double>(query_norms[i])),
+                                          std::sqrt(static_cast<double>(key_norms[h])), dim, input_roundoff,
+                                          output_roundoff);
+    const float d = query_norms[i] + key_norms[h] - 2.0f * dotp + window;
+    init_best[i] = std::max(d, 0.0f) * weights[h] * (1.0f + 1e-5f);
+  }
+}
+
 // Pass 2: out_idx[i] = key_order[argmin_j max(||q_i - k_j||^2, 0) * weights[j]], ties to
-// the lowest key_order value. Per query block: balls in order of their bound; within a
+// the lowest key_order value. init_best (optional, from hint_thresholds): per query an
+// upper bound of its best score. Per query block: balls in order of their bound; within a
 // ball, the keys that some row's bound (with the key's own weight) lets through.
 inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights,
-                                   const int64_t* key_order, int64_t* out_idx) {
+                                   const int64_t* key_order, int64_t* out_idx,
+                                   const float* init_best = nullptr) {
   const std::vector<int64_t>& qo = *a.query_offsets;
   const Balls& kb = *a.key_balls;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
@@ -386,7 +416,7 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
       for (int64_t r = 0; r < nr; ++r)
         ball_bound_row(lo.data() + r * nkb, hi.data() + r * nkb, kb.dist_min.data(), kb.dist_max.data(),
                        wmin.data(), a.query_windows[r0 + r], nkb, lbw.data() + r * nkb, ball_min.data());
-      std::fill(best.begin(), best.begin() + nr, std::numeric_limits<float>::infinity());
+      for (int64_t r = 0; r < nr; ++r) best[r] = init_best ? init_best[r0 + r] : std::numeric_limits<float>::infinity();
       std::fill(arg.begin(), arg.begin() + nr, std::numeric_limits<int64_t>::max());
       float worst = std::numeric_limits<float>::infinity();
       const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;

@@ -243,9 +243,10 @@ class GPNN:
             return cluster_keys(keys)
         return keys
 
-    def _match(self, x, keys, valid_keys=None, query_pos=None):
-        """idx (B, Hq, Wq) into the stride-1 patch grid of the key image for every patch
-        of x; keys from `_keys`."""
+    def _match(self, x, keys, valid_keys=None, query_pos=None, hint=None):
+        """(idx (B, Hq, Wq) into the stride-1 patch grid of the key image for every patch
+        of x, the raw (B, Nq) indices into `keys`); keys from `_keys`. hint: the raw
+        indices of the previous iteration against the same keys (a speed hint only)."""
         p = self.patch_size
         bsz = x.shape[0]
         hq, wq = x.shape[-2] - p + 1, x.shape[-1] - p + 1
@@ -258,20 +259,21 @@ class GPNN:
         alpha = None if self.alpha is None else self.alpha * d         # mean -> sum of squares
         backend = self.backend
         if clustered:                                                  # shared keys, no copies
-            idx = patch_nn(queries, keys, alpha, backend=backend, precision=self.precision)
+            idx = patch_nn(queries, keys, alpha, backend=backend, precision=self.precision, hint=hint)
         else:
             chunk = max(1, _KEY_BYTES_BUDGET // max(1, flat.numel() * flat.element_size()))
             idx = torch.cat([
                 patch_nn(queries[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), alpha,
                          backend=backend, precision=self.precision)
                 for i in range(0, bsz, chunk)])
+        raw = idx
         if valid_keys is not None:
             idx = valid_keys[idx]                                      # subset -> full grid index
         if query_pos is not None:
             full = torch.arange(hq * wq, device=x.device).expand(bsz, -1).clone()  # own patch
             full[:, query_pos] = idx
             idx = full
-        return idx.view(bsz, hq, wq)
+        return idx.view(bsz, hq, wq), raw
 
     def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn"):
         from tqdm.auto import tqdm
@@ -302,8 +304,13 @@ class GPNN:
                         continue
                 keys_blurred = self._keys(blurred, valid_keys)
                 keys_sharp = keys_blurred if blurred is s else self._keys(s, valid_keys)
+                raw = None
                 for it in range(self.iterations):
-                    idx = self._match(x, keys_blurred if it == 0 else keys_sharp, valid_keys, query_pos)
+                    # the last iteration's matches are most queries' answers again: as a
+                    # hint they let the pruned search skip more (same keys from it 1 on;
+                    # blurred and sharp keys share one index space)
+                    idx, raw = self._match(x, keys_blurred if it == 0 else keys_sharp, valid_keys, query_pos,
+                                           hint=raw if it > 0 else None)
                     x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
                     if masks is not None:
                         x = torch.where(masks[lvl], x, s)

@@ -66,7 +66,7 @@ def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
     return KeyClusters(keys, keys[order].contiguous(), offsets.cpu(), order.cpu())
 
 
-def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=True):
+def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=True, hint=None):
     """For every query patch, the key patch minimising ||q - k||^2 / (alpha + min_q' ||q' - k||^2).
 
     The denominator is how well key k is already covered by the closest query; dividing
@@ -87,6 +87,10 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
         prune: skip tiles that provably cannot change the answer (cpp backend with an
             alpha; clusters the keys first unless `keys` is a KeyClusters already).
             The answer is the same; only the work differs.
+        hint: optional int64 (N,) or (B, N) key indices, per query a key that is likely
+            a good answer (GPNN passes the previous iteration's result). The pruned
+            path starts each query's threshold at that key's score, so fewer keys are
+            computed; the answer does not depend on it. Ignored by the other paths.
 
     Returns:
         int64 indices into the original keys, (N,) or (B, N).
@@ -110,13 +114,15 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     be = _backend.resolve(backend, queries.device)
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
+    h2 = None if hint is None else _checked_hint(hint, q3, keys.shape[-2], squeeze)
     if be == "cpp" and prune and alpha is not None:
         if clusters is not None:
-            idx = _clustered(q3, clusters, alpha, precision)
+            idx = _clustered(q3, clusters, alpha, precision, h2)
         elif keys.dim() == 2:
-            idx = _clustered(q3, cluster_keys(keys), alpha, precision)
+            idx = _clustered(q3, cluster_keys(keys), alpha, precision, h2)
         else:  # a key set per batch element
-            idx = torch.cat([_clustered(q3[b:b + 1], cluster_keys(keys[b]), alpha, precision)
+            idx = torch.cat([_clustered(q3[b:b + 1], cluster_keys(keys[b]), alpha, precision,
+                                        None if h2 is None else h2[b:b + 1])
                              for b in range(q3.shape[0])])
         return idx[0] if squeeze else idx
     if clusters is not None:
@@ -140,9 +146,26 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     return idx[0] if squeeze else idx
 
 
-def _clustered(q3, clusters, alpha, precision):
+def _clustered(q3, clusters, alpha, precision, hint=None):
     return torch.ops.fastgen.patch_nn_clustered(q3.contiguous(), clusters.sorted_keys, clusters.offsets,
-                                                clusters.order, alpha, precision)
+                                                clusters.order, alpha, precision, hint)
+
+
+def _checked_hint(hint, q3, num_keys, squeeze):
+    """hint as a (B, N) int64 tensor, or a ValueError/TypeError naming it."""
+    if not isinstance(hint, torch.Tensor):
+        raise TypeError(f"hint must be a torch.Tensor of key indices or None, got {type(hint).__name__}")
+    if hint.dtype != torch.long:
+        raise TypeError(f"hint must be int64, got {hint.dtype}")
+    want = tuple(q3.shape[1:2]) if squeeze else tuple(q3.shape[:2])
+    if tuple(hint.shape) != want:
+        raise ValueError(f"hint must have shape {want} (one key index per query), got {tuple(hint.shape)}")
+    if hint.device != q3.device:
+        raise ValueError(f"hint is on {hint.device} but queries are on {q3.device}")
+    if hint.numel() and (int(hint.min()) < 0 or int(hint.max()) >= num_keys):
+        raise ValueError(f"hint values must be key indices in [0, {num_keys}), got values in "
+                         f"[{int(hint.min())}, {int(hint.max())}]")
+    return hint.reshape(q3.shape[0], q3.shape[1])
 
 
 def prune_stats():
@@ -159,6 +182,6 @@ if _ext.CPP_AVAILABLE:
         return queries.new_empty(queries.shape[:2], dtype=torch.long)
 
     @torch.library.register_fake("fastgen::patch_nn_clustered")
-    def _patch_nn_clustered_fake(queries, keys, key_offsets, key_order, alpha, precision):
+    def _patch_nn_clustered_fake(queries, keys, key_offsets, key_order, alpha, precision, hint=None):
         _validate.one_device(queries=queries, keys=keys)
         return queries.new_empty(queries.shape[:2], dtype=torch.long)
