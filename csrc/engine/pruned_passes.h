@@ -12,9 +12,11 @@
 //   pass 1 (column minimum, per ball): for each query block b, keys with
 //          gap(rho_j, [min_b ||q - c||, max_b ||q - c||])^2 <= colmin_j so far;
 //   pass 2 (weighted argmin, per query block): for each ball, keys with rho_j in the
-//          union over rows of [||q_i - c|| -+ sqrt(best_i / min_ball w)].
+//          union over rows of [||q_i - c|| -+ sqrt(best_i / min_ball w)], then each of
+//          those against each row with its own weight: gap^2 w_j <= best_i.
 // Blocks/balls are visited in order of increasing bound, so the running minima shrink
-// fast; surviving ranges are gathered into GEMMs of ~`batch` rows/columns.
+// fast; surviving rows/keys are gathered into GEMMs of ~`batch` rows/columns. Pass 2
+// can start from hinted thresholds (hint_thresholds) instead of infinity.
 //
 // Exactness: a skipped key's true distance exceeds the value already computed for its
 // row/column, so the result is what the full sweep returns up to the fp32 rounding of
