@@ -52,14 +52,31 @@ void aten_fp32_rows(int64_t dim, const float* Q, int64_t nr, const float* K, int
 void bf16_aten_rows(int64_t dim, const at::BFloat16* Q, int64_t nr, const at::BFloat16* K, int64_t nc,
                     float* C, int64_t ldc) {
   auto opts = at::TensorOptions().dtype(at::kBFloat16);
-  // one bf16 scratch tile per thread, reused across calls
-  thread_local std::vector<at::BFloat16> scratch;
-  if (scratch.size() < static_cast<size_t>(nr * nc)) scratch.resize(nr * nc);
-  at::Tensor out = at::from_blob(scratch.data(), {nr, nc}, opts);
-  at::mm_out(out, at::from_blob(const_cast<at::BFloat16*>(Q), {nr, dim}, opts),
-             at::from_blob(const_cast<at::BFloat16*>(K), {nc, dim}, opts).t());
+  // oneDNN builds (JIT) and caches a primitive per GEMM shape: the pruned passes' gathered
+  // GEMMs come in hundreds of shapes, so round both sizes up to a few fixed steps,
+  // padding with zero rows (their products are computed and dropped).
+  auto round_up = [](int64_t n) {
+    const int64_t step = n <= 64 ? 16 : 64;
+    return (n + step - 1) / step * step;
+  };
+  const int64_t pr = round_up(nr), pc = round_up(nc);
+  thread_local std::vector<at::BFloat16> scratch, qpad, kpad;
+  if (scratch.size() < static_cast<size_t>(pr * pc)) scratch.resize(pr * pc);
+  if (pr != nr) {
+    qpad.assign(static_cast<size_t>(pr * dim), at::BFloat16(0.0f));
+    std::copy(Q, Q + nr * dim, qpad.begin());
+    Q = qpad.data();
+  }
+  if (pc != nc) {
+    kpad.assign(static_cast<size_t>(pc * dim), at::BFloat16(0.0f));
+    std::copy(K, K + nc * dim, kpad.begin());
+    K = kpad.data();
+  }
+  at::Tensor out = at::from_blob(scratch.data(), {pr, pc}, opts);
+  at::mm_out(out, at::from_blob(const_cast<at::BFloat16*>(Q), {pr, dim}, opts),
+             at::from_blob(const_cast<at::BFloat16*>(K), {pc, dim}, opts).t());
   for (int64_t r = 0; r < nr; ++r) {
-    const at::BFloat16* src = scratch.data() + r * nc;
+    const at::BFloat16* src = scratch.data() + r * pc;
     float* dst = C + r * ldc;
 #pragma omp simd
     for (int64_t c = 0; c < nc; ++c) dst[c] = static_cast<float>(src[c]);
