@@ -148,6 +148,30 @@ def test_inpaint_keeps_pixels_outside_the_mask(china, model):
     assert torch.equal(out, model.inpaint(china, mask[None].bool(), seed=0, progress=False))
 
 
+@pytest.mark.parametrize("task", ["sample", "inpaint"])
+def test_hints_between_iterations_change_nothing(china, model, monkeypatch, task):
+    # GPNN hands each iteration's matches to the next patch_nn call as a hint (speed
+    # only); without it the outputs must be the same, also with a mask (subset keys)
+    import fastgen.models.gpnn as gpnn_module
+    mask = torch.zeros(40, 60)
+    mask[10:24, 25:40] = 1
+    run = ((lambda: model.sample(china, num_samples=2, seed=3, progress=False)) if task == "sample"
+           else (lambda: model.inpaint(china, mask, seed=3, progress=False)))
+    hints = []
+    real = gpnn_module.patch_nn
+
+    def record(*args, hint=None, **kw):
+        hints.append(hint)
+        return real(*args, hint=hint, **kw)
+
+    monkeypatch.setattr(gpnn_module, "patch_nn", record)
+    with_hints = run()
+    assert any(h is not None for h in hints), "GPNN passed no hints"
+    monkeypatch.setattr(gpnn_module, "patch_nn", lambda *a, hint=None, **kw: real(*a, **kw))
+    without = run()
+    assert torch.equal(with_hints, without)
+
+
 def test_inpaint_mask_covering_everything(china, model):
     with pytest.raises(ValueError, match="mask leaves no"):
         model.inpaint(china, torch.ones(40, 60), progress=False)

@@ -162,10 +162,10 @@ struct PrunedPassArgs {
   TileGemm centre_gemm;             // fp32 rows of queries x key-ball centres
   int threads = 0;
   PruneStats* stats = nullptr;
-  // Surviving keys are gathered into one GEMM of about this many columns: one small
-  // GEMM per (block, ball) pair runs at half the speed of a large one. Pass 2's first
-  // GEMMs of a block are smaller (first_batch, doubling up to batch) because the
-  // running minima they produce are what lets the bounds skip the rest.
+  // Surviving rows/keys are gathered into one GEMM of about this many rows/columns: one
+  // small GEMM per (block, ball) pair runs at half the speed of a large one. The first
+  // GEMMs of a ball (pass 1) or block (pass 2) are smaller (first_batch, doubling up to
+  // batch) because the running minima they produce are what lets the bounds skip the rest.
   int64_t batch = 512;
   int64_t first_batch = 128;
 };
@@ -359,8 +359,8 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
 // iteration's choice): init_best[i] >= any score the GEMM can compute for (i, hint[i]),
 // so that key, and every key that can tie or beat it, is still computed (the answer is
 // unchanged) while keys whose bound passes it are skipped from the first GEMM on.
-// q32/k32: the fp32 rows the GEMM operands were rounded from; window_roundoffs: the
-// GEMM's input/output roundoff (error_bound.h) .
+// q32/k32: the fp32 rows the GEMM operands were rounded from; input_roundoff and
+// output_roundoff: the GEMM's, as error_bound.h defines them (0 for fp32).
 inline void hint_thresholds(const float* q32, const float* k32, const float* query_norms,
                             const float* key_norms, int64_t rows, int64_t dim, const int64_t* hint,
                             const float* weights, double input_roundoff, double output_roundoff,

@@ -368,6 +368,7 @@ double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, s
   // error windows of the fp32 ||q - c||^2, as patch_nn.cpp computes them
   float cmax2 = 0.f;
   for (float v : kb.centre_norms) cmax2 = std::max(cmax2, v);
+  for (float v : kn) cmax2 = std::max(cmax2, v);
   const double kc_max = std::sqrt(double(cmax2)) * (1.0 + 1e-6);
   for (int64_t i = 0; i < N; ++i) qwin[i] = candidate_window(std::sqrt(double(qn[i])), kc_max, D, 0.0);
 
@@ -462,7 +463,8 @@ double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, s
     std::vector<int64_t> position(M);
     for (int64_t j = 0; j < M; ++j) position[p.key_order[j]] = j;
     std::uniform_int_distribution<int64_t> any_key(0, M - 1);
-    for (int64_t i = 0; i < N; ++i) hint[i] = mode == 0 ? any_key(rng) : position[idx[i]];
+    for (int64_t i = 0; i < N; ++i)  // (idx was checked above; a failed check must not read out of bounds)
+      hint[i] = mode == 0 || idx[i] < 0 || idx[i] >= M ? any_key(rng) : position[idx[i]];
     std::vector<float> init(N);
     const double ub = cfg.elem_bytes == 2 ? unit_roundoff_bf16() : 0.0;
     hint_thresholds(p.q.data(), p.k.data(), qn.data(), kn.data(), N, D, hint.data(), w.data(), ub, 0.0, init.data());
