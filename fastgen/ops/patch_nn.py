@@ -86,7 +86,9 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
             (within fp32 rounding) equal score.
         prune: skip tiles that provably cannot change the answer (cpp backend with an
             alpha; clusters the keys first unless `keys` is a KeyClusters already).
-            The answer is the same; only the work differs.
+            The answer is the same; only the work differs (with precision="bf16" the
+            bounds cover fp32 rounding only, so pruned and full bf16 sweeps may pick
+            different keys, both within bf16 error of the optimum).
         hint: optional int64 (N,) or (B, N) key indices, per query a key that is likely
             a good answer (GPNN passes the previous iteration's result). The pruned
             path starts each query's threshold at that key's score, so fewer keys are
