@@ -216,6 +216,30 @@ struct FlushSchedule {
     return true;
   }
 };
+// The visiting order both passes share: the item of smallest bound alone first (its
+// GEMM's minima are what make the bounds bite), then the items still under limit(),
+// by increasing bound, flushing gathered work on the schedule. limit() shrinks as
+// flushes lower the running minima; sorted: the first item over it ends the walk.
+template <class Limit, class Visit, class Flush, class Pending>
+void visit_by_bound(const PrunedPassArgs& a, const float* bound, int64_t n, Limit limit, Visit visit,
+                    Flush flush, Pending pending) {
+  const int64_t first = argmin(bound, n);
+  visit(first);
+  flush();
+  FlushSchedule schedule(a);
+  for (const auto& [b, i] : sorted_below(bound, n, limit(), first)) {
+    if (b > limit()) break;
+    visit(i);
+    if (schedule.due(pending())) flush();
+  }
+  flush();
+}
+inline void count_pairs(const PrunedPassArgs& a, int64_t computed) {
+  if (a.stats) {
+    a.stats->pairs_total += a.rows * a.cols;
+    a.stats->pairs_computed += computed;
+  }
+}
 }  // namespace detail
 
 // Per (ball, query block): the range of ||q - c|| over the block's queries, and the
@@ -309,7 +333,6 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
       std::fill(cm.begin(), cm.begin() + nk, std::numeric_limits<float>::infinity());
       std::fill(need.begin(), need.begin() + nk, 0);
       float worst = std::numeric_limits<float>::infinity();  // max_j of the running colmin
-      detail::FlushSchedule schedule(a);
       auto flush = [&] {
         const int64_t nr = static_cast<int64_t>(qn.size());
         if (nr == 0) return;
@@ -336,23 +359,14 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
         detail::append_rows(rows, a.query_rows, qo[b], qo[b + 1] - qo[b], row_bytes);
         qn.insert(qn.end(), a.query_norms + qo[b], a.query_norms + qo[b + 1]);
       };
-      // the nearest block alone first: its minima make the bounds bite from then on
-      const int64_t first = detail::argmin(lb.data(), nqb);
-      visit(first);
-      flush();
-      for (const auto& [bound, b] : detail::sorted_below(lb.data(), nqb, worst + wall, first)) {
-        if (bound > worst + wall) break;  // sorted: no later block can lower any colmin
-        visit(b);
-        if (schedule.due(static_cast<int64_t>(qn.size()))) flush();
-      }
-      flush();
+      // blocks past worst + wall cannot lower any key's minimum
+      detail::visit_by_bound(
+          a, lb.data(), nqb, [&] { return worst + wall; }, visit, flush,
+          [&] { return static_cast<int64_t>(qn.size()); });
       for (int64_t j = 0; j < nk; ++j) colmin[k0 + j] = cm[j];
     }
   }
-  if (a.stats) {
-    a.stats->pairs_total += a.rows * a.cols;
-    a.stats->pairs_computed += computed;
-  }
+  detail::count_pairs(a, computed);
 }
 
 // Pass 2's starting thresholds from one candidate key per query (GPNN: the previous
@@ -421,7 +435,6 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
       std::fill(arg.begin(), arg.begin() + nr, std::numeric_limits<int64_t>::max());
       float worst = std::numeric_limits<float>::infinity();
       const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;
-      detail::FlushSchedule schedule(a);
       auto flush = [&] {
         const int64_t nc = static_cast<int64_t>(kn.size());
         if (nc == 0) return;
@@ -494,23 +507,14 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
           j = e;
         }
       };
-      // the nearest ball alone first: its scores make the bounds bite from then on
-      const int64_t first = detail::argmin(ball_min.data(), nkb);
-      visit(first);
-      flush();
-      for (const auto& [bound, g] : detail::sorted_below(ball_min.data(), nkb, worst, first)) {
-        if (bound > worst) break;
-        visit(g);
-        if (schedule.due(static_cast<int64_t>(kn.size()))) flush();
-      }
-      flush();
+      // balls past worst cannot improve any row's score
+      detail::visit_by_bound(
+          a, ball_min.data(), nkb, [&] { return worst; }, visit, flush,
+          [&] { return static_cast<int64_t>(kn.size()); });
       for (int64_t r = 0; r < nr; ++r) out_idx[r0 + r] = arg[r];
     }
   }
-  if (a.stats) {
-    a.stats->pairs_total += a.rows * a.cols;
-    a.stats->pairs_computed += computed;
-  }
+  detail::count_pairs(a, computed);
 }
 
 }  // namespace engine
