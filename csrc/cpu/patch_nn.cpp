@@ -254,9 +254,10 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
     TORCH_CHECK(hint->device().is_cpu(), "hint must be on the CPU, got ", hint->device());
     hints = hint->contiguous();
     if (hints.numel() > 0) {
-      const int64_t lo = hints.min().item<int64_t>(), hi = hints.max().item<int64_t>();
-      TORCH_CHECK_VALUE(lo >= 0 && hi < M, "hint values must be key indices in [0, ", M, "), got values in [", lo,
-                        ", ", hi, "]");
+      const auto [mn, mx] = at::aminmax(hints);
+      const int64_t lo = mn.item<int64_t>(), hi = mx.item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < M, "hint values must be in [0, ", M, ") (key indices), got values in [",
+                        lo, ", ", hi, "]");
     }
   }
   const at::Tensor order = key_order.contiguous();

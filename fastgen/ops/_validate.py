@@ -31,6 +31,17 @@ def finite(t, name):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def index_range(t, name, n, what):
+    """int64 t with every value in [0, n): a TypeError / ValueError naming `name` (what
+    the indices point at goes in the message). One host sync for both ends."""
+    if t.dtype != torch.long:
+        raise TypeError(f"{name} must be int64, got {t.dtype}")
+    if t.numel() > 0:
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{name} values must be in [0, {n}) ({what}), got values in [{lo}, {hi}]")
+
+
 def precision(p):
     if p not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")

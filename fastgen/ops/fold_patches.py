@@ -64,8 +64,6 @@ def _check_like_cpp(source, idx, patch):
     """The checks (and messages) of csrc/cpu/fold_patches.cpp, for the Triton path: a
     kernel cannot raise, so idx's range is checked here before launching (the kernel
     itself only reads nothing for a bad value and writes NaN where it lands)."""
-    if idx.dtype != torch.long:
-        raise TypeError(f"idx must be int64, got {idx.dtype}")
     if source.dtype not in _validate.FLOAT_DTYPES:
         raise TypeError(f"source must be float32, float16 or bfloat16, got {source.dtype}")
     B, _, Hs, Ws = source.shape
@@ -73,13 +71,7 @@ def _check_like_cpp(source, idx, patch):
         raise ValueError(f"idx has batch size {idx.shape[0]} but source has {B}")
     if Hs < patch or Ws < patch:
         raise ValueError(f"source ({Hs}x{Ws}) is smaller than one patch ({patch}x{patch})")
-    n_src = (Hs - patch + 1) * (Ws - patch + 1)
-    if idx.numel() > 0:
-        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both ends
-        if lo < 0 or hi >= n_src:
-            raise ValueError(f"idx values must be in [0, {n_src}) (source patch positions), "
-                             f"got values in [{lo}, {hi}]")
-
+    _validate.index_range(idx, "idx", (Hs - patch + 1) * (Ws - patch + 1), "source patch positions")
 
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::fold_patches")

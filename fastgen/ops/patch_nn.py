@@ -157,16 +157,12 @@ def _checked_hint(hint, q3, num_keys, squeeze):
     """hint as a (B, N) int64 tensor, or a ValueError/TypeError naming it."""
     if not isinstance(hint, torch.Tensor):
         raise TypeError(f"hint must be a torch.Tensor of key indices or None, got {type(hint).__name__}")
-    if hint.dtype != torch.long:
-        raise TypeError(f"hint must be int64, got {hint.dtype}")
     want = tuple(q3.shape[1:2]) if squeeze else tuple(q3.shape[:2])
     if tuple(hint.shape) != want:
         raise ValueError(f"hint must have shape {want} (one key index per query), got {tuple(hint.shape)}")
     if hint.device != q3.device:
         raise ValueError(f"hint is on {hint.device} but queries are on {q3.device}")
-    if hint.numel() and (int(hint.min()) < 0 or int(hint.max()) >= num_keys):
-        raise ValueError(f"hint values must be key indices in [0, {num_keys}), got values in "
-                         f"[{int(hint.min())}, {int(hint.max())}]")
+    _validate.index_range(hint, "hint", num_keys, "key indices")
     return hint.reshape(q3.shape[0], q3.shape[1])
 
 
