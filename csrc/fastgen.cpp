@@ -19,6 +19,14 @@ TORCH_LIBRARY(fastgen, m) {
   // cluster, key_order (M,) = original index of each sorted key -> idx (B, N) int64 of
   // ORIGINAL key indices; the same result as patch_nn, with provably useless tiles skipped
   m.def("patch_nn_clustered(Tensor queries, Tensor keys, Tensor key_offsets, Tensor key_order, float alpha, str precision, Tensor? hint=None) -> Tensor");
+  // The two pruned passes of patch_nn_clustered alone, on one query set (N, D) (incremental
+  // updates compose them on subsets): colmin (M,) float32 = min(init, min_i d_ij) with
+  // colarg (M,) int64 the query that set it (-1 where init stood); then idx (N,) original
+  // key ids of argmin_j d_ij * weights[j] (optionally against a reached (init_best, init_arg))
+  // with its score (N,) float32. centre (D,): subtracted from both sets (default: the
+  // keys' mean); calls on subsets of one key set pass the whole set's, to round alike.
+  m.def("patch_nn_colmin(Tensor queries, Tensor keys, Tensor key_offsets, str precision, Tensor? init=None, Tensor? centre=None) -> (Tensor, Tensor)");
+  m.def("patch_nn_argmin(Tensor queries, Tensor keys, Tensor key_offsets, Tensor key_order, Tensor weights, str precision, Tensor? hint=None, Tensor? init_best=None, Tensor? init_arg=None, Tensor? centre=None) -> (Tensor, Tensor)");
   // source (B, C, Hs, Ws), idx (B, Hq, Wq) -> (B, C, Hq + p - 1, Wq + p - 1): mean of chosen patches
   m.def("fold_patches(Tensor source, Tensor idx, int patch) -> Tensor");
   // mu, logvar, eps (B, ...) same shape and dtype -> z (B, ...) dtype of mu,

@@ -84,6 +84,25 @@ void check_order(const at::Tensor& key_order, int64_t M) {
   }
 }
 
+// A float32 CPU vector of n entries named `name`, or a clear error.
+at::Tensor checked_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType type) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must be a 1-D tensor of ", n, " entries, got shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  return t.contiguous();
+}
+
+// key_order of a key subset: original ids, distinct (a hint or tie names keys by them).
+void check_order_values(const at::Tensor& key_order, int64_t M) {
+  const at::Tensor o = checked_vector(key_order, "key_order", M, at::kLong);
+  if (M == 0) return;
+  const at::Tensor sorted = std::get<0>(o.sort());
+  TORCH_CHECK_VALUE(sorted[0].item<int64_t>() >= 0, "key_order must hold key ids >= 0");
+  TORCH_CHECK_VALUE(M < 2 || !(sorted.slice(0, 1) == sorted.slice(0, 0, M - 1)).any().item<bool>(),
+                    "key_order must hold distinct key ids");
+}
+
 at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
                         std::optional<double> alpha, c10::string_view precision) {
   check_point_sets(queries, keys);
@@ -152,74 +171,147 @@ at::Tensor order_by_nearest_ball(const at::Tensor& qc, const engine::Balls& kb) 
   return perm;
 }
 
-// One (N, D) problem against keys sorted by cluster: queries sorted by their nearest
-// key ball, both passes pruned (engine/pruned_passes.h). Writes original key ids.
-// hint: null or, per query, the original id of a key that is likely a good answer.
+// One (N, D) problem against keys sorted by cluster, set up for both pruned passes
+// (engine/pruned_passes.h): key balls, queries sorted by their nearest ball and cut into
+// blocks, error windows. Positions inside are sorted query positions; perm maps them
+// back (perm[position] = original query index). Not copyable: args points into it.
+struct PrunedProblem {
+  PrunedProblem(const at::Tensor& queries, const at::Tensor& keys, const std::vector<int64_t>& offsets,
+                const std::string& prec, const at::Tensor* centre = nullptr)
+      : p(queries.unsqueeze(0), keys.unsqueeze(0), prec, "queries", "keys", centre) {
+    const int64_t N = p.N, M = p.M, D = p.D;
+    const PruneShape shape = prune_shape();
+    kb = engine::make_balls(p.kc.data_ptr<float>(), D, offsets, shape.max_ball);
+    // Queries sorted by nearest key ball make query blocks that sit near few balls.
+    // Only a heuristic for speed: any order gives the same answer.
+    perm = order_by_nearest_ball(p.qc[0], kb);
+    p.qc = p.qc.index_select(1, perm).contiguous();
+    p.qn = p.qn.index_select(1, perm).contiguous();
+    p.qg = p.bf16 ? p.qg.index_select(1, perm).contiguous() : p.qc;
+    p.ops.queries = p.qg.data_ptr();
+    for (int64_t s = 0; s < N; s += shape.query_block) qoff.push_back(s);
+    qoff.push_back(N);
+    // Error windows: of the fp32 ||q - c||^2, and of every fp32 (query, key) value the
+    // passes compare with a bound, so sized by the largest key or centre norm (a ball's
+    // outlier can sit further from the origin than any centre). In bf16 the GEMM's own
+    // error is larger than this window: there the pruned answer is judged against the
+    // float64 optimum within bf16 error (tests), not bit for bit against the bf16 sweep.
+    const float* qn = p.qn.data_ptr<float>();
+    const float* kn = p.kn.data_ptr<float>();
+    float cmax2 = 0.0f;
+    for (float v : kb.centre_norms) cmax2 = std::max(cmax2, v);
+    for (int64_t j = 0; j < M; ++j) cmax2 = std::max(cmax2, kn[j]);
+    const double kc_max = std::sqrt(static_cast<double>(cmax2)) * (1.0 + 1e-6);
+    qwin.resize(N);
+    for (int64_t i = 0; i < N; ++i)
+      qwin[i] = engine::candidate_window(std::sqrt(static_cast<double>(qn[i])), kc_max, D, 0.0);
+    q_kcentres = cpu::GemmOperands{p.qc.data_ptr<float>(), kb.centres.data(), N, kb.count(), D};
+    args = engine::PrunedPassArgs{N, M, D, p.qg.data_ptr(), p.kg.data_ptr(),
+                                  static_cast<int64_t>(p.qg.element_size()), qn, kn, qwin.data(),
+                                  &qoff, &kb, p.ptr_gemm, cpu::fp32_tile_gemm(&q_kcentres),
+                                  at::get_num_threads(), &g_prune_stats, shape.batch};
+  }
+  PrunedProblem(const PrunedProblem&) = delete;
+
+  // pass 1: (colmin (M), colarg (M) original query indices or -1 where init stood)
+  std::pair<at::Tensor, at::Tensor> column_min(const float* init, bool want_arg) {
+    at::Tensor colmin = at::empty({p.M}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor colarg = at::empty({want_arg ? p.M : 0}, at::TensorOptions().dtype(at::kLong));
+    int64_t* ca = want_arg ? colarg.data_ptr<int64_t>() : nullptr;
+    engine::pruned_column_min(args, engine::block_ranges(args), colmin.data_ptr<float>(), init, ca);
+    if (want_arg) {
+      const int64_t* pp = perm.data_ptr<int64_t>();
+      for (int64_t j = 0; j < p.M; ++j)
+        if (ca[j] >= 0) ca[j] = pp[ca[j]];
+    }
+    return {colmin, colarg};
+  }
+
+  // pass 2 into out_idx (N, original query order; original key ids through key_order);
+  // hint: original key ids or null; init_best/init_arg: original query order or null;
+  // out_best: the winning scores (original query order) or null.
+  void weighted_argmin(const float* weights, const int64_t* key_order, const int64_t* hint,
+                       const float* init_best, const int64_t* init_arg, int64_t* out_idx, float* out_best) {
+    const int64_t N = p.N, M = p.M;
+    const int64_t* pp = perm.data_ptr<int64_t>();
+    std::vector<float> best0;
+    std::vector<int64_t> arg0;
+    if (hint != nullptr) {
+      // the hinted key's score as each query's starting threshold (sorted positions)
+      // key_order may name a subset of the original keys: map ids to positions through
+      // a table as large as the largest id (a hint naming no key here is an error)
+      const int64_t top = *std::max_element(key_order, key_order + M);
+      std::vector<int64_t> position(static_cast<size_t>(top + 1), -1), hint_sorted(N);
+      for (int64_t s = 0; s < M; ++s) position[key_order[s]] = s;
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t h = hint[pp[i]];
+        TORCH_CHECK_VALUE(h >= 0 && h <= top && position[h] >= 0, "hint names key ", h,
+                          ", which is not among these keys");
+        hint_sorted[i] = position[h];
+      }
+      best0.resize(N);
+      engine::hint_thresholds(p.qc.data_ptr<float>(), p.kc.data_ptr<float>(), p.qn.data_ptr<float>(),
+                              p.kn.data_ptr<float>(), N, p.D, hint_sorted.data(), weights,
+                              p.input_roundoff(), p.output_roundoff(), best0.data());
+    }
+    if (init_best != nullptr) {  // a reached score: tighter than any hint's window
+      best0.resize(N, std::numeric_limits<float>::infinity());
+      for (int64_t i = 0; i < N; ++i) best0[i] = hint ? std::min(best0[i], init_best[pp[i]]) : init_best[pp[i]];
+    }
+    if (init_arg != nullptr) {
+      arg0.resize(N);
+      for (int64_t i = 0; i < N; ++i) arg0[i] = init_arg[pp[i]];
+    }
+    std::vector<int64_t> sorted_idx(N);
+    std::vector<float> sorted_best(out_best ? N : 0);
+    engine::pruned_weighted_argmin(args, weights, key_order, sorted_idx.data(), best0.empty() ? nullptr : best0.data(),
+                                   arg0.empty() ? nullptr : arg0.data(), out_best ? sorted_best.data() : nullptr);
+    // every query must have found a key (the hint's threshold is provably reachable); a
+    // bug there would otherwise surface later as an index error far from its cause
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(sorted_idx[i] >= 0 && sorted_idx[i] != std::numeric_limits<int64_t>::max(),
+                  "internal error in patch_nn's pruned pass 2: query ", pp[i],
+                  " found no key (please report with the inputs)");
+      out_idx[pp[i]] = sorted_idx[i];
+      if (out_best) out_best[pp[i]] = sorted_best[i];
+    }
+  }
+
+  cpu::PreparedOperands p;
+  engine::Balls kb;
+  at::Tensor perm;
+  std::vector<int64_t> qoff;
+  std::vector<float> qwin;
+  cpu::GemmOperands q_kcentres{};
+  engine::PrunedPassArgs args{};
+};
+
+// One (N, D) problem, both passes. hint: null or, per query, the original id of a key
+// that is likely a good answer.
 void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::vector<int64_t>& offsets,
                 const int64_t* key_order, double alpha, const std::string& prec, const int64_t* hint,
                 int64_t* out) {
-  cpu::PreparedOperands p(queries.unsqueeze(0), keys.unsqueeze(0), prec, "queries", "keys");
-  const int64_t N = p.N, M = p.M, D = p.D;
-  const PruneShape shape = prune_shape();
-  const engine::Balls kb = engine::make_balls(p.kc.data_ptr<float>(), D, offsets, shape.max_ball);
-
-  // Queries sorted by nearest key ball make query blocks that sit near few balls.
-  // Only a heuristic for speed: any order gives the same answer.
-  const at::Tensor perm = order_by_nearest_ball(p.qc[0], kb);
-  p.qc = p.qc.index_select(1, perm).contiguous();
-  p.qn = p.qn.index_select(1, perm).contiguous();
-  p.qg = p.bf16 ? p.qg.index_select(1, perm).contiguous() : p.qc;
-  p.ops.queries = p.qg.data_ptr();
-
-  std::vector<int64_t> qoff;
-  for (int64_t s = 0; s < N; s += shape.query_block) qoff.push_back(s);
-  qoff.push_back(N);
-
-  // Error windows: of the fp32 ||q - c||^2, and of every fp32 (query, key) value the
-  // passes compare with a bound, so sized by the largest key or centre norm (a ball's
-  // outlier can sit further from the origin than any centre). In bf16 the GEMM's own
-  // error is larger than this window: there the pruned answer is judged against the
-  // float64 optimum within bf16 error (tests), not bit for bit against the bf16 sweep.
-  const float* qn = p.qn.data_ptr<float>();
-  const float* kn = p.kn.data_ptr<float>();
-  float cmax2 = 0.0f;
-  for (float v : kb.centre_norms) cmax2 = std::max(cmax2, v);
-  for (int64_t j = 0; j < M; ++j) cmax2 = std::max(cmax2, kn[j]);
-  const double kc_max = std::sqrt(static_cast<double>(cmax2)) * (1.0 + 1e-6);
-  std::vector<float> qwin(N);
-  for (int64_t i = 0; i < N; ++i)
-    qwin[i] = engine::candidate_window(std::sqrt(static_cast<double>(qn[i])), kc_max, D, 0.0);
-
-  cpu::GemmOperands q_kcentres{p.qc.data_ptr<float>(), kb.centres.data(), N, kb.count(), D};
-  engine::PrunedPassArgs args{N, M, D, p.qg.data_ptr(), p.kg.data_ptr(),
-                              static_cast<int64_t>(p.qg.element_size()), qn, kn, qwin.data(),
-                              &qoff, &kb, p.ptr_gemm, cpu::fp32_tile_gemm(&q_kcentres),
-                              at::get_num_threads(), &g_prune_stats, shape.batch};
-
-  at::Tensor colmin = at::empty({M}, at::TensorOptions().dtype(at::kFloat));
-  engine::pruned_column_min(args, engine::block_ranges(args), colmin.data_ptr<float>());
+  PrunedProblem prob(queries, keys, offsets, prec);
+  const at::Tensor colmin = prob.column_min(nullptr, false).first;
   const at::Tensor weights = (colmin + alpha).reciprocal_();
-  at::Tensor sorted_idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
-  std::vector<float> init_best;
-  if (hint != nullptr) {
-    // the hinted key's score as each query's starting threshold (sorted positions)
-    std::vector<int64_t> position(M), hint_sorted(N);
-    for (int64_t s = 0; s < M; ++s) position[key_order[s]] = s;
-    const int64_t* pp = perm.data_ptr<int64_t>();
-    for (int64_t i = 0; i < N; ++i) hint_sorted[i] = position[hint[pp[i]]];
-    init_best.resize(N);
-    engine::hint_thresholds(p.qc.data_ptr<float>(), p.kc.data_ptr<float>(), qn, kn, N, D, hint_sorted.data(),
-                            weights.data_ptr<float>(), p.input_roundoff(), p.output_roundoff(), init_best.data());
-  }
-  engine::pruned_weighted_argmin(args, weights.data_ptr<float>(), key_order, sorted_idx.data_ptr<int64_t>(),
-                                 hint != nullptr ? init_best.data() : nullptr);
-  // every query must have found a key (the hint's threshold is provably reachable); a
-  // bug there would otherwise surface later as an index error far from its cause
-  const int64_t* si = sorted_idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i)
-    TORCH_CHECK(si[i] >= 0 && si[i] < M, "internal error in patch_nn's pruned pass 2: query ", i,
-                " found no key (please report with the inputs)");
-  at::from_blob(out, {N}, at::TensorOptions().dtype(at::kLong)).index_put_({perm}, sorted_idx);
+  prob.weighted_argmin(weights.data_ptr<float>(), key_order, hint, nullptr, nullptr, out, nullptr);
+}
+
+// The optional centre of the pass ops: (D,) float32 and finite, or undefined.
+at::Tensor checked_centre(const std::optional<at::Tensor>& centre, const at::Tensor& keys) {
+  if (!centre.has_value()) return at::Tensor();
+  const at::Tensor c = checked_vector(*centre, "centre", keys.size(1), at::kFloat);
+  TORCH_CHECK_VALUE(at::isfinite(c).all().item<bool>(), "centre must be finite");
+  return c;
+}
+
+void check_bound_table(int64_t N, int64_t clusters) {
+  // The pass-1 bounds keep a (query block x cluster) table: with absurdly small clusters
+  // it would approach the N x M matrix this op exists to avoid.
+  const int64_t blocks = (N + prune_shape().query_block - 1) / prune_shape().query_block;
+  TORCH_CHECK_VALUE(blocks * clusters <= (int64_t{1} << 27), "too many key clusters (", clusters, ") for ", N,
+                    " queries: the bound table would pass 1 GB; cluster the keys more coarsely "
+                    "(cluster_keys(keys, cluster_size=...) with a larger cluster_size)");
 }
 
 at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& keys,
@@ -239,13 +331,7 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
   TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
   const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_order(key_order, M);
-  // The pass-1 bounds keep a (query block x cluster) table: with absurdly small clusters
-  // it would approach the N x M matrix this op exists to avoid.
-  const int64_t blocks = (N + prune_shape().query_block - 1) / prune_shape().query_block;
-  TORCH_CHECK_VALUE(blocks * static_cast<int64_t>(offsets.size() - 1) <= (int64_t{1} << 27),
-                    "too many key clusters (", offsets.size() - 1, ") for ", N,
-                    " queries: the bound table would pass 1 GB; cluster the keys more coarsely "
-                    "(cluster_keys(keys, cluster_size=...) with a larger cluster_size)");
+  check_bound_table(N, static_cast<int64_t>(offsets.size()) - 1);
   at::Tensor hints;
   if (hint.has_value()) {
     TORCH_CHECK_VALUE(hint->dim() == 2 && hint->size(0) == B && hint->size(1) == N,
@@ -270,6 +356,83 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
   return idx;
 }
 
+// The pruned passes one at a time, on one (N, D) query set (incremental GPNN updates in
+// fastgen/ops/patch_nn.py compose them on subsets of queries and keys).
+void check_pass_operands(const at::Tensor& queries, const at::Tensor& keys, const std::string& prec) {
+  check_points(queries, "queries", 2);
+  check_points(keys, "keys", 2);
+  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
+                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1), "queries have D=", queries.size(1),
+                    " features but keys have D=", keys.size(1));
+  TORCH_CHECK_VALUE(keys.size(0) >= 1, "keys is empty (0 patches)");
+  TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_nn_colmin_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                                       const at::Tensor& key_offsets, c10::string_view precision,
+                                                       const std::optional<at::Tensor>& init,
+                                                       const std::optional<at::Tensor>& centre) {
+  const std::string prec(precision);
+  check_pass_operands(queries, keys, prec);
+  const int64_t N = queries.size(0), M = keys.size(0);
+  const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
+  check_bound_table(N, static_cast<int64_t>(offsets.size()) - 1);
+  at::Tensor start;
+  if (init.has_value()) {
+    start = checked_vector(*init, "init", M, at::kFloat);
+    TORCH_CHECK_VALUE(!at::isnan(start).any().item<bool>(), "init must not contain NaN");
+  }
+  if (N == 0) {
+    at::Tensor cm = start.defined() ? start.clone() : at::full({M}, INFINITY, at::TensorOptions().dtype(at::kFloat));
+    return {cm, at::full({M}, -1, at::TensorOptions().dtype(at::kLong))};
+  }
+  const at::Tensor mu = checked_centre(centre, keys);
+  PrunedProblem prob(queries.contiguous(), keys.contiguous(), offsets, prec, mu.defined() ? &mu : nullptr);
+  auto [colmin, colarg] = prob.column_min(start.defined() ? start.data_ptr<float>() : nullptr, true);
+  return {colmin, colarg};
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_nn_argmin_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                                       const at::Tensor& key_offsets, const at::Tensor& key_order,
+                                                       const at::Tensor& weights, c10::string_view precision,
+                                                       const std::optional<at::Tensor>& hint,
+                                                       const std::optional<at::Tensor>& init_best,
+                                                       const std::optional<at::Tensor>& init_arg,
+                                                       const std::optional<at::Tensor>& centre) {
+  const std::string prec(precision);
+  check_pass_operands(queries, keys, prec);
+  const int64_t N = queries.size(0), M = keys.size(0);
+  const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
+  check_order_values(key_order, M);
+  const at::Tensor order = key_order.contiguous();
+  const at::Tensor w = checked_vector(weights, "weights", M, at::kFloat);
+  TORCH_CHECK_VALUE(M == 0 || (at::isfinite(w).all().item<bool>() && w.min().item<float>() > 0.0f),
+                    "weights must be finite and > 0");
+  TORCH_CHECK_VALUE(init_best.has_value() == init_arg.has_value(),
+                    "init_best and init_arg go together (a score and the key that reaches it)");
+  at::Tensor h, b0, a0;
+  if (hint.has_value()) {
+    h = checked_vector(*hint, "hint", N, at::kLong);
+  }
+  if (init_best.has_value()) {
+    b0 = checked_vector(*init_best, "init_best", N, at::kFloat);
+    a0 = checked_vector(*init_arg, "init_arg", N, at::kLong);
+    TORCH_CHECK_VALUE(N == 0 || (at::isfinite(b0).all().item<bool>() && b0.min().item<float>() >= 0.0f),
+                      "init_best must be finite and >= 0");
+    TORCH_CHECK_VALUE(N == 0 || a0.min().item<int64_t>() >= 0, "init_arg must be key indices >= 0");
+  }
+  at::Tensor idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor best = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
+  if (N == 0) return {idx, best};
+  const at::Tensor mu = checked_centre(centre, keys);
+  PrunedProblem prob(queries.contiguous(), keys.contiguous(), offsets, prec, mu.defined() ? &mu : nullptr);
+  prob.weighted_argmin(w.data_ptr<float>(), order.data_ptr<int64_t>(), h.defined() ? h.data_ptr<int64_t>() : nullptr,
+                       b0.defined() ? b0.data_ptr<float>() : nullptr, a0.defined() ? a0.data_ptr<int64_t>() : nullptr,
+                       idx.data_ptr<int64_t>(), best.data_ptr<float>());
+  return {idx, best};
+}
+
 }  // namespace
 
 namespace cpu {
@@ -282,4 +445,6 @@ std::pair<int64_t, int64_t> patch_nn_prune_stats() {
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
   m.impl("patch_nn", &fastgen::patch_nn_cpu);
   m.impl("patch_nn_clustered", &fastgen::patch_nn_clustered_cpu);
+  m.impl("patch_nn_colmin", &fastgen::patch_nn_colmin_cpu);
+  m.impl("patch_nn_argmin", &fastgen::patch_nn_argmin_cpu);
 }

@@ -79,7 +79,7 @@ void center_and_norm(const at::Tensor& x, const at::Tensor& mu, at::Tensor& xc, 
 
 PreparedOperands::PreparedOperands(const at::Tensor& queries, const at::Tensor& keys,
                                    const std::string& precision, const char* query_name,
-                                   const char* key_name) {
+                                   const char* key_name, const at::Tensor* centre) {
   TORCH_CHECK_VALUE(precision == "fp32" || precision == "bf16",
                     "precision must be 'fp32' or 'bf16', got '", precision, "'");
   B = queries.size(0);
@@ -93,7 +93,8 @@ PreparedOperands::PreparedOperands(const at::Tensor& queries, const at::Tensor& 
   // Subtracting the keys' mean leaves every distance unchanged but shrinks the
   // norms, and with them the cancellation in ||q||^2 + ||k||^2 - 2 q.k: data far
   // from the origin (+1000 on every coordinate) ranks as well as centred data.
-  const at::Tensor mu = k32.mean(1, /*keepdim=*/true).contiguous();
+  const at::Tensor mu = centre != nullptr ? centre->to(at::kFloat).view({1, 1, D}).expand({B, 1, D}).contiguous()
+                                           : k32.mean(1, /*keepdim=*/true).contiguous();
   qc = at::empty_like(q32);
   kc = at::empty_like(k32);
   qn = at::empty({B, N}, q32.options());

@@ -17,8 +17,10 @@ namespace cpu {
 // input: fp32 originals, copies centred on the keys' mean (see DESIGN.md on
 // cancellation), their squared norms, the finiteness check, the GEMM operands.
 struct PreparedOperands {
+  // centre: the (D,) fp32 point subtracted from both sets (default: the keys' mean);
+  // calls on subsets of one key set pass the full set's, so they round alike
   PreparedOperands(const at::Tensor& queries, const at::Tensor& keys, const std::string& precision,
-                   const char* query_name, const char* key_name);
+                   const char* query_name, const char* key_name, const at::Tensor* centre = nullptr);
   PreparedOperands(const PreparedOperands&) = delete;  // gemm points into ops
   double input_roundoff() const;   // of the GEMM's inputs (0 for fp32)
   double output_roundoff() const;  // of the GEMM's output (0 for fp32)

@@ -298,7 +298,12 @@ inline BlockRanges block_ranges(const PrunedPassArgs& a) {
 // running minimum, with the span of those keys. (Testing each row's own ||q - c||
 // computed 25 % fewer pairs but cost as much in dot products, which read the rows
 // from memory once more: measured, no faster.)
-inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, float* colmin) {
+// init (optional): per key a starting value instead of infinity, so colmin[j] =
+// min(init[j], ...); a key whose init is below every possible distance (-inf) is never
+// computed. colarg (optional): per key the row (query position) that set colmin[j], -1
+// where init[j] stood (incremental GPNN updates need to know which query covers a key).
+inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, float* colmin,
+                              const float* init = nullptr, int64_t* colarg = nullptr) {
   const std::vector<int64_t>& qo = *a.query_offsets;
   const Balls& kb = *a.key_balls;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
@@ -306,7 +311,8 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
   const int64_t qmax = max_group(qo);
   const int64_t row_bytes = a.dim * a.elem_bytes;
   if (nqb <= 0) {  // no queries: nothing covers any key
-    std::fill(colmin, colmin + a.cols, std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < a.cols; ++j) colmin[j] = init ? init[j] : std::numeric_limits<float>::infinity();
+    if (colarg) std::fill(colarg, colarg + a.cols, int64_t{-1});
     return;
   }
   const float wall = *std::max_element(br.window.begin(), br.window.end());
@@ -316,7 +322,8 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
     std::vector<float> tile(static_cast<size_t>((a.batch + qmax) * kmax));
     std::vector<float> lb(nqb), cm(kmax), dist(kmax), qn;
     std::vector<unsigned char> rows;
-    std::vector<int32_t> need(kmax);
+    std::vector<int32_t> need(kmax), darg(colarg ? kmax : 0);
+    std::vector<int64_t> rid, carg(colarg ? kmax : 0);  // gathered rows' positions; arg of cm
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < nkb; ++g) {
       const int64_t k0 = kb.offsets[g], nk = kb.size(g);
@@ -330,9 +337,18 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
         const float gap = std::max(blo[b] - kb.dist_max[g], kb.dist_min[g] - bhi[b]);
         lb[b] = gap > 0.0f ? gap * gap * (1.0f - 1e-6f) : 0.0f;
       }
-      std::fill(cm.begin(), cm.begin() + nk, std::numeric_limits<float>::infinity());
+      if (init)
+        std::copy(init + k0, init + k0 + nk, cm.begin());
+      else
+        std::fill(cm.begin(), cm.begin() + nk, std::numeric_limits<float>::infinity());
+      if (colarg) std::fill(carg.begin(), carg.begin() + nk, int64_t{-1});
       std::fill(need.begin(), need.begin() + nk, 0);
-      float worst = std::numeric_limits<float>::infinity();  // max_j of the running colmin
+      float worst = *std::max_element(cm.begin(), cm.begin() + nk);  // max_j of the running colmin
+      if (!(worst > -std::numeric_limits<float>::infinity())) {  // every key settled by init
+        std::copy(cm.begin(), cm.begin() + nk, colmin + k0);
+        if (colarg) std::fill(colarg + k0, colarg + k0 + nk, int64_t{-1});
+        continue;
+      }
       auto flush = [&] {
         const int64_t nr = static_cast<int64_t>(qn.size());
         if (nr == 0) return;
@@ -344,13 +360,26 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
         a.gemm(rows.data(), nr, K, nc, tile.data(), nc);
         // -2 q.k + ||q||^2 per key; the key norm is added once at the end (as ColumnMin)
         std::fill(dist.begin(), dist.begin() + nc, std::numeric_limits<float>::infinity());
-        for (int64_t r = 0; r < nr; ++r) column_min_update(dist.data(), tile.data() + r * nc, qn[r], nc);
-        for (int64_t c = 0; c < nc; ++c)
-          cm[s0 + c] = std::min(cm[s0 + c], std::max(dist[c] + a.key_norms[k0 + s0 + c], 0.0f));
+        if (colarg) {
+          for (int64_t r = 0; r < nr; ++r)
+            column_argmin_update(dist.data(), darg.data(), tile.data() + r * nc, qn[r], static_cast<int32_t>(r), nc);
+          for (int64_t c = 0; c < nc; ++c) {
+            const float v = std::max(dist[c] + a.key_norms[k0 + s0 + c], 0.0f);
+            if (v < cm[s0 + c]) {
+              cm[s0 + c] = v;
+              carg[s0 + c] = rid[darg[c]];
+            }
+          }
+        } else {
+          for (int64_t r = 0; r < nr; ++r) column_min_update(dist.data(), tile.data() + r * nc, qn[r], nc);
+          for (int64_t c = 0; c < nc; ++c)
+            cm[s0 + c] = std::min(cm[s0 + c], std::max(dist[c] + a.key_norms[k0 + s0 + c], 0.0f));
+        }
         worst = *std::max_element(cm.begin(), cm.begin() + nk);
         computed += nr * nc;
         rows.clear();
         qn.clear();
+        rid.clear();
         std::fill(need.begin(), need.begin() + nk, 0);
       };
       // block b's rows, if its ||q - c|| range may lower some key's running minimum
@@ -358,12 +387,15 @@ inline void pruned_column_min(const PrunedPassArgs& a, const BlockRanges& br, fl
         if (mark_keys_colmin(rho, cm.data(), nk, blo[b], bhi[b], br.window[b], need.data()) == 0) return;
         detail::append_rows(rows, a.query_rows, qo[b], qo[b + 1] - qo[b], row_bytes);
         qn.insert(qn.end(), a.query_norms + qo[b], a.query_norms + qo[b + 1]);
+        if (colarg)
+          for (int64_t i = qo[b]; i < qo[b + 1]; ++i) rid.push_back(i);
       };
       // blocks past worst + wall cannot lower any key's minimum
       detail::visit_by_bound(
           a, lb.data(), nqb, [&] { return worst + wall; }, visit, flush,
           [&] { return static_cast<int64_t>(qn.size()); });
       for (int64_t j = 0; j < nk; ++j) colmin[k0 + j] = cm[j];
+      if (colarg) std::copy(carg.begin(), carg.begin() + nk, colarg + k0);
     }
   }
   detail::count_pairs(a, computed);
@@ -398,11 +430,16 @@ inline void hint_thresholds(const float* q32, const float* k32, const float* que
 
 // Pass 2: out_idx[i] = key_order[argmin_j max(||q_i - k_j||^2, 0) * weights[j]], ties to
 // the lowest key_order value. init_best (optional, from hint_thresholds): per query an
-// upper bound of its best score. Per query block: balls in order of their bound; within a
-// ball, the keys that some row's bound (with the key's own weight) lets through.
+// upper bound of its best score. init_arg (optional, with init_best): per query a key id
+// (key_order's space) that reaches exactly init_best, outside these keys: the answer is
+// then the best of it and of these keys (incremental GPNN: the keys whose weight moved).
+// out_best (optional): the winning score per query. Per query block: balls in order of
+// their bound; within a ball, the keys that some row's bound (with the key's own weight)
+// lets through.
 inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights,
                                    const int64_t* key_order, int64_t* out_idx,
-                                   const float* init_best = nullptr) {
+                                   const float* init_best = nullptr, const int64_t* init_arg = nullptr,
+                                   float* out_best = nullptr) {
   const std::vector<int64_t>& qo = *a.query_offsets;
   const Balls& kb = *a.key_balls;
   const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
@@ -432,7 +469,7 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
         ball_bound_row(lo.data() + r * nkb, hi.data() + r * nkb, kb.dist_min.data(), kb.dist_max.data(),
                        wmin.data(), a.query_windows[r0 + r], nkb, lbw.data() + r * nkb, ball_min.data());
       for (int64_t r = 0; r < nr; ++r) best[r] = init_best ? init_best[r0 + r] : std::numeric_limits<float>::infinity();
-      std::fill(arg.begin(), arg.begin() + nr, std::numeric_limits<int64_t>::max());
+      for (int64_t r = 0; r < nr; ++r) arg[r] = init_arg ? init_arg[r0 + r] : std::numeric_limits<int64_t>::max();
       float worst = std::numeric_limits<float>::infinity();
       const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;
       auto flush = [&] {
@@ -512,6 +549,8 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
           a, ball_min.data(), nkb, [&] { return worst; }, visit, flush,
           [&] { return static_cast<int64_t>(kn.size()); });
       for (int64_t r = 0; r < nr; ++r) out_idx[r0 + r] = arg[r];
+      if (out_best)
+        for (int64_t r = 0; r < nr; ++r) out_best[r0 + r] = best[r];
     }
   }
   detail::count_pairs(a, computed);

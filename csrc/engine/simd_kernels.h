@@ -42,6 +42,18 @@ FASTGEN_SIMD_CLONES static void column_min_update(float* cm, const float* t, flo
   for (int64_t c = 0; c < nc; ++c) cm[c] = std::min(cm[c], t[c] + q);
 }
 
+// column_min_update that also records, per column, the row r that last lowered it.
+FASTGEN_SIMD_CLONES static void column_argmin_update(float* cm, int32_t* arg, const float* t, float q,
+                                                     int32_t r, int64_t nc) {
+#pragma omp simd
+  for (int64_t c = 0; c < nc; ++c) {
+    const float v = t[c] + q;
+    const bool lower = v < cm[c];
+    cm[c] = lower ? v : cm[c];
+    arg[c] = lower ? r : arg[c];
+  }
+}
+
 // min over c of max(q + t[c] + kn[c], 0) * w[c] (GPNN pass 2).
 FASTGEN_SIMD_CLONES static float weighted_min(const float* t, const float* kn, const float* w,
                                               float q, int64_t nc) {

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from fastgen.ops import fold_patches, patch_nn
 from fastgen.ops._backend import resolve as _resolve
-from fastgen.ops.patch_nn import KeyClusters, cluster_keys
+from fastgen.ops.patch_nn import IncrementalPatchNN, KeyClusters, cluster_keys
 
 # keys expanded to (B, M, D) for the batched patch_nn stay under this many bytes
 _KEY_BYTES_BUDGET = 256 << 20
@@ -243,10 +243,12 @@ class GPNN:
             return cluster_keys(keys)
         return keys
 
-    def _match(self, x, keys, valid_keys=None, query_pos=None, hint=None):
+    def _match(self, x, keys, valid_keys=None, query_pos=None, hint=None, tracker=None):
         """(idx (B, Hq, Wq) into the stride-1 patch grid of the key image for every patch
         of x, the raw (B, Nq) indices into `keys`); keys from `_keys`. hint: the raw
-        indices of the previous iteration against the same keys (a speed hint only)."""
+        indices of the previous iteration against the same keys (a speed hint only).
+        tracker: an IncrementalPatchNN over `keys` (same answers, recomputes only what
+        the queries changed since its last call)."""
         p = self.patch_size
         bsz = x.shape[0]
         hq, wq = x.shape[-2] - p + 1, x.shape[-1] - p + 1
@@ -258,7 +260,9 @@ class GPNN:
         d = flat.shape[1]
         alpha = None if self.alpha is None else self.alpha * d         # mean -> sum of squares
         backend = self.backend
-        if clustered:                                                  # shared keys, no copies
+        if tracker is not None:
+            idx = tracker(queries, hint=hint)
+        elif clustered:                                                # shared keys, no copies
             idx = patch_nn(queries, keys, alpha, backend=backend, precision=self.precision, hint=hint)
         else:
             chunk = max(1, _KEY_BYTES_BUDGET // max(1, flat.numel() * flat.element_size()))
@@ -305,12 +309,17 @@ class GPNN:
                 keys_blurred = self._keys(blurred, valid_keys)
                 keys_sharp = keys_blurred if blurred is s else self._keys(s, valid_keys)
                 raw = None
+                # from iteration 1 on the keys stay the same and only part of the image
+                # changes per iteration: the tracker recomputes what those changes affect
+                tracker = None
+                if isinstance(keys_sharp, KeyClusters) and self.alpha is not None:
+                    tracker = IncrementalPatchNN(keys_sharp, self.alpha * keys_sharp.keys.shape[1], self.precision)
                 for it in range(self.iterations):
                     # the last iteration's matches are most queries' answers again: as a
                     # hint they let the pruned search skip more (same keys from it 1 on;
                     # blurred and sharp keys share one index space)
                     idx, raw = self._match(x, keys_blurred if it == 0 else keys_sharp, valid_keys, query_pos,
-                                           hint=raw if it > 0 else None)
+                                           hint=raw if it > 0 else None, tracker=tracker if it > 0 else None)
                     x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
                     if masks is not None:
                         x = torch.where(masks[lvl], x, s)

@@ -166,6 +166,155 @@ def _checked_hint(hint, q3, num_keys, squeeze):
     return hint.reshape(q3.shape[0], q3.shape[1])
 
 
+class IncrementalPatchNN:
+    """patch_nn against fixed keys for a sequence of query sets that change a little from
+    one call to the next (GPNN: the iterations of a level, where a third of the query
+    patches change per iteration and ~1 % of the answers). Each call returns exactly what
+    `patch_nn(queries, keys, alpha, precision=precision)` returns (up to the fp32 rounding
+    of equal scores, as between any two sweeps), but recomputes only what the changed
+    queries can affect:
+
+    - pass 1 (column minima): a key whose closest query is unchanged keeps its minimum
+      unless a changed query comes closer, so only changed queries are searched for it
+      (starting from that minimum); keys whose closest query changed are searched again
+      over the unchanged queries as well;
+    - pass 2: an unchanged query whose chosen key kept its weight keeps its answer unless
+      one of the keys whose weight moved beats its score (only those keys are searched,
+      from that score); changed queries, and those whose key's weight moved, are searched
+      again with the last answer as a hint.
+
+    Keeps per batch element the last queries (N x D floats), column minima and answers.
+    CPU (C++ backend) only; keys: a KeyClusters from `cluster_keys`."""
+
+    def __init__(self, keys, alpha=0.005, precision="fp32", full_above=0.8):
+        if not isinstance(keys, KeyClusters):
+            raise TypeError(f"keys must be a KeyClusters (from cluster_keys), got {type(keys).__name__}")
+        if not _ext.CPP_AVAILABLE:
+            raise RuntimeError("IncrementalPatchNN needs the C++ extension (fastgen._C), which is not built")
+        if keys.keys.device.type != "cpu":
+            raise ValueError(f"IncrementalPatchNN runs on the CPU; keys are on {keys.keys.device}")
+        if alpha is None or not (1e-30 <= float(alpha) <= 1e30):
+            raise ValueError(f"alpha must be a number in [1e-30, 1e30], got {alpha!r}")
+        _validate.precision(precision)
+        if not (0.0 <= float(full_above) <= 1.0):
+            raise ValueError(f"full_above must be in [0, 1], got {full_above!r}")
+        self.keys, self.alpha, self.precision = keys, float(alpha), precision
+        self.full_above = float(full_above)
+        m = keys.sorted_keys.shape[0]
+        counts = keys.offsets[1:] - keys.offsets[:-1]
+        self._cluster_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # per sorted key
+        self._position = torch.empty(m, dtype=torch.long)
+        self._position[keys.order] = torch.arange(m)                                  # original id -> sorted
+        # every pass on a subset of the keys centres by the whole set's mean (the one the
+        # full op uses), so that equal scores round alike in every call
+        self._centre = keys.sorted_keys.float().unsqueeze(0).mean(1)[0].contiguous()
+        self._states = None
+        self.last_changed = []   # per batch element: fraction of queries that changed (None: full search)
+
+    def __call__(self, queries, hint=None):
+        """idx (N,) or (B, N) into the original keys, as patch_nn; hint as patch_nn's (used
+        only where a batch element is searched from scratch)."""
+        keys = self.keys.keys
+        _validate.points(queries, "queries")
+        _validate.same_kind(queries, "queries", keys, "keys")
+        _validate.finite(queries, "queries")
+        squeeze = queries.dim() == 2
+        q3 = queries.unsqueeze(0) if squeeze else queries
+        h2 = None if hint is None else _checked_hint(hint, q3, keys.shape[0], squeeze)
+        if self._states is None or len(self._states) != q3.shape[0]:
+            self._states = [None] * q3.shape[0]
+        self.last_changed = []
+        out = []
+        for b in range(q3.shape[0]):
+            q = q3[b].contiguous()
+            st = self._states[b]
+            hb = None if h2 is None else h2[b].contiguous()
+            if st is not None and st["queries"].shape == q.shape:
+                changed = (q != st["queries"]).any(1)
+                frac = changed.float().mean().item() if q.shape[0] else 0.0
+                if frac <= self.full_above:
+                    self._states[b] = self._update(q, changed, st)
+                    self.last_changed.append(frac)
+                    out.append(self._states[b]["idx"])
+                    continue
+                hb = st["idx"] if hb is None else hb
+            self._states[b] = self._full(q, hb)
+            self.last_changed.append(None)
+            out.append(self._states[b]["idx"])
+        idx = torch.stack(out)
+        return idx[0] if squeeze else idx
+
+    def reset(self):
+        """Forget the last queries: the next call searches from scratch."""
+        self._states = None
+
+    # sorted-key positions are the ops' key space: colmin/colarg/weights live there
+    def _sub_offsets(self, keep):
+        counts = torch.bincount(self._cluster_of[keep], minlength=self.keys.offsets.numel() - 1)
+        off = torch.zeros(counts.numel() + 1, dtype=torch.long)
+        off[1:] = torch.cumsum(counts, 0)
+        return off
+
+    def _colmin(self, q, keep=None, init=None):
+        k = self.keys
+        if keep is None:
+            return torch.ops.fastgen.patch_nn_colmin(q, k.sorted_keys, k.offsets, self.precision, init, self._centre)
+        return torch.ops.fastgen.patch_nn_colmin(q, k.sorted_keys[keep].contiguous(), self._sub_offsets(keep),
+                                                 self.precision, init, self._centre)
+
+    def _argmin(self, q, weights, keep=None, hint=None, init_best=None, init_arg=None):
+        k = self.keys
+        if keep is None:
+            return torch.ops.fastgen.patch_nn_argmin(q, k.sorted_keys, k.offsets, k.order, weights, self.precision,
+                                                     hint, init_best, init_arg, self._centre)
+        return torch.ops.fastgen.patch_nn_argmin(q, k.sorted_keys[keep].contiguous(), self._sub_offsets(keep),
+                                                 k.order[keep].contiguous(), weights[keep].contiguous(),
+                                                 self.precision, hint, init_best, init_arg, self._centre)
+
+    def _full(self, q, hint):
+        colmin, colarg = self._colmin(q)
+        weights = (colmin + self.alpha).reciprocal_()
+        idx, score = self._argmin(q, weights, hint=hint)
+        return {"queries": q.clone(), "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
+
+    def _update(self, q, changed, st):
+        inf = float("inf")
+        ci = torch.nonzero(changed).flatten()
+        ui = torch.nonzero(~changed).flatten()
+        old_colmin, old_colarg = st["colmin"], st["colarg"]
+        # keys whose closest query changed (or that had none): their minimum over the
+        # unchanged queries is unknown, every other key's is its old minimum
+        lost = (old_colarg < 0) | changed[old_colarg.clamp(min=0)]
+        colmin, arg = self._colmin(q[ci], init=torch.where(lost, inf, old_colmin))
+        colarg = _lift(arg, ci, old_colarg)
+        if ui.numel() and bool(lost.any()):
+            kl = torch.nonzero(lost).flatten()
+            cm_l, arg_l = self._colmin(q[ui], keep=kl, init=colmin[kl].contiguous())
+            colmin[kl] = cm_l
+            colarg[kl] = _lift(arg_l, ui, colarg[kl])
+        weights = (colmin + self.alpha).reciprocal_()
+        moved = colmin != old_colmin                      # keys whose weight changed
+        idx, score = st["idx"].clone(), st["score"].clone()
+        redo = changed | moved[self._position[st["idx"]]]
+        ri = torch.nonzero(redo).flatten()
+        if ri.numel():
+            idx[ri], score[ri] = self._argmin(q[ri], weights, hint=st["idx"][ri].contiguous())
+        si = torch.nonzero(~redo).flatten()
+        if si.numel() and bool(moved.any()):
+            km = torch.nonzero(moved).flatten()
+            idx[si], score[si] = self._argmin(q[si], weights, keep=km, init_best=st["score"][si].contiguous(),
+                                              init_arg=st["idx"][si].contiguous())
+        return {"queries": q.clone(), "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
+
+
+def _lift(arg, ids, fallback):
+    """Query positions in a subset (-1: none) -> ids[arg], fallback where -1."""
+    out = fallback.clone()
+    hit = arg >= 0
+    out[hit] = ids[arg[hit]]
+    return out
+
+
 def prune_stats():
     """((query, key) pairs in all pruned patch_nn passes so far, pairs whose distance was
     computed) in this process; computed / total is the fraction of the work done."""
@@ -178,6 +327,19 @@ if _ext.CPP_AVAILABLE:
     def _patch_nn_fake(queries, keys, alpha, precision):
         _validate.one_device(queries=queries, keys=keys)
         return queries.new_empty(queries.shape[:2], dtype=torch.long)
+
+    @torch.library.register_fake("fastgen::patch_nn_colmin")
+    def _patch_nn_colmin_fake(queries, keys, key_offsets, precision, init=None, centre=None):
+        _validate.one_device(queries=queries, keys=keys)
+        m = keys.shape[0]
+        return keys.new_empty((m,), dtype=torch.float32), keys.new_empty((m,), dtype=torch.long)
+
+    @torch.library.register_fake("fastgen::patch_nn_argmin")
+    def _patch_nn_argmin_fake(queries, keys, key_offsets, key_order, weights, precision, hint=None,
+                              init_best=None, init_arg=None, centre=None):
+        _validate.one_device(queries=queries, keys=keys)
+        n = queries.shape[0]
+        return queries.new_empty((n,), dtype=torch.long), queries.new_empty((n,), dtype=torch.float32)
 
     @torch.library.register_fake("fastgen::patch_nn_clustered")
     def _patch_nn_clustered_fake(queries, keys, key_offsets, key_order, alpha, precision, hint=None):
