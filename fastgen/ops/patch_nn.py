@@ -287,6 +287,9 @@ class IncrementalPatchNN:
         lost = (old_colarg < 0) | changed[old_colarg.clamp(min=0)]
         colmin, arg = self._colmin(q[ci], init=torch.where(lost, inf, old_colmin))
         colarg = _lift(arg, ci, old_colarg)
+        # a lost key that a changed query now covers at least as well as its old minimum
+        # (a lower bound of the unchanged queries' minimum) is settled already
+        lost &= colmin > old_colmin
         if ui.numel() and bool(lost.any()):
             kl = torch.nonzero(lost).flatten()
             cm_l, arg_l = self._colmin(q[ui], keep=kl, init=colmin[kl].contiguous())
