@@ -420,6 +420,34 @@ double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, s
            colmin[j], m64);
   }
 
+  // pass 1 again with the covering query (colarg) and with start values: the same minima;
+  // colarg's row reaches each key's minimum in the same fp32 arithmetic; a start value
+  // at the minimum stands (no row), -inf is never computed, +inf is searched as before
+  {
+    const int64_t computed_pass1 = stats.pairs_computed;
+    std::vector<float> cm2(M), init(M);
+    std::vector<int64_t> arg(M, -2), arg2(M, -2);
+    pruned_column_min(a, block_ranges(a), cm2.data(), nullptr, arg.data());
+    for (int64_t j = 0; j < M; ++j) {
+      EXPECT(cm2[j] == colmin[j], "%s: colmin[%ld] with colarg %.9g, without %.9g", what, (long)j, cm2[j], colmin[j]);
+      const int64_t i = arg[j];
+      EXPECT(i >= 0 && i < N, "%s: colarg[%ld] = %ld", what, (long)j, (long)i);
+      if (i < 0 || i >= N) continue;
+      const float v = std::max(t[i * M + j] + qn[i] + kn[j], 0.0f);
+      EXPECT(v == colmin[j], "%s: colarg[%ld] = %ld reaches %.9g, colmin %.9g", what, (long)j, (long)i, v, colmin[j]);
+    }
+    for (int64_t j = 0; j < M; ++j) init[j] = j % 3 == 0 ? -INFINITY : j % 3 == 1 ? colmin[j] : INFINITY;
+    pruned_column_min(a, block_ranges(a), cm2.data(), init.data(), arg2.data());
+    for (int64_t j = 0; j < M; ++j) {
+      const float want = j % 3 == 0 ? -INFINITY : colmin[j];
+      EXPECT(cm2[j] == want && (j % 3 == 2 ? arg2[j] >= 0 : arg2[j] == -1),
+             "%s: colmin[%ld] from start %.9g is %.9g (row %ld), want %.9g", what, (long)j, init[j], cm2[j],
+             (long)arg2[j], want);
+    }
+    stats.pairs_total = pairs;  // extra runs: the counts below are of the first passes
+    stats.pairs_computed = computed_pass1;
+  }
+
   // pass 2, on GPNN's weights (or arbitrary positive ones: the bound scales by the
   // smallest weight of a ball)
   std::vector<float> w(M);
@@ -454,6 +482,23 @@ double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, s
     const double got64 = exact_sqdist(&p.q[i * D], &p.k[at * D], D) * w[at];
     const double tol = 2.0 * candidate_window(std::sqrt(double(qn[i])), kmax, D, 0.0) * wmax + 1e-6 * best64;
     EXPECT(got64 <= best64 + tol, "%s: row %ld reaches %.9g, float64 optimum %.9g", what, (long)i, got64, best64);
+  }
+
+  // pass 2 with the winning scores out, then from (those scores, those keys) as a reached
+  // start: the same picks and scores; from a start every key beats: the same picks
+  {
+    std::vector<int64_t> i2(N, -1), i3(N, -1), start_arg(N, M + 7);
+    std::vector<float> b2(N), b3(N), huge(N, 1e30f);
+    pruned_weighted_argmin(a, w.data(), p.key_order.data(), i2.data(), nullptr, nullptr, b2.data());
+    pruned_weighted_argmin(a, w.data(), p.key_order.data(), i3.data(), b2.data(), i2.data(), b3.data());
+    for (int64_t i = 0; i < N; ++i)
+      EXPECT(i2[i] == idx[i] && i3[i] == idx[i] && b3[i] == b2[i],
+             "%s: row %ld with scores out picks %ld, from its own start %ld (score %.9g vs %.9g), want %ld", what,
+             (long)i, (long)i2[i], (long)i3[i], b3[i], b2[i], (long)idx[i]);
+    pruned_weighted_argmin(a, w.data(), p.key_order.data(), i3.data(), huge.data(), start_arg.data());
+    for (int64_t i = 0; i < N; ++i)
+      EXPECT(i3[i] == idx[i], "%s: row %ld from a beaten start picks %ld, want %ld", what, (long)i, (long)i3[i],
+             (long)idx[i]);
   }
 
   // pass 2 again from hinted thresholds (a random key, or the answer itself): the same
