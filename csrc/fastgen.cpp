@@ -23,7 +23,8 @@ TORCH_LIBRARY(fastgen, m) {
   // updates compose them on subsets): colmin (M,) float32 = min(init, min_i d_ij) with
   // colarg (M,) int64 the query that set it (-1 where init stood); then idx (N,) original
   // key ids of argmin_j d_ij * weights[j] (optionally against a reached (init_best, init_arg))
-  // with its score (N,) float32. centre (D,): subtracted from both sets (default: the
+  // with its score (N,) float32 (init_arg: any key id, returned where nothing beats
+  // init_best; a hint and a start are exclusive). centre (D,): subtracted from both sets (default: the
   // keys' mean); calls on subsets of one key set pass the whole set's, to round alike.
   m.def("patch_nn_colmin(Tensor queries, Tensor keys, Tensor key_offsets, str precision, Tensor? init=None, Tensor? centre=None) -> (Tensor, Tensor)");
   m.def("patch_nn_argmin(Tensor queries, Tensor keys, Tensor key_offsets, Tensor key_order, Tensor weights, str precision, Tensor? hint=None, Tensor? init_best=None, Tensor? init_arg=None, Tensor? centre=None) -> (Tensor, Tensor)");

@@ -148,12 +148,14 @@ def test_inpaint_keeps_pixels_outside_the_mask(china, model):
     assert torch.equal(out, model.inpaint(china, mask[None].bool(), seed=0, progress=False))
 
 
+@pytest.mark.parametrize("search", ["incremental", "from-scratch"])
 @pytest.mark.parametrize("task", ["sample", "inpaint"])
-def test_incremental_iterations_reach_the_optimum(china, monkeypatch, task):
-    # from iteration 1 of a level on, GPNN searches through an IncrementalPatchNN
-    # (patch_nn's answers, recomputing only what the changed queries affect): every such
+def test_sharp_key_searches_reach_the_optimum(china, monkeypatch, task, search):
+    # iterations 1.. of a level search the sharp keys through an IncrementalPatchNN
+    # (patch_nn's answers, recomputing only what the changed queries affect), or, with it
+    # replaced, through patch_nn with the previous iteration's answers as hint: every such
     # call is judged against the float64 optimum like patch_nn itself, also with a mask
-    # (subset keys and queries), and some calls must really have been incremental
+    # (subset keys and queries); the incremental path must really have run
     import fastgen.models.gpnn as gpnn_module
     from test_patch_nn import judge
     mask = torch.zeros(40, 60)
@@ -162,8 +164,13 @@ def test_incremental_iterations_reach_the_optimum(china, monkeypatch, task):
 
     class Recording(gpnn_module.IncrementalPatchNN):
         def __call__(self, queries, hint=None):
-            idx = super().__call__(queries, hint=hint)
-            calls.append((queries.clone(), self.keys.keys, self.alpha, idx, list(self.last_changed), hint))
+            if search == "incremental":
+                idx = super().__call__(queries, hint=hint)
+                changed = list(self.last_changed)
+            else:
+                idx = gpnn_module.patch_nn(queries, self.keys, self.alpha, precision=self.precision, hint=hint)
+                changed = [None] * queries.shape[0]
+            calls.append((queries.clone(), self.keys.keys, self.alpha, idx, changed, hint))
             return idx
 
     monkeypatch.setattr(gpnn_module, "IncrementalPatchNN", Recording)
@@ -172,10 +179,11 @@ def test_incremental_iterations_reach_the_optimum(china, monkeypatch, task):
         model.sample(china, num_samples=2, seed=3, progress=False)
     else:
         model.inpaint(china, mask, seed=3, progress=False)
-    assert calls, "GPNN made no incremental searches"
-    assert any(c is not None for call in calls for c in call[4]), "every search started from scratch"
-    assert all(call[5] is not None for call in calls if all(c is None for c in call[4])), \
-        "a search from scratch got no hint from the previous iteration"
+    assert calls, "GPNN made no searches against the sharp keys"
+    if search == "incremental":
+        assert any(c is not None for call in calls for c in call[4]), "every search started from scratch"
+    else:
+        assert all(call[5] is not None for call in calls), "a search got no hint from the previous iteration"
     for q, k, alpha, idx, _, _ in calls:
         for b in range(q.shape[0]):
             judge(q[b], k, alpha, idx[b])

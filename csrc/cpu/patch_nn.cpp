@@ -5,6 +5,7 @@
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
@@ -238,25 +239,27 @@ struct PrunedProblem {
     std::vector<int64_t> arg0;
     if (hint != nullptr) {
       // the hinted key's score as each query's starting threshold (sorted positions)
-      // key_order may name a subset of the original keys: map ids to positions through
-      // a table as large as the largest id (a hint naming no key here is an error)
-      const int64_t top = *std::max_element(key_order, key_order + M);
-      std::vector<int64_t> position(static_cast<size_t>(top + 1), -1), hint_sorted(N);
-      for (int64_t s = 0; s < M; ++s) position[key_order[s]] = s;
+      // key_order may name a subset of the original keys (ids up to anything): map ids to
+      // positions by binary search in the sorted (id, position) pairs; a hint naming no
+      // key here is an error
+      std::vector<std::pair<int64_t, int64_t>> by_id(M);
+      for (int64_t s = 0; s < M; ++s) by_id[s] = {key_order[s], s};
+      std::sort(by_id.begin(), by_id.end());
+      std::vector<int64_t> hint_sorted(N);
       for (int64_t i = 0; i < N; ++i) {
         const int64_t h = hint[pp[i]];
-        TORCH_CHECK_VALUE(h >= 0 && h <= top && position[h] >= 0, "hint names key ", h,
-                          ", which is not among these keys");
-        hint_sorted[i] = position[h];
+        const auto it = std::lower_bound(by_id.begin(), by_id.end(), std::make_pair(h, int64_t{-1}));
+        TORCH_CHECK_VALUE(it != by_id.end() && it->first == h, "hint names key ", h, ", which is not among these keys");
+        hint_sorted[i] = it->second;
       }
       best0.resize(N);
       engine::hint_thresholds(p.qc.data_ptr<float>(), p.kc.data_ptr<float>(), p.qn.data_ptr<float>(),
                               p.kn.data_ptr<float>(), N, p.D, hint_sorted.data(), weights,
                               p.input_roundoff(), p.output_roundoff(), best0.data());
     }
-    if (init_best != nullptr) {  // a reached score: tighter than any hint's window
-      best0.resize(N, std::numeric_limits<float>::infinity());
-      for (int64_t i = 0; i < N; ++i) best0[i] = hint ? std::min(best0[i], init_best[pp[i]]) : init_best[pp[i]];
+    if (init_best != nullptr) {  // a reached score (never with a hint: the op refuses both)
+      best0.resize(N);
+      for (int64_t i = 0; i < N; ++i) best0[i] = init_best[pp[i]];
     }
     if (init_arg != nullptr) {
       arg0.resize(N);
@@ -383,11 +386,11 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_colmin_cpu(const at::Tensor& queries
     start = checked_vector(*init, "init", M, at::kFloat);
     TORCH_CHECK_VALUE(!at::isnan(start).any().item<bool>(), "init must not contain NaN");
   }
+  const at::Tensor mu = checked_centre(centre, keys);
   if (N == 0) {
     at::Tensor cm = start.defined() ? start.clone() : at::full({M}, INFINITY, at::TensorOptions().dtype(at::kFloat));
     return {cm, at::full({M}, -1, at::TensorOptions().dtype(at::kLong))};
   }
-  const at::Tensor mu = checked_centre(centre, keys);
   PrunedProblem prob(queries.contiguous(), keys.contiguous(), offsets, prec, mu.defined() ? &mu : nullptr);
   auto [colmin, colarg] = prob.column_min(start.defined() ? start.data_ptr<float>() : nullptr, true);
   return {colmin, colarg};
@@ -411,6 +414,9 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_argmin_cpu(const at::Tensor& queries
                     "weights must be finite and > 0");
   TORCH_CHECK_VALUE(init_best.has_value() == init_arg.has_value(),
                     "init_best and init_arg go together (a score and the key that reaches it)");
+  TORCH_CHECK_VALUE(!(hint.has_value() && init_best.has_value()),
+                    "hint and init_best/init_arg cannot be combined (a hint is for a search from scratch)");
+  const at::Tensor mu = checked_centre(centre, keys);
   at::Tensor h, b0, a0;
   if (hint.has_value()) {
     h = checked_vector(*hint, "hint", N, at::kLong);
@@ -425,7 +431,6 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_argmin_cpu(const at::Tensor& queries
   at::Tensor idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
   at::Tensor best = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
   if (N == 0) return {idx, best};
-  const at::Tensor mu = checked_centre(centre, keys);
   PrunedProblem prob(queries.contiguous(), keys.contiguous(), offsets, prec, mu.defined() ? &mu : nullptr);
   prob.weighted_argmin(w.data_ptr<float>(), order.data_ptr<int64_t>(), h.defined() ? h.data_ptr<int64_t>() : nullptr,
                        b0.defined() ? b0.data_ptr<float>() : nullptr, a0.defined() ? a0.data_ptr<int64_t>() : nullptr,

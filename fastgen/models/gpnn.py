@@ -39,10 +39,11 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   of patch_nn. On the CPU the keys of a level are clustered once (`cluster_keys`) and
   that KeyClusters is shared by all samples and all iterations that search those keys
   (the blurred keys of the first iteration have their own); patch_nn then skips the
-  tiles its bounds prove useless. From the second iteration of a level on, the searches
-  go through an `IncrementalPatchNN` over the sharp keys: after the first of them only a
-  third or less of the query patches change per iteration, and it recomputes only what
-  those changes can affect (same answers as patch_nn; fastgen/ops/patch_nn.py). Elsewhere the keys are expanded per sample, in chunks
+  tiles its bounds prove useless. The searches against the sharp keys (iterations 1 to
+  T-1 of a level) go through one `IncrementalPatchNN`: iteration 1 searches from scratch
+  (with iteration 0's answers as hint), later ones recompute only what the 12-55 % of
+  query patches that changed since the last iteration can affect (patch_nn's answers up
+  to the rounding of near-equal scores; fastgen/ops/patch_nn.py). Elsewhere the keys are expanded per sample, in chunks
   so that the expanded keys stay under ~256 MB.
 - Seeds: sample i of `sample(..., seed=s)` uses a torch.Generator seeded s + i, so it
   equals `sample(..., num_samples=1, seed=s + i)` -- a large job split over processes

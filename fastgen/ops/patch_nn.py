@@ -168,11 +168,12 @@ def _checked_hint(hint, q3, num_keys, squeeze):
 
 class IncrementalPatchNN:
     """patch_nn against fixed keys for a sequence of query sets that change a little from
-    one call to the next (GPNN: the iterations of a level, where a third of the query
-    patches change per iteration and ~1 % of the answers). Each call returns exactly what
-    `patch_nn(queries, keys, alpha, precision=precision)` returns (up to the fp32 rounding
-    of equal scores, as between any two sweeps), but recomputes only what the changed
-    queries can affect:
+    one call to the next (GPNN: the iterations of a level, where 12-55 % of the query
+    patches change per iteration and ~1 % of the answers). Each call returns what
+    `patch_nn(queries, keys, alpha, precision=precision)` returns, up to the rounding of
+    near-equal scores (as between any two sweeps; with precision="bf16" both are within
+    bf16 error of the optimum, not bit for bit alike), but recomputes only what the
+    changed queries can affect:
 
     - pass 1 (column minima): a key whose closest query is unchanged keeps its minimum
       unless a changed query comes closer, so only changed queries are searched for it
@@ -183,8 +184,10 @@ class IncrementalPatchNN:
       from that score); changed queries, and those whose key's weight moved, are searched
       again with the last answer as a hint.
 
-    Keeps per batch element the last queries (N x D floats), column minima and answers.
-    CPU (C++ backend) only; keys: a KeyClusters from `cluster_keys`."""
+    The first call (and any call where more than `full_above` of the queries changed, or
+    the query count changed) searches from scratch. Keeps per batch element the last
+    queries (an N x D copy: ~160 MB at GPNN's full-size finest level), column minima and
+    answers. CPU (C++ backend) only; keys: a KeyClusters from `cluster_keys`."""
 
     def __init__(self, keys, alpha=0.005, precision="fp32", full_above=0.8):
         if not isinstance(keys, KeyClusters):
@@ -229,7 +232,7 @@ class IncrementalPatchNN:
             q = q3[b].contiguous()
             st = self._states[b]
             hb = None if h2 is None else h2[b].contiguous()
-            if st is not None and st["queries"].shape == q.shape:
+            if st is not None and st["queries"].shape == q.shape and q.shape[0] > 0:
                 changed = (q != st["queries"]).any(1)
                 frac = changed.float().mean().item() if q.shape[0] else 0.0
                 if frac <= self.full_above:
@@ -241,7 +244,7 @@ class IncrementalPatchNN:
             self._states[b] = self._full(q, hb)
             self.last_changed.append(None)
             out.append(self._states[b]["idx"])
-        idx = torch.stack(out)
+        idx = torch.stack(out) if out else torch.empty(q3.shape[:2], dtype=torch.long)
         return idx[0] if squeeze else idx
 
     def reset(self):
@@ -273,8 +276,10 @@ class IncrementalPatchNN:
 
     def _full(self, q, hint):
         colmin, colarg = self._colmin(q)
-        weights = (colmin + self.alpha).reciprocal_()
-        idx, score = self._argmin(q, weights, hint=hint)
+        if q.shape[0] == 0:                     # nothing covers any key (infinite minima)
+            idx, score = torch.empty(0, dtype=torch.long), torch.empty(0)
+        else:
+            idx, score = self._argmin(q, (colmin + self.alpha).reciprocal_(), hint=hint)
         return {"queries": q.clone(), "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
 
     def _update(self, q, changed, st):
