@@ -187,6 +187,16 @@ def test_torch_compile_calls_the_op():
     assert_close(s, ref_d.sum(-1), 1e-5, 1e-5)
 
 
+def test_integer_types_for_k():
+    # k from numpy (an array's int64) or a 0-d integer tensor works like a Python int
+    np = pytest.importorskip("numpy")
+    q, k = torch.randn(7, 3), torch.randn(9, 3)
+    want = knn(q, k, 2)
+    for kk in (np.int64(2), np.int32(2), torch.tensor(2)):
+        got = knn(q, k, kk)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 def test_empty_queries_give_empty_results():
     dist, idx = knn(torch.randn(0, 4), torch.randn(5, 4), 2)
     assert dist.shape == (0, 2) and idx.shape == (0, 2)
@@ -197,6 +207,9 @@ BAD_INPUTS = [
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), 7), ValueError, "k must be in"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), 0), ValueError, "k must be in"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), 2.0), TypeError, "k must be an int"),
+    (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), True), TypeError, "k must be an int"),
+    (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), torch.tensor(2.0)), TypeError, "k must be an int"),
+    (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), torch.tensor([2])), TypeError, "k must be an int"),
     (lambda: knn(torch.randn(5, 3), torch.randn(0, 3)), ValueError, "k must be in"),
     (lambda: knn(torch.randn(5, 3), torch.randn(5, 3).double()), TypeError, "float32, float16 or bfloat16"),
     (lambda: knn(torch.randn(5, 3), torch.randn(5, 3).half()), TypeError, "keys is torch.float16"),

@@ -1,4 +1,6 @@
 """fastgen.ops.knn: exact k nearest neighbours (squared L2), no N x M matrix."""
+import numbers
+
 import torch
 
 from fastgen import _ext
@@ -27,8 +29,12 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         queries and keys.
     """
     _validate.point_sets(queries, keys)
-    if isinstance(k, bool) or not isinstance(k, int):
+    # any integer type (numpy's int64 from an array, a 0-d integer tensor), never bool/float
+    if isinstance(k, torch.Tensor) and k.dim() == 0 and not k.is_floating_point() and k.dtype != torch.bool:
+        k = int(k)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = int(k)
     n, m = queries.shape[-2], keys.shape[-2]
     if exclude_self and n != m:
         raise ValueError(f"exclude_self needs queries and keys to be the same set (N == M), got N={n}, M={m}")
