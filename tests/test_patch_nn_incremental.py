@@ -310,6 +310,7 @@ def test_colmin_op_bad_inputs(init, centre, queries, exc, msg):
     (lambda kc: IncrementalPatchNN(kc, ALPHA)(torch.randn(5, 3).double()), TypeError, "queries"),
     (lambda kc: IncrementalPatchNN(kc, ALPHA)(torch.randn(5, 3), hint=torch.zeros(4, dtype=torch.long)),
      ValueError, "hint must have shape"),
+    (lambda kc: IncrementalPatchNN(kc, ALPHA)(torch.full((5, 3), 3e38)), ValueError, "too large"),
 ])
 def test_tracker_bad_inputs(call, exc, msg):
     kc = cluster_keys(torch.randn(20, 3))
