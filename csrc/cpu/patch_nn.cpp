@@ -317,21 +317,28 @@ void check_bound_table(int64_t N, int64_t clusters) {
                     "(cluster_keys(keys, cluster_size=...) with a larger cluster_size)");
 }
 
+// Operands of the clustered op ((B, N, D) queries) and of the pass ops ((N, D)): (M, D)
+// keys of the same dtype, at least one key, a known precision.
+void check_pruned_operands(const at::Tensor& queries, int64_t query_dims, const at::Tensor& keys,
+                           const std::string& prec) {
+  check_points(queries, "queries", query_dims);
+  check_points(keys, "keys", 2);
+  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
+                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_VALUE(queries.size(query_dims - 1) == keys.size(1), "queries have D=", queries.size(query_dims - 1),
+                    " features but keys have D=", keys.size(1));
+  TORCH_CHECK_VALUE(keys.size(0) >= 1, "keys is empty (0 patches)");
+  TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
+}
+
 at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                   const at::Tensor& key_offsets, const at::Tensor& key_order,
                                   double alpha, c10::string_view precision,
                                   const std::optional<at::Tensor>& hint) {
-  check_points(queries, "queries", 3);
-  check_points(keys, "keys", 2);
-  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
-                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK_VALUE(queries.size(2) == keys.size(1), "queries have D=", queries.size(2),
-                    " features but keys have D=", keys.size(1));
-  const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(0);
-  TORCH_CHECK_VALUE(M >= 1, "keys is empty (0 patches)");
-  check_alpha(alpha);
   const std::string prec(precision);
-  TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
+  check_pruned_operands(queries, 3, keys, prec);
+  const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(0);
+  check_alpha(alpha);
   const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_order(key_order, M);
   check_bound_table(N, static_cast<int64_t>(offsets.size()) - 1);
@@ -361,23 +368,12 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
 
 // The pruned passes one at a time, on one (N, D) query set (incremental GPNN updates in
 // fastgen/ops/patch_nn.py compose them on subsets of queries and keys).
-void check_pass_operands(const at::Tensor& queries, const at::Tensor& keys, const std::string& prec) {
-  check_points(queries, "queries", 2);
-  check_points(keys, "keys", 2);
-  TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
-                   ") and keys (", keys.scalar_type(), ") must have the same dtype");
-  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1), "queries have D=", queries.size(1),
-                    " features but keys have D=", keys.size(1));
-  TORCH_CHECK_VALUE(keys.size(0) >= 1, "keys is empty (0 patches)");
-  TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
-}
-
 std::tuple<at::Tensor, at::Tensor> patch_nn_colmin_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                        const at::Tensor& key_offsets, c10::string_view precision,
                                                        const std::optional<at::Tensor>& init,
                                                        const std::optional<at::Tensor>& centre) {
   const std::string prec(precision);
-  check_pass_operands(queries, keys, prec);
+  check_pruned_operands(queries, 2, keys, prec);
   const int64_t N = queries.size(0), M = keys.size(0);
   const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_bound_table(N, static_cast<int64_t>(offsets.size()) - 1);
@@ -404,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_argmin_cpu(const at::Tensor& queries
                                                        const std::optional<at::Tensor>& init_arg,
                                                        const std::optional<at::Tensor>& centre) {
   const std::string prec(precision);
-  check_pass_operands(queries, keys, prec);
+  check_pruned_operands(queries, 2, keys, prec);
   const int64_t N = queries.size(0), M = keys.size(0);
   const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_order_values(key_order, M);
