@@ -234,7 +234,7 @@ class IncrementalPatchNN:
             hb = None if h2 is None else h2[b].contiguous()
             if st is not None and st["queries"].shape == q.shape and q.shape[0] > 0:
                 changed = (q != st["queries"]).any(1)
-                frac = changed.float().mean().item() if q.shape[0] else 0.0
+                frac = changed.float().mean().item()
                 if frac <= self.full_above:
                     self._states[b] = self._update(q, changed, st)
                     self.last_changed.append(frac)
