@@ -299,6 +299,13 @@ def test_colmin_op_bad_inputs(init, centre, queries, exc, msg):
                                           init, centre)
 
 
+def _nan_on_second_call(tracker):
+    q = torch.randn(8, 3)
+    tracker(q)
+    q[3, 1] = float("nan")              # one changed query: the incremental path must refuse it
+    tracker(q)
+
+
 @pytest.mark.parametrize("call,exc,msg", [
     (lambda kc: IncrementalPatchNN(kc.keys, ALPHA), TypeError, "keys must be a KeyClusters"),
     (lambda kc: IncrementalPatchNN(kc, None), ValueError, "alpha"),
@@ -311,6 +318,7 @@ def test_colmin_op_bad_inputs(init, centre, queries, exc, msg):
     (lambda kc: IncrementalPatchNN(kc, ALPHA)(torch.randn(5, 3), hint=torch.zeros(4, dtype=torch.long)),
      ValueError, "hint must have shape"),
     (lambda kc: IncrementalPatchNN(kc, ALPHA)(torch.full((5, 3), 3e38)), ValueError, "too large"),
+    (lambda kc: _nan_on_second_call(IncrementalPatchNN(kc, ALPHA)), ValueError, "queries contains NaN"),
 ])
 def test_tracker_bad_inputs(call, exc, msg):
     kc = cluster_keys(torch.randn(20, 3))

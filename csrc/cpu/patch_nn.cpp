@@ -95,13 +95,17 @@ at::Tensor checked_vector(const at::Tensor& t, const char* name, int64_t n, at::
 }
 
 // key_order of a key subset: original ids, distinct (a hint or tie names keys by them).
-void check_order_values(const at::Tensor& key_order, int64_t M) {
+// Returns the (id, position) pairs sorted by id, which also map a hint's ids to positions.
+std::vector<std::pair<int64_t, int64_t>> checked_key_ids(const at::Tensor& key_order, int64_t M) {
   const at::Tensor o = checked_vector(key_order, "key_order", M, at::kLong);
-  if (M == 0) return;
-  const at::Tensor sorted = std::get<0>(o.sort());
-  TORCH_CHECK_VALUE(sorted[0].item<int64_t>() >= 0, "key_order must hold key ids >= 0");
-  TORCH_CHECK_VALUE(M < 2 || !(sorted.slice(0, 1) == sorted.slice(0, 0, M - 1)).any().item<bool>(),
-                    "key_order must hold distinct key ids");
+  const int64_t* p = o.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> by_id(M);
+  for (int64_t s = 0; s < M; ++s) by_id[s] = {p[s], s};
+  std::sort(by_id.begin(), by_id.end());
+  TORCH_CHECK_VALUE(M == 0 || by_id.front().first >= 0, "key_order must hold key ids >= 0");
+  for (int64_t s = 1; s < M; ++s)
+    TORCH_CHECK_VALUE(by_id[s].first != by_id[s - 1].first, "key_order must hold distinct key ids");
+  return by_id;
 }
 
 at::Tensor patch_nn_cpu(const at::Tensor& queries, const at::Tensor& keys,
@@ -229,29 +233,19 @@ struct PrunedProblem {
   }
 
   // pass 2 into out_idx (N, original query order; original key ids through key_order);
-  // hint: original key ids or null; init_best/init_arg: original query order or null;
-  // out_best: the winning scores (original query order) or null.
-  void weighted_argmin(const float* weights, const int64_t* key_order, const int64_t* hint,
+  // hint_pos: per query (original order) the position of a likely key, or null;
+  // init_best/init_arg: original query order or null; out_best: the winning scores
+  // (original query order) or null.
+  void weighted_argmin(const float* weights, const int64_t* key_order, const int64_t* hint_pos,
                        const float* init_best, const int64_t* init_arg, int64_t* out_idx, float* out_best) {
-    const int64_t N = p.N, M = p.M;
+    const int64_t N = p.N;
     const int64_t* pp = perm.data_ptr<int64_t>();
     std::vector<float> best0;
     std::vector<int64_t> arg0;
-    if (hint != nullptr) {
+    if (hint_pos != nullptr) {
       // the hinted key's score as each query's starting threshold (sorted positions)
-      // key_order may name a subset of the original keys (ids up to anything): map ids to
-      // positions by binary search in the sorted (id, position) pairs; a hint naming no
-      // key here is an error
-      std::vector<std::pair<int64_t, int64_t>> by_id(M);
-      for (int64_t s = 0; s < M; ++s) by_id[s] = {key_order[s], s};
-      std::sort(by_id.begin(), by_id.end());
       std::vector<int64_t> hint_sorted(N);
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t h = hint[pp[i]];
-        const auto it = std::lower_bound(by_id.begin(), by_id.end(), std::make_pair(h, int64_t{-1}));
-        TORCH_CHECK_VALUE(it != by_id.end() && it->first == h, "hint names key ", h, ", which is not among these keys");
-        hint_sorted[i] = it->second;
-      }
+      for (int64_t i = 0; i < N; ++i) hint_sorted[i] = hint_pos[pp[i]];
       best0.resize(N);
       engine::hint_thresholds(p.qc.data_ptr<float>(), p.kc.data_ptr<float>(), p.qn.data_ptr<float>(),
                               p.kn.data_ptr<float>(), N, p.D, hint_sorted.data(), weights,
@@ -289,15 +283,15 @@ struct PrunedProblem {
   engine::PrunedPassArgs args{};
 };
 
-// One (N, D) problem, both passes. hint: null or, per query, the original id of a key
+// One (N, D) problem, both passes. hint_pos: null or, per query, the position of a key
 // that is likely a good answer.
 void pruned_one(const at::Tensor& queries, const at::Tensor& keys, const std::vector<int64_t>& offsets,
-                const int64_t* key_order, double alpha, const std::string& prec, const int64_t* hint,
+                const int64_t* key_order, double alpha, const std::string& prec, const int64_t* hint_pos,
                 int64_t* out) {
   PrunedProblem prob(queries, keys, offsets, prec);
   const at::Tensor colmin = prob.column_min(nullptr, false).first;
   const at::Tensor weights = (colmin + alpha).reciprocal_();
-  prob.weighted_argmin(weights.data_ptr<float>(), key_order, hint, nullptr, nullptr, out, nullptr);
+  prob.weighted_argmin(weights.data_ptr<float>(), key_order, hint_pos, nullptr, nullptr, out, nullptr);
 }
 
 // The optional centre of the pass ops: (D,) float32 and finite, or undefined.
@@ -318,9 +312,10 @@ void check_bound_table(int64_t N, int64_t clusters) {
 }
 
 // Operands of the clustered op ((B, N, D) queries) and of the pass ops ((N, D)): (M, D)
-// keys of the same dtype, at least one key, a known precision.
-void check_pruned_operands(const at::Tensor& queries, int64_t query_dims, const at::Tensor& keys,
-                           const std::string& prec) {
+// keys of the same dtype in clusters given by key_offsets (returned), at least one key,
+// a known precision.
+std::vector<int64_t> checked_pruned_operands(const at::Tensor& queries, int64_t query_dims, const at::Tensor& keys,
+                                             const at::Tensor& key_offsets, const std::string& prec) {
   check_points(queries, "queries", query_dims);
   check_points(keys, "keys", 2);
   TORCH_CHECK_TYPE(queries.scalar_type() == keys.scalar_type(), "queries (", queries.scalar_type(),
@@ -329,6 +324,7 @@ void check_pruned_operands(const at::Tensor& queries, int64_t query_dims, const 
                     " features but keys have D=", keys.size(1));
   TORCH_CHECK_VALUE(keys.size(0) >= 1, "keys is empty (0 patches)");
   TORCH_CHECK_VALUE(prec == "fp32" || prec == "bf16", "precision must be 'fp32' or 'bf16', got '", prec, "'");
+  return checked_offsets(key_offsets, keys.size(0));
 }
 
 at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& keys,
@@ -336,10 +332,9 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
                                   double alpha, c10::string_view precision,
                                   const std::optional<at::Tensor>& hint) {
   const std::string prec(precision);
-  check_pruned_operands(queries, 3, keys, prec);
+  const std::vector<int64_t> offsets = checked_pruned_operands(queries, 3, keys, key_offsets, prec);
   const int64_t B = queries.size(0), N = queries.size(1), M = keys.size(0);
   check_alpha(alpha);
-  const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_order(key_order, M);
   check_bound_table(N, static_cast<int64_t>(offsets.size()) - 1);
   at::Tensor hints;
@@ -359,10 +354,19 @@ at::Tensor patch_nn_clustered_cpu(const at::Tensor& queries, const at::Tensor& k
   const at::Tensor order = key_order.contiguous();
   auto idx = at::empty({B, N}, queries.options().dtype(at::kLong));
   if (N == 0) return idx;
+  std::vector<int64_t> hint_pos;  // hinted ids -> key positions (key_order is a permutation)
+  if (hints.defined()) {
+    std::vector<int64_t> position(M);
+    const int64_t* o = order.data_ptr<int64_t>();
+    for (int64_t s = 0; s < M; ++s) position[o[s]] = s;
+    const int64_t* h = hints.data_ptr<int64_t>();
+    hint_pos.resize(static_cast<size_t>(B * N));
+    for (int64_t i = 0; i < B * N; ++i) hint_pos[i] = position[h[i]];
+  }
   const at::Tensor q = queries.contiguous(), k = keys.contiguous();
   for (int64_t b = 0; b < B; ++b)
     pruned_one(q[b], k, offsets, order.data_ptr<int64_t>(), alpha, prec,
-               hints.defined() ? hints.data_ptr<int64_t>() + b * N : nullptr, idx.data_ptr<int64_t>() + b * N);
+               hint_pos.empty() ? nullptr : hint_pos.data() + b * N, idx.data_ptr<int64_t>() + b * N);
   return idx;
 }
 
@@ -373,9 +377,8 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_colmin_cpu(const at::Tensor& queries
                                                        const std::optional<at::Tensor>& init,
                                                        const std::optional<at::Tensor>& centre) {
   const std::string prec(precision);
-  check_pruned_operands(queries, 2, keys, prec);
+  const std::vector<int64_t> offsets = checked_pruned_operands(queries, 2, keys, key_offsets, prec);
   const int64_t N = queries.size(0), M = keys.size(0);
-  const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
   check_bound_table(N, static_cast<int64_t>(offsets.size()) - 1);
   at::Tensor start;
   if (init.has_value()) {
@@ -400,22 +403,30 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_argmin_cpu(const at::Tensor& queries
                                                        const std::optional<at::Tensor>& init_arg,
                                                        const std::optional<at::Tensor>& centre) {
   const std::string prec(precision);
-  check_pruned_operands(queries, 2, keys, prec);
+  const std::vector<int64_t> offsets = checked_pruned_operands(queries, 2, keys, key_offsets, prec);
   const int64_t N = queries.size(0), M = keys.size(0);
-  const std::vector<int64_t> offsets = checked_offsets(key_offsets, M);
-  check_order_values(key_order, M);
+  const auto by_id = checked_key_ids(key_order, M);
   const at::Tensor order = key_order.contiguous();
   const at::Tensor w = checked_vector(weights, "weights", M, at::kFloat);
-  TORCH_CHECK_VALUE(M == 0 || (at::isfinite(w).all().item<bool>() && w.min().item<float>() > 0.0f),
+  TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>() && w.min().item<float>() > 0.0f,
                     "weights must be finite and > 0");
   TORCH_CHECK_VALUE(init_best.has_value() == init_arg.has_value(),
                     "init_best and init_arg go together (a score and the key that reaches it)");
   TORCH_CHECK_VALUE(!(hint.has_value() && init_best.has_value()),
                     "hint and init_best/init_arg cannot be combined (a hint is for a search from scratch)");
   const at::Tensor mu = checked_centre(centre, keys);
-  at::Tensor h, b0, a0;
+  at::Tensor b0, a0;
+  std::vector<int64_t> hint_pos;  // hinted ids -> key positions, by binary search in by_id
   if (hint.has_value()) {
-    h = checked_vector(*hint, "hint", N, at::kLong);
+    const at::Tensor h = checked_vector(*hint, "hint", N, at::kLong);
+    const int64_t* hp = h.data_ptr<int64_t>();
+    hint_pos.resize(N);
+    for (int64_t i = 0; i < N; ++i) {
+      const auto it = std::lower_bound(by_id.begin(), by_id.end(), std::make_pair(hp[i], int64_t{-1}));
+      TORCH_CHECK_VALUE(it != by_id.end() && it->first == hp[i], "hint names key ", hp[i],
+                        ", which is not among these keys");
+      hint_pos[i] = it->second;
+    }
   }
   if (init_best.has_value()) {
     b0 = checked_vector(*init_best, "init_best", N, at::kFloat);
@@ -428,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> patch_nn_argmin_cpu(const at::Tensor& queries
   at::Tensor best = at::empty({N}, at::TensorOptions().dtype(at::kFloat));
   if (N == 0) return {idx, best};
   PrunedProblem prob(queries.contiguous(), keys.contiguous(), offsets, prec, mu.defined() ? &mu : nullptr);
-  prob.weighted_argmin(w.data_ptr<float>(), order.data_ptr<int64_t>(), h.defined() ? h.data_ptr<int64_t>() : nullptr,
+  prob.weighted_argmin(w.data_ptr<float>(), order.data_ptr<int64_t>(), hint_pos.empty() ? nullptr : hint_pos.data(),
                        b0.defined() ? b0.data_ptr<float>() : nullptr, a0.defined() ? a0.data_ptr<int64_t>() : nullptr,
                        idx.data_ptr<int64_t>(), best.data_ptr<float>());
   return {idx, best};

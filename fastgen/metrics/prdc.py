@@ -8,8 +8,8 @@ k-th nearest other real point (s_j likewise among the fakes):
     recall    = 1/N  sum_i [ exists j: ||x_i - y_j|| <= s_j ]      reals on the fake manifold
     density   = 1/(kM) sum_j #{ i: ||y_j - x_i|| <= r_i }          like precision, counts balls
     coverage  = 1/N  sum_i [ min_j ||x_i - y_j|| <= r_i ]          reals with a fake nearby
-The radii and the nearest fakes come from `fastgen.ops.knn` (exact); ball membership
-is tested in chunks of rows, so memory stays O(chunk x N), never N x M. Every distance
+The radii come from `fastgen.ops.knn` (exact); ball membership (and, in the same pass,
+each real's nearest fake) is computed in chunks of rows, so memory stays O(chunk x N), never N x M. Every distance
 is compared squared and rounded to float32 after an accurate float64 computation, the
 way knn reports its distances: a point exactly on a ball's boundary is inside it (<=, as
 in Kynkaanniemi et al.'s code; the `prdc` package of Naeem et al. uses a strict <, which
@@ -32,15 +32,18 @@ def _radii(x, k, name):
 
 
 def _ball_counts(points, centres, radii2):
-    """For each point, how many balls (centre_i, radius_i) contain it, chunked."""
+    """For each point: how many balls (centre_i, radius_i) contain it, and its squared
+    distance to the nearest centre; chunked over the points."""
     counts = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    nearest = torch.empty(points.shape[0], dtype=torch.float32, device=points.device)
     c64 = centres.double()
     rows = max(1, _CHUNK_ELEMENTS // max(1, centres.shape[0] * centres.shape[1]))
     for s in range(0, points.shape[0], rows):
         p = points[s:s + rows].double()
         d2 = (p[:, None, :] - c64[None]).pow_(2).sum(-1).float()       # (rows, centres)
         counts[s:s + rows] = (d2 <= radii2[None]).sum(1)
-    return counts
+        nearest[s:s + rows] = d2.min(1).values
+    return counts, nearest
 
 
 def precision_recall_density_coverage(real, fake, k=5):
@@ -60,9 +63,8 @@ def precision_recall_density_coverage(real, fake, k=5):
     _validate.finite(fake, "fake")
     r_real = _radii(real, k, "real")
     r_fake = _radii(fake, k, "fake")
-    in_real = _ball_counts(fake, real, r_real)          # per fake: real balls containing it
-    in_fake = _ball_counts(real, fake, r_fake)          # per real: fake balls containing it
-    nearest_fake = knn(real, fake, 1)[0][:, 0].float()
+    in_real, _ = _ball_counts(fake, real, r_real)             # per fake: real balls containing it
+    in_fake, nearest_fake = _ball_counts(real, fake, r_fake)  # per real: fake balls, nearest fake
     return {
         "precision": float((in_real > 0).float().mean()),
         "recall": float((in_fake > 0).float().mean()),

@@ -247,6 +247,11 @@ class GPNN:
             return cluster_keys(keys)
         return keys
 
+    def _sum_alpha(self, d):
+        """alpha for patch_nn, which works on sums of squares over the d patch entries
+        (self.alpha is per entry, mean squared difference)."""
+        return None if self.alpha is None else self.alpha * d
+
     def _match(self, x, keys, valid_keys=None, query_pos=None, hint=None, tracker=None):
         """(idx (B, Hq, Wq) into the stride-1 patch grid of the key image for every patch
         of x, the raw (B, Nq) indices into `keys`); keys from `_keys`. hint: the raw
@@ -261,8 +266,7 @@ class GPNN:
             queries = queries[:, query_pos]
         clustered = isinstance(keys, KeyClusters)
         flat = keys.keys if clustered else keys
-        d = flat.shape[1]
-        alpha = None if self.alpha is None else self.alpha * d         # mean -> sum of squares
+        alpha = self._sum_alpha(flat.shape[1])
         backend = self.backend
         if tracker is not None:
             idx = tracker(queries, hint=hint)
@@ -317,7 +321,7 @@ class GPNN:
                 # changes per iteration: the tracker recomputes what those changes affect
                 tracker = None
                 if isinstance(keys_sharp, KeyClusters) and self.alpha is not None:
-                    tracker = IncrementalPatchNN(keys_sharp, self.alpha * keys_sharp.keys.shape[1], self.precision)
+                    tracker = IncrementalPatchNN(keys_sharp, self._sum_alpha(keys_sharp.keys.shape[1]), self.precision)
                 for it in range(self.iterations):
                     # the last iteration's matches are most queries' answers again: as a
                     # hint they let the pruned search skip more (same keys from it 1 on;
