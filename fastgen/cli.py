@@ -1,11 +1,13 @@
 """The `fastgen` command line.
 
 Each subcommand lives in the module that owns it and registers itself through a
-`add_parser(subparsers)` function listed in COMMANDS; this file only wires them.
+`add_parser(subparsers)` function listed in COMMANDS; this file only wires them and
+decides how errors reach the user.
 """
 import argparse
 import importlib
 import sys
+import traceback
 
 # module path -> the function that adds its subcommand(s)
 COMMANDS = [
@@ -16,9 +18,21 @@ COMMANDS = [
     "fastgen.commands.gpnn",
 ]
 
+# What bad input raises (a wrong argument, a missing or unreadable file, a backend that
+# is not available): one line naming what is wrong. Anything else is a bug.
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+
+
+def is_internal(exc):
+    """Errors that are fastgen's fault even when their type is a user error's: the C++
+    checks that say so ("internal error ... please report")."""
+    text = str(exc)
+    return not isinstance(exc, USER_ERRORS) or "internal error" in text or "please report" in text
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)
@@ -30,9 +44,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        # user errors: one clear line, not a traceback
-        print(f"fastgen {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"fastgen {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 -- sorted into user errors and bugs below
+        if is_internal(exc):
+            traceback.print_exc()
+            print(f"fastgen {args.command}: internal error ({type(exc).__name__}); please report it "
+                  "with the command line and the traceback above", file=sys.stderr)
+            return 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"fastgen {args.command}: error: {exc}" + ("" if args.debug else " (--debug shows the traceback)"),
+              file=sys.stderr)
         return 2
 
 

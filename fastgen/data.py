@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
@@ -51,17 +50,17 @@ def load_digits(test_fraction=0.2, binarize=False, size=None):
 
 
 def list_images(folder):
+    """Image files in `folder` and its subfolders, or an error naming --data."""
+    from fastgen.images import IMAGE_EXTENSIONS, list_image_files
     if not os.path.exists(folder):
         raise FileNotFoundError(f"--data {folder!r}: no such file or folder (use 'digits' or an image folder)")
     if not os.path.isdir(folder):
         raise ValueError(f"--data {folder!r} is a file; point it at a folder of images")
-    files = []
-    for root, _, names in os.walk(folder):
-        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    files = list_image_files(folder, recursive=True)
     if not files:
         raise ValueError(f"no images found in {folder!r} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                          f"in it and its subfolders)")
-    return sorted(files)
+    return files
 
 
 def _center_square(img):

@@ -17,16 +17,15 @@ import os
 
 import torch
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SHEET_MAX_SAMPLES = 15   # the contact sheet shows the source and at most this many samples
 
 
 def image_files(folder):
-    """Sorted image files directly inside `folder` (by extension)."""
+    """Sorted image files directly inside `folder` (by extension), or an error naming --images."""
+    from fastgen.images import IMAGE_EXTENSIONS, list_image_files
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images: {folder!r} is not a folder")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    files = list_image_files(folder)
     if not files:
         raise ValueError(f"--images: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder!r}")
     return files
@@ -111,10 +110,10 @@ def run_samples(model, paths, load, num_samples, out, seed=0, output_size=None, 
 
 def _spawned_worker(rank, world, port, kwargs, result_dir):
     """torch.multiprocessing.spawn entry (tests, local runs without torchrun): joins a gloo
-    group on 127.0.0.1:port, runs `run_samples(**kwargs)` through the CLI's loader, and
+    group on 127.0.0.1:port, runs `run_samples(**kwargs)` with images from load_source_image, and
     records the paths it wrote in result_dir/rank{rank}.txt."""
     import torch.distributed as dist
-    from fastgen.commands.gpnn import load_source
+    from fastgen.images import load_source_image
     from fastgen.models.gpnn import GPNN
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -123,7 +122,7 @@ def _spawned_worker(rank, world, port, kwargs, result_dir):
         kwargs = dict(kwargs)
         model = GPNN(**kwargs.pop("model"))
         max_side = kwargs.pop("max_side")
-        written = run_samples(model, load=lambda p: load_source(p, max_side), rank=rank, world=world,
+        written = run_samples(model, load=lambda p: load_source_image(p, max_side), rank=rank, world=world,
                               barrier=dist.barrier, progress=False, **kwargs)
         with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
             f.write("\n".join(written))

@@ -42,7 +42,39 @@ def save_grid(images, path, nrow=None, pad=None, scale=None):
     return atomic_write(path, lambda f: Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG"))
 
 
-# --- single images (issue 5, GPNN): read, write, contact sheet of mixed sizes ---
+# --- image files: list a folder, read one (or the built-in sample), write, contact sheet ---
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def list_image_files(folder, recursive=False):
+    """Sorted image files (by extension) in `folder` (and its subfolders when recursive);
+    [] when there are none. A missing folder raises FileNotFoundError, a file ValueError."""
+    import os
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"{folder!r}: no such folder")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is a file, not a folder of images")
+    if recursive:
+        files = [os.path.join(root, n) for root, _, names in os.walk(folder) for n in names]
+    else:
+        files = [os.path.join(folder, n) for n in os.listdir(folder)]
+    return sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(f))
+
+
+def load_source_image(path=None, max_side=None):
+    """(3, H, W) in [0, 1] from an image file, or sklearn's china.jpg when path is None
+    (data that ships with a package: no download), shrunk to max_side as load_image."""
+    if path is not None:
+        return load_image(path, max_side)
+    try:
+        from sklearn.datasets import load_sample_image
+    except ImportError:
+        raise ValueError("no IMAGE given and scikit-learn (which ships the default china.jpg) "
+                         "is not installed; pass an image file") from None
+    x = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float().div_(255)
+    return shrink_to(x, max_side)
+
 
 def load_image(path, max_side=None, mode="RGB"):
     """Image file -> float32 (C, H, W) in [0, 1] (C = 3 for "RGB", 1 for "L"), shrunk

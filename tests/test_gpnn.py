@@ -113,19 +113,13 @@ def test_no_noise_sample_equals_retarget(china):
     assert torch.equal(a, g.retarget(china, (40, 60), progress=False))
 
 
-def test_alpha_is_in_mean_squared_difference_units(china, monkeypatch):
-    import fastgen.models.gpnn as mod
+def test_alpha_is_in_mean_squared_difference_units(china):
     alphas = []
-    real = mod.patch_nn
-
-    def spy(q, k, alpha, **kw):
-        alphas.append(alpha)
-        return real(q, k, alpha, **kw)
-    monkeypatch.setattr(mod, "patch_nn", spy)
-    GPNN(iterations=1, alpha=0.01).sample(china, seed=0, progress=False)
+    record = lambda lvl, it, q, idx, index: alphas.append(index.alpha)   # noqa: E731
+    GPNN(iterations=2, alpha=0.01, on_search=record).sample(china, seed=0, progress=False)
     assert alphas and all(a == pytest.approx(0.01 * 3 * 7 * 7) for a in alphas)
     alphas.clear()
-    GPNN(iterations=1, alpha=None).sample(china, seed=0, progress=False)
+    GPNN(iterations=2, alpha=None, on_search=record).sample(china, seed=0, progress=False)
     assert alphas and all(a is None for a in alphas)
 
 
@@ -148,45 +142,50 @@ def test_inpaint_keeps_pixels_outside_the_mask(china, model):
     assert torch.equal(out, model.inpaint(china, mask[None].bool(), seed=0, progress=False))
 
 
-@pytest.mark.parametrize("search", ["incremental", "from-scratch"])
+@pytest.mark.parametrize("incremental", [True, False])
 @pytest.mark.parametrize("task", ["sample", "inpaint"])
-def test_sharp_key_searches_reach_the_optimum(china, monkeypatch, task, search):
-    # iterations 1.. of a level search the sharp keys through an IncrementalPatchNN
-    # (patch_nn's answers, recomputing only what the changed queries affect), or, with it
-    # replaced, through patch_nn with the previous iteration's answers as hint: every such
-    # call is judged against the float64 optimum like patch_nn itself, also with a mask
-    # (subset keys and queries); the incremental path must really have run
-    import fastgen.models.gpnn as gpnn_module
+def test_sharp_key_searches_reach_the_optimum(china, task, incremental):
+    # iterations 1.. of a level search the sharp keys through one PatchIndex: incrementally
+    # (patch_nn's answers, recomputing only what the changed queries affect), or from
+    # scratch with the previous iteration's answers as hint. Every search is judged
+    # against the float64 optimum like patch_nn itself, also with a mask (subset keys and
+    # queries); the stats show which path really ran
     from test_patch_nn import judge
     mask = torch.zeros(40, 60)
     mask[10:24, 25:40] = 1
     calls = []
 
-    class Recording(gpnn_module.IncrementalPatchNN):
-        def __call__(self, queries, hint=None):
-            if search == "incremental":
-                idx = super().__call__(queries, hint=hint)
-                changed = list(self.last_changed)
-            else:
-                idx = gpnn_module.patch_nn(queries, self.keys, self.alpha, precision=self.precision, hint=hint)
-                changed = [None] * queries.shape[0]
-            calls.append((queries.clone(), self.keys.keys, self.alpha, idx, changed, hint))
-            return idx
+    def record(lvl, it, queries, idx, index):
+        calls.append((it, queries.clone(), index.keys, index.alpha, idx))
 
-    monkeypatch.setattr(gpnn_module, "IncrementalPatchNN", Recording)
-    model = GPNN(iterations=6)   # a small hole changes most of its queries in early iterations
-    if task == "sample":
+    model = GPNN(iterations=6, incremental=incremental, on_search=record)  # a small hole changes most
+    if task == "sample":                                                  # of its queries early on
         model.sample(china, num_samples=2, seed=3, progress=False)
     else:
         model.inpaint(china, mask, seed=3, progress=False)
-    assert calls, "GPNN made no searches against the sharp keys"
-    if search == "incremental":
-        assert any(c is not None for call in calls for c in call[4]), "every search started from scratch"
+    sharp = [s for _, kind, s in model.search_stats if kind == "sharp"]
+    assert sharp and all(s.searches == 5 for s in sharp)
+    assert all(s.pairs_total > 0 for s in sharp), "a sharp-key search did not take the pruned path"
+    assert sum(s.pairs_computed for s in sharp) < sum(s.pairs_total for s in sharp)
+    if incremental:
+        assert sum(s.incremental for s in sharp) > 0, "every search started from scratch"
     else:
-        assert all(call[5] is not None for call in calls), "a search got no hint from the previous iteration"
-    for q, k, alpha, idx, _, _ in calls:
+        assert all(s.incremental == 0 for s in sharp)
+    assert any(it > 0 for it, *_ in calls)
+    for _, q, k, alpha, idx in calls:
         for b in range(q.shape[0]):
             judge(q[b], k, alpha, idx[b])
+
+
+def test_search_stats_report_every_level(china):
+    g = GPNN(iterations=3)
+    g.sample(china, num_samples=1, seed=0, progress=False)
+    levels = len(g._source_pyramid(china))
+    assert [(lvl, kind) for lvl, kind, _ in g.search_stats] == \
+        [(lvl, kind) for lvl in reversed(range(levels)) for kind in ("blurred", "sharp")]
+    for _, kind, s in g.search_stats:
+        assert s.searches == (1 if kind == "blurred" else 2)
+        assert 0 < s.fraction_computed <= 1
 
 
 def test_inpaint_mask_covering_everything(china, model):
@@ -234,6 +233,17 @@ def test_bad_inputs_name_the_argument(china, call, exc, match):
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GPNN(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"incremental": 1}, "incremental"), ({"on_search": 3}, "on_search")])
+def test_bad_setting_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        GPNN(**kwargs)
+
+
+def test_incremental_where_the_backend_cannot_raises(china):
+    with pytest.raises(ValueError, match="incremental=True needs"):
+        GPNN(iterations=2, incremental=True, backend="torch").sample(china, seed=0, progress=False)
 
 
 # ---------------------------------------------------------------- CLI

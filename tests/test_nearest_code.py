@@ -17,7 +17,7 @@ def test_matches_float64_reference(backend, dtype, tol, shape, precision):
         n, kk = min(n, 40), min(kk, 33)
     x = torch.randn(n, d).to(dtype)
     cb = torch.randn(kk, d).to(dtype)
-    idx, dist = nearest_code(x, cb, backend=backend, precision=precision)
+    dist, idx = nearest_code(x, cb, backend=backend, precision=precision)
     ref_i, ref_d = reference.nearest_code_exact(x, cb)
     assert idx.shape == (n,) and dist.shape == (n,) and idx.dtype == torch.long
     assert_close(dist, ref_d, tol, tol)
@@ -30,7 +30,7 @@ def test_duplicate_codes_tie_to_lowest_index(backend):
     cb = torch.randint(-2, 3, (10, 4)).float()
     cb = torch.cat([cb, cb])  # codes 10..19 duplicate 0..9
     x = cb[torch.randint(0, 20, (64,))]
-    idx, dist = nearest_code(x, cb, backend=backend)
+    dist, idx = nearest_code(x, cb, backend=backend)
     ref_i, _ = reference.nearest_code_exact(x, cb)
     assert_equal_idx(idx, ref_i)
     assert (idx < 10).all() and (dist == 0).all()
@@ -39,7 +39,7 @@ def test_duplicate_codes_tie_to_lowest_index(backend):
 def test_far_from_origin_codebook():
     cb = torch.randn(256, 32) + 1000
     x = cb[torch.randint(0, 256, (500,))] + 1e-3 * torch.randn(500, 32)
-    idx, dist = nearest_code(x, cb)
+    dist, idx = nearest_code(x, cb)
     ref_i, ref_d = reference.nearest_code_exact(x, cb)
     assert_equal_idx(idx, ref_i)
     assert_close(dist, ref_d, 1e-5, 1e-9)
@@ -48,7 +48,7 @@ def test_far_from_origin_codebook():
 def test_gradient_of_distance():
     x = torch.randn(20, 6, requires_grad=True)
     cb = torch.randn(9, 6, requires_grad=True)
-    idx, dist = nearest_code(x, cb)
+    dist, idx = nearest_code(x, cb)
     gx, gc = torch.autograd.grad(dist.sum(), [x, cb])
     x64, c64 = x.detach().double().requires_grad_(), cb.detach().double().requires_grad_()
     rx, rc = torch.autograd.grad((x64 - c64[idx]).square().sum(), [x64, c64])
@@ -56,19 +56,23 @@ def test_gradient_of_distance():
     assert_close(gc, rc, 1e-5, 1e-5)
 
 
-# opcheck's AOT-dispatch check adds every output into the first one; here the first
-# output is the int64 index (the (idx, dist) order), which that harness cannot
-# add a float into. The AOT/compile path of the same registration pattern is covered
-# by test_knn.py (opcheck with all checks, and torch.compile).
-OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
-
-
 def test_opcheck():
+    # (dist, idx): the float output first, so every opcheck test applies (AOT dispatch too)
     x = torch.randn(13, 5, requires_grad=True)
     cb = torch.randn(7, 5)
-    torch.library.opcheck(torch.ops.fastgen.nearest_code.default, (x, cb, "fp32"), test_utils=OPCHECKS)
-    torch.library.opcheck(torch.ops.fastgen.nearest_code.default, (x.detach(), cb, "bf16"),
-                          test_utils=OPCHECKS)
+    torch.library.opcheck(torch.ops.fastgen.nearest_code.default, (x, cb, "fp32"))
+    torch.library.opcheck(torch.ops.fastgen.nearest_code.default, (x.detach(), cb, "bf16"))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_result_is_named_in_knns_order(backend):
+    from fastgen.ops import knn
+    x, cb = torch.randn(11, 4), torch.randn(6, 4)
+    res = nearest_code(x, cb, backend=backend)
+    ref = knn(x, cb, 1, backend=backend)
+    assert res._fields == ref._fields == ("dist", "idx")
+    assert_equal_idx(res.idx, ref.idx[:, 0])
+    assert torch.equal(res.dist, ref.dist[:, 0])
 
 
 @pytest.mark.parametrize("call,exc,msg", [

@@ -1,11 +1,81 @@
-// CPU kernel of fastgen::knn: exact (certified) k nearest neighbours.
+// CPU kernel of fastgen::knn: exact (certified) k nearest neighbours, and the search
+// nearest_code and the plain patch_nn share (knn.h).
+#include "knn.h"
+
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <atomic>
+
+#include "../engine/error_bound.h"
+#include "../engine/reductions.h"
+#include "../engine/sqdist_engine.h"
 #include "checks.h"
-#include "topk_search.h"
+#include "operands.h"
 
 namespace fastgen {
+namespace cpu {
+namespace {
+std::atomic<int64_t> g_overflow_rows{0};
+}
+
+int64_t overflow_row_count() { return g_overflow_rows.load(); }
+
+std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
+                                                  const at::Tensor& keys, int64_t k,
+                                                  bool exclude_self,
+                                                  const std::string& precision,
+                                                  const char* query_name, const char* key_name) {
+  const int64_t B = queries.size(0), N = queries.size(1);
+  auto dist = at::empty({B, N, k}, queries.options().dtype(at::kFloat));
+  auto idx = at::empty({B, N, k}, queries.options().dtype(at::kLong));
+  if (B == 0 || N == 0) {
+    check_precision(precision);
+    return {dist, idx};
+  }
+  PreparedOperands p(queries, keys, precision, query_name, key_name);
+  const int64_t M = p.M, D = p.D;
+  const at::Tensor& qn = p.qn;
+  const at::Tensor& kn = p.kn;
+  const double ub = p.input_roundoff(), uout = p.output_roundoff();
+  // max ||k_c|| per batch, nudged up by one ulp-scale factor for the norm's own rounding
+  const at::Tensor kmax = kn.amax(1).sqrt().mul(1.0 + 1e-6).to(at::kDouble).contiguous();
+  const at::Tensor qnorm = qn.sqrt().to(at::kDouble).contiguous();
+  at::Tensor window = at::empty({B, N}, qn.options());
+  {
+    const double* qa = qnorm.data_ptr<double>();
+    const double* km = kmax.data_ptr<double>();
+    float* w = window.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < N; ++i)
+        w[b * N + i] = engine::candidate_window(qa[b * N + i], km[b], D, ub, uout);
+  }
+  const at::Tensor& q32 = p.q32;
+  const at::Tensor& k32 = p.k32;
+  const engine::TileGemm& gemm = p.gemm;
+
+  int64_t overflow = 0;
+  engine::CertifiedTopKArgs args{B,
+                                 N,
+                                 M,
+                                 D,
+                                 k,
+                                 exclude_self,
+                                 kn.data_ptr<float>(),
+                                 window.data_ptr<float>(),
+                                 q32.data_ptr<float>(),
+                                 k32.data_ptr<float>(),
+                                 dist.data_ptr<float>(),
+                                 idx.data_ptr<int64_t>(),
+                                 &overflow};
+  engine::for_each_row_block(engine::Shape{B, N, M, D}, p.tiling, gemm,
+                             engine::CertifiedTopK(args));
+  g_overflow_rows += overflow;
+  return {dist, idx};
+}
+
+}  // namespace cpu
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& keys,

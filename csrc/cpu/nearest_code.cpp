@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "topk_search.h"
+#include "knn.h"
 
 namespace fastgen {
 namespace {
@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x,
   TORCH_CHECK_VALUE(codebook.size(0) >= 1, "codebook is empty (0 codes)");
   auto [dist, idx] = cpu::certified_topk(x.unsqueeze(0), codebook.unsqueeze(0), 1, false,
                                          std::string(precision), "x", "codebook");
-  return {idx.view({x.size(0)}), dist.view({x.size(0)})};
+  return {dist.view({x.size(0)}), idx.view({x.size(0)})};
 }
 
 }  // namespace

@@ -3,8 +3,7 @@
 
 #include <torch/all.h>
 
-#include "../engine/pruned_passes.h"
-#include "../engine/sqdist_engine.h"
+#include "../engine/gemm.h"
 
 namespace fastgen {
 namespace cpu {

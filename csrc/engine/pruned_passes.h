@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "error_bound.h"
+#include "gemm.h"
 #include "simd_kernels.h"
 #include "sqdist_engine.h"
 
@@ -134,18 +135,6 @@ inline float interval_gap(float rho, float lo, float hi) { return FASTGEN_INTERV
 struct PruneStats {
   std::atomic<int64_t> pairs_total{0};
   std::atomic<int64_t> pairs_computed{0};
-};
-
-// C[r * ldc + c] = -2 <Q_r, K_c> for row-major Q (nr x dim) and K (nc x dim) of the
-// operands' element type (fp32 or bf16); ctx carries dim and the type.
-using PtrGemmFn = void (*)(const void* ctx, const void* Q, int64_t nr, const void* K, int64_t nc,
-                           float* C, int64_t ldc);
-struct PtrGemm {
-  PtrGemmFn fn;
-  const void* ctx;
-  void operator()(const void* Q, int64_t nr, const void* K, int64_t nc, float* C, int64_t ldc) const {
-    fn(ctx, Q, nr, K, nc, C, ldc);
-  }
 };
 
 struct PrunedPassArgs {

@@ -19,26 +19,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "gemm.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace fastgen {
 namespace engine {
-
-// Fills C[r * ldc + c] = -2 * <Q[b][row0 + r], K[b][col0 + c]> for r < rows, c < cols.
-// `ctx` is whatever the provider needs (pointers, strides, packed copies).
-using TileGemmFn = void (*)(const void* ctx, int64_t batch, int64_t row0, int64_t rows,
-                            int64_t col0, int64_t cols, float* C, int64_t ldc);
-
-struct TileGemm {
-  TileGemmFn fn;
-  const void* ctx;
-  void operator()(int64_t b, int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* C,
-                  int64_t ldc) const {
-    fn(ctx, b, r0, nr, c0, nc, C, ldc);
-  }
-};
 
 struct Shape {
   int64_t batch;  // B

@@ -12,6 +12,8 @@ a contact sheet (*_sheet.png: the inputs and the outputs side by side).
 """
 import os
 
+from fastgen.images import load_source_image
+
 
 def add_parser(sub):
     p = sub.add_parser("gpnn", help="GPNN single-image generation: sample, retarget, inpaint, analogy",
@@ -64,21 +66,6 @@ def _common(p):
     p.add_argument("--no-progress", action="store_true")
 
 
-def load_source(path, max_side=None):
-    """(3, H, W) in [0, 1] from an image file, or sklearn's china.jpg when path is None."""
-    from fastgen.images import load_image, shrink_to
-    if path is not None:
-        return load_image(path, max_side)
-    try:
-        from sklearn.datasets import load_sample_image
-    except ImportError:
-        raise ValueError("no IMAGE given and scikit-learn (which ships the default china.jpg) "
-                         "is not installed; pass an image file") from None
-    import torch
-    x = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float().div_(255)
-    return shrink_to(x, max_side)
-
-
 def parse_size(text, name="--size"):
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -122,7 +109,7 @@ def run_sample(args):
         import torch.distributed as dist
         barrier = dist.barrier
     try:
-        written = gd.run_samples(model, paths, lambda p: load_source(p, args.max_side).to(device), args.n,
+        written = gd.run_samples(model, paths, lambda p: load_source_image(p, args.max_side).to(device), args.n,
                                  args.out, seed=args.seed, output_size=size, batch=args.batch,
                                  overwrite=args.overwrite, progress=not args.no_progress,
                                  rank=rank, world=world, barrier=barrier)
@@ -139,7 +126,7 @@ def run_retarget(args):
     from fastgen.images import save_contact_sheet, save_image
     model = _model(args)
     size = parse_size(args.size)
-    x = load_source(args.image, args.max_side).to(_device(args))
+    x = load_source_image(args.image, args.max_side).to(_device(args))
     y = model.retarget(x, size, progress=not args.no_progress)[0].cpu()
     name = f"{_stem(args.image)}_retarget_{size[0]}x{size[1]}"
     png = save_image(y, os.path.join(args.out, name + ".png"))
@@ -159,7 +146,7 @@ def run_inpaint(args):
         raise ValueError(f"--mask is {mask.shape[0]}x{mask.shape[1]} but the image is "
                          f"{full.shape[-2]}x{full.shape[-1]}; they must be the same size")
     mask = (mask >= 0.5).float()
-    x = load_source(args.image, args.max_side)
+    x = load_source_image(args.image, args.max_side)
     if tuple(x.shape[-2:]) != tuple(full.shape[-2:]):   # shrink the mask like the image: any touch = masked
         mask = (F.interpolate(mask[None, None], size=x.shape[-2:], mode="area")[0, 0] > 0).float()
     device = _device(args)
@@ -176,8 +163,8 @@ def run_analogy(args):
     from fastgen.images import save_contact_sheet, save_image
     model = _model(args)
     device = _device(args)
-    a = load_source(args.a, args.max_side).to(device)
-    b = load_source(args.b, args.max_side).to(device)
+    a = load_source_image(args.a, args.max_side).to(device)
+    b = load_source_image(args.b, args.max_side).to(device)
     y = model.analogy(b, a, progress=not args.no_progress)[0].cpu()
     name = f"{_stem(args.b)}_as_{_stem(args.a)}_analogy"
     png = save_image(y, os.path.join(args.out, name + ".png"))

@@ -36,15 +36,14 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   bicubic, antialiased when shrinking, clamped to [0, 1]. Output pyramids (retarget,
   analogy) use the same scales applied to the output size, every side >= patch_size.
 - Batching and reuse: the samples of one call go through the batched (B, N, D) form
-  of patch_nn. On the CPU the keys of a level are clustered once (`cluster_keys`) and
-  that KeyClusters is shared by all samples and all iterations that search those keys
-  (the blurred keys of the first iteration have their own); patch_nn then skips the
-  tiles its bounds prove useless. The searches against the sharp keys (iterations 1 to
-  T-1 of a level) go through one `IncrementalPatchNN`: iteration 1 searches from scratch
-  (with iteration 0's answers as hint), later ones recompute only what the 12-55 % of
-  query patches that changed since the last iteration can affect (patch_nn's answers up
-  to the rounding of near-equal scores; fastgen/ops/patch_nn.py). Elsewhere the keys are expanded per sample, in chunks
-  so that the expanded keys stay under ~256 MB.
+  of the search. Every key image of a level gets one `fastgen.ops.PatchIndex`, shared
+  by all samples and all iterations that search it: the blurred keys of iteration 0
+  (a one-shot index) and the sharp keys of iterations 1 to T-1 (an incremental index:
+  iteration 1 searches from scratch with iteration 0's answers as hint, later ones
+  recompute only what the query patches that changed since the last iteration can
+  affect -- patch_nn's answers up to the rounding of near-equal scores). How an index
+  searches (pruned C++ passes on the CPU, full Triton sweeps on CUDA, chunking) is the
+  index's business, not the model's.
 - Seeds: sample i of `sample(..., seed=s)` uses a torch.Generator seeded s + i, so it
   equals `sample(..., num_samples=1, seed=s + i)` -- a large job split over processes
   reproduces a single run sample by sample.
@@ -59,12 +58,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops import fold_patches, patch_nn
-from fastgen.ops._backend import resolve as _resolve
-from fastgen.ops.patch_nn import IncrementalPatchNN, KeyClusters, cluster_keys
-
-# keys expanded to (B, M, D) for the batched patch_nn stay under this many bytes
-_KEY_BYTES_BUDGET = 256 << 20
+from fastgen.ops import PatchIndex, fold_patches
 
 
 def _resize(x, size):
@@ -96,11 +90,22 @@ class GPNN:
         alpha: > 0, in mean-squared-difference units (0.005 for sampling; larger =
             weaker push to use every source patch); None = plain nearest neighbour.
         noise_std: std of the noise added to the coarsest level, in [0, 1] pixel units.
-        backend, precision: passed to fastgen.ops.patch_nn.
+        backend, precision: passed to fastgen.ops.PatchIndex.
+        incremental: iterations 2+ of a level update the last search instead of searching
+            from scratch (None: where the backend can; same answers up to the rounding of
+            near-equal scores).
+        on_search: optional callable(level, iteration, queries, idx, index) run after
+            every search (diagnostics and tests: queries (B, N, D), idx (B, N) into the
+            index's keys).
+
+    After each call, `search_stats` lists per level and key image (level, "blurred" or
+    "sharp", PatchIndexStats): how many searches were incremental and the fraction of
+    distances the pruned passes computed.
     """
 
     def __init__(self, patch_size=7, pyramid_ratio=4 / 3, coarsest_side=14, iterations=10,
-                 alpha=0.005, noise_std=0.75, backend="auto", precision="fp32"):
+                 alpha=0.005, noise_std=0.75, backend="auto", precision="fp32", incremental=None,
+                 on_search=None):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         if not pyramid_ratio > 1:
@@ -119,8 +124,15 @@ class GPNN:
         self.iterations = iterations
         self.alpha = None if alpha is None else float(alpha)
         self.noise_std = float(noise_std)
+        if incremental is not None and not isinstance(incremental, bool):
+            raise TypeError(f"incremental must be True, False or None, got {type(incremental).__name__}")
+        if on_search is not None and not callable(on_search):
+            raise TypeError(f"on_search must be callable or None, got {type(on_search).__name__}")
         self.backend = backend
         self.precision = precision
+        self.incremental = incremental
+        self.on_search = on_search
+        self.search_stats = []
 
     def __repr__(self):
         return (f"GPNN(patch_size={self.patch_size}, pyramid_ratio={self.pyramid_ratio:.4g}, "
@@ -236,48 +248,30 @@ class GPNN:
         assert len(scales) == levels
         return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
 
-    def _keys(self, keys_img, valid_keys=None):
-        """(M, D) stride-1 patches of keys_img (those in valid_keys), grouped by k-means
-        when patch_nn will prune: built once per key image and level, reused by all
-        iterations and samples that search it."""
+    def _index(self, keys_img, valid_keys, incremental):
+        """A PatchIndex over the stride-1 patches of keys_img (those in valid_keys):
+        built once per key image and level, searched by all its iterations and samples.
+        alpha is per patch entry (mean squared difference); the index works on sums of
+        squares over the D entries, so it gets alpha * D, which ranks identically."""
         keys = _patches(keys_img, self.patch_size)[0]
         if valid_keys is not None:
             keys = keys[valid_keys]
-        if self.alpha is not None and _resolve(self.backend, keys.device) == "cpp":
-            return cluster_keys(keys)
-        return keys
+        alpha = None if self.alpha is None else self.alpha * keys.shape[1]
+        return PatchIndex(keys, alpha, backend=self.backend, precision=self.precision, incremental=incremental)
 
-    def _sum_alpha(self, d):
-        """alpha for patch_nn, which works on sums of squares over the d patch entries
-        (self.alpha is per entry, mean squared difference)."""
-        return None if self.alpha is None else self.alpha * d
-
-    def _match(self, x, keys, valid_keys=None, query_pos=None, hint=None, tracker=None):
+    def _match(self, x, index, valid_keys=None, query_pos=None, hint=None, where=(0, 0)):
         """(idx (B, Hq, Wq) into the stride-1 patch grid of the key image for every patch
-        of x, the raw (B, Nq) indices into `keys`); keys from `_keys`. hint: the raw
-        indices of the previous iteration against the same keys (a speed hint only).
-        tracker: an IncrementalPatchNN over `keys` (same answers, recomputes only what
-        the queries changed since its last call)."""
+        of x, the raw (B, Nq) indices into the index's keys). hint: the raw indices of the
+        previous iteration against the same key grid (a speed hint only)."""
         p = self.patch_size
         bsz = x.shape[0]
         hq, wq = x.shape[-2] - p + 1, x.shape[-1] - p + 1
         queries = _patches(x, p)                                       # (B, N, D)
         if query_pos is not None:
             queries = queries[:, query_pos]
-        clustered = isinstance(keys, KeyClusters)
-        flat = keys.keys if clustered else keys
-        alpha = self._sum_alpha(flat.shape[1])
-        backend = self.backend
-        if tracker is not None:
-            idx = tracker(queries, hint=hint)
-        elif clustered:                                                # shared keys, no copies
-            idx = patch_nn(queries, keys, alpha, backend=backend, precision=self.precision, hint=hint)
-        else:
-            chunk = max(1, _KEY_BYTES_BUDGET // max(1, flat.numel() * flat.element_size()))
-            idx = torch.cat([
-                patch_nn(queries[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), alpha,
-                         backend=backend, precision=self.precision)
-                for i in range(0, bsz, chunk)])
+        idx = index.search(queries, hint=hint)
+        if self.on_search is not None:
+            self.on_search(where[0], where[1], queries, idx, index)
         raw = idx
         if valid_keys is not None:
             idx = valid_keys[idx]                                      # subset -> full grid index
@@ -293,6 +287,7 @@ class GPNN:
         levels = len(src)
         x = init
         backend = self.backend
+        self.search_stats = []
         bar = tqdm(total=levels * self.iterations, desc=desc, disable=not progress, leave=False)
         try:
             for lvl in reversed(range(levels)):
@@ -314,24 +309,25 @@ class GPNN:
                         x = s.expand(x.shape[0], -1, -1, -1).clone()
                         bar.update(self.iterations)
                         continue
-                keys_blurred = self._keys(blurred, valid_keys)
-                keys_sharp = keys_blurred if blurred is s else self._keys(s, valid_keys)
+                # iteration 0 searches the blurred keys once; from iteration 1 on the keys
+                # are the sharp source and only part of the image changes per iteration,
+                # which the incremental index exploits
+                index0 = self._index(blurred, valid_keys, incremental=False)
+                index = self._index(s, valid_keys, self.incremental) if self.iterations > 1 else None
                 raw = None
-                # from iteration 1 on the keys stay the same and only part of the image
-                # changes per iteration: the tracker recomputes what those changes affect
-                tracker = None
-                if isinstance(keys_sharp, KeyClusters) and self.alpha is not None:
-                    tracker = IncrementalPatchNN(keys_sharp, self._sum_alpha(keys_sharp.keys.shape[1]), self.precision)
                 for it in range(self.iterations):
                     # the last iteration's matches are most queries' answers again: as a
-                    # hint they let the pruned search skip more (same keys from it 1 on;
-                    # blurred and sharp keys share one index space)
-                    idx, raw = self._match(x, keys_blurred if it == 0 else keys_sharp, valid_keys, query_pos,
-                                           hint=raw if it > 0 else None, tracker=tracker if it > 0 else None)
+                    # hint they let the pruned search skip more (blurred and sharp keys
+                    # share one patch grid)
+                    idx, raw = self._match(x, index0 if it == 0 else index, valid_keys, query_pos,
+                                           hint=raw if it > 0 else None, where=(lvl, it))
                     x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
                     if masks is not None:
                         x = torch.where(masks[lvl], x, s)
                     bar.update(1)
+                self.search_stats.append((lvl, "blurred", index0.stats))
+                if index is not None:
+                    self.search_stats.append((lvl, "sharp", index.stats))
         finally:
             bar.close()
         return x

@@ -205,7 +205,7 @@ class VectorQuantizer(nn.Module):
         return F.normalize(c, dim=1) if self.cosine else c
 
     def _lookup(self, z, codes):
-        idx, _ = nearest_code(z.detach(), codes.detach(), backend=self.backend, precision=self.precision)
+        idx = nearest_code(z.detach(), codes.detach(), backend=self.backend, precision=self.precision).idx
         return idx
 
     @torch.no_grad()

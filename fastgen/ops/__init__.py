@@ -1,11 +1,16 @@
-"""fastgen's functional API: each op picks a backend (cpp, triton, torch reference)."""
+"""fastgen's functional API: each op picks a backend (cpp, triton, torch reference).
+
+Everything the README documents is importable from here:
+    knn, nearest_code, patch_nn, fold_patches, reparameterize    the ops
+    PatchIndex, PatchIndexStats, prune_stats                     GPNN's reusable search
+    Neighbours, NearestCode                                      named results (dist, idx)
+"""
 from fastgen.ops.fold_patches import fold_patches
-from fastgen.ops.knn import knn
-from fastgen.ops.nearest_code import nearest_code
+from fastgen.ops.knn import Neighbours, knn
+from fastgen.ops.nearest_code import NearestCode, nearest_code
+from fastgen.ops.patch_index import PatchIndex, PatchIndexStats, prune_stats
 from fastgen.ops.patch_nn import patch_nn
+from fastgen.ops.reparameterize import reparameterize
 
-__all__ = ["fold_patches", "knn", "nearest_code", "patch_nn"]
-
-from fastgen.ops.reparameterize import reparameterize  # noqa: E402
-
-__all__ += ["reparameterize"]
+__all__ = ["fold_patches", "knn", "nearest_code", "patch_nn", "reparameterize",
+           "PatchIndex", "PatchIndexStats", "prune_stats", "Neighbours", "NearestCode"]

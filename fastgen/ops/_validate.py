@@ -42,6 +42,47 @@ def index_range(t, name, n, what):
             raise ValueError(f"{name} values must be in [0, {n}) ({what}), got values in [{lo}, {hi}]")
 
 
+def positive_int(v, name, minimum=1):
+    """An int (not bool) >= minimum, or a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+
+def flag(v, name):
+    """None (choose automatically), True or False."""
+    if v is not None and not isinstance(v, bool):
+        raise TypeError(f"{name} must be True, False or None, got {type(v).__name__}")
+
+
+def alpha(a):
+    """patch_nn's alpha as a float, or None: float32 weights 1 / (alpha + colmin) must
+    neither overflow nor vanish."""
+    if a is None:
+        return None
+    if isinstance(a, bool):
+        raise TypeError("alpha must be a number or None, got bool")
+    try:
+        a = float(a)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha must be a number or None, got {type(a).__name__}") from None
+    if not (1e-30 <= a <= 1e30):
+        raise ValueError(f"alpha must be in [1e-30, 1e30] or None, got {a}")
+    return a
+
+
+def hint(h, q3, num_keys, squeeze):
+    """patch_nn's hint as a (B, N) int64 tensor, or a ValueError/TypeError naming it."""
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"hint must be a torch.Tensor of key indices or None, got {type(h).__name__}")
+    want = tuple(q3.shape[1:2]) if squeeze else tuple(q3.shape[:2])
+    if tuple(h.shape) != want:
+        raise ValueError(f"hint must have shape {want} (one key index per query), got {tuple(h.shape)}")
+    if h.device != q3.device:
+        raise ValueError(f"hint is on {h.device} but queries are on {q3.device}")
+    index_range(h, "hint", num_keys, "key indices")
+    return h.reshape(q3.shape[0], q3.shape[1])
+
+
 def precision(p):
     if p not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")

@@ -1,11 +1,18 @@
 """fastgen.ops.knn: exact k nearest neighbours (squared L2), no N x M matrix."""
 import numbers
+from typing import NamedTuple
 
 import torch
 
 from fastgen import _ext
 from fastgen.ops import _backend, _validate, reference
 from fastgen.ops._sqdist_grad import sqdist_backward
+
+
+class Neighbours(NamedTuple):
+    """knn's result: (dist, idx), as faiss and pytorch3d order them."""
+    dist: torch.Tensor  # (..., N, k) float32 squared distances, ascending
+    idx: torch.Tensor   # (..., N, k) int64 key indices
 
 
 def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp32"):
@@ -23,7 +30,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             k-th best are re-ranked in float64, so it returns the float64 ranking.
 
     Returns:
-        (dist, idx): float32 squared distances sorted ascending, computed directly
+        Neighbours(dist, idx): float32 squared distances sorted ascending, computed directly
         as sum((q - k)^2) (no cancellation), and int64 indices; shape (N, k) or
         (B, N, k). Ties go to the lowest index. `dist` is differentiable w.r.t.
         queries and keys.
@@ -62,8 +69,8 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
             dist = reference.gather_sqdist(q3, k3, idx)
     if squeeze:
-        return dist[0], idx[0]
-    return dist, idx
+        return Neighbours(dist[0], idx[0])
+    return Neighbours(dist, idx)
 
 
 if _ext.CPP_AVAILABLE:

@@ -1,9 +1,17 @@
 """fastgen.ops.nearest_code: the VQ codebook lookup (exact argmin over codes)."""
+from typing import NamedTuple
+
 import torch
 
 from fastgen import _ext
 from fastgen.ops import _backend, _validate, reference
 from fastgen.ops._sqdist_grad import sqdist_backward
+
+
+class NearestCode(NamedTuple):
+    """nearest_code's result, in knn's order: (dist, idx)."""
+    dist: torch.Tensor  # (N,) float32 squared distance to the chosen code
+    idx: torch.Tensor   # (N,) int64 code index
 
 
 def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
@@ -15,8 +23,10 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
         backend, precision: as in `fastgen.ops.knn`.
 
     Returns:
-        (idx, dist): int64 (N,) code indices (ties to the lowest index) and float32
-        (N,) squared distances sum((x - codebook[idx])^2), differentiable.
+        NearestCode(dist, idx) -- the order of knn (and faiss): float32 (N,) squared
+        distances sum((x - codebook[idx])^2), differentiable, and int64 (N,) code
+        indices (ties to the lowest index). Before fastgen 0.2 the order was (idx, dist);
+        `.idx` / `.dist` read the same in both.
     """
     _validate.points(x, "x", ndims=(2,))
     _validate.points(codebook, "codebook", ndims=(2,))
@@ -29,10 +39,10 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
         _validate.finite(x, "x")
         _validate.finite(codebook, "codebook")
     if be == "cpp":
-        return torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision)
+        return NearestCode(*torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision))
     from fastgen.ops.knn import knn
     dist, idx = knn(x, codebook, 1, backend=be, precision=precision)
-    return idx[:, 0], dist[:, 0]
+    return NearestCode(dist[:, 0], idx[:, 0])
 
 
 if _ext.CPP_AVAILABLE:
@@ -40,14 +50,14 @@ if _ext.CPP_AVAILABLE:
     def _nearest_code_fake(x, codebook, precision):
         _validate.one_device(x=x, codebook=codebook)
         n = x.shape[0]
-        return x.new_empty((n,), dtype=torch.long), x.new_empty((n,), dtype=torch.float32)
+        return x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.long)
 
     def _setup_context(ctx, inputs, output):
         x, codebook, _ = inputs
-        ctx.save_for_backward(x, codebook, output[0])
-        ctx.mark_non_differentiable(output[0])  # indices carry no gradient
+        ctx.save_for_backward(x, codebook, output[1])
+        ctx.mark_non_differentiable(output[1])  # indices carry no gradient
 
-    def _backward(ctx, grad_idx, grad_dist):
+    def _backward(ctx, grad_dist, grad_idx):
         x, codebook, idx = ctx.saved_tensors
         gx, gc = sqdist_backward(x.unsqueeze(0), codebook.unsqueeze(0), idx.view(1, -1, 1),
                                  grad_dist.view(1, -1, 1),

@@ -1,0 +1,297 @@
+"""fastgen.ops.PatchIndex: one key set prepared for many patch_nn searches.
+
+GPNN searches the same key patches ten times per level (and once per sample), with
+query sets that change a little from one iteration to the next. A PatchIndex owns
+everything that depends on the keys alone and every choice of how to search them:
+
+- on the CPU (C++ backend, with an alpha) the keys are clustered by k-means and
+  prepared once on the C++ side (torch.classes.fastgen.PatchIndex: fp32 centred copy,
+  norms, bf16 copy, balls); every search then prunes exactly -- the triangle inequality
+  proves which key ranges cannot change a query's (or a key's) minimum, and only the
+  rest is computed (csrc/engine/pruned_passes.h);
+- with `incremental` (the default where it is available) a search of a query set of
+  the same size as the last recomputes only what the queries that changed can affect
+  (below);
+- elsewhere (CUDA/Triton, the torch reference, alpha=None) every search is the full
+  two-pass sweep, with the keys expanded per batch element in chunks whose size stays
+  under `max_key_bytes`.
+
+Incremental searches. Pass 1 (column minima): a key whose closest query is unchanged
+keeps its minimum unless a changed query comes closer, so only changed queries are
+searched for it (starting from that minimum); keys whose closest query changed are
+searched again over the unchanged queries too. Pass 2: an unchanged query whose chosen
+key kept its weight keeps its answer unless one of the keys whose weight moved beats
+its score (only those keys are searched, from that score); changed queries, and those
+whose key's weight moved, are searched again with the last answer as a hint. The answers
+are patch_nn's up to the rounding of near-equal scores (as between any two sweeps; with
+precision="bf16" both are within bf16 error of the optimum).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from fastgen import _ext
+from fastgen.ops import _backend, _validate
+
+
+@dataclass
+class PatchIndexStats:
+    """What an index has done since it was built (or since `reset`)."""
+    searches: int = 0          # calls to search()
+    from_scratch: int = 0      # query sets (batch elements) searched in full
+    incremental: int = 0       # query sets updated from the last one
+    last_changed: list = field(default_factory=list)  # last call, per batch element: fraction
+                                                      # of queries that changed (None: in full)
+    pairs_total: int = 0       # (query, key) pairs the pruned passes covered
+    pairs_computed: int = 0    # ... of which the distance was computed
+
+    @property
+    def fraction_computed(self):
+        return self.pairs_computed / self.pairs_total if self.pairs_total else None
+
+
+def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
+    """k-means (Lloyd, `iterations` steps, ~`cluster_size` keys per cluster) of (M, D) keys:
+    (sorted_keys (M, D), offsets (C + 1,) int64, order (M,) int64) with cluster g =
+    sorted_keys[offsets[g]:offsets[g+1]], members by distance to their centre, and order
+    the original index of each sorted key.
+
+    The clustering only decides how much a pruned search can skip, never its answer; a
+    few Lloyd steps are enough (each costs ~1/cluster_size of one patch_nn pass).
+    Deterministic for a given seed."""
+    _validate.points(keys, "keys", ndims=(2,))
+    _validate.positive_int(cluster_size, "cluster_size")
+    _validate.positive_int(iterations, "iterations", minimum=0)
+    m = keys.shape[0]
+    if m == 0:
+        raise ValueError("keys is empty (0 patches)")
+    _validate.finite(keys, "keys")
+    from fastgen.ops.nearest_code import nearest_code
+    x = keys.float()
+    c = -(-m // cluster_size)
+    gen = torch.Generator().manual_seed(int(seed))
+    centres = x[torch.randperm(m, generator=gen)[:c].to(keys.device)].clone()
+    assign = torch.zeros(m, dtype=torch.long, device=keys.device)
+    for step in range(iterations + 1):
+        assign = nearest_code(x, centres).idx
+        if step == iterations:
+            break
+        counts = torch.bincount(assign, minlength=c)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0                      # an empty cluster keeps its old centre
+        centres[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+    # within a cluster by distance to its centre: the annulus bound then needs a
+    # contiguous range of each cluster (ties broken by original index)
+    rho = (x - centres[assign]).pow(2).sum(1)
+    order = torch.argsort(rho, stable=True)
+    order = order[torch.argsort(assign[order], stable=True)]
+    counts = torch.bincount(assign, minlength=c)
+    offsets = torch.zeros(c + 1, dtype=torch.long, device=keys.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return keys[order].contiguous(), offsets.cpu(), order.cpu()
+
+
+class PatchIndex:
+    """(M, D) key patches prepared for repeated `patch_nn` searches with one alpha.
+
+    Args:
+        keys: (M, D) flattened key patches, float32/float16/bfloat16, M >= 1.
+        alpha: as in patch_nn (> 0; 0.005 * D for GPNN's sampling in sum units), or None
+            for the plain nearest neighbour.
+        backend: "auto", "cpp", "triton" or "torch" (as patch_nn).
+        precision: "fp32" or "bf16" cross term.
+        prune: skip what provably cannot change an answer (C++ backend with an alpha).
+            None: wherever available; True where it is not raises.
+        incremental: searches of a same-sized query set recompute only what changed
+            since the last search (needs pruning). None: wherever available.
+        cluster_size: keys per k-means cluster of the pruned index (64 measured best).
+        full_above: an incremental search where more than this fraction of the queries
+            changed searches in full instead.
+        max_key_bytes: the unpruned sweep expands the keys per batch element in chunks
+            of at most this many bytes.
+
+    `search(queries, hint=None)` returns what `patch_nn(queries, keys, alpha)` returns;
+    `stats` says what the searches did; `reset()` forgets the last queries.
+    """
+
+    def __init__(self, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=None, incremental=None,
+                 cluster_size=64, full_above=0.8, max_key_bytes=256 << 20):
+        _validate.points(keys, "keys", ndims=(2,))
+        if keys.shape[0] == 0:
+            raise ValueError("keys is empty (0 patches)")
+        self.alpha = _validate.alpha(alpha)
+        _validate.precision(precision)
+        _validate.flag(prune, "prune")
+        _validate.flag(incremental, "incremental")
+        if not (0.0 <= float(full_above) <= 1.0):
+            raise ValueError(f"full_above must be in [0, 1], got {full_above!r}")
+        _validate.positive_int(max_key_bytes, "max_key_bytes")
+        self.backend = _backend.resolve(backend, keys.device)
+        can_prune = self.backend == "cpp" and self.alpha is not None
+        if prune and not can_prune:
+            raise ValueError("prune=True needs the cpp backend (CPU tensors, extension built) and an alpha; "
+                             f"this index runs backend={self.backend!r} with alpha={self.alpha}")
+        self.pruned = can_prune if prune is None else bool(prune)
+        if incremental and not self.pruned:
+            raise ValueError("incremental=True needs a pruned index (cpp backend with an alpha)")
+        self.incremental = self.pruned if incremental is None else bool(incremental)
+        self.keys, self.precision = keys, precision
+        self.full_above = float(full_above)
+        self.max_key_bytes = int(max_key_bytes)
+        self._c = None
+        if self.pruned:
+            sorted_keys, offsets, order = cluster_keys(keys, cluster_size)
+            self._c = torch.classes.fastgen.PatchIndex(sorted_keys, offsets, order, precision)
+            self._positions = self._c.positions()
+        self.reset()
+
+    def __repr__(self):
+        mode = "incremental" if self.incremental else "pruned" if self.pruned else "sweep"
+        return (f"PatchIndex(keys={tuple(self.keys.shape)}, alpha={self.alpha}, backend={self.backend!r}, "
+                f"precision={self.precision!r}, mode={mode!r})")
+
+    def reset(self):
+        """Forget the last queries (the next search is from scratch) and zero `stats`."""
+        self._states = None
+        self._count = PatchIndexStats()
+        self._pairs0 = self._c.pairs() if self._c is not None else (0, 0)
+
+    @property
+    def stats(self):
+        s = PatchIndexStats(**{k: getattr(self._count, k) for k in ("searches", "from_scratch", "incremental")},
+                            last_changed=list(self._count.last_changed))
+        if self._c is not None:
+            total, computed = self._c.pairs()
+            s.pairs_total, s.pairs_computed = total - self._pairs0[0], computed - self._pairs0[1]
+        return s
+
+    def search(self, queries, hint=None):
+        """idx (N,) or (B, N) int64 into the keys: per query the key minimising
+        ||q - k||^2 / (alpha + min_q' ||q' - k||^2) (the plain nearest key for alpha=None).
+
+        hint: optional int64 (N,) or (B, N) key indices, per query a likely answer (GPNN
+        passes the previous iteration's); the pruned search starts each query's threshold
+        there, so less is computed. The answer does not depend on it."""
+        _validate.points(queries, "queries")
+        _validate.same_kind(queries, "queries", self.keys, "keys")
+        squeeze = queries.dim() == 2
+        q3 = queries.unsqueeze(0) if squeeze else queries
+        h2 = None if hint is None else _validate.hint(hint, q3, self.keys.shape[0], squeeze)
+        self._count.searches += 1
+        self._count.last_changed = []
+        if not self.pruned:
+            idx = self._sweep(q3)
+        elif not self.incremental:
+            idx = self._c.search(q3.contiguous(), self.alpha, h2)
+            self._count.from_scratch += q3.shape[0]
+            self._count.last_changed = [None] * q3.shape[0]
+        else:
+            idx = self._incremental(q3, h2)
+        return idx[0] if squeeze else idx
+
+    # ------------------------------------------------------------------ the sweep
+
+    def _sweep(self, q3):
+        from fastgen.ops.patch_nn import patch_nn
+        bsz = q3.shape[0]
+        self._count.from_scratch += bsz
+        self._count.last_changed = [None] * bsz
+        flat = self.keys
+        chunk = max(1, self.max_key_bytes // max(1, flat.numel() * flat.element_size()))
+        if bsz == 0:
+            return torch.empty(q3.shape[:2], dtype=torch.long, device=q3.device)
+        return torch.cat([patch_nn(q3[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), self.alpha,
+                                   backend=self.backend, precision=self.precision, prune=False)
+                          for i in range(0, bsz, chunk)])
+
+    # ------------------------------------------------------------------ incremental searches
+
+    def _incremental(self, q3, h2):
+        if self._states is None or len(self._states) != q3.shape[0]:
+            self._states = [None] * q3.shape[0]
+        out = []
+        for b in range(q3.shape[0]):
+            q = q3[b].contiguous()
+            st = self._states[b]
+            hb = None if h2 is None else h2[b].contiguous()
+            if st is not None and st["queries"].shape == q.shape and q.shape[0] > 0:
+                # (no finiteness pass here: a query with NaN/inf differs from its last
+                # value, so it always reaches a C++ pass, which checks what it is given)
+                changed = (q != st["queries"]).any(1)
+                frac = changed.float().mean().item()
+                if frac <= self.full_above:
+                    self._states[b] = self._update(q, changed, st)
+                    self._count.incremental += 1
+                    self._count.last_changed.append(frac)
+                    out.append(self._states[b]["idx"])
+                    continue
+                hb = st["idx"] if hb is None else hb
+            self._states[b] = self._full(q, hb)
+            self._count.from_scratch += 1
+            self._count.last_changed.append(None)
+            out.append(self._states[b]["idx"])
+        return torch.stack(out) if out else torch.empty(q3.shape[:2], dtype=torch.long)
+
+    def _weights(self, colmin):
+        return (colmin + self.alpha).reciprocal_()
+
+    def _full(self, q, hint):
+        colmin, colarg = self._c.column_min(q, None, None)
+        if q.shape[0] == 0:                     # nothing covers any key (infinite minima)
+            idx, score = torch.empty(0, dtype=torch.long), torch.empty(0)
+        else:
+            idx, score = self._c.weighted_argmin(q, self._weights(colmin), hint, None, None, None)
+        return {"queries": q.clone(), "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
+
+    def _update(self, q, changed, st):
+        # colmin/colarg/weights are over sorted-key positions (the C++ index's key space)
+        inf = float("inf")
+        ci = torch.nonzero(changed).flatten()
+        ui = torch.nonzero(~changed).flatten()
+        old_colmin, old_colarg = st["colmin"], st["colarg"]
+        # keys whose closest query changed (or that had none): their minimum over the
+        # unchanged queries is unknown, every other key's is its old minimum
+        lost = (old_colarg < 0) | changed[old_colarg.clamp(min=0)]
+        colmin, arg = self._c.column_min(q[ci], torch.where(lost, inf, old_colmin), None)
+        colarg = _lift(arg, ci, old_colarg)
+        # a lost key that a changed query now covers at least as well as its old minimum
+        # (a lower bound of the unchanged queries' minimum) is settled already
+        lost &= colmin > old_colmin
+        if ui.numel() and bool(lost.any()):
+            kl = torch.nonzero(lost).flatten()
+            cm_l, arg_l = self._c.column_min(q[ui], colmin[kl].contiguous(), kl)
+            colmin[kl] = cm_l
+            colarg[kl] = _lift(arg_l, ui, colarg[kl])
+        weights = self._weights(colmin)
+        moved = colmin != old_colmin                      # keys whose weight changed
+        idx, score = st["idx"].clone(), st["score"].clone()
+        redo = changed | moved[self._position(st["idx"])]
+        ri = torch.nonzero(redo).flatten()
+        if ri.numel():
+            idx[ri], score[ri] = self._c.weighted_argmin(q[ri], weights, st["idx"][ri].contiguous(), None, None, None)
+        si = torch.nonzero(~redo).flatten()
+        if si.numel() and bool(moved.any()):
+            km = torch.nonzero(moved).flatten()
+            idx[si], score[si] = self._c.weighted_argmin(q[si], weights, None, st["score"][si].contiguous(),
+                                                         st["idx"][si].contiguous(), km)
+        return {"queries": q.clone(), "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
+
+    def _position(self, ids):
+        """Original key ids -> sorted-key positions."""
+        return self._positions[ids]
+
+
+def _lift(arg, ids, fallback):
+    """Query positions in a subset (-1: none) -> ids[arg], fallback where -1."""
+    out = fallback.clone()
+    hit = arg >= 0
+    out[hit] = ids[arg[hit]]
+    return out
+
+
+def prune_stats():
+    """((query, key) pairs in all pruned patch_nn searches of this process, pairs whose
+    distance was computed); computed / total is the fraction of the work done. One
+    index's own counts are `PatchIndex.stats`."""
+    info = _ext.build_info() if _ext.CPP_AVAILABLE else {}
+    return info.get("patch_nn_pairs_total", 0), info.get("patch_nn_pairs_computed", 0)
