@@ -1,7 +1,16 @@
-"""Generic training-loop helpers: progress bar, atomic checkpoints, resumable RNG state."""
+"""The one training loop (`fit`) every `fastgen train <model>` goes through, and what it
+stands on: atomic checkpoints, resumable RNG state, progress bar, metrics.jsonl.
+
+A training command builds its data and model, then calls `fit` with two hooks --
+`evaluate()` (a dict of test metrics) and `write_pngs()` -- run every `eval_every`
+epochs and at the end. `fit` writes OUT/metrics.jsonl and OUT/checkpoint.pt (atomically,
+every epoch) and resumes from that checkpoint: same data order and noise as an
+uninterrupted run.
+"""
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -125,3 +134,81 @@ def resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs):
     if start >= epochs:
         print(f"already trained {start} epochs (--epochs {epochs}); nothing to do")
     return history, start, start >= epochs
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def open_run(out, kind, resume):
+    """The checkpoint in `out` when resuming a run of model `kind` (None for a fresh run).
+    An existing checkpoint without `resume`, or of another model, is a ValueError."""
+    path = os.path.join(out, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    if not resume:
+        raise ValueError(f"{path} exists; pass --resume to continue that run or choose another --out")
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != kind:
+        raise ValueError(f"{path} holds a {ckpt['kind']!r} model but you asked to train {kind!r}")
+    return ckpt
+
+
+def load_model(path, kind, device="cpu", name="--checkpoint"):
+    """(model in eval mode, checkpoint dict) from a checkpoint `fit` wrote for model `kind`."""
+    from fastgen.models import build_model
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != kind:
+        raise ValueError(f"{name} {path} holds a {ckpt['kind']!r} model, not a {kind}")
+    model = build_model(kind, ckpt["config"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def default_row_format(row):
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+
+
+def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, batch_size=64, seed=0,
+        device="cpu", eval_every=1, max_batches=None, show_progress=True, evaluate=None, write_pngs=None,
+        extra=None, describe=None, format_row=default_row_format):
+    """Train `model` (whose forward returns {"loss": ...}) on `train_data` (N, ...) with Adam
+    for epochs [ckpt's epoch, epochs): per epoch a pass over shuffled batches, then, every
+    `eval_every` epochs and at the last, evaluate() (merged into the metrics row) and
+    write_pngs(); the row goes to out/metrics.jsonl and the run to out/checkpoint.pt.
+
+    kind, config: what build_model needs to rebuild the model from the checkpoint.
+    ckpt: from open_run, to resume (model, optimizer, RNGs, history). extra: more entries
+    for the checkpoint (e.g. the data settings). describe(n_params): a line printed
+    before the first epoch. The global torch RNG is the caller's to seed (models draw
+    their init and noise from it); the data order comes from a generator seeded `seed`.
+    Returns the metrics history (a list of rows)."""
+    data_gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ckpt["lr"] if ckpt else lr)
+    history, start = [], 0
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    if ckpt:
+        history, start, done = resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs)
+        if done:
+            return history
+    if describe is not None:
+        print(describe(sum(p.numel() for p in model.parameters())))
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        train_loss = train_epoch(model, optimizer, train_data, batch_size, data_gen, max_batches=max_batches,
+                                 show_progress=show_progress, desc=f"epoch {epoch + 1}/{epochs}", device=device)
+        row = {"epoch": epoch + 1, "train_loss": train_loss}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            if evaluate is not None:
+                row.update(evaluate())
+            if write_pngs is not None:
+                write_pngs()
+        row["seconds"] = round(time.time() - t0, 3)
+        history.append(row)
+        write_jsonl(history, os.path.join(out, "metrics.jsonl"))
+        save_checkpoint({
+            "format": CHECKPOINT_FORMAT, "kind": kind, "config": config,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch + 1, "history": history, "rng": rng_state(data_gen), **(extra or {}),
+        }, ckpt_path)
+        print(format_row(row), flush=True)
+    return history

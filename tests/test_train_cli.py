@@ -13,7 +13,7 @@ from fastgen.cli import main
 from fastgen.images import save_grid, to_grid
 
 PNGS = ("reconstructions.png", "samples.png", "interpolations.png")
-QUICK = ["--threads", "1", "--quiet", "--iwae-k", "4", "--max-test", "64"]
+QUICK = ["--threads", "1", "--quiet", "--max-test", "64"]
 
 
 def metrics(out):
@@ -22,7 +22,25 @@ def metrics(out):
 
 
 def train(*args):
-    return main(["train", *args, *QUICK])
+    vae_only = ["--iwae-k", "4"] if args[0] == "vae" else []
+    return main(["train", *args, *QUICK, *vae_only])
+
+
+@pytest.mark.parametrize("command, has, lacks", [
+    (["train", "ae"], ["--latent-dim", "--loss", "--data"], ["--iwae-k", "--beta", "--num-codes", "--vqvae"]),
+    (["train", "vae"], ["--iwae-k", "--beta", "--likelihood"], ["--loss", "--num-codes", "--prior-dim"]),
+    (["train", "vqvae"], ["--num-codes", "--dead-code-threshold", "--data"], ["--latent-dim", "--iwae-k", "--vqvae"]),
+    (["train", "pixelcnn"], ["--vqvae", "--prior-layers"], ["--data", "--num-codes", "--latent-dim"]),
+    (["sample", "vae"], ["--checkpoint", "-n"], ["--prior", "--temperature"]),
+    (["sample", "vqvae"], ["--prior", "--temperature"], ["--latent-dim"]),
+])
+def test_each_model_shows_only_its_own_flags(capsys, command, has, lacks):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f in text for f in has), text
+    assert not [f for f in lacks if f in text], text
 
 
 # ---- end to end ----------------------------------------------------------------------

@@ -1,49 +1,79 @@
-"""`fastgen sample vae --checkpoint PATH --out DIR -n 64`: images from a trained model."""
+"""`fastgen sample MODEL --checkpoint PATH --out DIR -n 64`: images from trained models.
+
+Every sampler lives here: ae/vae decode z ~ N(0, I); vqvae decodes code maps drawn from
+a PixelCNN prior (--prior). Each writes DIR/samples.png (a grid) and DIR/samples.pt.
+"""
 import os
 
 import torch
 
 
 def add_parser(sub):
-    p = sub.add_parser("sample", help="draw images from a checkpoint written by `fastgen train`",
+    p = sub.add_parser("sample", help="draw images from checkpoints written by `fastgen train`",
                        description=__doc__.splitlines()[0])
-    p.add_argument("model", choices=["ae", "vae", "vqvae"], help="the kind of model in the checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `fastgen train`")
-    p.add_argument("--out", required=True, help="output folder (samples.png, samples.pt)")
-    p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
-    p.add_argument("--device", default=None)
-    # --- VQ-VAE family (issue 4): --prior, in fastgen/commands/train_vq.py ---
-    from fastgen.commands import train_vq
-    train_vq.add_sample_arguments(p)
-    p.set_defaults(func=run)
+    models = p.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for name, help in (("ae", "an autoencoder (decodes N(0, I): expected to look wrong)"),
+                       ("vae", "a VAE: decodes z ~ N(0, I)"),
+                       ("vqvae", "a VQ-VAE with a PixelCNN prior over its codes (--prior)")):
+        m = models.add_parser(name, help=help, description=help)
+        m.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `fastgen train`")
+        m.add_argument("--out", required=True, help="output folder (samples.png, samples.pt)")
+        m.add_argument("-n", type=int, default=64, help="number of samples")
+        m.add_argument("--seed", type=int, default=0)
+        m.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+        m.add_argument("--device", default=None)
+        if name == "vqvae":
+            m.add_argument("--prior", metavar="CKPT", default=None,
+                           help="the pixelcnn checkpoint (from `fastgen train pixelcnn`) that samples the codes")
+            m.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the prior")
+            m.set_defaults(func=sample_vqvae)
+        else:
+            m.set_defaults(func=sample_latent)
+
+
+def _start(args):
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write(args, images, extra=None):
+    from fastgen.images import save_grid
+    os.makedirs(args.out, exist_ok=True)
+    png = save_grid(images, os.path.join(args.out, "samples.png"), nrow=args.nrow)
+    torch.save(images if extra is None else {"images": images, **extra}, os.path.join(args.out, "samples.pt"))
+    return png
 
 
 @torch.no_grad()
-def run(args):
-    if args.model == "vqvae":   # --- VQ-VAE family (issue 4) ---
-        from fastgen.commands import train_vq
-        return train_vq.sample(args)
-    from fastgen.images import save_grid
-    from fastgen.models import build_model
-    from fastgen.training import load_checkpoint
-
-    if args.n < 1:
-        raise ValueError(f"-n must be >= 1, got {args.n}")
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt["kind"] != args.model:
-        raise ValueError(f"{args.checkpoint} holds a {ckpt['kind']!r} model, not {args.model!r}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(ckpt["kind"], ckpt["config"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+def sample_latent(args):
+    """ae / vae: decode z ~ N(0, I)."""
+    from fastgen.training import load_model
+    device = _start(args)
+    model, ckpt = load_model(args.checkpoint, args.model, device)
     if args.model == "ae":
         print("note: an autoencoder has no prior; these decode z ~ N(0, I) and are expected to look wrong")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    x = model.sample(args.n, generator=gen, device=device).cpu()
-    os.makedirs(args.out, exist_ok=True)
-    png = save_grid(x, os.path.join(args.out, "samples.png"), nrow=args.nrow)
-    torch.save(x, os.path.join(args.out, "samples.pt"))
+    png = _write(args, model.sample(args.n, generator=gen, device=device).cpu())
     print(f"wrote {args.n} samples (epoch {ckpt['epoch']} model) to {png} and samples.pt")
+    return 0
+
+
+@torch.no_grad()
+def sample_vqvae(args):
+    """vqvae: codes from the PixelCNN prior, decoded."""
+    from fastgen.training import load_model
+    device = _start(args)
+    if args.prior is None:
+        raise ValueError("--prior CKPT is required to sample a vqvae (train one with `fastgen train pixelcnn`)")
+    vqvae, vq_ckpt = load_model(args.checkpoint, "vqvae", device)
+    prior, pc = load_model(args.prior, "pixelcnn", device, name="--prior")
+    if prior.num_codes != vqvae.num_codes or tuple(prior.code_shape) != tuple(vqvae.code_shape):
+        raise ValueError(f"--prior models {prior.num_codes} codes on {prior.code_shape} maps but the vqvae has "
+                         f"{vqvae.num_codes} codes on {vqvae.code_shape} maps")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    codes = prior.sample(args.n, generator=gen, device=device, temperature=args.temperature)
+    png = _write(args, vqvae.decode(codes).cpu(), {"codes": codes.cpu()})
+    print(f"wrote {args.n} samples (vqvae epoch {vq_ckpt['epoch']}, prior epoch {pc['epoch']}) to {png} "
+          f"and samples.pt")
     return 0

@@ -1,0 +1,75 @@
+"""`fastgen train pixelcnn --vqvae CKPT --epochs N --out DIR`: a gated PixelCNN prior over
+the code maps of a trained VQ-VAE (the images come from that run's data settings).
+
+Writes into DIR: checkpoint.pt, metrics.jsonl and samples.png (prior samples, decoded).
+"""
+import math
+import os
+
+import torch
+
+from fastgen.commands import train as train_cmd
+
+
+def add_parser(families):
+    p = train_cmd.family_parser(families, "pixelcnn", "PixelCNN prior over a trained vqvae's codes", __doc__)
+    p.add_argument("--vqvae", metavar="CKPT", default=None,
+                   help="the VQ-VAE checkpoint (from `fastgen train vqvae`) whose codes the prior models")
+    p.add_argument("--prior-dim", type=int, default=64, help="channels")
+    p.add_argument("--prior-layers", type=int, default=6, help="gated layers")
+    p.add_argument("--prior-kernel", type=int, default=3, help="kernel width (odd)")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def encode_all(model, images, device, batch=256):
+    return torch.cat([model.encode(images[i:i + batch].to(device)).cpu() for i in range(0, images.shape[0], batch)])
+
+
+@torch.no_grad()
+def evaluate(prior, codes, device, batch=256):
+    prior.eval()
+    nll = torch.cat([prior(codes[i:i + batch].to(device))["nll"].cpu() for i in range(0, codes.shape[0], batch)])
+    per_code = float(nll.mean()) / (codes.shape[1] * codes.shape[2])
+    return dict(test_nll_nats_per_code=per_code, test_bits_per_code=per_code / math.log(2))
+
+
+def run(args):
+    from fastgen import data as datasets
+    from fastgen import training
+    from fastgen.images import save_grid
+    from fastgen.models import build_model
+    device = train_cmd.setup(args)
+    train_cmd.positive(args, "prior_dim", "prior_layers")
+    ckpt = training.open_run(args.out, "pixelcnn", args.resume)
+    vq_path = ckpt["vqvae_checkpoint"] if ckpt else args.vqvae
+    if vq_path is None:
+        raise ValueError("--vqvae CKPT is required for pixelcnn (a checkpoint written by `fastgen train vqvae`)")
+    vqvae, vq_ckpt = training.load_model(vq_path, "vqvae", device, name="--vqvae")
+    da = vq_ckpt["data_args"]
+    ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
+    test_images = ds.test[:args.max_test] if args.max_test else ds.test
+    train_codes, test_codes = encode_all(vqvae, ds.train, device), encode_all(vqvae, test_images, device)
+    config = ckpt["config"] if ckpt else dict(num_codes=vqvae.num_codes, code_shape=vqvae.code_shape,
+                                              dim=args.prior_dim, layers=args.prior_layers,
+                                              kernel=args.prior_kernel)
+    torch.manual_seed(args.seed)
+    prior = build_model("pixelcnn", config).to(device)
+    out_png = os.path.join(args.out, "samples.png")
+
+    @torch.no_grad()
+    def write_samples():
+        prior.eval()
+        gen = torch.Generator(device=device).manual_seed(args.seed + 3)
+        codes = prior.sample(64, generator=gen, device=device)
+        save_grid(vqvae.decode(codes).cpu(), out_png, nrow=8)
+
+    def describe(n_params):
+        return (f"pixelcnn prior ({config['layers']} gated layers, {n_params:,} parameters) over "
+                f"{vqvae.code_shape[0]}x{vqvae.code_shape[1]} maps of {vqvae.num_codes} codes from {vq_path}: "
+                f"{train_codes.shape[0]} train / {test_codes.shape[0]} test maps, device {device}")
+    torch.manual_seed(args.seed)   # training noise from the same seed, after the init drew its share
+    training.fit(prior, train_codes, kind="pixelcnn", config=prior.config, ckpt=ckpt,
+                 **train_cmd.fit_args(args, device), evaluate=lambda: evaluate(prior, test_codes, device),
+                 write_pngs=write_samples, extra={"vqvae_checkpoint": os.path.abspath(vq_path)}, describe=describe)
+    return 0

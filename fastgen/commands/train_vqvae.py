@@ -1,0 +1,77 @@
+"""`fastgen train vqvae --data digits|PATH --epochs N --out DIR`: VQ-VAE.
+
+Writes into DIR: checkpoint.pt, metrics.jsonl, reconstructions.png (rows of test
+inputs, each above its reconstruction). `fastgen train pixelcnn --vqvae DIR/checkpoint.pt`
+then trains a prior over its codes.
+"""
+import os
+
+import torch
+
+from fastgen.commands import train as train_cmd
+
+
+def add_parser(families):
+    p = train_cmd.family_parser(families, "vqvae", "VQ-VAE (EMA codebook, dead-code reset)", __doc__)
+    train_cmd.data_arguments(p)
+    p.add_argument("--num-codes", type=int, default=64, help="codebook size")
+    p.add_argument("--code-dim", type=int, default=16, help="code dimension")
+    p.add_argument("--downsample", type=int, default=None,
+                   help="image side / code-map side (power of 2; default 2 up to 16 px, else 4)")
+    p.add_argument("--hidden", type=int, default=64, help="encoder/decoder channels")
+    p.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
+    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta")
+    p.add_argument("--no-ema", action="store_true", help="train the codes by the codebook loss, not EMA")
+    p.add_argument("--dead-code-threshold", type=int, default=20,
+                   help="re-seed codes unused for this many steps (0: never)")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def write_reconstructions(model, test, path, device):
+    from fastgen.images import save_grid
+    x = test[:32].to(device)
+    rec = model.reconstruct(x)
+    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], rec[i:i + 8])]  # inputs above reconstructions
+    return save_grid(torch.cat(rows).cpu(), path, nrow=8)
+
+
+@torch.no_grad()
+def evaluate(model, test, device):
+    model.eval()
+    x = test.to(device)
+    out = model(x)
+    idx = out["indices"]
+    used = torch.bincount(idx.flatten(), minlength=model.num_codes)
+    return dict(test_mse=float(out["mse"]), test_perplexity=float(out["perplexity"]),
+                codes_used=int((used > 0).sum()), num_codes=model.num_codes)
+
+
+def run(args):
+    from fastgen import training
+    from fastgen.models import build_model
+    device = train_cmd.setup(args)
+    train_cmd.positive(args, "num_codes", "code_dim", "hidden")
+    ckpt = training.open_run(args.out, "vqvae", args.resume)
+    ds, data_args = train_cmd.load_data(args, ckpt)
+    side = min(ds.image_shape[1:])
+    config = ckpt["config"] if ckpt else dict(
+        image_shape=ds.image_shape, downsample=args.downsample or (2 if side <= 16 else 4), hidden=args.hidden,
+        res_hidden=max(args.hidden // 2, 1), num_res_blocks=args.res_blocks, num_codes=args.num_codes,
+        code_dim=args.code_dim, commitment=args.commitment, ema=not args.no_ema,
+        dead_code_threshold=args.dead_code_threshold or None)
+    torch.manual_seed(args.seed)
+    model = build_model("vqvae", config).to(device)
+    test = ds.test[:args.max_test] if args.max_test else ds.test
+    out_png = os.path.join(args.out, "reconstructions.png")
+
+    def describe(n_params):
+        return (f"vqvae ({config['num_codes']} codes of dim {config['code_dim']}, code map "
+                f"{model.code_shape[0]}x{model.code_shape[1]}, {n_params:,} parameters) on {ds.source}: "
+                f"{ds.train.shape[0]} train / {test.shape[0]} test images of {ds.image_shape}, device {device}")
+    torch.manual_seed(args.seed)   # training noise from the same seed, after the init drew its share
+    training.fit(model, ds.train, kind="vqvae", config=model.config, ckpt=ckpt, **train_cmd.fit_args(args, device),
+                 evaluate=lambda: evaluate(model, test, device),
+                 write_pngs=lambda: write_reconstructions(model, test, out_png, device),
+                 extra={"data_args": data_args}, describe=describe)
+    return 0
