@@ -7,7 +7,7 @@
 
 Providers, all on the same seeded float32 (mu, logvar, eps) and incoming gradients:
 - fastgen-cpp: the fused C++ op (one pass forward, one pass backward);
-- torch-unfused: what a VAE writes (fastgen.ops.reference.reparameterize_reference:
+- torch-unfused: what a VAE writes (fastgen.ops.baselines.reparameterize_unfused:
   exp, mul, add for z; square, exp, sub, sum for kl; autograd for the backward);
 - torch-compile: the same expression under torch.compile (opt-in: ~20 s to compile);
 - copy: `mu.clone()`, the bandwidth yardstick (allocates its output, as the ops do);
@@ -63,13 +63,13 @@ def make_inputs(shape, dtype=torch.float32, seed=0):
 
 
 def _op(provider):
-    from fastgen.ops import reference, reparameterize
+    from fastgen.ops import baselines, reparameterize
     if provider == "fastgen-cpp":
         return lambda m, l, e: reparameterize(m, l, e, backend="cpp")
     if provider == "torch-unfused":
-        return lambda m, l, e: reference.reparameterize_reference(m, l, e)
+        return lambda m, l, e: baselines.reparameterize_unfused(m, l, e)
     if provider == "torch-compile":
-        return torch.compile(lambda m, l, e: reference.reparameterize_reference(m, l, e), dynamic=False)
+        return torch.compile(lambda m, l, e: baselines.reparameterize_unfused(m, l, e), dynamic=False)
     raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
 
 

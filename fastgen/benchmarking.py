@@ -53,13 +53,13 @@ def _fastgen(precision):
 
 
 def _torch_addmm(queries, keys, k):
-    from fastgen.ops import reference
-    return lambda: reference.knn_addmm(queries, keys, k)
+    from fastgen.ops import baselines
+    return lambda: baselines.knn_addmm(queries, keys, k)
 
 
 def _torch_cdist(queries, keys, k):
-    from fastgen.ops import reference
-    return lambda: reference.knn_cdist(queries, keys, k)
+    from fastgen.ops import baselines
+    return lambda: baselines.knn_cdist(queries, keys, k)
 
 
 def _faiss(queries, keys, k):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fastgen
-from fastgen.ops import knn, reference
+from fastgen.ops import baselines, knn, reference
 from conftest import DTYPES, backends
 from helpers import assert_close, assert_equal_idx, assert_knn_equivalent
 
@@ -158,7 +158,7 @@ def test_gradients_match_float64(backend):
     gq, gk = torch.autograd.grad((dist * w).sum(), [q, k])
     q64 = q.detach().double().requires_grad_()
     k64 = k.detach().double().requires_grad_()
-    d64 = reference.gather_sqdist(q64[None], k64[None], idx[None])[0].double()
+    d64 = baselines.gather_sqdist(q64[None], k64[None], idx[None])[0].double()
     rq, rk = torch.autograd.grad((d64 * w.double()).sum(), [q64, k64])
     assert_close(gq, rq, 1e-5, 1e-5)
     assert_close(gk, rk, 1e-5, 1e-5)
@@ -224,6 +224,8 @@ BAD_INPUTS = [
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), exclude_self=True), ValueError, "exclude_self"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="gpu"), ValueError, "backend must be"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), precision="fp8"), ValueError, "precision must be"),
+    (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="torch", precision="bf16"), ValueError,
+     "runs on the cpp backend only"),
     (lambda: knn(torch.randn(5, 0), torch.randn(6, 0)), ValueError, "zero features"),
     (lambda: knn([[1.0]], torch.randn(6, 1)), TypeError, "queries must be a torch.Tensor"),
 ]

@@ -71,6 +71,20 @@ void center_and_norm(const at::Tensor& x, const at::Tensor& mu, at::Tensor& xc, 
   }
 }
 
+// The keys' mean snapped to a power-of-two grid at the data's scale (the largest
+// |k - mean|), per batch element: (B, M, D) fp32 -> (B, 1, D). Integer-valued data stays
+// integer-valued after the shift, so exact ties stay ties. The same formula as
+// fastgen.ops.baselines.centering_shift (the torch and Triton backends).
+at::Tensor centering_shift(const at::Tensor& k32) {
+  const at::Tensor mu = k32.mean(1);  // (B, D)
+  const at::Tensor spread = at::maximum(k32.amax(1) - mu, mu - k32.amin(1)).amax(1, /*keepdim=*/true);
+  const at::Tensor step = at::exp2(at::floor(at::log2(spread)).clamp_min(-126.0));
+  const at::Tensor snapped = at::round(mu / step) * step;
+  const at::Tensor keep = (spread == 0) | at::isfinite(spread).logical_not() |
+                          at::isfinite(mu).all(1, /*keepdim=*/true).logical_not();
+  return at::where(keep, mu, snapped).unsqueeze(1).contiguous();
+}
+
 }  // namespace
 
 void check_precision(const std::string& precision) {
@@ -78,16 +92,14 @@ void check_precision(const std::string& precision) {
                     "precision must be 'fp32' or 'bf16', got '", precision, "'");
 }
 
-PreparedKeys::PreparedKeys(const at::Tensor& keys, const std::string& precision, const char* name,
-                           const at::Tensor* centre) {
+PreparedKeys::PreparedKeys(const at::Tensor& keys, const std::string& precision, const char* name) {
   check_precision(precision);
   B = keys.size(0);
   M = keys.size(1);
   D = keys.size(2);
   bf16 = precision == "bf16";
   k32 = keys.to(at::kFloat).contiguous();
-  mu = centre != nullptr ? centre->to(at::kFloat).view({1, 1, D}).expand({B, 1, D}).contiguous()
-                         : k32.mean(1, /*keepdim=*/true).contiguous();
+  mu = M > 0 ? centering_shift(k32) : at::zeros({B, 1, D}, k32.options());
   kc = at::empty_like(k32);
   kn = at::empty({B, M}, k32.options());
   center_and_norm(k32, mu, kc, kn, name);
@@ -112,9 +124,9 @@ PreparedKeys PreparedKeys::gather(const at::Tensor& rows) const {
 
 PreparedOperands::PreparedOperands(const at::Tensor& queries, const at::Tensor& keys,
                                    const std::string& precision, const char* query_name,
-                                   const char* key_name, const at::Tensor* centre)
+                                   const char* key_name)
     // keys first, so a NaN in them is reported as the keys' fault
-    : PreparedOperands(queries, PreparedKeys(keys, precision, key_name, centre), query_name) {}
+    : PreparedOperands(queries, PreparedKeys(keys, precision, key_name), query_name) {}
 
 PreparedOperands::PreparedOperands(const at::Tensor& queries, const PreparedKeys& keys,
                                    const char* query_name) {

@@ -16,12 +16,13 @@ namespace cpu {
 // One key set (B, M, D) centred on `mu`: what every search against these keys reads,
 // so a search object can prepare it once and reuse it for many query sets.
 struct PreparedKeys {
-  // centre: the (D,) fp32 point subtracted from both sets (default: the keys' mean,
-  // per batch element). Subtracting a point leaves every distance unchanged but shrinks
-  // the norms, and with them the cancellation in ||q||^2 + ||k||^2 - 2 q.k (see
-  // DESIGN.md): data far from the origin ranks as well as centred data.
-  PreparedKeys(const at::Tensor& keys, const std::string& precision, const char* name,
-               const at::Tensor* centre = nullptr);
+  // Both sets are centred on mu: the keys' mean snapped to a power-of-two grid, per
+  // batch element (centering_shift in operands.cpp, the same as the torch and Triton
+  // backends' fastgen.ops.baselines.centering_shift). Subtracting a point
+  // leaves every distance unchanged but shrinks the norms, and with them the
+  // cancellation in ||q||^2 + ||k||^2 - 2 q.k (see DESIGN.md): data far from the
+  // origin ranks as well as centred data.
+  PreparedKeys(const at::Tensor& keys, const std::string& precision, const char* name);
   // Rows `rows` (int64 positions) of a single key set (B == 1), prepared exactly as the
   // full set (same centre, so a search on a subset rounds like one on the whole).
   PreparedKeys gather(const at::Tensor& rows) const;
@@ -42,7 +43,7 @@ struct PreparedKeys {
 // queries centred on the same point, the tile and gathered-row GEMMs.
 struct PreparedOperands {
   PreparedOperands(const at::Tensor& queries, const at::Tensor& keys, const std::string& precision,
-                   const char* query_name, const char* key_name, const at::Tensor* centre = nullptr);
+                   const char* query_name, const char* key_name);
   // queries (B, N, D) against keys prepared already (one batch element of keys serves
   // every query batch element when keys.B == 1).
   PreparedOperands(const at::Tensor& queries, const PreparedKeys& keys, const char* query_name);

@@ -22,8 +22,18 @@ def triton_runs_on(device):
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend, device):
-    """The concrete backend for tensors on `device`, or a ValueError naming `backend`."""
+def resolve(backend, device, precision="fp32"):
+    """The concrete backend for tensors on `device`, or a ValueError naming `backend`.
+    precision="bf16" (a bf16 cross term, certified by the C++ engine) exists on the cpp
+    backend only: asking another backend for it raises instead of being ignored."""
+    be = _resolve(backend, device)
+    if precision != "fp32" and be != "cpp":
+        raise ValueError(f"precision={precision!r} runs on the cpp backend only (CPU tensors); "
+                         f"backend {be!r} computes in fp32: use precision='fp32'")
+    return be
+
+
+def _resolve(backend, device):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device.type not in ("cpu", "cuda"):

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, reference
+from fastgen.ops import _backend, _validate, baselines
 from fastgen.ops._sqdist_grad import sqdist_backward
 
 
@@ -25,7 +25,8 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         exclude_self: queries and keys are the same set; drop key i for query i
             (by index, not by distance, so duplicates of i still count).
         backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" or "torch".
-        precision: "fp32", or "bf16" to run the cross term on bf16 inputs. The cpp
+        precision: "fp32", or "bf16" to run the cross term on bf16 inputs (cpp backend
+            only; other backends raise rather than ignore it). The cpp
             backend is exact in both: candidates within a proven error bound of the
             k-th best are re-ranked in float64, so it returns the float64 ranking.
 
@@ -50,7 +51,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         raise ValueError(f"k must be in [1, {available}] (keys has M={m}"
                          f"{', self excluded' if exclude_self else ''}), got k={k}")
     _validate.precision(precision)
-    be = _backend.resolve(backend, queries.device)
+    be = _backend.resolve(backend, queries.device, precision)
     if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
         _validate.finite(queries, "queries")
         _validate.finite(keys, "keys")
@@ -65,9 +66,9 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             from fastgen.ops.triton.knn import knn_triton
             dist, idx = knn_triton(q3, k3, k, exclude_self)
         else:
-            dist, idx = reference.knn_addmm(q3, k3, k, exclude_self, stable_ties=True)
+            dist, idx = baselines.knn_addmm(q3, k3, k, exclude_self, stable_ties=True)
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
-            dist = reference.gather_sqdist(q3, k3, idx)
+            dist = baselines.gather_sqdist(q3, k3, idx)
     if squeeze:
         return Neighbours(dist[0], idx[0])
     return Neighbours(dist, idx)

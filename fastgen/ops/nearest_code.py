@@ -34,7 +34,7 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
     if codebook.shape[0] == 0:
         raise ValueError("codebook is empty (0 codes)")
     _validate.precision(precision)
-    be = _backend.resolve(backend, x.device)
+    be = _backend.resolve(backend, x.device, precision)
     if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
         _validate.finite(x, "x")
         _validate.finite(codebook, "codebook")

@@ -126,7 +126,7 @@ class PatchIndex:
         if not (0.0 <= float(full_above) <= 1.0):
             raise ValueError(f"full_above must be in [0, 1], got {full_above!r}")
         _validate.positive_int(max_key_bytes, "max_key_bytes")
-        self.backend = _backend.resolve(backend, keys.device)
+        self.backend = _backend.resolve(backend, keys.device, precision)
         can_prune = self.backend == "cpp" and self.alpha is not None
         if prune and not can_prune:
             raise ValueError("prune=True needs the cpp backend (CPU tensors, extension built) and an alpha; "

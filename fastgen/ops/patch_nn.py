@@ -10,7 +10,7 @@ many times (GPNN: ten iterations per level) build a PatchIndex once and call its
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, reference
+from fastgen.ops import _backend, _validate, baselines
 from fastgen.ops.patch_index import PatchIndex
 
 
@@ -28,7 +28,8 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
             gives the plain (exact) nearest neighbour.
         backend: "auto", "cpp", "triton" (two passes, no pruning; verified under
             TRITON_INTERPRET=1 only), or "torch" (the two-pass chunked PyTorch method).
-        precision: "fp32" or "bf16" cross term. Scores are fp32: natural patches are
+        precision: "fp32", or "bf16" for a bf16 cross term (cpp backend only; other
+            backends raise). Scores are fp32: natural patches are
             full of near-ties, so different backends may pick different keys of
             (within fp32 rounding) equal score.
         prune: skip what provably cannot change the answer (cpp backend with an alpha;
@@ -49,7 +50,7 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
         raise ValueError("keys is empty (0 patches)")
     alpha = _validate.alpha(alpha)
     _validate.precision(precision)
-    be = _backend.resolve(backend, queries.device)
+    be = _backend.resolve(backend, queries.device, precision)
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
     h2 = None if hint is None else _validate.hint(hint, q3, keys.shape[-2], squeeze)
@@ -64,7 +65,7 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
-    elif be == "triton":  # fp32 tiles (precision is a CPU option); plain NN = exact kNN with k=1
+    elif be == "triton":  # fp32 tiles; plain NN = exact kNN with k=1
         _validate.finite(queries, "queries")
         _validate.finite(keys, "keys")
         if alpha is None:
@@ -76,7 +77,7 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     else:
         _validate.finite(queries, "queries")
         _validate.finite(keys, "keys")
-        idx = torch.stack([reference.patch_nn_two_pass(q3[b], k3[b], alpha) for b in range(q3.shape[0])])
+        idx = torch.stack([baselines.patch_nn_two_pass(q3[b], k3[b], alpha) for b in range(q3.shape[0])])
     return idx[0] if squeeze else idx
 
 

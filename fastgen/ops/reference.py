@@ -1,10 +1,7 @@
-"""Pure-PyTorch versions of every op.
-
-`knn_exact` is the ground truth the tests compare against: float64, distances as
-sum((q - k)^2) (no cancellation), ties to the lowest index. The others are what a
-user would write without fastgen, used as the `torch` backend and as benchmark
-providers. All of them work in chunks of query rows, so the peak is one
-(chunk, M) block, never the N x M matrix in one piece.
+"""The float64 ground truth of every op, what the tests compare against: distances as
+sum((q - k)^2) computed directly (no cancellation), ties to the lowest index. Test sizes
+(some build the N x M matrix). What users write without fastgen in float32 -- the
+`torch` backend and the benchmark peers -- is fastgen/ops/baselines.py.
 """
 import torch
 
@@ -14,7 +11,8 @@ def _chunk_rows(n_keys, dim, budget_bytes, elem_bytes):
     return max(1, int(budget_bytes // max(1, n_keys * dim * elem_bytes)))
 
 
-def _as_batched(queries, keys):
+def as_batched(queries, keys):
+    """(N, D) pairs as a batch of one: (queries, keys, squeezed)."""
     squeeze = queries.dim() == 2
     if squeeze:
         queries, keys = queries.unsqueeze(0), keys.unsqueeze(0)
@@ -29,7 +27,7 @@ def sqdist_exact(queries, keys):
 
 def knn_exact(queries, keys, k=1, exclude_self=False, budget_bytes=64 << 20):
     """Ground truth: float64 (dist, idx), ascending, ties to the lowest index."""
-    queries, keys, squeeze = _as_batched(queries, keys)
+    queries, keys, squeeze = as_batched(queries, keys)
     B, N, D = queries.shape
     M = keys.shape[1]
     out_d = torch.empty(B, N, k, dtype=torch.float64)
@@ -52,104 +50,10 @@ def knn_exact(queries, keys, k=1, exclude_self=False, budget_bytes=64 << 20):
     return out_d, out_i
 
 
-def centering_shift(keys):
-    """A shift to subtract from queries and keys (M, D) -> (1, D) before the expansion.
-
-    Distances do not change under a shift, but the cancellation in
-    ||q||^2 + ||k||^2 - 2 q.k shrinks with the norms, so data far from the origin
-    ranks as well as centred data. The keys' mean is rounded to a power-of-two grid
-    at the data's scale: integer-valued data stays integer-valued after the shift, so
-    its arithmetic stays exact and exact ties stay ties (lowest index wins).
-    """
-    k = keys.float()
-    mu = k.mean(0, keepdim=True)
-    spread = float((k - mu).abs().max()) if k.numel() else 0.0
-    if spread == 0.0 or not torch.isfinite(mu).all():
-        return mu
-    step = 2.0 ** max(-126, int(torch.tensor(spread).log2().floor().item()))
-    return torch.round(mu / step) * step
-
-
-def gather_sqdist(queries, keys, idx):
-    """sum((q_i - k_idx[i, j])^2) in float32 for (B, N, D), (B, M, D), (B, N, k); differentiable."""
-    B, N, k = idx.shape
-    gathered = torch.gather(keys.unsqueeze(1).expand(B, N, *keys.shape[1:]), 2,
-                            idx.unsqueeze(-1).expand(B, N, k, keys.shape[-1]))
-    return (queries.unsqueeze(2).float() - gathered.float()).square().sum(-1)
-
-
-def knn_addmm(queries, keys, k=1, exclude_self=False, chunk=256, stable_ties=False):
-    """What a user writes without fastgen: ||q||^2 + ||k||^2 - 2 q.k by chunked addmm, then topk.
-
-    float32, approximate near ties; the returned distances are recomputed directly so
-    what a user reads is accurate. Shapes (N, D) or (B, N, D). `stable_ties` replaces
-    topk by a stable sort so equal distances go to the lowest index (the `torch`
-    backend's contract; slower, so benchmarks use plain topk).
-    """
-    queries, keys, squeeze = _as_batched(queries, keys)
-    B, N, _ = queries.shape
-    out_i = torch.empty(B, N, k, dtype=torch.long, device=queries.device)
-    for b in range(B):
-        mu = centering_shift(keys[b])  # see DESIGN.md on cancellation
-        kb = keys[b].float() - mu
-        kn = kb.square().sum(1)
-        for s in range(0, N, chunk):
-            q = queries[b, s:s + chunk].float() - mu
-            d = torch.addmm(kn.unsqueeze(0), q, kb.t(), alpha=-2.0)  # (chunk, M), the cross term
-            if exclude_self:
-                rows = torch.arange(q.shape[0], device=d.device)
-                d[rows, rows + s] = float("inf")
-            if k == 1:
-                out_i[b, s:s + chunk, 0] = d.argmin(1)  # first occurrence on ties
-            elif stable_ties:
-                out_i[b, s:s + chunk] = torch.sort(d, dim=1, stable=True).indices[:, :k]
-            else:
-                out_i[b, s:s + chunk] = d.topk(k, dim=1, largest=False, sorted=True).indices
-    with torch.no_grad():
-        dist = gather_sqdist(queries, keys, out_i)
-    # topk's order among near-equal values is not the exact one: sort by the direct distance
-    dist, order = torch.sort(dist, dim=-1, stable=True)
-    out_i = torch.gather(out_i, -1, order)
-    if squeeze:
-        return dist[0], out_i[0]
-    return dist, out_i
-
-
-def knn_cdist(queries, keys, k=1, chunk=4096):
-    """torch.cdist + topk in row chunks: the other common pure-PyTorch way."""
-    queries, keys, squeeze = _as_batched(queries, keys)
-    B, N, _ = queries.shape
-    out_d = torch.empty(B, N, k, device=queries.device)
-    out_i = torch.empty(B, N, k, dtype=torch.long, device=queries.device)
-    for b in range(B):
-        for s in range(0, N, chunk):
-            d = torch.cdist(queries[b, s:s + chunk].float(), keys[b].float()).square_()
-            v, i = d.topk(k, dim=1, largest=False, sorted=True)
-            out_d[b, s:s + chunk], out_i[b, s:s + chunk] = v, i
-    if squeeze:
-        return out_d[0], out_i[0]
-    return out_d, out_i
-
-
 def nearest_code_exact(x, codebook):
     """Ground truth VQ lookup: (idx, dist) float64."""
     d, i = knn_exact(x, codebook, 1)
     return i[:, 0], d[:, 0]
-
-
-def reparameterize_reference(mu, logvar, eps, logvar_min=None, logvar_max=None):
-    """The unfused PyTorch expression a VAE usually writes (the `torch` backend), and with
-    float64 inputs the ground truth: z = mu + exp(logvar/2)*eps, kl (B,) = 0.5*sum over
-    non-batch dims of mu^2 + exp(logvar) - logvar - 1. logvar is clamped to
-    [logvar_min, logvar_max] first when either is given. Half inputs are computed in
-    float32; z has mu's dtype, kl is float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
-    m, lv, e = mu.to(acc), logvar.to(acc), eps.to(acc)
-    if logvar_min is not None or logvar_max is not None:
-        lv = lv.clamp(logvar_min, logvar_max)
-    z = m + torch.exp(0.5 * lv) * e
-    kl = 0.5 * (m.square() + lv.exp() - lv - 1).reshape(m.shape[0], -1).sum(1)
-    return z.to(mu.dtype), kl
 
 
 def vector_quantize_reference(x, codebook, commitment=0.25):
@@ -193,37 +97,6 @@ def patch_nn_exact(queries, keys, alpha):
     return idx, s, best
 
 
-def patch_nn_two_pass(queries, keys, alpha, chunk=256):
-    """The public low-memory GPNN method: two chunked passes of addmm in fp32.
-
-    Pass 1 takes the column minimum chunk by chunk, pass 2 the normalised argmin.
-    (N, D) x (M, D) -> idx (N,). Used as the `torch` backend and as the benchmark peer.
-    """
-    q = queries.float()
-    k = keys.float()
-    mu = centering_shift(k)
-    q, k = q - mu, k - mu
-    qn = q.square().sum(1)
-    kn = k.square().sum(1)
-    n = q.shape[0]
-    if alpha is None:
-        weights = None
-    else:
-        colmin = torch.full((k.shape[0],), float("inf"), device=k.device)
-        for s in range(0, n, chunk):
-            d = torch.addmm(kn.unsqueeze(0), q[s:s + chunk], k.t(), alpha=-2.0)
-            d += qn[s:s + chunk, None]
-            colmin = torch.minimum(colmin, d.min(0).values)
-        weights = 1.0 / (alpha + colmin.clamp_min(0))
-    idx = torch.empty(n, dtype=torch.long, device=q.device)
-    for s in range(0, n, chunk):
-        d = torch.addmm(kn.unsqueeze(0), q[s:s + chunk], k.t(), alpha=-2.0)
-        if weights is not None:
-            d = (d + qn[s:s + chunk, None]).clamp_min_(0) * weights
-        idx[s:s + chunk] = d.argmin(1)
-    return idx
-
-
 def fold_patches_reference(source, idx, patch):
     """unfold -> gather -> fold / count: the straightforward way, with the (N, C*p*p) matrix."""
     B, C, Hs, Ws = source.shape
@@ -234,3 +107,11 @@ def fold_patches_reference(source, idx, patch):
     total = torch.nn.functional.fold(chosen, size, patch)
     count = torch.nn.functional.fold(torch.ones_like(chosen), size, patch)
     return total / count
+
+
+def reparameterize_reference(mu, logvar, eps, logvar_min=None, logvar_max=None):
+    """z = mu + exp(logvar/2)*eps and kl (B,) = 0.5*sum over non-batch dims of
+    mu^2 + exp(logvar) - logvar - 1 in float64 (logvar clamped to [logvar_min,
+    logvar_max] first when either is given): the unfused expression on float64 copies."""
+    from fastgen.ops.baselines import reparameterize_unfused
+    return reparameterize_unfused(mu.double(), logvar.double(), eps.double(), logvar_min, logvar_max)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, reference
+from fastgen.ops import _backend, _validate, baselines
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
@@ -87,7 +87,7 @@ def reparameterize(mu, logvar, eps=None, generator=None, *, reduction="none", lo
             NaN/inf. Off here for speed (one extra read of each input); the layer
             turns it on.
         backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" or "torch" (the
-            unfused PyTorch expression, fastgen.ops.reference.reparameterize_reference).
+            unfused PyTorch expression, fastgen.ops.baselines.reparameterize_unfused).
 
     Returns:
         (z, kl): z shaped and typed like mu; kl float32 (float64 for float64 inputs),
@@ -128,7 +128,7 @@ def reparameterize(mu, logvar, eps=None, generator=None, *, reduction="none", lo
         if be == "cpp":
             z, kl = torch.ops.fastgen.reparameterize(mu, logvar, eps, lo, hi)
         else:
-            z, kl = reference.reparameterize_reference(mu, logvar, eps, lo, hi)
+            z, kl = baselines.reparameterize_unfused(mu, logvar, eps, lo, hi)
     if reduction == "sum":
         kl = kl.sum()
     elif reduction == "mean":

@@ -16,12 +16,10 @@ the range of `idx`, are the caller's (fastgen.ops.fold_patches).
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
 
 from fastgen.ops import _validate
-from fastgen.ops.triton.knn import _keep_opaque, _on_device
+from fastgen.ops.triton._common import on_device, register_for_interpreter
 
 
 @triton.jit
@@ -81,7 +79,7 @@ def _launch_fold_patches(source, idx, patch, out):
     block_c = min(triton.next_power_of_2(C), 4)  # RGB in one program; more channels in chunks
     block_p = 256
     grid = (triton.cdiv(Ho * Wo, block_p), triton.cdiv(C, block_c), B)
-    with _on_device(source):
+    with on_device(source):
         wrap_triton(_fold_patches_kernel)[grid](
             source, idx, out, C, Hq, Wq, Wo, Ho * Wo, patch, Wsp, n_src,
             source.stride(0), source.stride(1), source.stride(2), source.stride(3),
@@ -121,7 +119,4 @@ def _fold_patches_triton_fake(source, idx, patch):
     return source.new_empty((B, C, idx.shape[1] + patch - 1, idx.shape[2] + patch - 1))
 
 
-# as in triton/knn.py: under the interpreter the op gets a shape-only fake and stays opaque
-if isinstance(_fold_patches_kernel, InterpretedFunction):
-    fold_patches_triton.register_fake(_fold_patches_triton_fake)
-    fold_patches_triton.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+register_for_interpreter(fold_patches_triton, _fold_patches_kernel, _fold_patches_triton_fake)

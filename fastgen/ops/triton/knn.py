@@ -1,63 +1,24 @@
-"""Triton backend of the squared-L2 engine: exact kNN (row top-k) and GPNN's column minimum.
+"""Triton backend of knn: exact k nearest neighbours (row top-k of squared L2).
 
-Both kernels walk (BLOCK_N queries x BLOCK_M keys) tiles, build each tile as
-||k||^2 - 2 q.k (plus ||q||^2 where the reduction needs it) with tl.dot over D in
-BLOCK_D chunks, and reduce it while it is in registers, so the N x M matrix never
-exists. The inputs are shifted by the keys' per-batch mean first (see DESIGN.md on
-cancellation), and what the ops return is recomputed directly as sum((q - k)^2)
-in fp32 from the indices the kernels pick.
+The kernel walks (BLOCK_N queries x BLOCK_M keys) tiles, builds each tile as
+||k||^2 - 2 q.k with the shared `sqdist_tile` (tl.dot over D in BLOCK_D chunks, inputs
+shifted by `centering_shift(keys)`), and keeps a running top-k while the tile is in
+registers, so the N x M matrix never exists. What the op returns is recomputed
+directly as sum((q - k)^2) in fp32 from the indices the kernel picks.
 
-Layout, top to bottom: the tile helper, the two kernels, the block-size choice,
-the two `torch.library.triton_op`s (`fastgen::knn_triton`,
-`fastgen::column_min_triton`) whose bodies are plain torch ops plus `wrap_triton`
-launches, so torch.compile traces into them, then the registrations for the
-interpreter and autograd.
+Layout, top to bottom: the kernel, the `torch.library.triton_op` (`fastgen::knn_triton`)
+whose body is plain torch ops plus a `wrap_triton` launch, so torch.compile traces into
+it, then the registrations for the interpreter and autograd.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.functional_tensor import FunctionalTensorMode
-from triton.runtime.interpreter import InterpretedFunction
 from torch.library import triton_op, wrap_triton
 
 from fastgen.ops._sqdist_grad import sqdist_backward
-from fastgen.ops.reference import gather_sqdist
-
-# The GPU default for an fp32 tl.dot is tf32, which keeps 10 mantissa bits of each
-# input: near neighbours swap and exact ties on integer data stop being ties. "ieee"
-# keeps the fp32 ranking the torch backend has. (The interpreter ignores it.)
-_DOT_PRECISION = "ieee"
-
-
-@triton.jit
-def _sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
-                 stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """(q.k, ||q||^2, ||k||^2) of one tile, all fp32, on inputs shifted by s."""
-    # int64 offsets: B * N * D can pass 2^31 long before any one index does
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    row_ok = rows < N
-    col_ok = cols < M
-    cross = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    q_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        # padded D entries load 0 for both point and shift, so they add nothing
-        s = tl.load(s_base + dd * stride_sd, mask=d_ok, other=0.0)
-        q = tl.load(q_base + rows64[:, None] * stride_qn + dd[None, :] * stride_qd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) - s[None, :]
-        kt = tl.load(k_base + cols64[None, :] * stride_km + dd[:, None] * stride_kd,
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32) - s[:, None]
-        cross = tl.dot(q, kt, cross, input_precision=DOT_PRECISION)
-        q_sq += tl.sum(q * q, axis=1)
-        k_sq += tl.sum(kt * kt, axis=0)
-    return cross, q_sq, k_sq
+from fastgen.ops.baselines import gather_sqdist
+from fastgen.ops.triton._common import (DOT_PRECISION, blocks, centering_shift, on_device, register_for_interpreter,
+                                        sqdist_tile)
 
 
 @triton.jit
@@ -92,7 +53,7 @@ def _knn_kernel(q_ptr, k_ptr, shift_ptr, idx_ptr, N, M, D, K,
     # later always has a higher index, so ties keep the lowest index.
     for c0 in range(0, M, BLOCK_M):
         cols = c0 + tl.arange(0, BLOCK_M)
-        cross, q_sq, k_sq = _sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
+        cross, q_sq, k_sq = sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
                                          stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
                                          BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
         # ||q||^2 is the same for the whole row, so it cannot change the ranking;
@@ -137,69 +98,6 @@ def _knn_kernel(q_ptr, k_ptr, shift_ptr, idx_ptr, N, M, D, K,
                  mask=row_ok[:, None] & (slots[None, :] < K))
 
 
-@triton.jit
-def _column_min_kernel(q_ptr, k_ptr, shift_ptr, row_ptr, N, M, D,
-                       stride_qb, stride_qn, stride_qd,
-                       stride_kb, stride_km, stride_kd,
-                       stride_sb, stride_sd,
-                       stride_rb, stride_rm,
-                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """Per key column of one batch, the query row nearest to it (lowest row on ties)."""
-    b = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_base = q_ptr + b * stride_qb
-    k_base = k_ptr + b * stride_kb
-    s_base = shift_ptr + b * stride_sb
-    best_v = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
-    best_r = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for r0 in range(0, N, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        cross, q_sq, k_sq = _sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
-                                         stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
-                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
-        # a column reduction compares different rows, so ||q||^2 must be in
-        d = q_sq[:, None] + k_sq[None, :] - 2.0 * cross
-        d = tl.where(rows[:, None] < N, d, float("inf"))
-        tile_v, tile_pos = tl.min(d, axis=0, return_indices=True,
-                                  return_indices_tie_break_left=True)
-        better = tile_v < best_v
-        best_r = tl.where(better, r0 + tile_pos, best_r)
-        best_v = tl.where(better, tile_v, best_v)
-    tl.store(row_ptr + b * stride_rb + cols.to(tl.int64) * stride_rm, best_r.to(tl.int64),
-             mask=cols < M)
-
-
-def _blocks(dim, kp=1):
-    """(BLOCK_N, BLOCK_M, BLOCK_D): powers of two, >= 16 where tl.dot needs it."""
-    # The running top-k is 2 x BLOCK_N x KP values in registers next to the
-    # BLOCK_N x BLOCK_M tile; fewer rows per program as k grows keeps it from spilling.
-    block_n = 64 if kp <= 16 else 32 if kp <= 64 else 16
-    block_d = 16 if dim <= 16 else 32  # 16 is tl.dot's minimum; small D wastes less padding
-    return block_n, 64, block_d
-
-
-def _centering_shift(keys):
-    """reference.centering_shift for all batches at once: (B, M, D) -> (B, D) float32.
-
-    Tensor ops only (no host sync), so the op traces under torch.compile. Same grid
-    as the C++ path and reference.knn_addmm, so integer data stays integer and its
-    ties stay exact.
-    """
-    mu = keys.mean(1, dtype=torch.float32)
-    # max |k - mu| over the batch, without a centred copy of the keys
-    spread = torch.maximum(keys.amax(1).float() - mu, mu - keys.amin(1).float()).amax(1, keepdim=True)
-    step = torch.exp2(torch.floor(torch.log2(spread)).clamp_min(-126.0))
-    snapped = torch.round(mu / step) * step
-    keep = (spread == 0) | ~torch.isfinite(mu).all(1, keepdim=True)
-    return torch.where(keep, mu, snapped).contiguous()
-
-
-def _on_device(t):
-    # Triton launches on the current CUDA device, which need not be the tensors' one
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @triton_op("fastgen::knn_triton", mutates_args=())
 def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
                exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,10 +118,10 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
     M = keys.shape[1]
     idx = torch.empty((B, N, k), dtype=torch.long, device=queries.device)
     if B * N > 0:
-        shift = _centering_shift(keys)
+        shift = centering_shift(keys)
         kp = triton.next_power_of_2(k)
-        block_n, block_m, block_d = _blocks(D, kp)
-        with _on_device(queries):
+        block_n, block_m, block_d = blocks(D, kp)
+        with on_device(queries):
             wrap_triton(_knn_kernel)[(triton.cdiv(N, block_n), B)](
                 queries, keys, shift, idx, N, M, D, k,
                 queries.stride(0), queries.stride(1), queries.stride(2),
@@ -232,7 +130,7 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
                 idx.stride(0), idx.stride(1), idx.stride(2),
                 KP=kp, EXCLUDE_SELF=exclude_self,
                 BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-                DOT_PRECISION=_DOT_PRECISION)
+                DOT_PRECISION=DOT_PRECISION)
     # The kernel's set is unordered and ranked on the expansion: order it by the
     # direct distance, ties by index (index sort first, then a stable distance sort).
     idx = torch.sort(idx, dim=-1).values
@@ -241,64 +139,13 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
     return dist, torch.gather(idx, -1, order)
 
 
-@triton_op("fastgen::column_min_triton", mutates_args=())
-def column_min_triton(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """GPNN's normaliser: min over queries i of ||q_i - k_j||^2 for every key j.
-
-    Args:
-        queries: (B, N, D) float32/float16/bfloat16 on CUDA (or CPU under
-            TRITON_INTERPRET=1); N == 0 gives +inf (the minimum over no rows).
-        keys: (B, M, D), same dtype and device.
-
-    Returns:
-        float32 (B, M), recomputed directly as sum((q_i* - k_j)^2) for the nearest row
-        i* the kernel found (so >= 0 and free of the expansion's cancellation).
-    """
-    B, N, D = queries.shape
-    M = keys.shape[1]
-    if N == 0:
-        return torch.full((B, M), float("inf"), device=queries.device)
-    nearest_row = torch.zeros((B, M), dtype=torch.long, device=queries.device)
-    if B * M > 0:
-        shift = _centering_shift(keys)
-        block_n, block_m, block_d = _blocks(D)
-        with _on_device(queries):
-            wrap_triton(_column_min_kernel)[(triton.cdiv(M, block_m), B)](
-                queries, keys, shift, nearest_row, N, M, D,
-                queries.stride(0), queries.stride(1), queries.stride(2),
-                keys.stride(0), keys.stride(1), keys.stride(2),
-                shift.stride(0), shift.stride(1),
-                nearest_row.stride(0), nearest_row.stride(1),
-                BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-                DOT_PRECISION=_DOT_PRECISION)
-    nearest_q = torch.gather(queries, 1, nearest_row.unsqueeze(-1).expand(B, M, D))
-    return (nearest_q.float() - keys.float()).square().sum(-1)
-
-
 def _knn_triton_fake(queries, keys, k, exclude_self):
     B, N, _ = queries.shape
     return (queries.new_empty((B, N, k), dtype=torch.float32),
             queries.new_empty((B, N, k), dtype=torch.long))
 
 
-def _column_min_triton_fake(queries, keys):
-    return queries.new_empty((keys.shape[0], keys.shape[1]), dtype=torch.float32)
-
-
-def _keep_opaque(mode, op, types, args, kwargs):
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-# Under TRITON_INTERPRET=1 @triton.jit gives an InterpretedFunction, which
-# wrap_triton hands back untraced: triton_op's default fake impl (the body itself)
-# would then launch the kernel on FakeTensors and fail, in opcheck and in
-# torch.compile alike. There the ops get shape-only fakes and stay opaque to
-# AOTDispatcher instead of being decomposed into their kernels.
-if isinstance(_knn_kernel, InterpretedFunction):
-    knn_triton.register_fake(_knn_triton_fake)
-    knn_triton.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
-    column_min_triton.register_fake(_column_min_triton_fake)
-    column_min_triton.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+register_for_interpreter(knn_triton, _knn_kernel, _knn_triton_fake)
 
 
 def _knn_setup_context(ctx, inputs, output):

@@ -1,22 +1,52 @@
 """Triton backend of patch_nn: GPNN's normalised nearest neighbour in two passes.
 
-Pass 1 is `fastgen::column_min_triton` (fastgen/ops/triton/knn.py): min over queries of
-||q - k_j||^2 per key. Pass 2 is the kernel below: per query row, the argmin over keys
-of max(||q - k_j||^2, 0) / (alpha + colmin_j), tile by tile with the shared
-`_sqdist_tile` (inputs shifted by the keys' mean, fp32 accumulation), never an N x M
-buffer. Ties go to the lowest key index (tiles in increasing order, strict <). No
+Pass 1 is `fastgen::column_min_triton`: min over queries of ||q - k_j||^2 per key.
+Pass 2: per query row, the argmin over keys of max(||q - k_j||^2, 0) / (alpha + colmin_j).
+Both walk tiles with the shared `sqdist_tile` (inputs shifted by `centering_shift(keys)`,
+fp32 accumulation), never an N x M buffer. Ties go to the lowest key index (tiles in increasing order, strict <). No
 pruning here: the CPU's ball bounds need data-dependent gathers that a first GPU
 version leaves out. Verified under TRITON_INTERPRET=1 only; never timed on a GPU.
 """
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
 
-from fastgen.ops.triton.knn import (_DOT_PRECISION, _blocks, _centering_shift, _keep_opaque, _on_device,
-                                    _sqdist_tile, column_min_triton)
+from fastgen.ops.triton._common import (DOT_PRECISION, blocks, centering_shift, on_device, register_for_interpreter,
+                                        sqdist_tile)
+
+
+@triton.jit
+def _column_min_kernel(q_ptr, k_ptr, shift_ptr, row_ptr, N, M, D,
+                       stride_qb, stride_qn, stride_qd,
+                       stride_kb, stride_km, stride_kd,
+                       stride_sb, stride_sd,
+                       stride_rb, stride_rm,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """Per key column of one batch, the query row nearest to it (lowest row on ties)."""
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_base = q_ptr + b * stride_qb
+    k_base = k_ptr + b * stride_kb
+    s_base = shift_ptr + b * stride_sb
+    best_v = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+    best_r = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for r0 in range(0, N, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        cross, q_sq, k_sq = sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
+                                         stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
+                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
+        # a column reduction compares different rows, so ||q||^2 must be in
+        d = q_sq[:, None] + k_sq[None, :] - 2.0 * cross
+        d = tl.where(rows[:, None] < N, d, float("inf"))
+        tile_v, tile_pos = tl.min(d, axis=0, return_indices=True,
+                                  return_indices_tie_break_left=True)
+        better = tile_v < best_v
+        best_r = tl.where(better, r0 + tile_pos, best_r)
+        best_v = tl.where(better, tile_v, best_v)
+    tl.store(row_ptr + b * stride_rb + cols.to(tl.int64) * stride_rm, best_r.to(tl.int64),
+             mask=cols < M)
 
 
 @triton.jit
@@ -38,7 +68,7 @@ def _weighted_argmin_kernel(q_ptr, k_ptr, shift_ptr, w_ptr, idx_ptr, N, M, D,
     best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
     for c0 in range(0, M, BLOCK_M):
         cols = c0 + tl.arange(0, BLOCK_M)
-        cross, q_sq, k_sq = _sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
+        cross, q_sq, k_sq = sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
                                          stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
                                          BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
         w = tl.load(w_ptr + b * stride_wb + cols.to(tl.int64) * stride_wm, mask=cols < M, other=0.0)
@@ -52,6 +82,40 @@ def _weighted_argmin_kernel(q_ptr, k_ptr, shift_ptr, w_ptr, idx_ptr, N, M, D,
     tl.store(idx_ptr + b * stride_ib + rows.to(tl.int64) * stride_in, best_i.to(tl.int64), mask=rows < N)
 
 
+@triton_op("fastgen::column_min_triton", mutates_args=())
+def column_min_triton(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """GPNN's normaliser: min over queries i of ||q_i - k_j||^2 for every key j.
+
+    Args:
+        queries: (B, N, D) float32/float16/bfloat16 on CUDA (or CPU under
+            TRITON_INTERPRET=1); N == 0 gives +inf (the minimum over no rows).
+        keys: (B, M, D), same dtype and device.
+
+    Returns:
+        float32 (B, M), recomputed directly as sum((q_i* - k_j)^2) for the nearest row
+        i* the kernel found (so >= 0 and free of the expansion's cancellation).
+    """
+    B, N, D = queries.shape
+    M = keys.shape[1]
+    if N == 0:
+        return torch.full((B, M), float("inf"), device=queries.device)
+    nearest_row = torch.zeros((B, M), dtype=torch.long, device=queries.device)
+    if B * M > 0:
+        shift = centering_shift(keys)
+        block_n, block_m, block_d = blocks(D)
+        with on_device(queries):
+            wrap_triton(_column_min_kernel)[(triton.cdiv(M, block_m), B)](
+                queries, keys, shift, nearest_row, N, M, D,
+                queries.stride(0), queries.stride(1), queries.stride(2),
+                keys.stride(0), keys.stride(1), keys.stride(2),
+                shift.stride(0), shift.stride(1),
+                nearest_row.stride(0), nearest_row.stride(1),
+                BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+                DOT_PRECISION=DOT_PRECISION)
+    nearest_q = torch.gather(queries, 1, nearest_row.unsqueeze(-1).expand(B, M, D))
+    return (nearest_q.float() - keys.float()).square().sum(-1)
+
+
 @triton_op("fastgen::patch_nn_triton", mutates_args=())
 def patch_nn_triton(queries: torch.Tensor, keys: torch.Tensor, alpha: float) -> torch.Tensor:
     """GPNN's normalised patch NN on (B, N, D) queries and (B, M, D) keys (M >= 1):
@@ -62,9 +126,9 @@ def patch_nn_triton(queries: torch.Tensor, keys: torch.Tensor, alpha: float) -> 
     if B * N == 0:
         return idx
     weights = (column_min_triton(queries, keys) + alpha).reciprocal().contiguous()
-    shift = _centering_shift(keys)
-    block_n, block_m, block_d = _blocks(D)
-    with _on_device(queries):
+    shift = centering_shift(keys)
+    block_n, block_m, block_d = blocks(D)
+    with on_device(queries):
         wrap_triton(_weighted_argmin_kernel)[(triton.cdiv(N, block_n), B)](
             queries, keys, shift, weights, idx, N, M, D,
             queries.stride(0), queries.stride(1), queries.stride(2),
@@ -73,7 +137,7 @@ def patch_nn_triton(queries: torch.Tensor, keys: torch.Tensor, alpha: float) -> 
             weights.stride(0), weights.stride(1),
             idx.stride(0), idx.stride(1),
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-            DOT_PRECISION=_DOT_PRECISION)
+            DOT_PRECISION=DOT_PRECISION)
     return idx
 
 
@@ -81,7 +145,9 @@ def _patch_nn_triton_fake(queries, keys, alpha):
     return queries.new_empty(queries.shape[:2], dtype=torch.long)
 
 
-# as in triton/knn.py: under the interpreter the op gets a shape-only fake and stays opaque
-if isinstance(_weighted_argmin_kernel, InterpretedFunction):
-    patch_nn_triton.register_fake(_patch_nn_triton_fake)
-    patch_nn_triton.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+def _column_min_triton_fake(queries, keys):
+    return queries.new_empty((keys.shape[0], keys.shape[1]), dtype=torch.float32)
+
+
+register_for_interpreter(column_min_triton, _column_min_kernel, _column_min_triton_fake)
+register_for_interpreter(patch_nn_triton, _weighted_argmin_kernel, _patch_nn_triton_fake)
