@@ -37,9 +37,12 @@ demo: install
 	$(PY) -m fastgen.cli bench --quick --repeats 3
 	@echo "demo images: $(DEMO_OUT)/*/*.png"
 
+# Every suite through the harness (long on 2 cores), then RESULTS.md sections and plots.
+BENCH_JSON ?= benchmarks/last-run.json
 bench: install
-	$(PIP) -e ".[bench]" --no-build-isolation
-	$(PY) benchmarks/report.py
+	$(PIP) --no-build-isolation -e ".[bench]"
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_JSON) -p no:cacheprovider
+	$(PY) benchmarks/report.py $(BENCH_JSON)
 
 clean:
 	rm -rf build build-asan *.egg-info fastgen/_C*.so $(DEMO_OUT)

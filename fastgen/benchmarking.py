@@ -1,174 +1,224 @@
-"""Benchmark harness for fastgen's ops against the libraries a user would pick instead.
+"""The one benchmark harness: every op's suite runs through it, under pytest-benchmark.
 
-Used by `fastgen bench`, `benchmarks/bench_knn.py` (pytest-benchmark) and
-`benchmarks/report.py` (RESULTS.md table + plot). For the knn op:
+A suite (benchmarks/bench_<op>.py) defines only what is particular to its op -- the
+cases, how to build the inputs, the providers, and how to judge an answer -- as a
+`Suite`, and exposes `test_<op> = SUITE.pytest_test()`. The harness does the rest, the
+same way for every op:
 
-- providers, keyed by name, all run on the same seeded float32 inputs
-  (`make_inputs`): `fastgen-cpp`, `fastgen-cpp-bf16`, `torch-addmm`,
-  `torch-cdist`, `faiss` (only when faiss imports);
-- `time_fn`: median / p20 / p80 wall time over repeats, after a warm-up call;
-- `measure_in_subprocess`: one provider on one shape (each k) in a fresh Python
-  process, timed and with its peak extra memory (the method is described above
-  `_proc_status_kb`);
-- `check_against_cpp`: before timing, each provider's indices vs fastgen-cpp on
-  the first queries that are not near-tied (warns, never fails);
-- `run_knn_suite`: all of the above -> one row dict per (shape, k, provider),
-  with time ratios vs faiss and vs torch-addmm measured in the same run;
-- `append_csv`, `format_table`.
+    pytest benchmarks/ --benchmark-only --benchmark-json=out.json      # everything
+    pytest benchmarks/bench_knn.py --benchmark-only -k quick            # small cases
+    pytest-benchmark compare out1.json out2.json                        # across runs
+    python benchmarks/report.py out.json                                # RESULTS.md sections + plots
+
+For each (case, mode, provider), in this order:
+1. inputs from the suite (seeded, the same for every provider);
+2. the correctness guard, before any timing: the provider's answer is judged by the
+   suite's `check` (against the float64 truth or the exact fastgen result); a wrong
+   answer fails the benchmark instead of producing a number;
+3. timing by pytest-benchmark (`pedantic`: one warm-up call, then `rounds` calls);
+4. peak memory in a fresh process (`measure_peak_memory`, method below), unless
+   `--benchmark-no-peak-memory`;
+5. extra_info for the report: op, case parameters, mode, provider, flops or bytes of
+   useful work, the check's verdict, peak MB, the machine.
+
+`fastgen bench` runs these same suites (it calls pytest on benchmarks/ and prints the
+report's table).
 """
-import csv
 import datetime
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-import time
-import warnings
+from dataclasses import dataclass, field
 
 import torch
 
-OP = "knn"
-
-# (N queries, M keys, D dims), from the issue: VQ-sized, IMLE-sized, metrics-sized,
-# and one GPNN level (122x122 image -> 14884 patches of 7x7x3 = 147 values).
-DEFAULT_SHAPES = [(16384, 1024, 64), (65536, 8192, 256), (10000, 100000, 512), (14884, 14884, 147)]
-QUICK_SHAPES = [(4096, 1024, 64), (4096, 4096, 147)]
-DEFAULT_K = [1, 10]
-BASELINES = ("faiss", "torch-addmm")  # ratios are reported against these
-CHECK_QUERIES = 256
-
-CSV_FIELDS = ["op", "N", "M", "D", "k", "provider", "median_s", "p20_s", "p80_s", "peak_mb", "gflops",
-              "ratio_vs_faiss", "ratio_vs_torch_addmm", "repeats", "check", "note",
-              "cpu", "cores", "threads", "loadavg", "torch", "fastgen", "date"]
+RESULT_TAG = "FASTGEN_BENCH_RESULT "
 
 
-# --------------------------------------------------------------------------- providers
+# --------------------------------------------------------------------------- suites
 
-def _fastgen(precision):
-    def make(queries, keys, k):
-        from fastgen.ops import knn
-        return lambda: knn(queries, keys, k, backend="cpp", precision=precision)
-    return make
+@dataclass(frozen=True)
+class Case:
+    """One input configuration of a suite: named parameters, and whether it is quick."""
+    params: tuple                # ((name, value), ...) in display order
+    quick: bool = True
 
+    @property
+    def p(self):
+        return dict(self.params)
 
-def _torch_addmm(queries, keys, k):
-    from fastgen.ops import baselines
-    return lambda: baselines.knn_addmm(queries, keys, k)
-
-
-def _torch_cdist(queries, keys, k):
-    from fastgen.ops import baselines
-    return lambda: baselines.knn_cdist(queries, keys, k)
+    @property
+    def id(self):
+        return ("quick-" if self.quick else "large-") + "-".join(f"{k}{v}" for k, v in self.params)
 
 
-def _faiss(queries, keys, k):
-    import faiss
-    import numpy as np
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    q, kb = queries.numpy(), keys.numpy()  # zero-copy views of the same fp32 inputs
-
-    def run():
-        # The index is built inside the timed call: the other providers also take
-        # fresh keys every call (IMLE redraws its samples), and the copy faiss makes
-        # of the keys is part of its memory.
-        index = faiss.IndexFlatL2(kb.shape[1])
-        index.add(kb)
-        dist, idx = index.search(q, k)
-        return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64, copy=False))
-    return run
+def cases(quick, large=()):
+    """Case list from dicts: the quick ones, then the large (slow-marked) ones."""
+    return ([Case(tuple(c.items()), True) for c in quick] + [Case(tuple(c.items()), False) for c in large])
 
 
-# name -> make(queries, keys, k) returning a no-argument callable -> (dist, idx)
-PROVIDERS = {
-    "fastgen-cpp": _fastgen("fp32"),
-    "fastgen-cpp-bf16": _fastgen("bf16"),  # cross term in bf16, certified exact by re-ranking
-    "torch-addmm": _torch_addmm,
-    "torch-cdist": _torch_cdist,
-    "faiss": _faiss,
-}
+@dataclass
+class Provider:
+    """make(inputs, params, mode) -> a no-argument callable doing one timed call.
+    requires: modules that must import (else the provider is skipped, with the reason).
+    opt_in: run only when named in --benchmark-providers (slow or compile-heavy)."""
+    make: object
+    requires: tuple = ()
+    opt_in: bool = False
+    needs_cpp: bool = False
 
 
-def provider_unavailable(name):
-    """None when `name` can run here, otherwise why not."""
-    if name not in PROVIDERS:
-        return f"unknown provider {name!r} (known: {', '.join(PROVIDERS)})"
-    if name.startswith("fastgen-cpp"):
-        from fastgen import _ext
-        return None if _ext.CPP_AVAILABLE else f"C++ extension not built: {_ext.CPP_ERROR}"
-    if name == "faiss":
-        try:
-            import faiss  # noqa: F401
-        except ImportError as exc:
-            return f"faiss does not import ({exc}); pip install faiss-cpu"
-    return None
+@dataclass
+class Suite:
+    """What a benchmark file defines. inputs(params) -> any object the providers take;
+    check(params, inputs, mode, provider, out) -> "ok" or a string saying what is wrong
+    (None: no guard); work(params, mode) -> {"flops": ...} or {"bytes": ...} of useful
+    work; baselines: providers the report divides by (same run, same case and mode);
+    rounds: timed calls per measurement (quick, large)."""
+    op: str
+    cases: list
+    providers: dict
+    inputs: object
+    modes: tuple = ("forward",)
+    check: object = None
+    work: object = None
+    baselines: tuple = ()
+    rounds: tuple = (5, 3)
+    file: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def unavailable(self, name):
+        """None when provider `name` can run here, else why not."""
+        if name not in self.providers:
+            return f"unknown provider {name!r} (known: {', '.join(self.providers)})"
+        prov = self.providers[name]
+        if prov.needs_cpp:
+            from fastgen import _ext
+            if not _ext.CPP_AVAILABLE:
+                return f"C++ extension not built: {_ext.CPP_ERROR}"
+        for mod in prov.requires:
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} is not installed"
+        return None
+
+    def build_inputs(self, case):
+        """Inputs of `case`, built once per process (every provider gets the same)."""
+        if case not in self._cache:
+            self._cache.clear()    # one case's inputs at a time: large cases are large
+            self._cache[case] = self.inputs(case.p)
+        return self._cache[case]
+
+    def pytest_test(self):
+        """The parametrized pytest-benchmark test of this suite."""
+        import pytest
+        suite = self
+        params = []
+        for case in self.cases:
+            marks = () if case.quick else (pytest.mark.slow,)
+            for mode in self.modes:
+                for name in self.providers:
+                    params.append(pytest.param(case, mode, name, id=f"{case.id}-{mode}-{name}", marks=marks))
+
+        @pytest.mark.parametrize("case, mode, provider", params)
+        def test(benchmark, request, case, mode, provider):
+            run_benchmark(suite, benchmark, request.config, case, mode, provider)
+        test.__name__ = f"test_{self.op}"
+        return test
 
 
-def available_providers():
-    return [p for p in PROVIDERS if provider_unavailable(p) is None]
+# --------------------------------------------------------------------------- one benchmark
+
+def run_benchmark(suite, benchmark, config, case, mode, provider):
+    """Steps 1-5 of the module docstring for one (case, mode, provider)."""
+    import pytest
+    why = suite.unavailable(provider)
+    if why:
+        pytest.skip(why)
+    chosen = config.getoption("benchmark_providers", None)
+    if chosen is not None:
+        if provider not in chosen.split(","):
+            pytest.skip(f"not in --benchmark-providers={chosen}")
+    elif suite.providers[provider].opt_in:
+        pytest.skip("opt-in provider: name it in --benchmark-providers")
+    inputs = suite.build_inputs(case)
+    fn = suite.providers[provider].make(inputs, case.p, mode)
+    verdict = "not checked"
+    if suite.check is not None:
+        with torch.no_grad() if mode == "forward" else _nullcontext():
+            out = fn()
+        verdict = suite.check(case.p, inputs, mode, provider, out)
+        del out
+        if verdict != "ok":
+            pytest.fail(f"{suite.op} {case.id} {mode} {provider}: wrong answer, not timed: {verdict}")
+    benchmark.group = f"{suite.op} {case.id} {mode}"
+    info = {"op": suite.op, "case": case.id, "params": case.p, "mode": mode, "provider": provider,
+            "check": verdict, "baselines": list(suite.baselines), "rounds": suite.rounds[0 if case.quick else 1],
+            "command": "pytest " + " ".join(sys.argv[1:]), **machine_info()}
+    if suite.work is not None:
+        info.update(suite.work(case.p, mode))
+    rounds = config.getoption("benchmark_rounds", None) or suite.rounds[0 if case.quick else 1]
+    info["rounds"] = rounds
+    with torch.no_grad() if mode == "forward" else _nullcontext():
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    if not config.getoption("benchmark_no_peak_memory", False) and not config.getoption("benchmark_disable", False):
+        peak = measure_peak_memory(suite.file, case, mode, provider)
+        info["peak_mb"] = peak if isinstance(peak, float) else None
+        if not isinstance(peak, float):
+            info["note"] = f"peak memory not measured: {peak}"
+    benchmark.extra_info.update(info)
 
 
-def make_inputs(N, M, D, seed=0):
-    """The same float32 (queries, keys) for every provider and process: standard normal, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    queries = torch.randn(N, D, generator=g)
-    keys = torch.randn(M, D, generator=g)
-    return queries, keys
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
-def knn_flops(N, M, D):
-    # the cross term q.k dominates: one multiply-add per (query, key, dim)
-    return 2.0 * N * M * D
+def pytest_addoption(parser):
+    """Options of the harness (benchmarks/conftest.py registers them)."""
+    group = parser.getgroup("fastgen benchmarks")
+    group.addoption("--benchmark-providers", default=None,
+                    help="comma-separated providers to run (default: all available, opt-in ones excluded)")
+    group.addoption("--benchmark-rounds", type=int, default=None,
+                    help="timed calls per benchmark after the warm-up (default: the suite's)")
+    group.addoption("--benchmark-no-peak-memory", action="store_true",
+                    help="skip the fresh-process peak-memory measurement (halves the time)")
 
 
-# --------------------------------------------------------------------------- timing and memory
-
-def time_fn(fn, repeats=5, warmup=1):
-    """Median, p20 and p80 wall time (seconds) of `fn()` over `repeats` calls, after `warmup` calls."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor(times, dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
-    return {"median_s": q[0], "p20_s": q[1], "p80_s": q[2]}
-
-
+# --------------------------------------------------------------------------- peak memory
+#
 # How peak memory is measured (CPU, honestly):
-# - Each (provider, shape) runs in a fresh `python -c` process, so nothing the
+# - Each (case, mode, provider) runs in a fresh `python -c` process, so nothing the
 #   parent or another provider allocated (allocator caches, faiss/BLAS buffers) is
 #   counted or reused.
-# - In the child the inputs are built, then one tiny call (64 queries) runs so that
-#   the libraries' one-time start-up (code pages, thread pools) is not charged to
-#   the first k. The index is not built and the warm-up has not run yet.
-# - Then, per k: freed heap is handed back to the OS (glibc malloc_trim), the
-#   peak-RSS high-water mark is reset to the current RSS (`echo 5 >
-#   /proc/self/clear_refs`) and that RSS is the baseline; after the warm-up and the
-#   timed runs the high-water mark is read again. peak_mb = mark - baseline: the
-#   most memory the op needed on top of its inputs at any moment, outputs and freed
-#   temporaries included. Trimming and resetting per k means an earlier k's freed
-#   buffers cannot hide a later k's allocations, so the k values share one process.
+# - In the child the inputs are built and the provider is called once (library
+#   start-up -- code pages, thread pools, BLAS buffers, compiled graphs -- is a fixed
+#   cost paid once per process, not the op's working memory).
+# - Then freed heap is handed back to the OS (glibc malloc_trim), the peak-RSS
+#   high-water mark is reset to the current RSS (`echo 5 > /proc/self/clear_refs`) and
+#   that RSS is the baseline; after one more call the high-water mark is read again.
+#   peak_mb = mark - baseline: the most memory the op needed on top of its inputs at
+#   any moment, outputs and freed temporaries included.
 # - The mark is VmHWM from /proc/self/status, not getrusage().ru_maxrss: ru_maxrss
-#   also carries the peak of the image that exec'd the child (measured here: a child
-#   of a 500 MB parent starts with ru_maxrss = 500 MB) and clear_refs cannot reset
-#   it. Without /proc we fall back to ru_maxrss and the row's note says peak_mb may
-#   read low.
+#   also carries the peak of the image that exec'd the child (a child of a 500 MB
+#   parent starts with ru_maxrss = 500 MB) and clear_refs cannot reset it. Without
+#   /proc we fall back to ru_maxrss and say so.
 
-def _proc_status_kb(field):
+def _proc_status_kb(name):
     try:
         with open("/proc/self/status") as f:
-            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
+            m = re.search(rf"^{name}:\s+(\d+)\s+kB", f.read(), re.M)
         return int(m.group(1)) if m else None
     except OSError:
         return None
 
 
-def _release_free_heap():
+def release_free_heap():
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -176,15 +226,61 @@ def _release_free_heap():
         pass
 
 
-RESULT_TAG = "FASTGEN_BENCH_RESULT "
+def reset_peak_kb():
+    """Reset the high-water mark to the current RSS; return (baseline kB, method)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss = _proc_status_kb("VmRSS")
+        if rss is not None:
+            return rss, "VmHWM"
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+
+
+def peak_kb(method):
+    if method == "VmHWM":
+        return _proc_status_kb("VmHWM")
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def load_suite(path):
+    """The SUITE a benchmark file defines (imported by path: benchmarks/ is not a package)."""
+    name = "fastgen_bench_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.SUITE
+
+
+def _peak_child(spec_json):
+    """Body of the fresh process: inputs, one call, reset the mark, one call, read it."""
+    import gc
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    suite = load_suite(spec["file"])
+    case = Case(tuple((k, v) for k, v in spec["params"]), spec["quick"])
+    inputs = suite.build_inputs(case)
+    fn = suite.providers[spec["provider"]].make(inputs, case.p, spec["mode"])
+    grad = _nullcontext() if spec["mode"] != "forward" else torch.no_grad()
+    with grad:
+        fn()
+    gc.collect()
+    release_free_heap()
+    base, method = reset_peak_kb()
+    with grad:
+        fn()
+    peak = peak_kb(method)
+    print(RESULT_TAG + json.dumps({"peak_mb": max(0, peak - base) / 1024.0, "method": method}), flush=True)
 
 
 def run_child(argv, timeout=None):
-    """Run one measurement in a fresh process that imports this same fastgen.
-
-    The child prints its result as one JSON line behind RESULT_TAG. Returns the parsed
-    result, or a string saying why there is none (timeout, crash, out of memory).
-    """
+    """Run one measurement in a fresh process that imports this same fastgen. The child
+    prints its result as one JSON line behind RESULT_TAG. Returns the parsed result, or
+    a string saying why there is none (timeout, crash, out of memory)."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -201,129 +297,21 @@ def run_child(argv, timeout=None):
     return tail
 
 
-def _reset_peak_kb():
-    """Reset the high-water mark to the current RSS; return (baseline kB, method)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        rss = _proc_status_kb("VmRSS")
-        if rss is not None:
-            return rss, "VmHWM"
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-
-
-def _peak_kb(method):
-    if method == "VmHWM":
-        return _proc_status_kb("VmHWM")
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _measure_here(provider, N, M, D, k_values, repeats, seed, threads):
-    """Body of the child process: build inputs; per k reset the peak, warm up, time, read the peak."""
-    import gc
-    torch.set_num_threads(threads)
-    queries, keys = make_inputs(N, M, D, seed)
-    # one tiny call first: library start-up (code pages, thread pools, BLAS buffers)
-    # is a fixed cost paid once per process, not the op's working memory
-    small_keys = keys[:min(M, max(256, max(k_values)))]
-    with torch.no_grad():
-        PROVIDERS[provider](queries[:64].clone(), small_keys.clone(), max(k_values))()
-    results = []
-    for k in k_values:
-        fn = PROVIDERS[provider](queries, keys, k)
-        gc.collect()
-        _release_free_heap()
-        base_kb, method = _reset_peak_kb()
-        with torch.no_grad():
-            t = time_fn(fn, repeats=repeats, warmup=1)
-        peak_kb = _peak_kb(method)
-        t["peak_mb"] = max(0, peak_kb - base_kb) / 1024.0
-        t["mem_method"] = method
-        results.append(t)
-        del fn
-    return results
-
-
-def _child_main(spec_json):
-    spec = json.loads(spec_json)
-    out = _measure_here(**spec)
-    print(RESULT_TAG + json.dumps(out), flush=True)
-
-
-def measure_in_subprocess(provider, N, M, D, k_values, repeats=5, seed=0, threads=None, timeout=None):
-    """Time one provider on one shape for each k, in a fresh Python process.
-
-    Returns one dict per k with median_s, p20_s, p80_s, peak_mb; on failure or
-    timeout the dicts have NaN timings and an `error` string instead.
-    """
-    k_values = [int(k) for k in k_values]
-    spec = {"provider": provider, "N": N, "M": M, "D": D, "k_values": k_values, "repeats": repeats,
-            "seed": seed, "threads": threads or torch.get_num_threads()}
-    code = "import sys; from fastgen.benchmarking import _child_main; _child_main(sys.argv[1])"
+def measure_peak_memory(suite_file, case, mode, provider, timeout=None):
+    """Peak MB above the inputs of one call in a fresh process, or a string saying why not."""
+    spec = {"file": os.path.abspath(suite_file), "params": list(case.params), "quick": case.quick, "mode": mode,
+            "provider": provider, "threads": torch.get_num_threads()}
+    code = "import sys; from fastgen.benchmarking import _peak_child; _peak_child(sys.argv[1])"
     result = run_child([sys.executable, "-c", code, json.dumps(spec)], timeout)
     if isinstance(result, str):
-        nan = float("nan")
-        return [{"median_s": nan, "p20_s": nan, "p80_s": nan, "peak_mb": nan, "error": result} for _ in k_values]
-    return result
+        return result
+    return float(result["peak_mb"])
 
 
-# --------------------------------------------------------------------------- correctness guard
-
-def check_against_cpp(queries, keys, k, providers, n_check=CHECK_QUERIES, rtol=1e-4):
-    """Compare each provider's indices with fastgen-cpp's on the first `n_check` queries.
-
-    A query is left out when its top-(k+1) exact distances (fastgen-cpp, exact by
-    contract) have two neighbours within `rtol` of each other: there any order is a
-    defensible fp32 answer. Returns {provider: "ok" | "mismatch a/b" | "skipped: why"}
-    and warns on every mismatch; never raises.
-    """
-    from fastgen import _ext
-    from fastgen.ops import knn
-    if not _ext.CPP_AVAILABLE:
-        return {p: "skipped: no fastgen-cpp" for p in providers}
-    q = queries[:n_check].contiguous()
-    kk = min(k + 1, keys.shape[0])
-    with torch.no_grad():
-        ref_d, ref_i = knn(q, keys, kk, backend="cpp")
-    ref_d = ref_d.double()
-    gaps = ref_d[:, 1:] - ref_d[:, :-1]
-    tied = (gaps <= rtol * ref_d[:, 1:].abs().clamp_min(1e-12)).any(1) if kk > 1 \
-        else torch.zeros(q.shape[0], dtype=torch.bool)
-    keep = ~tied
-    out = {}
-    for p in providers:
-        if p == "fastgen-cpp":
-            out[p] = "ok"
-            continue
-        try:
-            with torch.no_grad():
-                _, idx = PROVIDERS[p](q, keys, k)()
-        except Exception as exc:  # a provider that crashes here will crash when timed too
-            out[p] = f"skipped: {type(exc).__name__}: {exc}"
-            warnings.warn(f"{p} failed the correctness check: {exc}", stacklevel=2)
-            continue
-        bad = (idx.long()[:, :k] != ref_i[:, :k]).any(1) & keep
-        n_bad, n_kept = int(bad.sum()), int(keep.sum())
-        if n_bad:
-            first = int(bad.nonzero()[0, 0])
-            out[p] = f"mismatch {n_bad}/{n_kept}"
-            warnings.warn(f"knn {tuple(queries.shape)}x{tuple(keys.shape)} k={k}: {p} disagrees with "
-                          f"fastgen-cpp on {n_bad} of {n_kept} untied queries (first: query {first}, "
-                          f"got {idx[first, :k].tolist()}, expected {ref_i[first, :k].tolist()})",
-                          stacklevel=2)
-        else:
-            out[p] = "ok"
-    return out
-
-
-# --------------------------------------------------------------------------- suite
+# --------------------------------------------------------------------------- machine
 
 def machine_info():
-    """CPU model, cores, torch threads, versions and the date, for every row."""
+    """CPU model, cores, torch threads, versions, load and the date, for every row."""
     import fastgen
     model = "unknown"
     try:
@@ -354,126 +342,95 @@ def machine_line(info=None):
     return line
 
 
-def add_ratios(rows):
-    """ratio_vs_<baseline> = median time / the baseline's median for the same (op, shape, k).
+# --------------------------------------------------------------------------- results
 
-    Below 1 means faster than the baseline. Only rows of one run are compared.
-    """
-    medians = {(r["op"], r["N"], r["M"], r["D"], r["k"], r["provider"]): r["median_s"] for r in rows}
-    for r in rows:
-        for base in BASELINES:
-            b = medians.get((r["op"], r["N"], r["M"], r["D"], r["k"], base))
-            ok = b is not None and b == b and b > 0 and r["median_s"] == r["median_s"]
-            r["ratio_vs_" + base.replace("-", "_")] = r["median_s"] / b if ok else float("nan")
+def rows_from_json(*paths):
+    """One row per benchmark of pytest-benchmark JSON files written through this harness:
+    extra_info plus median_s, p20_s, p80_s (over the timed rounds), gflops / gb_per_s,
+    and ratio_vs_<baseline> (median / the baseline's median for the same op, case and
+    mode in the same file; < 1 = faster)."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        file_rows = []
+        for b in data.get("benchmarks", []):
+            info = dict(b.get("extra_info") or {})
+            if "op" not in info:
+                continue
+            t = torch.tensor(b["stats"]["data"], dtype=torch.float64)
+            med, p20, p80 = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+            row = {**info, "median_s": med, "p20_s": p20, "p80_s": p80, "source": os.path.basename(path)}
+            if "flops" in info:
+                row["gflops"] = info["flops"] / med / 1e9
+            if "bytes" in info:
+                row["gb_per_s"] = info["bytes"] / med / 1e9
+            file_rows.append(row)
+        medians = {(r["op"], r["case"], r["mode"], r["provider"]): r["median_s"] for r in file_rows}
+        for r in file_rows:
+            for base in r.get("baselines", []):
+                m = medians.get((r["op"], r["case"], r["mode"], base))
+                r["ratio_vs_" + base] = r["median_s"] / m if m else None
+        rows += file_rows
     return rows
 
 
-def run_knn_suite(shapes=None, k_values=None, providers=None, repeats=5, seed=0, timeout=None,
-                  check=True, progress=None):
-    """Time every (shape, k, provider), each in a fresh process; return one row dict per triple.
-
-    shapes: list of (N, M, D), default DEFAULT_SHAPES; k_values: default DEFAULT_K;
-    providers: names from PROVIDERS, default all that can run here (unavailable ones
-    are skipped with a warning); progress: optional callable taking one line of text.
-    """
-    shapes = [tuple(int(v) for v in s) for s in (shapes or DEFAULT_SHAPES)]
-    k_values = [int(k) for k in (k_values or DEFAULT_K)]
-    if providers is None:
-        providers = available_providers()
-    else:
-        unknown = [p for p in providers if p not in PROVIDERS]
-        if unknown:
-            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(PROVIDERS)}")
-        for p in providers:
-            why = provider_unavailable(p)
-            if why:
-                warnings.warn(f"skipping provider {p}: {why}", stacklevel=2)
-        providers = [p for p in providers if provider_unavailable(p) is None]
-    if not providers:
-        raise RuntimeError("no benchmark provider can run here")
-    info = machine_info()
-    threads = info["threads"]
-    for (N, M, D) in shapes:
-        for k in k_values:
-            if not 1 <= k <= M:
-                raise ValueError(f"k={k} is out of range for M={M} keys")
-    rows = []
-    for (N, M, D) in shapes:
-        checks = {}
-        if check:  # before any timing; inputs rebuilt from the seed, exactly as the children do
-            queries, keys = make_inputs(N, M, D, seed)
-            checks = {k: check_against_cpp(queries, keys, k, providers) for k in k_values}
-            del queries, keys
-        by_provider = {}
-        for p in providers:
-            by_provider[p] = measure_in_subprocess(p, N, M, D, k_values, repeats=repeats, seed=seed,
-                                                   threads=threads, timeout=timeout)
-            if progress:
-                for k, res in zip(k_values, by_provider[p]):
-                    progress(f"{OP} {N}x{M}x{D} k={k:<3d} {p:17s} "
-                             + (res["error"] if "error" in res else
-                                f"{res['median_s'] * 1e3:10.2f} ms  {res['peak_mb']:8.1f} MB"))
-        for i, k in enumerate(k_values):
-            for p in providers:
-                res = by_provider[p][i]
-                note = res.get("error", "")
-                if res.get("mem_method") == "ru_maxrss":
-                    note = (note + "; " if note else "") + "peak via ru_maxrss (may read low)"
-                med = res["median_s"]
-                rows.append({"op": OP, "N": N, "M": M, "D": D, "k": k, "provider": p,
-                             "median_s": med, "p20_s": res["p20_s"], "p80_s": res["p80_s"],
-                             "peak_mb": res["peak_mb"],
-                             "gflops": knn_flops(N, M, D) / med / 1e9 if med == med and med > 0 else float("nan"),
-                             "repeats": repeats, "check": checks.get(k, {}).get(p, "not run"), "note": note,
-                             **info})
-    return add_ratios(rows)
-
-
-# --------------------------------------------------------------------------- output
-
-def append_csv(rows, path):
-    """Append rows to a CSV (header written when the file is new); returns the path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fields = CSV_FIELDS
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header:
-            fields = header  # keep the file's columns; unknown ones are left blank
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({key: (f"{v:.6g}" if isinstance(v, float) else v) for key, v in r.items()})
-    return path
-
-
 def _fmt(v, spec):
-    return "-" if v is None or v != v else format(v, spec)
+    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
 
 
-def format_table(rows, info=None):
-    """A plain-text table of `rows` with the machine line on top."""
-    info = info or (rows[0] if rows else machine_info())
-    head = ["shape (NxMxD)", "k", "provider", "median ms", "p20 ms", "p80 ms", "GFLOP/s", "peak MB",
-            "x faiss", "x addmm", "check"]
+def table(rows):
+    """(header, body) of the results of one op: case parameters, mode, provider, times,
+    throughput, peak memory, ratios to the baselines, the check."""
+    names = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    bases = list(dict.fromkeys(b for r in rows for b in r.get("baselines", [])))
+    rate = "GFLOP/s" if any("gflops" in r for r in rows) else "GB/s" if any("gb_per_s" in r for r in rows) else None
+    head = names + ["mode", "provider", "median ms", "p20 ms", "p80 ms"] + ([rate] if rate else []) + \
+        ["peak MB"] + [f"vs {b}" for b in bases] + ["check"]
     body = []
     for r in rows:
-        body.append([f"{r['N']}x{r['M']}x{r['D']}", str(r["k"]), r["provider"],
-                     _fmt(r["median_s"] * 1e3, ".2f"), _fmt(r["p20_s"] * 1e3, ".2f"),
-                     _fmt(r["p80_s"] * 1e3, ".2f"), _fmt(r["gflops"], ".1f"), _fmt(r["peak_mb"], ".1f"),
-                     _fmt(r.get("ratio_vs_faiss"), ".2f"), _fmt(r.get("ratio_vs_torch_addmm"), ".2f"),
-                     r.get("check", "") + (f" ({r['note']})" if r.get("note") else "")])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    left = {0, 2, 10}
+        cells = [str(r["params"][n]) if n in r["params"] else "" for n in names]
+        cells += [r["mode"], r["provider"], _fmt(r["median_s"] * 1e3, ".2f"), _fmt(r["p20_s"] * 1e3, ".2f"),
+                  _fmt(r["p80_s"] * 1e3, ".2f")]
+        if rate:
+            cells.append(_fmt(r.get("gflops", r.get("gb_per_s")), ".1f"))
+        cells.append(_fmt(r.get("peak_mb"), ".1f"))
+        cells += [_fmt(r.get("ratio_vs_" + b), ".2f") for b in bases]
+        cells.append(r.get("check", "") + (f" ({r['note']})" if r.get("note") else ""))
+        body.append(cells)
+    return head, body
 
-    def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [machine_line(info),
-           "x faiss / x addmm: median time divided by faiss's / torch-addmm's in this run (< 1 = faster)",
-           line(head), line(["-" * w for w in widths])]
-    out += [line(b) for b in body]
+
+def format_table(rows):
+    """Plain-text tables, one per op, each under its machine line."""
+    out = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        op_rows = [r for r in rows if r["op"] == op]
+        head, body = table(op_rows)
+        widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+        out += [f"== {op} ==  " + machine_line(op_rows[0]),
+                "vs X: median time divided by X's in this run (< 1 = faster)", line(head),
+                line(["-" * w for w in widths])] + [line(b) for b in body] + [""]
     return "\n".join(out)
+
+
+def markdown_section(op, rows, plot_name=None):
+    """The RESULTS.md section of one op, between <!-- op:begin --> and <!-- op:end -->."""
+    head, body = table(rows)
+    r0 = rows[0]
+    lines = [f"<!-- {op}:begin -->", f"## {op}", "",
+             f"Command: `{r0.get('command', '?')}` (then `python benchmarks/report.py`)  ",
+             f"Machine: {r0['cpu']}, {r0['cores']} cores, torch threads {r0['threads']}, torch {r0['torch']}, "
+             f"fastgen {r0['fastgen']}, load average {r0['loadavg']} at start  ",
+             f"Date: {r0['date']}  ",
+             f"Timing: pytest-benchmark, one warm-up call then {r0.get('rounds', '?')} timed calls per row; "
+             "median, p20, p80 of those. Peak MB: one call in a fresh process, RSS high-water mark above the "
+             "inputs (fastgen/benchmarking.py). Ratios: this row's median over the named provider's, same case "
+             "and mode, same run. Every provider's answer passed the correctness check before it was timed.",
+             "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(b) + " |" for b in body]
+    if plot_name:
+        lines += ["", f"![{op}: median time per provider]({plot_name})"]
+    lines.append(f"<!-- {op}:end -->")
+    return "\n".join(lines)

@@ -1,51 +1,75 @@
-"""`fastgen bench`: time knn against torch and faiss on this machine, print a table."""
+"""`fastgen bench`: run the benchmark suites (benchmarks/bench_<op>.py) through the harness
+and print their tables.
 
+    fastgen bench --quick                       # knn, small cases (about a minute on 2 cores)
+    fastgen bench --ops knn,patch_nn --json out.json
+    python benchmarks/report.py out.json        # then RESULTS.md sections and plots
 
-def _csv_list(text, cast=str):
-    return [cast(v.strip()) for v in text.split(",") if v.strip()]
-
-
-def _shape(text):
-    parts = text.lower().replace("*", "x").split("x")
-    if len(parts) != 3:
-        raise ValueError(f"a shape is NxMxD (e.g. 4096x1024x64), got {text!r}")
-    return tuple(int(p) for p in parts)
+The same pytest-benchmark run as `pytest benchmarks/bench_<op>.py --benchmark-only`
+(fastgen/benchmarking.py); it needs a source checkout, where benchmarks/ lives.
+"""
+import os
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="benchmark knn against torch and faiss (each run in a fresh process)")
-    p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run: about a minute on 2 cores)")
-    p.add_argument("--providers", default=None,
-                   help="comma-separated; default all that run here "
-                        "(fastgen-cpp, fastgen-cpp-bf16, torch-addmm, torch-cdist, faiss)")
-    p.add_argument("--k", default=None, help="comma-separated k values (default 1,10)")
-    p.add_argument("--shapes", default=None, help="comma-separated NxMxD shapes, overriding the preset")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, after one warm-up")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per (provider, shape) process")
-    p.add_argument("--csv", metavar="PATH", default=None, help="append the rows to this CSV")
-    p.add_argument("--no-check", action="store_true", help="skip the index agreement check vs fastgen-cpp")
+    p = sub.add_parser("bench", help="benchmark the ops against their reference and peers (pytest-benchmark)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="knn", help="comma-separated ops, i.e. benchmarks/bench_<op>.py (default knn)")
+    p.add_argument("--quick", action="store_true", help="small cases only")
+    p.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
+    p.add_argument("-k", dest="select", default=None, help="a pytest -k expression to select cases further")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default: the suite's)")
+    p.add_argument("--json", default=None, help="keep the pytest-benchmark JSON here (for report.py / compare)")
+    p.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     p.set_defaults(func=run)
 
 
+def benchmarks_dir():
+    """benchmarks/ of the source checkout this fastgen runs from, or a clear error."""
+    import fastgen
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(fastgen.__file__))), "benchmarks")
+    if not os.path.isdir(here):
+        raise FileNotFoundError(f"fastgen bench runs the suites in a source checkout's benchmarks/ folder; "
+                                f"{here} does not exist (clone the repository and install it with pip -e)")
+    return here
+
+
 def run(args):
+    import subprocess
     import sys
+    import tempfile
 
-    from fastgen import benchmarking as B
-    if args.shapes:
-        shapes = [_shape(s) for s in _csv_list(args.shapes)]
-    else:
-        shapes = B.QUICK_SHAPES if args.quick else B.DEFAULT_SHAPES
-    k_values = _csv_list(args.k, int) if args.k else B.DEFAULT_K
-    providers = _csv_list(args.providers) if args.providers else None
-    if args.repeats < 1:
+    from fastgen.benchmarking import format_table, rows_from_json
+    if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    print(B.machine_line(), file=sys.stderr)
-
-    def progress(line):
-        print("  " + line, file=sys.stderr, flush=True)
-    rows = B.run_knn_suite(shapes, k_values, providers, repeats=args.repeats, timeout=args.timeout,
-                           check=not args.no_check, progress=progress)
-    print(B.format_table(rows))
-    if args.csv:
-        print(f"appended {len(rows)} rows to {B.append_csv(rows, args.csv)}")
+    folder = benchmarks_dir()
+    files = []
+    for op in (o.strip() for o in args.ops.split(",") if o.strip()):
+        path = os.path.join(folder, f"bench_{op}.py")
+        if not os.path.isfile(path):
+            known = sorted(f[6:-3] for f in os.listdir(folder) if f.startswith("bench_") and f.endswith(".py"))
+            raise ValueError(f"--ops: no suite for {op!r} (known: {', '.join(known)})")
+        files.append(path)
+    out = args.json or os.path.join(tempfile.mkdtemp(prefix="fastgen-bench-"), "bench.json")
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", f"--benchmark-json={out}", "-q",
+           "-p", "no:cacheprovider", "--rootdir", folder]
+    select = [s for s in ("quick" if args.quick else None, args.select) if s]
+    if select:
+        cmd += ["-k", " and ".join(f"({s})" for s in select)]
+    if args.providers:
+        cmd.append(f"--benchmark-providers={args.providers}")
+    if args.no_peak_memory:
+        cmd.append("--benchmark-no-peak-memory")
+    if args.repeats:
+        cmd.append(f"--benchmark-rounds={args.repeats}")
+    print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd)
+    if not os.path.exists(out):
+        raise RuntimeError(f"the benchmark run wrote no results (pytest exit status {proc.returncode})")
+    rows = rows_from_json(out)
+    print(format_table(rows))
+    if args.json:
+        print(f"results: {out} (python benchmarks/report.py {out} writes RESULTS.md)")
+    if proc.returncode not in (0, 5):
+        raise RuntimeError(f"some benchmarks failed (pytest exit status {proc.returncode}); see above")
     return 0
