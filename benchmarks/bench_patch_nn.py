@@ -1,130 +1,118 @@
-"""patch_nn (GPNN's normalised patch nearest neighbour) on real image patches, and
-GPNN end to end.
+"""patch_nn (GPNN's normalised patch nearest neighbour) on real image patches.
 
-    python benchmarks/bench_patch_nn.py                 # 256x256 crop -> 62.5k x 62.5k x 147
-    python benchmarks/bench_patch_nn.py --size 128      # smaller
-    python benchmarks/bench_patch_nn.py --e2e 128       # one GPNN sample of china.jpg at 128 px height
+    pytest benchmarks/bench_patch_nn.py --benchmark-only -k quick --benchmark-json=patch_nn.json
 
-Providers, all on the same patches (keys = 7x7x3 patches of sklearn's china.jpg, queries
-= the same patches plus noise, as at GPNN's coarsest level): fastgen-cpp (pruned: the
-default, its k-means of the keys included in the time), fastgen-cpp-full (prune=False,
-every tile), each with an fp32 or bf16 cross term, and torch-two-pass, the public low-memory method (chunks of 256 rows
-through addmm, column minimum first, then the normalised argmin). Each provider runs in
-a fresh process so its peak memory (RSS above the inputs) is its own. The floor: two
-passes of 2*N*M*D flops each.
+Inputs: keys = the 7x7x3 patches of sklearn's china.jpg (a centred square crop resized
+to `size` x `size`: (size - 6)^2 patches of D = 147), queries = the same patches plus
+N(0, 0.05^2) noise (as at GPNN's coarsest level), alpha = 0.005 * 147 (GPNN's 0.005 on
+mean squared differences, in sum units). Providers, all on the same patches:
+- fastgen-cpp: patch_nn on the CPU, pruned (its k-means of the keys inside the timed
+  call: a one-shot search), fp32 cross term; -bf16: bf16 cross term;
+- fastgen-cpp-full (-bf16): prune=False, every tile computed;
+- fastgen-index: a PatchIndex built once outside the timed call, one from-scratch
+  search timed (what each of GPNN's searches costs when the keys are reused);
+- torch-two-pass: the public low-memory method (chunks of 256 query rows through
+  addmm: column minimum first, then the normalised argmin; fastgen.ops.baselines).
+Guard: on the first 256 queries, the float64 score each answer reaches is the float64
+optimum within what fp32 (bf16) rounding allows (`check`; column minima from a direct
+float64 recomputation of each key's nearest queries). Work: two passes of 2*N*M*D flops
+(the floor without pruning; pruned providers compute a fraction of it).
 """
-import argparse
-import json
-import os
-import sys
-import time
+import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROVIDERS = ("fastgen-cpp", "fastgen-cpp-full", "fastgen-cpp-bf16", "fastgen-cpp-full-bf16", "torch-two-pass")
+from fastgen.benchmarking import Provider, Suite, cases
+
+CHECK_QUERIES = 256
 
 
-def patches(size):
-    import torch
+def inputs(p):
     import torch.nn.functional as F
     from sklearn.datasets import load_sample_image
     img = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float()[None] / 255
     h, w = img.shape[-2:]
     side = min(h, w)
-    img = img[..., (h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]  # square crop
-    img = F.interpolate(img, size=(size, size), mode="area")
+    img = img[..., (h - side) // 2:(h + side) // 2, (w - side) // 2:(w + side) // 2]
+    img = F.interpolate(img, size=(p["size"], p["size"]), mode="area")
     keys = F.unfold(img, 7).transpose(1, 2)[0].contiguous()
     g = torch.Generator().manual_seed(0)
     queries = (keys + 0.05 * torch.randn(keys.shape, generator=g)).contiguous()
-    return queries, keys
+    return {"queries": queries, "keys": keys, "alpha": 0.005 * keys.shape[1]}
 
 
-def child(provider, size, repeats):
-    """Runs in a fresh process: build inputs, reset the peak-RSS mark, time, report."""
-    import torch
-    from fastgen.benchmarking import _peak_kb, _reset_peak_kb
-    from fastgen.ops import patch_nn, reference
-    queries, keys = patches(size)
-    alpha = 0.005 * keys.shape[1]  # GPNN's 0.005 on mean squared differences, as sums
-    if provider == "torch-two-pass":
-        fn = lambda: reference.patch_nn_two_pass(queries, keys, alpha)  # noqa: E731
-    else:
-        prec = "bf16" if provider.endswith("bf16") else "fp32"
-        prune = "-full" not in provider
-        fn = lambda: patch_nn(queries, keys, alpha, backend="cpp", precision=prec, prune=prune)  # noqa: E731
-    patch_nn(queries[:64], keys[:64], alpha)  # load code and thread pools before the baseline
-    from fastgen.ops.patch_nn import prune_stats
-    tiles0 = prune_stats()
-    base, method = _reset_peak_kb()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        idx = fn()
-        times.append(time.perf_counter() - t)
-    peak = _peak_kb(method)
-    tiles1 = prune_stats()
-    times.sort()
-    n, d = keys.shape
-    from fastgen.benchmarking import RESULT_TAG
-    print(RESULT_TAG + json.dumps({"provider": provider, "N": n, "M": n, "D": d, "median_s": times[len(times) // 2],
-                      "min_s": times[0], "max_s": times[-1], "repeats": repeats,
-                      "peak_mb": (peak - base) / 1024 if peak and base else None,
-                      "threads": torch.get_num_threads(), "idx_sum": int(idx.sum()),
-                      "computed_fraction": ((tiles1[1] - tiles0[1]) / (tiles1[0] - tiles0[0])
-                                         if tiles1[0] > tiles0[0] else None)}))
+def _fastgen(precision, prune):
+    def make(x, p, mode):
+        from fastgen.ops import patch_nn
+        return lambda: patch_nn(x["queries"], x["keys"], x["alpha"], backend="cpp", precision=precision, prune=prune)
+    return make
 
 
-def e2e(height, precision):
-    import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_sample_image
-    from fastgen.models import GPNN
-    img = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1).float() / 255
-    width = round(height * img.shape[2] / img.shape[1])
-    if height != img.shape[1]:
-        img = F.interpolate(img[None], size=(height, width), mode="area")[0].clamp(0, 1)
-    t = time.perf_counter()
-    GPNN(precision=precision).sample(img, 1, seed=0, progress=False)
-    return time.perf_counter() - t
+def _index(x, p, mode):
+    from fastgen.ops import PatchIndex
+    index = PatchIndex(x["keys"], x["alpha"], incremental=False)
+    return lambda: index.search(x["queries"])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=256, help="square image side (patches: (size-6)^2)")
-    p.add_argument("--providers", default=",".join(PROVIDERS))
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--e2e", type=int, default=None, metavar="HEIGHT", help="time GPNN end to end instead")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        return child(args.child, args.size, args.repeats)
-    if args.e2e:
-        s = e2e(args.e2e, args.precision)
-        print(f"GPNN one sample of china.jpg at height {args.e2e}, precision {args.precision}: {s:.1f} s")
-        return 0
-    rows = []
-    for prov in args.providers.split(","):
-        from fastgen.benchmarking import run_child
-        result = run_child([sys.executable, __file__, "--child", prov, "--size", str(args.size),
-                            "--repeats", str(args.repeats)])
-        if isinstance(result, str):
-            print(f"{prov}: {result}", file=sys.stderr)
-            continue
-        rows.append(result)
-        print(json.dumps(rows[-1]), flush=True)
-    ref = {r["provider"]: r["median_s"] for r in rows}.get("torch-two-pass")
-    print("\n| N x M x D | provider | median s | effective GFLOP/s (2 full passes) | distances computed | "
-          "peak MB | time / torch-two-pass |")
-    print("|---|---|--:|--:|--:|--:|--:|")
-    for r in rows:
-        flops = 2 * 2 * r["N"] * r["M"] * r["D"]
-        ratio = f"{r['median_s'] / ref:.2f}" if ref else "n/a"
-        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
-        tiles = f"{r['computed_fraction']:.3f}" if r.get("computed_fraction") is not None else "all"
-        print(f"| {r['N']} x {r['M']} x {r['D']} | {r['provider']} | {r['median_s']:.2f} | "
-              f"{flops / r['median_s'] / 1e9:.0f} | {tiles} | {peak} | {ratio} |")
-    return 0
+def _two_pass(x, p, mode):
+    from fastgen.ops import baselines
+    return lambda: baselines.patch_nn_two_pass(x["queries"], x["keys"], x["alpha"])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _colmin64(x):
+    """float64 min over queries of ||q - k||^2 per key: nearest query by fp32 addmm in row
+    chunks, then each key's distance to it and to its runners-up recomputed directly."""
+    if "colmin64" not in x:
+        q, k = x["queries"], x["keys"]
+        best = torch.full((k.shape[0], 4), float("inf"))
+        arg = torch.zeros((k.shape[0], 4), dtype=torch.long)
+        kn = k.square().sum(1)
+        for s in range(0, q.shape[0], 1024):
+            d = torch.addmm(kn[None], q[s:s + 1024], k.t(), alpha=-2.0) + q[s:s + 1024].square().sum(1)[:, None]
+            v, i = torch.cat([best, d.t()], 1), torch.cat([arg, torch.arange(s, s + d.shape[0]).expand(k.shape[0], -1)], 1)
+            best, j = v.topk(4, dim=1, largest=False)
+            arg = i.gather(1, j)
+        near = q.double()[arg]                                   # (M, 4, D): 4 candidates per key
+        x["colmin64"] = (near - k.double()[:, None]).square().sum(-1).min(1).values
+    return x["colmin64"]
+
+
+def check(p, x, mode, provider, out):
+    """The float64 score each answer reaches vs the optimum, allowing what fp32 (bf16)
+    rounding of distances and column minima can move a score by: each off by at most
+    f (||q - c|| + max ||k - c||)^2, f = (3D + 8) 2^-24 (+ 2^-7 in bf16), c the centring
+    shift (csrc/engine/error_bound.h; the tests' allowance, twice over)."""
+    from fastgen.ops.baselines import centering_shift
+    q, k = x["queries"][:CHECK_QUERIES].double(), x["keys"].double()
+    colmin = _colmin64(x)
+    w = 1.0 / (x["alpha"] + colmin)
+    d = torch.cat([(q[:, None, :] - k[None, s:s + 2048]).square().sum(-1) for s in range(0, k.shape[0], 2048)], 1)
+    s = d * w
+    c = centering_shift(x["keys"]).double()
+    qn = (q - c).norm(dim=1)
+    kmax = (k - c).norm(dim=1).max()
+    f = (3 * q.shape[1] + 8) * 2.0 ** -24 + (2.0 ** -7 if "bf16" in provider else 0.0)
+    e_d, e_c = f * (qn + kmax) ** 2, f * (qn.max() + kmax) ** 2
+    sigma = (e_d[:, None] + s * e_c) * w + 4 * 2.0 ** -24 * s
+    best, opt = s.min(1)
+    chosen = out[:CHECK_QUERIES, None].long()
+    reached = s.gather(1, chosen)[:, 0]
+    slack = 2 * (sigma.gather(1, chosen)[:, 0] + sigma.gather(1, opt[:, None])[:, 0])
+    bad = reached > best + slack
+    return "ok" if not bad.any() else f"{int(bad.sum())} of {CHECK_QUERIES} queries miss the optimum score"
+
+
+SUITE = Suite(
+    op="patch_nn",
+    cases=cases(quick=[dict(size=96)], large=[dict(size=256)]),   # 8.1k and 62.5k patches of 147
+    providers={"fastgen-cpp": Provider(_fastgen("fp32", True), needs_cpp=True),
+               "fastgen-cpp-bf16": Provider(_fastgen("bf16", True), needs_cpp=True),
+               "fastgen-index": Provider(_index, needs_cpp=True),
+               "fastgen-cpp-full": Provider(_fastgen("fp32", False), needs_cpp=True),
+               "fastgen-cpp-full-bf16": Provider(_fastgen("bf16", False), needs_cpp=True),
+               "torch-two-pass": Provider(_two_pass)},
+    inputs=inputs, check=check,
+    work=lambda p, mode: {"flops": 2 * 2.0 * (p["size"] - 6) ** 4 * 147},
+    baselines=("torch-two-pass",), rounds=(3, 2),
+    file=__file__,
+)
+
+test_patch_nn = SUITE.pytest_test()
