@@ -64,20 +64,24 @@ def cases(quick, large=()):
 class Provider:
     """make(inputs, params, mode) -> a no-argument callable doing one timed call.
     requires: modules that must import (else the provider is skipped, with the reason).
-    opt_in: run only when named in --benchmark-providers (slow or compile-heavy)."""
+    opt_in: run only when named in --benchmark-providers (slow or compile-heavy).
+    work: fn(params, mode) -> {"flops"|"bytes": ...} replacing the suite's work for this
+    provider (a yardstick that does other work than the op, e.g. a memory copy)."""
     make: object
     requires: tuple = ()
     opt_in: bool = False
     needs_cpp: bool = False
+    work: object = None
 
 
 @dataclass
 class Suite:
     """What a benchmark file defines. inputs(params) -> any object the providers take;
-    check(params, inputs, mode, provider, out) -> "ok" or a string saying what is wrong
-    (None: no guard); work(params, mode) -> {"flops": ...} or {"bytes": ...} of useful
-    work; baselines: providers the report divides by (same run, same case and mode);
-    rounds: timed calls per measurement (quick, large)."""
+    check(params, inputs, mode, provider, out) -> "ok" (or "ok (detail)", the detail kept
+    in the report's check column) or a string saying what is wrong (None: no guard);
+    work(params, mode) -> {"flops": ...} or {"bytes": ...} of useful work (a Provider's
+    own work replaces it for that provider); baselines: providers the report divides by
+    (same run, same case and mode); rounds: timed calls per measurement (quick, large)."""
     op: str
     cases: list
     providers: dict
@@ -151,14 +155,15 @@ def run_benchmark(suite, benchmark, config, case, mode, provider):
             out = fn()
         verdict = suite.check(case.p, inputs, mode, provider, out)
         del out
-        if verdict != "ok":
+        if not passed(verdict):
             pytest.fail(f"{suite.op} {case.id} {mode} {provider}: wrong answer, not timed: {verdict}")
     benchmark.group = f"{suite.op} {case.id} {mode}"
     info = {"op": suite.op, "case": case.id, "params": case.p, "mode": mode, "provider": provider,
             "check": verdict, "baselines": list(suite.baselines), "rounds": suite.rounds[0 if case.quick else 1],
             "command": "pytest " + " ".join(sys.argv[1:]), **machine_info()}
-    if suite.work is not None:
-        info.update(suite.work(case.p, mode))
+    work = suite.providers[provider].work or suite.work
+    if work is not None:
+        info.update(work(case.p, mode))
     rounds = config.getoption("benchmark_rounds", None) or suite.rounds[0 if case.quick else 1]
     info["rounds"] = rounds
     with torch.no_grad() if mode == "forward" else _nullcontext():
@@ -169,6 +174,11 @@ def run_benchmark(suite, benchmark, config, case, mode, provider):
         if not isinstance(peak, float):
             info["note"] = f"peak memory not measured: {peak}"
     benchmark.extra_info.update(info)
+
+
+def passed(verdict):
+    """Whether a check's verdict lets the provider be timed: "ok", or "ok (detail)"."""
+    return verdict == "ok" or (isinstance(verdict, str) and verdict.startswith("ok ("))
 
 
 class _nullcontext:

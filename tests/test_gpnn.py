@@ -150,7 +150,7 @@ def test_sharp_key_searches_reach_the_optimum(china, task, incremental):
     # scratch with the previous iteration's answers as hint. Every search is judged
     # against the float64 optimum like patch_nn itself, also with a mask (subset keys and
     # queries); the stats show which path really ran
-    from test_patch_nn import judge
+    from helpers import judge
     mask = torch.zeros(40, 60)
     mask[10:24, 25:40] = 1
     calls = []

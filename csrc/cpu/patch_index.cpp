@@ -355,7 +355,7 @@ struct PatchIndex : torch::CustomClassHolder {
       a0 = checked_vector(*init_arg, "init_arg", N, at::kLong);
       TORCH_CHECK_VALUE(N == 0 || (at::isfinite(b0).all().item<bool>() && b0.min().item<float>() >= 0.0f),
                         "init_best must be finite and >= 0");
-      TORCH_CHECK_VALUE(N == 0 || a0.min().item<int64_t>() >= 0, "init_arg must be key indices >= 0");
+      check_index_range(a0, "init_arg", size(), "key indices");
     }
     at::Tensor idx = at::empty({N}, at::TensorOptions().dtype(at::kLong));
     at::Tensor best = at::empty({N}, at::TensorOptions().dtype(at::kFloat));

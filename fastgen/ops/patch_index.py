@@ -177,16 +177,20 @@ class PatchIndex:
         squeeze = queries.dim() == 2
         q3 = queries.unsqueeze(0) if squeeze else queries
         h2 = None if hint is None else _validate.hint(hint, q3, self.keys.shape[0], squeeze)
-        self._count.searches += 1
-        self._count.last_changed = []
+        # what this search did, counted only once it has succeeded
+        changed = []
         if not self.pruned:
             idx = self._sweep(q3)
+            changed = [None] * q3.shape[0]
         elif not self.incremental:
             idx = self._c.search(q3.contiguous(), self.alpha, h2)
-            self._count.from_scratch += q3.shape[0]
-            self._count.last_changed = [None] * q3.shape[0]
+            changed = [None] * q3.shape[0]
         else:
-            idx = self._incremental(q3, h2)
+            idx = self._incremental(q3, h2, changed)
+        self._count.searches += 1
+        self._count.from_scratch += sum(c is None for c in changed)
+        self._count.incremental += sum(c is not None for c in changed)
+        self._count.last_changed = changed
         return idx[0] if squeeze else idx
 
     # ------------------------------------------------------------------ the sweep
@@ -194,8 +198,6 @@ class PatchIndex:
     def _sweep(self, q3):
         from fastgen.ops.patch_nn import patch_nn
         bsz = q3.shape[0]
-        self._count.from_scratch += bsz
-        self._count.last_changed = [None] * bsz
         flat = self.keys
         chunk = max(1, self.max_key_bytes // max(1, flat.numel() * flat.element_size()))
         if bsz == 0:
@@ -206,7 +208,9 @@ class PatchIndex:
 
     # ------------------------------------------------------------------ incremental searches
 
-    def _incremental(self, q3, h2):
+    def _incremental(self, q3, h2, changed):
+        """Per batch element an update or a full search; appends to `changed` the fraction
+        of queries that changed (None: searched in full)."""
         if self._states is None or len(self._states) != q3.shape[0]:
             self._states = [None] * q3.shape[0]
         out = []
@@ -217,18 +221,16 @@ class PatchIndex:
             if st is not None and st["queries"].shape == q.shape and q.shape[0] > 0:
                 # (no finiteness pass here: a query with NaN/inf differs from its last
                 # value, so it always reaches a C++ pass, which checks what it is given)
-                changed = (q != st["queries"]).any(1)
-                frac = changed.float().mean().item()
+                moved_rows = (q != st["queries"]).any(1)
+                frac = moved_rows.float().mean().item()
                 if frac <= self.full_above:
-                    self._states[b] = self._update(q, changed, st)
-                    self._count.incremental += 1
-                    self._count.last_changed.append(frac)
+                    self._states[b] = self._update(q, moved_rows, st)
+                    changed.append(frac)
                     out.append(self._states[b]["idx"])
                     continue
                 hb = st["idx"] if hb is None else hb
             self._states[b] = self._full(q, hb)
-            self._count.from_scratch += 1
-            self._count.last_changed.append(None)
+            changed.append(None)
             out.append(self._states[b]["idx"])
         return torch.stack(out) if out else torch.empty(q3.shape[:2], dtype=torch.long)
 
