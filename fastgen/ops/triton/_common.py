@@ -51,6 +51,21 @@ def sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
     return cross, q_sq, k_sq
 
 
+@triton.jit
+def batch_bases(q_ptr, k_ptr, shift_ptr, stride_qb, stride_kb, stride_sb):
+    """(batch index, its queries, keys and shift) of this program (grid axis 1 = batch)."""
+    b = tl.program_id(1).to(tl.int64)
+    return b, q_ptr + b * stride_qb, k_ptr + b * stride_kb, shift_ptr + b * stride_sb
+
+
+@triton.jit
+def keep_lower(tile_v, tile_pos, offset, best_v, best_i):
+    """Running (min, argmin) after one tile's (min, position): strict < and tiles in
+    increasing order, so an equal value met later (a higher index) never replaces."""
+    better = tile_v < best_v
+    return tl.where(better, tile_v, best_v), tl.where(better, offset + tile_pos, best_i)
+
+
 def blocks(dim, kp=1):
     """(BLOCK_N, BLOCK_M, BLOCK_D): powers of two, >= 16 where tl.dot needs it."""
     # The running top-k is 2 x BLOCK_N x KP values in registers next to the

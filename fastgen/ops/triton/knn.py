@@ -17,8 +17,8 @@ from torch.library import triton_op, wrap_triton
 
 from fastgen.ops._sqdist_grad import sqdist_backward
 from fastgen.ops.baselines import gather_sqdist
-from fastgen.ops.triton._common import (DOT_PRECISION, blocks, centering_shift, on_device, register_for_interpreter,
-                                        sqdist_tile)
+from fastgen.ops.triton._common import (DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
+                                        register_for_interpreter, sqdist_tile)
 
 
 @triton.jit
@@ -31,12 +31,9 @@ def _knn_kernel(q_ptr, k_ptr, shift_ptr, idx_ptr, N, M, D, K,
                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """Indices (unordered) of the K nearest keys of BLOCK_N query rows of one batch."""
-    b = tl.program_id(1).to(tl.int64)
+    b, q_base, k_base, s_base = batch_bases(q_ptr, k_ptr, shift_ptr, stride_qb, stride_kb, stride_sb)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    q_base = q_ptr + b * stride_qb
-    k_base = k_ptr + b * stride_kb
-    s_base = shift_ptr + b * stride_sb
     slots = tl.arange(0, KP)
     inf = float("inf")
     if KP == 1:
@@ -66,9 +63,7 @@ def _knn_kernel(q_ptr, k_ptr, shift_ptr, idx_ptr, N, M, D, K,
         if KP == 1:
             tile_v, tile_pos = tl.min(d, axis=1, return_indices=True,
                                       return_indices_tie_break_left=True)
-            better = tile_v < best_v
-            best_i = tl.where(better, c0 + tile_pos, best_i)
-            best_v = tl.where(better, tile_v, best_v)
+            best_v, best_i = keep_lower(tile_v, tile_pos, c0, best_v, best_i)
         else:
             # Only entries below the current worst can enter the running set, and they
             # come out of the tile in ascending order, so that many rounds (at most K)

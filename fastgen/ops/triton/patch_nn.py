@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastgen.ops.triton._common import (DOT_PRECISION, blocks, centering_shift, on_device, register_for_interpreter,
-                                        sqdist_tile)
+from fastgen.ops.triton._common import (DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
+                                        register_for_interpreter, sqdist_tile)
 
 
 @triton.jit
@@ -25,11 +25,8 @@ def _column_min_kernel(q_ptr, k_ptr, shift_ptr, row_ptr, N, M, D,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     """Per key column of one batch, the query row nearest to it (lowest row on ties)."""
-    b = tl.program_id(1).to(tl.int64)
+    b, q_base, k_base, s_base = batch_bases(q_ptr, k_ptr, shift_ptr, stride_qb, stride_kb, stride_sb)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_base = q_ptr + b * stride_qb
-    k_base = k_ptr + b * stride_kb
-    s_base = shift_ptr + b * stride_sb
     best_v = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
     best_r = tl.zeros([BLOCK_M], dtype=tl.int32)
     for r0 in range(0, N, BLOCK_N):
@@ -42,9 +39,7 @@ def _column_min_kernel(q_ptr, k_ptr, shift_ptr, row_ptr, N, M, D,
         d = tl.where(rows[:, None] < N, d, float("inf"))
         tile_v, tile_pos = tl.min(d, axis=0, return_indices=True,
                                   return_indices_tie_break_left=True)
-        better = tile_v < best_v
-        best_r = tl.where(better, r0 + tile_pos, best_r)
-        best_v = tl.where(better, tile_v, best_v)
+        best_v, best_r = keep_lower(tile_v, tile_pos, r0, best_v, best_r)
     tl.store(row_ptr + b * stride_rb + cols.to(tl.int64) * stride_rm, best_r.to(tl.int64),
              mask=cols < M)
 
@@ -59,11 +54,8 @@ def _weighted_argmin_kernel(q_ptr, k_ptr, shift_ptr, w_ptr, idx_ptr, N, M, D,
                             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
     """Per query row of one batch: argmin_j max(d_ij, 0) * w_j, lowest j on ties."""
-    b = tl.program_id(1).to(tl.int64)
+    b, q_base, k_base, s_base = batch_bases(q_ptr, k_ptr, shift_ptr, stride_qb, stride_kb, stride_sb)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_base = q_ptr + b * stride_qb
-    k_base = k_ptr + b * stride_kb
-    s_base = shift_ptr + b * stride_sb
     best_v = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_i = tl.zeros([BLOCK_N], dtype=tl.int32)
     for c0 in range(0, M, BLOCK_M):
@@ -76,9 +68,7 @@ def _weighted_argmin_kernel(q_ptr, k_ptr, shift_ptr, w_ptr, idx_ptr, N, M, D,
         s = tl.maximum(q_sq[:, None] + k_sq[None, :] - 2.0 * cross, 0.0) * w[None, :]
         s = tl.where(cols[None, :] < M, s, float("inf"))
         tile_v, tile_pos = tl.min(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_v < best_v
-        best_i = tl.where(better, c0 + tile_pos, best_i)
-        best_v = tl.where(better, tile_v, best_v)
+        best_v, best_i = keep_lower(tile_v, tile_pos, c0, best_v, best_i)
     tl.store(idx_ptr + b * stride_ib + rows.to(tl.int64) * stride_in, best_i.to(tl.int64), mask=rows < N)
 
 
