@@ -25,7 +25,7 @@ cost, not counted as useful. The report's "vs copy" ratio is a time ratio and ex
 in forward rows only; the fraction of the copy's bandwidth is a row's GB/s over the
 copy row's GB/s.
 
-The issue's targets: full >= 8x faster than torch-unfused, and >= 50% of the copy's
+The targets: full >= 8x faster than torch-unfused, and >= 50% of the copy's
 bandwidth.
 
 Check: for the ops (fastgen-cpp, torch-unfused, torch-compile), every output of the

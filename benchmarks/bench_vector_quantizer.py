@@ -1,7 +1,7 @@
 """vector_quantizer: fastgen.nn.VectorQuantizer against vector-quantize-pytorch's VectorQuantize.
 
     pytest benchmarks/bench_vector_quantizer.py --benchmark-only -k quick --benchmark-json=vq.json
-    pytest benchmarks/bench_vector_quantizer.py --benchmark-only -k large      # the issue's shapes (minutes on 2 cores)
+    pytest benchmarks/bench_vector_quantizer.py --benchmark-only -k large      # the large shapes (minutes on 2 cores)
     pytest benchmarks/bench_vector_quantizer.py --benchmark-only --benchmark-providers=torch-onehot,fastgen -k quick
 
 One call = one training step of the layer (mode "full"), CPU float32, EMA codebook
@@ -33,7 +33,7 @@ and accepted from 0.99 on: vector-quantize-pytorch's fp32 distance matrix may pi
 other code of a near tie (0.2 % of rows at 65536 x 256 x 8192), torch-onehot's float64
 argmin may break an exact tie otherwise than knn_exact.
 
-The issue's target at (N, D, K) = (32768, 64, 512) and (65536, 256, 8192): fastgen
+The target at (N, D, K) = (32768, 64, 512) and (65536, 256, 8192): fastgen
 >= 10x faster and <= 1/5 of the peak memory of vector-quantize-pytorch.
 """
 import torch

@@ -186,7 +186,7 @@ def test_bits_per_dim():
     assert_close(model.bits_per_dim(torch.tensor(-64 * math.log(2))), torch.tensor(1.0), 1e-6, 1e-6)
 
 
-# ---- a short training run on digits: the claims of the issue ------------------------
+# ---- a short training run on digits: what the VAE must show ------------------------
 
 
 def _fit(model, train, epochs, seed=0):

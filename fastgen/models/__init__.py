@@ -29,14 +29,14 @@ def build_model(kind, config):
 
 __all__ = ["AutoEncoder", "VAE", "build_model", "sample_nn_mse", "MODELS"]
 
-# VQ-VAE family (issue 4)
+# the VQ-VAE family
 from fastgen.models.pixelcnn import GatedPixelCNN  # noqa: E402
 from fastgen.models.vqvae import VQVAE  # noqa: E402
 
 MODELS.update({"vqvae": VQVAE, "pixelcnn": GatedPixelCNN})
 __all__ += ["VQVAE", "GatedPixelCNN"]
 
-# GPNN (issue 5): single-image patch nearest neighbours, no training, not in MODELS
+# GPNN: single-image patch nearest neighbours, no training, so not in MODELS
 from fastgen.models.gpnn import GPNN  # noqa: E402
 
 __all__ += ["GPNN"]

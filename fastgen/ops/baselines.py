@@ -127,8 +127,9 @@ def patch_nn_two_pass(queries, keys, alpha, chunk=256):
 
 def reparameterize_unfused(mu, logvar, eps, logvar_min=None, logvar_max=None):
     """The unfused PyTorch expression a VAE usually writes (the `torch` backend; with
-    float64 inputs, reference.reparameterize_reference): z = mu + exp(logvar/2)*eps, kl (B,) = 0.5*sum over
-    non-batch dims of mu^2 + exp(logvar) - logvar - 1. logvar is clamped to
+    float64 inputs, reference.reparameterize_reference): z = mu + exp(logvar/2)*eps,
+    kl (B,) = 0.5*sum over non-batch dims of mu^2 + exp(logvar) - logvar - 1 (the direct
+    form, which cancels for small |logvar| in fp32). logvar is clamped to
     [logvar_min, logvar_max] first when either is given. Half inputs are computed in
     float32; z has mu's dtype, kl is float32 (float64 for float64 inputs)."""
     acc = torch.float64 if mu.dtype == torch.float64 else torch.float32

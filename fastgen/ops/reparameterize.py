@@ -7,6 +7,12 @@ Forward is one pass over (mu, logvar, eps) and backward one pass that produces t
 gradients of z and kl together (cpp: csrc/cpu/reparameterize.cpp; triton:
 fastgen/ops/triton/reparameterize.py, which generates eps from a seed inside the
 kernel when eps is not given and regenerates it in the backward, never storing it).
+
+exp(l) - l - 1 cancels for small |l| (a posterior close to the prior). One policy per
+precision across the fused kernels: fp32 (C++ and Triton) use a cancellation-free form
+for |l| < ln 2 and the direct form beyond; float64 (C++) the Taylor series for
+|l| < 0.1. The `torch` backend is the unfused expression users write
+(fastgen.ops.baselines.reparameterize_unfused, the direct form), as a baseline should be.
 """
 import math
 

@@ -38,10 +38,13 @@ def _fwd_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, partial_ptr, row_len, seed, lo, 
     mu, raw, lv, eps = _load_inputs(mu_ptr, lv_ptr, eps_ptr, offs, mask, seed, lo, hi, HAS_EPS)
     s = tl.exp(0.5 * lv)
     tl.store(z_ptr + offs, (mu + s * eps).to(z_ptr.dtype.element_ty), mask=mask)
-    # exp(l) - l - 1 cancels for small |l|: Taylor series there (as the C++ kernel)
+    # exp(l) - l - 1 cancels for small |l|. The fp32 policy of every fastgen kernel: a
+    # cancellation-free form for |l| < ln 2 (the C++ kernel's reduced argument rounds to
+    # n = 0 exactly there), the direct form beyond. Here the Taylor series, through
+    # l^10/10! (the next term is < 2e-9 of the sum at |l| = ln 2).
     series = lv * lv * (0.5 + lv * (1.0 / 6 + lv * (1.0 / 24 + lv * (1.0 / 120 + lv * (
-        1.0 / 720 + lv * (1.0 / 5040 + lv * (1.0 / 40320)))))))
-    term = tl.where(tl.abs(lv) < 0.25, series, s * s - lv - 1.0)
+        1.0 / 720 + lv * (1.0 / 5040 + lv * (1.0 / 40320 + lv * (1.0 / 362880 + lv * (1.0 / 3628800)))))))))
+    term = tl.where(tl.abs(lv) < 0.6931471805599453, series, s * s - lv - 1.0)
     term = tl.where(mask, mu * mu + term, 0.0)
     tl.store(partial_ptr + row.to(tl.int64) * tl.num_programs(1) + blk, 0.5 * tl.sum(term, axis=0))
 
