@@ -170,7 +170,7 @@ def default_row_format(row):
 
 def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, batch_size=64, seed=0,
         device="cpu", eval_every=1, max_batches=None, show_progress=True, evaluate=None, write_pngs=None,
-        extra=None, describe=None, format_row=default_row_format):
+        extra=None, describe=None, format_row=default_row_format, before_epoch=None, betas=(0.9, 0.999)):
     """Train `model` (whose forward returns {"loss": ...}) on `train_data` (N, ...) with Adam
     for epochs [ckpt's epoch, epochs): per epoch a pass over shuffled batches, then, every
     `eval_every` epochs and at the last, evaluate() (merged into the metrics row) and
@@ -179,11 +179,13 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
     kind, config: what build_model needs to rebuild the model from the checkpoint.
     ckpt: from open_run, to resume (model, optimizer, RNGs, history). extra: more entries
     for the checkpoint (e.g. the data settings). describe(n_params): a line printed
-    before the first epoch. The global torch RNG is the caller's to seed (models draw
-    their init and noise from it); the data order comes from a generator seeded `seed`.
+    before the first epoch. before_epoch(epoch): run before each epoch's batches (IMLE's
+    search rounds); a dict it returns joins that epoch's metrics row. betas: Adam's.
+    The global torch RNG is the caller's to seed (models draw their init and noise from
+    it); the data order comes from a generator seeded `seed`.
     Returns the metrics history (a list of rows)."""
     data_gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=ckpt["lr"] if ckpt else lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ckpt["lr"] if ckpt else lr, betas=betas)
     history, start = [], 0
     ckpt_path = os.path.join(out, CHECKPOINT)
     if ckpt:
@@ -194,9 +196,12 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
         print(describe(sum(p.numel() for p in model.parameters())))
     for epoch in range(start, epochs):
         t0 = time.time()
+        row = {"epoch": epoch + 1}
+        if before_epoch is not None:
+            row.update(before_epoch(epoch) or {})
         train_loss = train_epoch(model, optimizer, train_data, batch_size, data_gen, max_batches=max_batches,
                                  show_progress=show_progress, desc=f"epoch {epoch + 1}/{epochs}", device=device)
-        row = {"epoch": epoch + 1, "train_loss": train_loss}
+        row["train_loss"] = train_loss
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             if evaluate is not None:
                 row.update(evaluate())

@@ -1,6 +1,6 @@
 """`fastgen sample MODEL --checkpoint PATH --out DIR -n 64`: images from trained models.
 
-Every sampler lives here: ae/vae decode z ~ N(0, I); vqvae decodes code maps drawn from
+Every sampler lives here: ae/vae decode z ~ N(0, I), imle generates G(z); vqvae decodes code maps drawn from
 a PixelCNN prior (--prior). Each writes DIR/samples.png (a grid) and DIR/samples.pt.
 """
 import os
@@ -14,6 +14,7 @@ def add_parser(sub):
     models = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name, help in (("ae", "an autoencoder (decodes N(0, I): expected to look wrong)"),
                        ("vae", "a VAE: decodes z ~ N(0, I)"),
+                       ("imle", "an IMLE generator: G(z), z ~ N(0, I)"),
                        ("vqvae", "a VQ-VAE with a PixelCNN prior over its codes (--prior)")):
         m = models.add_parser(name, help=help, description=help)
         m.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `fastgen train`")
@@ -47,7 +48,7 @@ def _write(args, images, extra=None):
 
 @torch.no_grad()
 def sample_latent(args):
-    """ae / vae: decode z ~ N(0, I)."""
+    """ae / vae / imle: decode (generate from) z ~ N(0, I)."""
     from fastgen.training import load_model
     device = _start(args)
     model, ckpt = load_model(args.checkpoint, args.model, device)

@@ -14,6 +14,7 @@ FAMILIES = [
     "fastgen.commands.train_vae",        # ae, vae
     "fastgen.commands.train_vqvae",      # vqvae
     "fastgen.commands.train_pixelcnn",   # pixelcnn (a prior over a trained vqvae's codes)
+    "fastgen.commands.train_imle",       # imle
 ]
 
 

@@ -36,6 +36,12 @@ from fastgen.models.vqvae import VQVAE  # noqa: E402
 MODELS.update({"vqvae": VQVAE, "pixelcnn": GatedPixelCNN})
 __all__ += ["VQVAE", "GatedPixelCNN"]
 
+# IMLE: a generator trained so every data point has a sample near it
+from fastgen.models.imle import IMLE  # noqa: E402
+
+MODELS["imle"] = IMLE
+__all__ += ["IMLE"]
+
 # GPNN: single-image patch nearest neighbours, no training, so not in MODELS
 from fastgen.models.gpnn import GPNN  # noqa: E402
 

@@ -3,6 +3,7 @@
 Everything the README documents is importable from here:
     knn, nearest_code, patch_nn, fold_patches, reparameterize    the ops
     PatchIndex, PatchIndexStats, prune_stats                     GPNN's reusable search
+    StreamingKNN                                                 knn over keys that arrive in chunks
     Neighbours, NearestCode                                      named results (dist, idx)
 """
 from fastgen.ops.fold_patches import fold_patches
@@ -11,6 +12,7 @@ from fastgen.ops.nearest_code import NearestCode, nearest_code
 from fastgen.ops.patch_index import PatchIndex, PatchIndexStats, prune_stats
 from fastgen.ops.patch_nn import patch_nn
 from fastgen.ops.reparameterize import reparameterize
+from fastgen.ops.streaming_knn import StreamingKNN
 
 __all__ = ["fold_patches", "knn", "nearest_code", "patch_nn", "reparameterize",
-           "PatchIndex", "PatchIndexStats", "prune_stats", "Neighbours", "NearestCode"]
+           "PatchIndex", "PatchIndexStats", "prune_stats", "Neighbours", "NearestCode", "StreamingKNN"]

@@ -1,0 +1,72 @@
+"""`fastgen train imle --data digits|PATH --epochs N --out DIR`: IMLE (Li & Malik 2018).
+
+Every --staleness epochs a search round draws --samples-per-point samples per data
+point and finds each point's nearest (exact, streamed in chunks); in between, Adam
+(betas 0.5, 0.999) pulls each point's chosen sample towards it. Writes into DIR:
+checkpoint.pt (atomic, every epoch; --resume continues it), metrics.jsonl (the mean
+nearest distance of each search round, the loss), samples.png (fresh samples) and
+nearest.png (rows of data points above their chosen samples).
+"""
+import os
+
+import torch
+
+from fastgen.commands import train as train_cmd
+
+
+def add_parser(families):
+    p = train_cmd.family_parser(families, "imle", "IMLE: every data point gets a nearby sample", __doc__)
+    train_cmd.data_arguments(p)
+    p.set_defaults(lr=1e-3)
+    p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="generator network")
+    p.add_argument("--z-dim", type=int, default=64, help="latent size")
+    p.add_argument("--samples-per-point", type=int, default=10, help="samples drawn per data point per search")
+    p.add_argument("--staleness", type=int, default=5, help="epochs between search rounds")
+    p.add_argument("--noise", type=float, default=0.01, help="std of the noise added to each chosen code")
+    p.add_argument("--loss", choices=["l2", "l1"], default="l2")
+    p.add_argument("--feature-dim", type=int, default=None,
+                   help="search in a fixed random projection to this many features (default: pixels)")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def write_pngs(model, out, seed, device):
+    from fastgen.images import save_grid
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed + 3)
+    save_grid(model.sample(64, generator=gen, device=device).cpu(), os.path.join(out, "samples.png"), nrow=8)
+    x, y = model.nearest_pairs(16)
+    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], y[i:i + 8])]  # points above their samples
+    save_grid(torch.cat(rows).cpu(), os.path.join(out, "nearest.png"), nrow=8)
+    model.train()
+
+
+def run(args):
+    from fastgen import training
+    from fastgen.models import build_model
+    device = train_cmd.setup(args)
+    train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim")
+    if not args.noise >= 0:
+        raise ValueError(f"--noise must be >= 0, got {args.noise}")
+    ckpt = training.open_run(args.out, "imle", args.resume)
+    ds, data_args = train_cmd.load_data(args, ckpt)
+    config = ckpt["config"] if ckpt else dict(
+        image_shape=ds.image_shape, z_dim=args.z_dim, arch=args.arch, samples_per_point=args.samples_per_point,
+        noise=args.noise, loss=args.loss, feature_dim=args.feature_dim)
+    staleness = ckpt["staleness"] if ckpt else args.staleness
+    torch.manual_seed(args.seed)
+    model = build_model("imle", config).to(device).attach(ds.train.to(device))
+
+    def describe(n_params):
+        return (f"imle ({config['arch']} generator, z {config['z_dim']}, {n_params:,} parameters, "
+                f"{config['samples_per_point']} samples per point every {staleness} epochs) on {ds.source}: "
+                f"{ds.train.shape[0]} points of {ds.image_shape}, device {device}")
+
+    def evaluate():
+        return {"last_mean_nearest_dist": model.last_search.get("mean_nearest_dist")}
+    # the batches are indices of data points: IMLE looks up each point and its chosen code
+    training.fit(model, torch.arange(ds.train.shape[0]), kind="imle", config=model.config, ckpt=ckpt,
+                 **train_cmd.fit_args(args, device), betas=(0.5, 0.999), before_epoch=model.before_epoch(staleness),
+                 evaluate=evaluate, write_pngs=lambda: write_pngs(model, args.out, args.seed, device),
+                 extra={"data_args": data_args, "staleness": staleness}, describe=describe)
+    return 0

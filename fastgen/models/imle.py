@@ -1,0 +1,198 @@
+"""fastgen.models.IMLE: Implicit Maximum Likelihood Estimation (Li & Malik, 2018).
+
+A generator G maps latent codes z ~ N(0, I) to data. IMLE makes every *data point* have
+a generated sample close to it -- the opposite direction of a GAN's discriminator, which
+is why it does not drop modes:
+
+    every `staleness` epochs (a search round):
+        draw samples_per_point * N codes, generate, and find for every data point x_i
+        its nearest sample G(z_j(i)) (exact kNN, k = 1, in pixel or feature space)
+    every step, on a batch of data points:
+        loss = || G(z_j(i) + noise) - x_i ||^2   (or L1), noise ~ N(0, 0.01^2)
+
+The search streams: samples are generated, searched (fastgen.ops.StreamingKNN) and
+discarded chunk by chunk, so memory is O((N + chunk) * D) however many samples a round
+draws; only the codes of the chosen samples are kept (`chosen_z`, a buffer, so a
+checkpoint resumes mid-round).
+
+Defaults from the reference code: z_dim 64, samples_per_point 10, staleness 5, noise
+0.01, Adam lr 1e-3 with betas (0.5, 0.999) (`fastgen train imle` sets them).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.models.networks import make_decoder
+
+LOSSES = ("l2", "l1")
+
+
+class IMLE(nn.Module):
+    """IMLE with its generator.
+
+    Args:
+        image_shape: (C, H, W) of the data, values in [0, 1].
+        z_dim: latent size (64).
+        arch: "mlp" or "conv" generator (fastgen.models.networks decoders + sigmoid).
+        samples_per_point: samples drawn per data point in a search round (10).
+        noise: std of the Gaussian noise added to each chosen code in training (0.01).
+        loss: "l2" (sum of squares per point) or "l1".
+        feature_dim: None searches in pixel space; an int searches in a fixed random
+            projection to that many features (seeded by `feature_seed`).
+        chunk: samples generated and searched at once (bounds the search's memory).
+        generator: optional nn.Module mapping (B, z_dim) to (B, C, H, W) in [0, 1],
+            replacing the built-in one (then arch is ignored).
+        feature: optional nn.Module mapping (B, C, H, W) to (B, F) features for the
+            search (replaces feature_dim).
+    """
+
+    def __init__(self, image_shape, z_dim=64, arch="mlp", samples_per_point=10, noise=0.01, loss="l2",
+                 feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        for name, v in (("z_dim", z_dim), ("samples_per_point", samples_per_point), ("chunk", chunk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (0 <= float(noise) < math.inf):
+            raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
+                                        or feature_dim < 1):
+            raise ValueError(f"feature_dim must be None or an int >= 1, got {feature_dim!r}")
+        self.config = dict(image_shape=tuple(image_shape), z_dim=z_dim, arch=arch,
+                           samples_per_point=samples_per_point, noise=float(noise), loss=loss,
+                           feature_dim=feature_dim, feature_seed=feature_seed, chunk=chunk)
+        self.image_shape = tuple(image_shape)
+        self.z_dim, self.samples_per_point, self.noise = z_dim, samples_per_point, float(noise)
+        self.loss_kind, self.chunk = loss, chunk
+        self.generator = generator if generator is not None else make_decoder(arch, z_dim, self.image_shape)
+        self._logits = generator is None   # the built-in decoders end in logits
+        self.feature = feature
+        d = math.prod(self.image_shape)
+        if feature is None and feature_dim is not None:
+            g = torch.Generator().manual_seed(int(feature_seed))
+            self.register_buffer("projection", torch.randn(d, feature_dim, generator=g) / math.sqrt(feature_dim))
+        else:
+            self.projection = None
+        self.register_buffer("chosen_z", torch.zeros(0, z_dim))
+        self.data = None
+        self.last_search = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # chosen_z's size is the data's, known only once a checkpoint or a search says it
+        key = prefix + "chosen_z"
+        if key in state_dict:
+            self.chosen_z = torch.empty(state_dict[key].shape, dtype=self.chosen_z.dtype, device=self.chosen_z.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        c = self.config
+        return (f"image_shape={c['image_shape']}, z_dim={c['z_dim']}, samples_per_point={c['samples_per_point']}, "
+                f"noise={c['noise']}, loss={c['loss']!r}, feature_dim={c['feature_dim']}")
+
+    # ------------------------------------------------------------------ pieces
+
+    def generate(self, z):
+        """(B, z_dim) codes -> (B, C, H, W) images in [0, 1]."""
+        x = self.generator(z)
+        return torch.sigmoid(x) if self._logits else x
+
+    def features(self, x):
+        """(B, C, H, W) -> (B, F) float32 search features (pixels, projection or module)."""
+        if self.feature is not None:
+            f = self.feature(x)
+            if f.dim() != 2 or f.shape[0] != x.shape[0]:
+                raise ValueError(f"feature must map a batch of {x.shape[0]} images to ({x.shape[0]}, F), "
+                                 f"got shape {tuple(f.shape)}")
+            return f.float().contiguous()
+        f = x.flatten(1).float()
+        return (f @ self.projection).contiguous() if self.projection is not None else f.contiguous()
+
+    @torch.no_grad()
+    def sample(self, n, generator=None, device="cpu"):
+        z = torch.randn(n, self.z_dim, generator=generator, device=device)
+        return self.generate(z)
+
+    # ------------------------------------------------------------------ the search round
+
+    @torch.no_grad()
+    def search(self, data, generator=None):
+        """One search round over `data` (N, C, H, W): draws samples_per_point * N codes,
+        generates and searches them chunk by chunk, keeps each point's nearest code in
+        `chosen_z`. Returns {"mean_nearest_dist": mean squared distance (features),
+        "samples": count}."""
+        from fastgen.ops import StreamingKNN
+        self.check_data(data)
+        was_training = self.training
+        self.eval()
+        n = data.shape[0]
+        device = data.device
+        queries = torch.cat([self.features(data[i:i + self.chunk]) for i in range(0, n, self.chunk)])
+        search = StreamingKNN(queries, 1)
+        total = n * self.samples_per_point
+        codes = []
+        for s in range(0, total, self.chunk):
+            z = torch.randn(min(self.chunk, total - s), self.z_dim, generator=generator, device=device)
+            x = self.generate(z)
+            if x.shape[1:] != data.shape[1:]:
+                raise ValueError(f"generator makes samples of shape {tuple(x.shape[1:])} but the data is "
+                                 f"{tuple(data.shape[1:])}")
+            search.add(self.features(x))
+            codes.append(z)
+        dist, idx = search.result()
+        self.chosen_z = torch.cat(codes)[idx[:, 0]]
+        self.train(was_training)
+        self.last_search = {"mean_nearest_dist": float(dist.mean()), "samples": total}
+        return dict(self.last_search)
+
+    def check_data(self, data):
+        if not isinstance(data, torch.Tensor) or data.dim() != 4:
+            raise ValueError(f"data must be an (N, C, H, W) tensor, got {getattr(data, 'shape', type(data))}")
+        if data.shape[0] == 0:
+            raise ValueError("data is empty (0 points)")
+        if tuple(data.shape[1:]) != self.image_shape:
+            raise ValueError(f"data has images of shape {tuple(data.shape[1:])} but the model was built for "
+                             f"{self.image_shape}")
+        if not bool(torch.isfinite(data).all()):
+            raise ValueError("data contains NaN or infinite values")
+
+    # ------------------------------------------------------------------ training step
+
+    def forward(self, index):
+        """Loss on the data points `index` (int64 (B,)) against their chosen samples:
+        {"loss": mean over the batch of the per-point L2 (sum of squares) or L1}."""
+        if self.data is None or self.chosen_z.shape[0] != self.data.shape[0]:
+            raise RuntimeError("IMLE has no chosen samples for its data: call search(data) first "
+                               "(fastgen.training.fit does it through IMLE.before_epoch)")
+        x = self.data[index]
+        z = self.chosen_z[index]
+        if self.noise > 0:
+            z = z + self.noise * torch.randn_like(z)
+        out = self.generate(z)
+        diff = (out - x).flatten(1)
+        per_point = diff.square().sum(1) if self.loss_kind == "l2" else diff.abs().sum(1)
+        return {"loss": per_point.mean()}
+
+    def attach(self, data):
+        """The data points training indexes into (kept by reference, not in the state)."""
+        self.check_data(data)
+        self.data = data
+        return self
+
+    def before_epoch(self, staleness):
+        """fit's hook: a search round at every `staleness`-th epoch (and whenever no
+        samples are chosen yet, e.g. a fresh run)."""
+        def hook(epoch):
+            if epoch % staleness == 0 or self.chosen_z.shape[0] != self.data.shape[0]:
+                return self.search(self.data)
+            return None
+        return hook
+
+    @torch.no_grad()
+    def nearest_pairs(self, count=16):
+        """(data points, their chosen samples) for the first `count` points: the picture
+        of what IMLE pulls together."""
+        x = self.data[:count]
+        return x, self.generate(self.chosen_z[:count])

@@ -1,0 +1,69 @@
+"""fastgen.ops.StreamingKNN: the k nearest of keys that arrive in chunks.
+
+IMLE searches, for every data point, the nearest of many generated samples; holding all
+samples at once costs O(samples x D) memory. A StreamingKNN keeps each query's best k
+(distance, global index) across chunks of keys, so memory is O((N + chunk) * D + N * k)
+however many keys stream past, and the samples themselves can be discarded (regenerated
+from their latent codes when needed).
+
+Exactness: each chunk goes through `knn` (float64 ranking, lowest index on ties), and the
+running candidates and a chunk's are merged by their float64 distances computed directly
+from the inputs, ties by global index, so the result equals one `knn` over all the keys
+concatenated in the order they were added.
+"""
+import torch
+
+from fastgen.ops import _validate
+from fastgen.ops.knn import Neighbours, knn
+
+
+class StreamingKNN:
+    """The k nearest keys of `queries` over every chunk passed to `add`.
+
+    Args:
+        queries: (N, D) float32/float16/bfloat16.
+        k: neighbours per query; the keys added in total must reach k before `result`.
+        backend, precision: as in `fastgen.ops.knn`.
+
+    `add(keys)` takes a (M_i, D) chunk (global indices continue from the last chunk);
+    `result()` returns Neighbours(dist (N, k) float32 ascending, idx (N, k) int64 global).
+    """
+
+    def __init__(self, queries, k=1, *, backend="auto", precision="fp32"):
+        _validate.points(queries, "queries", ndims=(2,))
+        _validate.positive_int(k, "k")
+        _validate.finite(queries, "queries")
+        self.queries, self.k = queries, int(k)
+        self.backend, self.precision = backend, precision
+        self.seen = 0
+        n = queries.shape[0]
+        self._dist = torch.full((n, 0), float("inf"), dtype=torch.float64, device=queries.device)
+        self._idx = torch.empty((n, 0), dtype=torch.long, device=queries.device)
+
+    def add(self, keys):
+        """Search one chunk of keys (M_i, D) and merge it into the running best."""
+        _validate.points(keys, "keys", ndims=(2,))
+        _validate.same_kind(self.queries, "queries", keys, "keys")
+        m = keys.shape[0]
+        if m == 0:
+            return self
+        kk = min(self.k, m)
+        with torch.no_grad():
+            _, idx = knn(self.queries, keys, kk, backend=self.backend, precision=self.precision)
+            # float64 distances of this chunk's candidates, straight from the inputs
+            dist = torch.stack([(self.queries.double() - keys[idx[:, j]].double()).square().sum(1)
+                                for j in range(kk)], 1)
+        idx = idx + self.seen
+        self.seen += m
+        # merge: running candidates first (lower global indices), so a stable sort by
+        # float64 distance keeps the lowest index among equal distances
+        d = torch.cat([self._dist, dist], 1)
+        i = torch.cat([self._idx, idx], 1)
+        order = torch.sort(d, dim=1, stable=True).indices[:, :self.k]
+        self._dist, self._idx = d.gather(1, order), i.gather(1, order)
+        return self
+
+    def result(self):
+        if self.seen < self.k:
+            raise ValueError(f"k={self.k} but only {self.seen} keys were added")
+        return Neighbours(self._dist.float(), self._idx.clone())

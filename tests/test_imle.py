@@ -1,0 +1,110 @@
+"""fastgen.models.IMLE: the search picks each point's exact nearest sample, training on
+digits pulls samples onto the data and covers every class, runs resume exactly, bad
+input is refused before any step."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from fastgen.cli import main
+from fastgen.models import IMLE
+from fastgen.ops import knn
+
+QUICK = ["--threads", "1", "--quiet"]
+
+
+def digits():
+    from fastgen import data
+    return data.load_digits().train
+
+
+@pytest.mark.parametrize("feature_dim", [None, 12])
+def test_search_keeps_each_points_exact_nearest_sample(feature_dim):
+    x = torch.rand(57, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=5, samples_per_point=7, chunk=33, feature_dim=feature_dim)
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    info = model.search(x, generator=torch.Generator().manual_seed(seed))
+    # the same codes, all at once: chunking and streaming must not change the choice
+    g = torch.Generator().manual_seed(seed)
+    z = torch.cat([torch.randn(min(33, 57 * 7 - s), 5, generator=g) for s in range(0, 57 * 7, 33)])
+    with torch.no_grad():
+        samples = model.generate(z)
+        dist, idx = knn(model.features(x), model.features(samples), 1)
+    assert torch.equal(model.chosen_z, z[idx[:, 0]])
+    assert info["samples"] == 57 * 7
+    assert info["mean_nearest_dist"] == pytest.approx(float(dist.mean()), rel=1e-5)
+
+
+def test_feature_module_and_custom_generator():
+    gen = nn.Sequential(nn.Linear(3, 16), nn.Sigmoid(), nn.Unflatten(1, (1, 4, 4)))
+    feat = nn.Sequential(nn.Flatten(), nn.Linear(16, 6))
+    model = IMLE((1, 4, 4), z_dim=3, samples_per_point=4, generator=gen, feature=feat)
+    x = torch.rand(20, 1, 4, 4)
+    model.search(x)
+    model.attach(x)
+    loss = model(torch.arange(5))["loss"]
+    loss.backward()
+    assert loss > 0 and gen[0].weight.grad is not None
+
+
+def test_training_pulls_samples_onto_the_data_and_covers_every_digit(tmp_path):
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    out = str(tmp_path / "imle")
+    assert main(["train", "imle", "--data", "digits", "--epochs", "40", "--eval-every", "40", "--out", out,
+                 *QUICK]) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rounds = [r["mean_nearest_dist"] for r in map(json.loads, f) if "mean_nearest_dist" in r]
+    assert len(rounds) == 8 and rounds[-1] < 0.25 * rounds[0], rounds
+    for name in ("samples.png", "nearest.png", "checkpoint.pt"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    # a classifier trained on real digits labels the samples: every class shows up
+    d = load_digits()
+    clf = LogisticRegression(max_iter=2000).fit(d.data / 16.0, d.target)
+    assert main(["sample", "imle", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out",
+                 str(tmp_path / "s"), "-n", "500"]) == 0
+    samples = torch.load(tmp_path / "s" / "samples.pt")
+    labels = clf.predict(samples.flatten(1).numpy())
+    counts = torch.bincount(torch.from_numpy(labels), minlength=10)
+    assert (counts >= 10).all(), counts.tolist()
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = ["train", "imle", "--data", "digits", "--batches-per-epoch", "4", "--staleness", "2",
+            "--samples-per-point", "3", "--eval-every", "99", *QUICK]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    assert main([*args, "--epochs", "5", "--out", full]) == 0
+    assert main([*args, "--epochs", "3", "--out", split]) == 0
+    assert main([*args, "--epochs", "5", "--out", split, "--resume"]) == 0
+    a = torch.load(os.path.join(full, "checkpoint.pt"))
+    b = torch.load(os.path.join(split, "checkpoint.pt"))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.parametrize("call, exc, msg", [
+    (lambda: IMLE((1, 8, 8), samples_per_point=0), ValueError, "samples_per_point"),
+    (lambda: IMLE((1, 8, 8), z_dim=1.5), ValueError, "z_dim"),
+    (lambda: IMLE((1, 8, 8), loss="l3"), ValueError, "loss"),
+    (lambda: IMLE((1, 8, 8), noise=float("nan")), ValueError, "noise"),
+    (lambda: IMLE((1, 8, 8), feature_dim=0), ValueError, "feature_dim"),
+    (lambda: IMLE((1, 8, 8)).search(torch.rand(0, 1, 8, 8)), ValueError, "data is empty"),
+    (lambda: IMLE((1, 8, 8)).search(torch.full((4, 1, 8, 8), float("nan"))), ValueError, "data contains NaN"),
+    (lambda: IMLE((1, 8, 8)).search(torch.rand(4, 1, 6, 6)), ValueError, r"data has images of shape \(1, 6, 6\)"),
+    (lambda: IMLE((1, 4, 4), z_dim=2, generator=nn.Sequential(nn.Linear(2, 9), nn.Unflatten(1, (1, 3, 3))))
+     .search(torch.rand(4, 1, 4, 4)), ValueError, r"generator makes samples of shape \(1, 3, 3\)"),
+    (lambda: IMLE((1, 4, 4), feature=nn.Flatten(0)).search(torch.rand(4, 1, 4, 4)), ValueError,
+     "feature must map a batch of"),
+    (lambda: IMLE((1, 4, 4)).attach(torch.rand(3, 1, 4, 4))(torch.arange(2)), RuntimeError, "call search"),
+])
+def test_bad_inputs(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    assert main(["train", "imle", "--data", "digits", "--epochs", "1", "--samples-per-point", "0",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "--samples-per-point must be >= 1" in capsys.readouterr().err
