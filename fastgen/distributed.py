@@ -1,0 +1,82 @@
+"""fastgen across processes (torch.distributed): searches whose keys are spread over ranks.
+
+`sharded_knn(queries, local_keys, k)`: every rank holds the same queries and its own
+shard of the keys (IMLE: the samples this rank generated). Each rank computes its exact
+local top-k, the candidates' float64 distances and global indices (rank r's keys follow
+those of ranks < r) are all-gathered, and every rank merges them the same way -- by
+float64 distance, ties to the lowest global index -- so the answer equals one `knn` over
+the shards concatenated in rank order, on every rank.
+"""
+import torch
+import torch.distributed as dist
+
+from fastgen.ops import _validate
+from fastgen.ops.knn import Neighbours, knn
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _all_gather(t, group):
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precision="fp32"):
+    """The k nearest keys of `queries` over all ranks' `local_keys`.
+
+    Args:
+        queries: (N, D), the same on every rank.
+        local_keys: (M_r, D) this rank's shard (M_r may be 0 on some ranks), the same dtype
+            and D on every rank.
+        k: 1 <= k <= sum of M_r.
+        group: the process group (default: the world).
+        backend, precision: of the local search (fastgen.ops.knn).
+
+    Returns:
+        Neighbours(dist (N, k) float32 ascending, idx (N, k) int64 global indices), the
+        same on every rank. Disagreeing ranks (D, dtype, N, k) raise a ValueError on every
+        rank, before any search.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("sharded_knn needs an initialized torch.distributed process group "
+                           "(torchrun, or init_process_group); use fastgen.ops.knn in one process")
+    _validate.points(queries, "queries", ndims=(2,))
+    _validate.points(local_keys, "local_keys", ndims=(2,))
+    _validate.positive_int(k, "k")
+    # what every rank must agree on, in one small collective before any search
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    finite = bool(torch.isfinite(local_keys).all()) and bool(torch.isfinite(queries).all())
+    mine = torch.tensor([local_keys.shape[0], local_keys.shape[1], queries.shape[0], queries.shape[1],
+                         _DTYPES.index(local_keys.dtype), _DTYPES.index(queries.dtype), k, int(finite)],
+                        dtype=torch.long)
+    table = torch.stack(_all_gather(mine, group))                  # (world, 8)
+    if not bool(table[:, 7].all()):
+        bad = [r for r in range(world) if not table[r, 7]]
+        raise ValueError(f"queries or local_keys contain NaN or infinite values on rank(s) {bad}")
+    for col, what in ((1, "local_keys' D"), (2, "queries' N"), (3, "queries' D"), (4, "local_keys' dtype"),
+                      (5, "queries' dtype"), (6, "k")):
+        if not bool((table[:, col] == table[0, col]).all()):
+            raise ValueError(f"ranks disagree on {what}: {table[:, col].tolist()} (rank {rank} of {world})")
+    _validate.same_kind(queries, "queries", local_keys, "local_keys")
+    sizes = table[:, 0].tolist()
+    total = sum(sizes)
+    if k > total:
+        raise ValueError(f"k={k} exceeds the {total} keys held by all ranks together")
+    n = queries.shape[0]
+    offset = sum(sizes[:rank])
+    kk = min(k, sizes[rank])
+    d64 = torch.full((n, k), float("inf"), dtype=torch.float64)
+    gidx = torch.full((n, k), -1, dtype=torch.long)
+    if kk > 0 and n > 0:
+        with torch.no_grad():
+            _, idx = knn(queries, local_keys, kk, backend=backend, precision=precision)
+            idx = idx.cpu()
+            for j in range(kk):   # float64 distances from the inputs: the merge must rank exactly
+                d64[:, j] = (queries.double() - local_keys[idx[:, j]].double()).square().sum(1).cpu()
+            gidx[:, :kk] = idx + offset
+    # every rank's candidates, in rank order (= ascending global index within equal distances)
+    d_all = torch.cat(_all_gather(d64, group), 1)
+    i_all = torch.cat(_all_gather(gidx, group), 1)
+    order = torch.sort(d_all, dim=1, stable=True).indices[:, :k]
+    return Neighbours(d_all.gather(1, order).float().to(queries.device), i_all.gather(1, order).to(queries.device))
