@@ -90,6 +90,8 @@ def test_resume_continues_exactly(tmp_path):
     (lambda: IMLE((1, 8, 8), loss="l3"), ValueError, "loss"),
     (lambda: IMLE((1, 8, 8), noise=float("nan")), ValueError, "noise"),
     (lambda: IMLE((1, 8, 8), feature_dim=0), ValueError, "feature_dim"),
+    (lambda: IMLE((1, 8, 8), reject_eps=0.0), ValueError, "reject_eps"),
+    (lambda: IMLE((1, 8, 8), adaptive_gamma=1.0), ValueError, "adaptive_gamma"),
     (lambda: IMLE((1, 8, 8)).search(torch.rand(0, 1, 8, 8)), ValueError, "data is empty"),
     (lambda: IMLE((1, 8, 8)).search(torch.full((4, 1, 8, 8), float("nan"))), ValueError, "data contains NaN"),
     (lambda: IMLE((1, 8, 8)).search(torch.rand(4, 1, 6, 6)), ValueError, r"data has images of shape \(1, 6, 6\)"),
@@ -108,3 +110,53 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert main(["train", "imle", "--data", "digits", "--epochs", "1", "--samples-per-point", "0",
                  "--out", str(tmp_path / "a")]) == 2
     assert "--samples-per-point must be >= 1" in capsys.readouterr().err
+
+
+def test_rejection_discards_samples_near_the_data():
+    x = torch.rand(40, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=4, samples_per_point=6, chunk=50)
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    z = torch.cat([torch.randn(min(50, 240 - s), 4, generator=g) for s in range(0, 240, 50)])
+    with torch.no_grad():
+        f = model.features(model.generate(z))
+        fx = model.features(x)
+        near = knn(f, fx, 1).dist[:, 0]
+    eps = float(near.sqrt().median())                       # about half the samples go
+    model.reject_eps = eps
+    info = model.search(x, generator=torch.Generator().manual_seed(seed))
+    keep = near >= eps ** 2
+    assert info["rejected"] == int((~keep).sum()) > 0
+    _, idx = knn(fx, f[keep], 1)
+    assert torch.equal(model.chosen_z, z[keep][idx[:, 0]])  # the nearest among the kept ones
+    model.reject_eps = 1e6
+    with pytest.raises(RuntimeError, match="rejected every one"):
+        model.search(x)
+
+
+def test_adaptive_thresholds_search_only_converged_points():
+    x = torch.rand(30, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=4, samples_per_point=5, adaptive_gamma=0.1)
+    first = model.search(x)
+    assert first["searched"] == 30 and torch.isfinite(model.threshold).all()
+    with torch.no_grad():
+        d = (model.features(model.generate(model.chosen_z)) - model.features(x)).square().sum(1)
+    assert torch.allclose(model.threshold, d * 0.81, rtol=1e-4)   # tau = d (1 - gamma), squared
+    # pull half the points' samples onto them: exactly those are searched again
+    with torch.no_grad():
+        before = model.chosen_z.clone()
+        model.threshold[::2] = float("inf")
+    second = model.search(x)
+    assert second["searched"] == 15
+    assert torch.equal(model.chosen_z[1::2], before[1::2])
+
+
+@pytest.mark.parametrize("variant", [["--reject-eps", "0.5"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
+                                     ["--arch", "conv", "--size", "16"], ["--loss", "l1"]])
+def test_each_variant_trains_from_the_cli(tmp_path, variant):
+    out = str(tmp_path / "v")
+    assert main(["train", "imle", "--data", "digits", "--epochs", "3", "--staleness", "1", "--batches-per-epoch", "3",
+                 "--samples-per-point", "2", "--out", out, *variant, *QUICK]) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 3 and all(r["searched"] > 0 for r in rows[:1])

@@ -26,6 +26,11 @@ def add_parser(families):
     p.add_argument("--loss", choices=["l2", "l1"], default="l2")
     p.add_argument("--feature-dim", type=int, default=None,
                    help="search in a fixed random projection to this many features (default: pixels)")
+    p.add_argument("--reject-eps", type=float, default=None,
+                   help="RS-IMLE: discard samples closer than this to any data point before the search")
+    p.add_argument("--adaptive-gamma", type=float, default=None,
+                   help="Adaptive IMLE: search a point again only once its sample is within its threshold, "
+                        "then shrink the threshold by this factor")
     p.set_defaults(func=run)
 
 
@@ -52,7 +57,8 @@ def run(args):
     ds, data_args = train_cmd.load_data(args, ckpt)
     config = ckpt["config"] if ckpt else dict(
         image_shape=ds.image_shape, z_dim=args.z_dim, arch=args.arch, samples_per_point=args.samples_per_point,
-        noise=args.noise, loss=args.loss, feature_dim=args.feature_dim)
+        noise=args.noise, loss=args.loss, feature_dim=args.feature_dim, reject_eps=args.reject_eps,
+        adaptive_gamma=args.adaptive_gamma)
     staleness = ckpt["staleness"] if ckpt else args.staleness
     torch.manual_seed(args.seed)
     model = build_model("imle", config).to(device).attach(ds.train.to(device))

@@ -46,10 +46,18 @@ class IMLE(nn.Module):
             replacing the built-in one (then arch is ignored).
         feature: optional nn.Module mapping (B, C, H, W) to (B, F) features for the
             search (replaces feature_dim).
+        reject_eps: RS-IMLE (rejection sampling): samples closer than this (Euclidean,
+            in search features) to any data point are discarded before the search, so a
+            point is never matched to a sample that already sits on the data. None: off.
+        adaptive_gamma: Adaptive IMLE: each point keeps a threshold tau_i; in a search
+            round only points whose current sample G(z_i) is already within tau_i are
+            searched again, then tau_i = d_i * (1 - gamma) (d_i its new nearest
+            distance). None: every point is searched every round.
     """
 
     def __init__(self, image_shape, z_dim=64, arch="mlp", samples_per_point=10, noise=0.01, loss="l2",
-                 feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None):
+                 feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None, reject_eps=None,
+                 adaptive_gamma=None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -61,9 +69,16 @@ class IMLE(nn.Module):
         if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
                                         or feature_dim < 1):
             raise ValueError(f"feature_dim must be None or an int >= 1, got {feature_dim!r}")
+        if reject_eps is not None and not (0 < float(reject_eps) < math.inf):
+            raise ValueError(f"reject_eps must be None or a positive finite number, got {reject_eps!r}")
+        if adaptive_gamma is not None and not (0 <= float(adaptive_gamma) < 1):
+            raise ValueError(f"adaptive_gamma must be None or in [0, 1), got {adaptive_gamma!r}")
         self.config = dict(image_shape=tuple(image_shape), z_dim=z_dim, arch=arch,
                            samples_per_point=samples_per_point, noise=float(noise), loss=loss,
-                           feature_dim=feature_dim, feature_seed=feature_seed, chunk=chunk)
+                           feature_dim=feature_dim, feature_seed=feature_seed, chunk=chunk,
+                           reject_eps=None if reject_eps is None else float(reject_eps),
+                           adaptive_gamma=None if adaptive_gamma is None else float(adaptive_gamma))
+        self.reject_eps, self.adaptive_gamma = self.config["reject_eps"], self.config["adaptive_gamma"]
         self.image_shape = tuple(image_shape)
         self.z_dim, self.samples_per_point, self.noise = z_dim, samples_per_point, float(noise)
         self.loss_kind, self.chunk = loss, chunk
@@ -77,14 +92,17 @@ class IMLE(nn.Module):
         else:
             self.projection = None
         self.register_buffer("chosen_z", torch.zeros(0, z_dim))
+        self.register_buffer("threshold", torch.zeros(0))   # Adaptive IMLE's tau_i (squared)
         self.data = None
         self.last_search = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # chosen_z's size is the data's, known only once a checkpoint or a search says it
-        key = prefix + "chosen_z"
-        if key in state_dict:
-            self.chosen_z = torch.empty(state_dict[key].shape, dtype=self.chosen_z.dtype, device=self.chosen_z.device)
+        for name in ("chosen_z", "threshold"):
+            key = prefix + name
+            if key in state_dict:
+                cur = getattr(self, name)
+                setattr(self, name, torch.empty(state_dict[key].shape, dtype=cur.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
@@ -119,33 +137,59 @@ class IMLE(nn.Module):
 
     @torch.no_grad()
     def search(self, data, generator=None):
-        """One search round over `data` (N, C, H, W): draws samples_per_point * N codes,
-        generates and searches them chunk by chunk, keeps each point's nearest code in
-        `chosen_z`. Returns {"mean_nearest_dist": mean squared distance (features),
-        "samples": count}."""
-        from fastgen.ops import StreamingKNN
+        """One search round over `data` (N, C, H, W): draws samples_per_point codes per point
+        searched, generates and searches them chunk by chunk, keeps each point's nearest
+        code in `chosen_z`. Returns {"mean_nearest_dist": mean squared distance (features)
+        of the points searched, "samples": drawn, "searched": points searched, "rejected":
+        samples discarded by reject_eps}."""
+        from fastgen.ops import StreamingKNN, knn
         self.check_data(data)
         was_training = self.training
         self.eval()
         n = data.shape[0]
         device = data.device
-        queries = torch.cat([self.features(data[i:i + self.chunk]) for i in range(0, n, self.chunk)])
-        search = StreamingKNN(queries, 1)
-        total = n * self.samples_per_point
-        codes = []
-        for s in range(0, total, self.chunk):
-            z = torch.randn(min(self.chunk, total - s), self.z_dim, generator=generator, device=device)
-            x = self.generate(z)
-            if x.shape[1:] != data.shape[1:]:
-                raise ValueError(f"generator makes samples of shape {tuple(x.shape[1:])} but the data is "
-                                 f"{tuple(data.shape[1:])}")
-            search.add(self.features(x))
-            codes.append(z)
-        dist, idx = search.result()
-        self.chosen_z = torch.cat(codes)[idx[:, 0]]
+        feats = torch.cat([self.features(data[i:i + self.chunk]) for i in range(0, n, self.chunk)])
+        fresh = self.chosen_z.shape[0] != n
+        if fresh:
+            self.chosen_z = torch.zeros(n, self.z_dim, device=device)
+            self.threshold = torch.full((n,), math.inf, device=device)
+        who = torch.arange(n, device=device)
+        if self.adaptive_gamma is not None and not fresh:
+            # only points whose current sample has come within their threshold
+            current = torch.cat([self.features(self.generate(self.chosen_z[i:i + self.chunk]))
+                                 for i in range(0, n, self.chunk)])
+            who = torch.nonzero((current - feats).square().sum(1) <= self.threshold).flatten()
+        info = {"samples": 0, "searched": int(who.numel()), "rejected": 0}
+        if who.numel():
+            search = StreamingKNN(feats[who], 1)
+            total = who.numel() * self.samples_per_point
+            codes = []
+            for s in range(0, total, self.chunk):
+                z = torch.randn(min(self.chunk, total - s), self.z_dim, generator=generator, device=device)
+                x = self.generate(z)
+                if x.shape[1:] != data.shape[1:]:
+                    raise ValueError(f"generator makes samples of shape {tuple(x.shape[1:])} but the data is "
+                                     f"{tuple(data.shape[1:])}")
+                f = self.features(x)
+                if self.reject_eps is not None:
+                    # RS-IMLE: a sample within eps of any data point is not a candidate
+                    keep = knn(f, feats, 1).dist[:, 0] >= self.reject_eps ** 2
+                    info["rejected"] += int((~keep).sum())
+                    f, z = f[keep], z[keep]
+                search.add(f)
+                codes.append(z)
+            info["samples"] = total
+            if search.seen == 0:
+                raise RuntimeError(f"reject_eps={self.reject_eps} rejected every one of the {total} samples; "
+                                   "use a smaller reject_eps or more samples_per_point")
+            dist, idx = search.result()
+            self.chosen_z[who] = torch.cat(codes)[idx[:, 0]]
+            if self.adaptive_gamma is not None:
+                self.threshold[who] = dist[:, 0] * (1 - self.adaptive_gamma) ** 2
+            info["mean_nearest_dist"] = float(dist.mean())
         self.train(was_training)
-        self.last_search = {"mean_nearest_dist": float(dist.mean()), "samples": total}
-        return dict(self.last_search)
+        self.last_search = info
+        return dict(info)
 
     def check_data(self, data):
         if not isinstance(data, torch.Tensor) or data.dim() != 4:
