@@ -49,3 +49,17 @@ def test_make_targets_the_readme_names_exist():
         targets = set(re.findall(r"^([a-z-]+):", f.read(), re.M))
     named = {m for b in blocks("bash") for m in re.findall(r"^make (\w+)", b, re.M)}
     assert named and named <= targets, named - targets
+
+
+def test_every_file_the_readme_points_at_is_in_the_repository():
+    # a user's clone has only the repository: no ../ paths, every linked file present
+    root = os.path.dirname(README)
+    with open(README) as f:
+        text = f.read()
+    targets = re.findall(r"\]\(([^)#]+)\)", text) + re.findall(r"`((?:\.\./|docs/|benchmarks/)[^`\s]+)`", text)
+    local = [t for t in targets if "://" not in t]
+    assert local
+    outside = [t for t in local if os.path.normpath(t).startswith("..")]
+    assert not outside, outside
+    missing = [t for t in local if "<" not in t and "*" not in t and not os.path.exists(os.path.join(root, t))]
+    assert not missing, missing
