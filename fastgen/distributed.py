@@ -5,13 +5,16 @@ shard of the keys (IMLE: the samples this rank generated). Each rank computes it
 local top-k, the candidates' float64 distances and global indices (rank r's keys follow
 those of ranks < r) are all-gathered, and every rank merges them the same way -- by
 float64 distance, ties to the lowest global index -- so the answer equals one `knn` over
-the shards concatenated in rank order, on every rank.
+the shards concatenated in rank order, on every rank. The collectives move small CPU
+tensors (the agreement table, N x k candidates), so the group needs a CPU-capable backend
+(gloo, or a group created with backend="gloo" next to NCCL).
 """
 import torch
 import torch.distributed as dist
 
 from fastgen.ops import _validate
 from fastgen.ops.knn import Neighbours, knn
+from fastgen.ops.streaming_knn import candidate_sqdist64, merge_candidates
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,12 +74,8 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
     if kk > 0 and n > 0:
         with torch.no_grad():
             _, idx = knn(queries, local_keys, kk, backend=backend, precision=precision)
-            idx = idx.cpu()
-            for j in range(kk):   # float64 distances from the inputs: the merge must rank exactly
-                d64[:, j] = (queries.double() - local_keys[idx[:, j]].double()).square().sum(1).cpu()
-            gidx[:, :kk] = idx + offset
-    # every rank's candidates, in rank order (= ascending global index within equal distances)
-    d_all = torch.cat(_all_gather(d64, group), 1)
-    i_all = torch.cat(_all_gather(gidx, group), 1)
-    order = torch.sort(d_all, dim=1, stable=True).indices[:, :k]
-    return Neighbours(d_all.gather(1, order).float().to(queries.device), i_all.gather(1, order).to(queries.device))
+            d64[:, :kk] = candidate_sqdist64(queries.double(), local_keys, idx).cpu()
+            gidx[:, :kk] = idx.cpu() + offset
+    # every rank's candidates, in rank order (= ascending global index)
+    d, i = merge_candidates(_all_gather(d64, group), _all_gather(gidx, group), k)
+    return Neighbours(d.float().to(queries.device), i.to(queries.device))

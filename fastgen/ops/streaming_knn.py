@@ -17,6 +17,20 @@ from fastgen.ops import _validate
 from fastgen.ops.knn import Neighbours, knn
 
 
+def candidate_sqdist64(queries64, keys, idx):
+    """float64 sum((q_i - keys[idx[i, j]])^2), (N, k), straight from the inputs: what the
+    merges below rank by (float32 distances can tie where float64 ones do not)."""
+    return (queries64[:, None, :] - keys[idx].double()).square().sum(-1)
+
+
+def merge_candidates(dists, idxs, k):
+    """The k best of several candidate lists (N, k_i) each, given in ascending global-index
+    order: a stable sort by float64 distance keeps the lowest index among equal ones."""
+    d, i = torch.cat(dists, 1), torch.cat(idxs, 1)
+    order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return d.gather(1, order), i.gather(1, order)
+
+
 class StreamingKNN:
     """The k nearest keys of `queries` over every chunk passed to `add`.
 
@@ -34,6 +48,7 @@ class StreamingKNN:
         _validate.positive_int(k, "k")
         _validate.finite(queries, "queries")
         self.queries, self.k = queries, int(k)
+        self._q64 = queries.double()
         self.backend, self.precision = backend, precision
         self.seen = 0
         n = queries.shape[0]
@@ -50,17 +65,10 @@ class StreamingKNN:
         kk = min(self.k, m)
         with torch.no_grad():
             _, idx = knn(self.queries, keys, kk, backend=self.backend, precision=self.precision)
-            # float64 distances of this chunk's candidates, straight from the inputs
-            dist = torch.stack([(self.queries.double() - keys[idx[:, j]].double()).square().sum(1)
-                                for j in range(kk)], 1)
-        idx = idx + self.seen
+            dist = candidate_sqdist64(self._q64, keys, idx)
+        # the running candidates hold lower global indices than this chunk's
+        self._dist, self._idx = merge_candidates([self._dist, dist], [self._idx, idx + self.seen], self.k)
         self.seen += m
-        # merge: running candidates first (lower global indices), so a stable sort by
-        # float64 distance keeps the lowest index among equal distances
-        d = torch.cat([self._dist, dist], 1)
-        i = torch.cat([self._idx, idx], 1)
-        order = torch.sort(d, dim=1, stable=True).indices[:, :self.k]
-        self._dist, self._idx = d.gather(1, order), i.gather(1, order)
         return self
 
     def result(self):
