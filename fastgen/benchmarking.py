@@ -15,7 +15,8 @@ For each (case, mode, provider), in this order:
 2. the correctness guard, before any timing: the provider's answer is judged by the
    suite's `check` (against the float64 truth or the exact fastgen result); a wrong
    answer fails the benchmark instead of producing a number;
-3. timing by pytest-benchmark (`pedantic`: one warm-up call, then `rounds` calls);
+3. timing by pytest-benchmark (`pedantic`: `rounds` calls; the checked call was the
+   warm-up, or one untimed call when the suite has no check);
 4. peak memory in a fresh process (`measure_peak_memory`, method below), unless
    `--benchmark-no-peak-memory`;
 5. extra_info for the report: op, case parameters, mode, provider, flops or bytes of
@@ -24,6 +25,7 @@ For each (case, mode, provider), in this order:
 `fastgen bench` runs these same suites (it calls pytest on benchmarks/ and prints the
 report's table).
 """
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -151,23 +153,23 @@ def run_benchmark(suite, benchmark, config, case, mode, provider):
     fn = suite.providers[provider].make(inputs, case.p, mode)
     verdict = "not checked"
     if suite.check is not None:
-        with torch.no_grad() if mode == "forward" else _nullcontext():
+        with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
             out = fn()
         verdict = suite.check(case.p, inputs, mode, provider, out)
         del out
         if not passed(verdict):
             pytest.fail(f"{suite.op} {case.id} {mode} {provider}: wrong answer, not timed: {verdict}")
     benchmark.group = f"{suite.op} {case.id} {mode}"
+    rounds = config.getoption("benchmark_rounds", None) or suite.rounds[0 if case.quick else 1]
     info = {"op": suite.op, "case": case.id, "params": case.p, "mode": mode, "provider": provider,
-            "check": verdict, "baselines": list(suite.baselines), "rounds": suite.rounds[0 if case.quick else 1],
+            "check": verdict, "baselines": list(suite.baselines), "rounds": rounds,
             "command": "pytest " + " ".join(sys.argv[1:]), **machine_info()}
     work = suite.providers[provider].work or suite.work
     if work is not None:
         info.update(work(case.p, mode))
-    rounds = config.getoption("benchmark_rounds", None) or suite.rounds[0 if case.quick else 1]
-    info["rounds"] = rounds
-    with torch.no_grad() if mode == "forward" else _nullcontext():
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    with torch.no_grad() if mode == "forward" else contextlib.nullcontext():
+        # the checked call above already warmed the provider up
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if suite.check else 1)
     if not config.getoption("benchmark_no_peak_memory", False) and not config.getoption("benchmark_disable", False):
         peak = measure_peak_memory(suite.file, case, mode, provider)
         info["peak_mb"] = peak if isinstance(peak, float) else None
@@ -180,13 +182,6 @@ def passed(verdict):
     """Whether a check's verdict lets the provider be timed: "ok", or "ok (detail)"."""
     return verdict == "ok" or (isinstance(verdict, str) and verdict.startswith("ok ("))
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def pytest_addoption(parser):
@@ -275,7 +270,7 @@ def _peak_child(spec_json):
     case = Case(tuple((k, v) for k, v in spec["params"]), spec["quick"])
     inputs = suite.build_inputs(case)
     fn = suite.providers[spec["provider"]].make(inputs, case.p, spec["mode"])
-    grad = _nullcontext() if spec["mode"] != "forward" else torch.no_grad()
+    grad = contextlib.nullcontext() if spec["mode"] != "forward" else torch.no_grad()
     with grad:
         fn()
     gc.collect()

@@ -12,11 +12,10 @@ tensors (the agreement table, N x k candidates), so the group needs a CPU-capabl
 import torch
 import torch.distributed as dist
 
-from fastgen.ops import _validate
+from fastgen.ops import _backend, _validate
 from fastgen.ops.knn import Neighbours, knn
 from fastgen.ops.streaming_knn import candidate_sqdist64, merge_candidates
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _all_gather(t, group):
@@ -44,19 +43,31 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("sharded_knn needs an initialized torch.distributed process group "
                            "(torchrun, or init_process_group); use fastgen.ops.knn in one process")
-    _validate.points(queries, "queries", ndims=(2,))
-    _validate.points(local_keys, "local_keys", ndims=(2,))
-    _validate.positive_int(k, "k")
-    # what every rank must agree on, in one small collective before any search
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    finite = bool(torch.isfinite(local_keys).all()) and bool(torch.isfinite(queries).all())
-    mine = torch.tensor([local_keys.shape[0], local_keys.shape[1], queries.shape[0], queries.shape[1],
-                         _DTYPES.index(local_keys.dtype), _DTYPES.index(queries.dtype), k, int(finite)],
-                        dtype=torch.long)
-    table = torch.stack(_all_gather(mine, group))                  # (world, 8)
+    # Every rank checks its own inputs, but raises only after the first collective, so a
+    # rank with bad input cannot leave the others waiting in a collective it never joins.
+    error = None
+    try:
+        _validate.points(queries, "queries", ndims=(2,))
+        _validate.points(local_keys, "local_keys", ndims=(2,))
+        _validate.positive_int(k, "k")
+        _validate.precision(precision)
+        _backend.resolve(backend, local_keys.device, precision)
+        if not (bool(torch.isfinite(local_keys).all()) and bool(torch.isfinite(queries).all())):
+            raise ValueError("queries or local_keys contain NaN or infinite values")
+        mine = torch.tensor([local_keys.shape[0], local_keys.shape[1], queries.shape[0], queries.shape[1],
+                             _validate.FLOAT_DTYPES.index(local_keys.dtype),
+                             _validate.FLOAT_DTYPES.index(queries.dtype), k, 1], dtype=torch.long)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error = exc
+        mine = torch.zeros(8, dtype=torch.long)        # column 7 = 0: this rank refused its input
+    table = torch.stack(_all_gather(mine, group))     # (world, 8): what every rank must agree on
+    if error is not None:
+        raise error
     if not bool(table[:, 7].all()):
         bad = [r for r in range(world) if not table[r, 7]]
-        raise ValueError(f"queries or local_keys contain NaN or infinite values on rank(s) {bad}")
+        raise ValueError(f"rank(s) {bad} refused their inputs (NaN/inf, shape, dtype, k or backend; "
+                         "their own error says which)")
     for col, what in ((1, "local_keys' D"), (2, "queries' N"), (3, "queries' D"), (4, "local_keys' dtype"),
                       (5, "queries' dtype"), (6, "k")):
         if not bool((table[:, col] == table[0, col]).all()):

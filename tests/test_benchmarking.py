@@ -41,7 +41,8 @@ def run_suite(tmp_path, *extra):
     (tmp_path / "conftest.py").write_text("from fastgen.benchmarking import pytest_addoption  # noqa: F401\n")
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "bench_double.py"), "--benchmark-only",
-                           f"--benchmark-json={out}", "-p", "no:cacheprovider", "-k", "quick", "-rA", *extra],
+                           f"--benchmark-json={out}", "-p", "no:cacheprovider", "-rA",
+                           *(extra or ("-k", "quick"))],
                           capture_output=True, text=True, cwd=tmp_path)
     return proc, out
 
@@ -75,7 +76,10 @@ def test_suite_runs_guards_and_reports(tmp_path):
 
 
 def test_rounds_and_no_peak_memory_options(tmp_path):
-    proc, out = run_suite(tmp_path, "--benchmark-rounds", "3", "--benchmark-no-peak-memory", "-k", "not broken")
+    proc, out = run_suite(tmp_path, "--benchmark-rounds", "3", "--benchmark-no-peak-memory",
+                          "-k", "quick and not broken")
     assert proc.returncode == 0, proc.stdout[-2000:]
-    for b in json.loads(out.read_text())["benchmarks"]:
+    ran = json.loads(out.read_text())["benchmarks"]
+    assert sorted(b["extra_info"]["provider"] for b in ran) == ["add", "mul"]
+    for b in ran:
         assert b["stats"]["rounds"] == 3 and "peak_mb" not in b["extra_info"]

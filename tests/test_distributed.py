@@ -48,6 +48,7 @@ def test_two_gloo_ranks_equal_one_knn():
         (q, [keys[:5], keys[5:, :6]], 1),                  # ranks disagree on D
         (q, [keys[:5], torch.full((4, 7), float("nan"))], 1),
         (q, [keys[:3], keys[3:5]], 9),                     # k beyond all keys
+        (q, [keys[:5], torch.empty(0)], 1),                # a rank with a malformed shard: no hang
     ]
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_worker, args=(_free_port(), folder, cases), nprocs=2, join=True)
@@ -59,8 +60,9 @@ def test_two_gloo_ranks_equal_one_knn():
         assert torch.allclose(a_d.double(), ref_d, rtol=1e-6, atol=1e-6)
     for msg in (r0[4], r1[4]):
         assert isinstance(msg, str) and "ranks disagree on local_keys' D" in msg
-    for msg in (r0[5], r1[5]):
-        assert isinstance(msg, str) and "NaN or infinite values on rank(s) [1]" in msg
+    assert r1[5] == "queries or local_keys contain NaN or infinite values"
+    assert "rank(s) [1] refused their inputs" in r0[5]
+    assert "local_keys must be 2-D" in r1[7] and "rank(s) [1] refused their inputs" in r0[7]
     for msg in (r0[6], r1[6]):
         assert isinstance(msg, str) and "k=9 exceeds the 5 keys" in msg
 

@@ -151,7 +151,7 @@ def test_adaptive_thresholds_search_only_converged_points():
     assert torch.equal(model.chosen_z[1::2], before[1::2])
 
 
-@pytest.mark.parametrize("variant", [["--reject-eps", "0.5"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
+@pytest.mark.parametrize("variant", [["--reject-eps", "2.0"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
                                      ["--arch", "conv", "--size", "16"], ["--loss", "l1"]])
 def test_each_variant_trains_from_the_cli(tmp_path, variant):
     out = str(tmp_path / "v")
@@ -159,4 +159,12 @@ def test_each_variant_trains_from_the_cli(tmp_path, variant):
                  "--samples-per-point", "2", "--out", out, *variant, *QUICK]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) == 3 and all(r["searched"] > 0 for r in rows[:1])
+    assert len(rows) == 3
+    n = rows[0]["searched"]                                   # a fresh run searches every point
+    config = torch.load(os.path.join(out, "checkpoint.pt"))["config"]
+    if variant[0] == "--reject-eps":
+        assert config["reject_eps"] == 2.0 and sum(r["rejected"] for r in rows) > 0
+    if variant[0] == "--adaptive-gamma":
+        assert config["adaptive_gamma"] == 0.1 and rows[1]["searched"] < n   # unconverged points wait
+    if variant[0] == "--feature-dim":
+        assert config["feature_dim"] == 16

@@ -114,8 +114,9 @@ PreparedKeys PreparedKeys::gather(const at::Tensor& rows) const {
   s.D = D;
   s.bf16 = bf16;
   s.mu = mu;
-  // row by row the same values the full preparation made (centring is per element)
-  s.k32 = k32.index_select(1, rows).contiguous();
+  // row by row the same values the full preparation made (centring is per element);
+  // k32 stays undefined: only the exact re-rank of certified_topk reads it, never a subset
+
   s.kc = kc.index_select(1, rows).contiguous();
   s.kn = kn.index_select(1, rows).contiguous();
   s.kg = bf16 ? kg.index_select(1, rows).contiguous() : s.kc;

@@ -24,7 +24,8 @@ struct PreparedKeys {
   // origin ranks as well as centred data.
   PreparedKeys(const at::Tensor& keys, const std::string& precision, const char* name);
   // Rows `rows` (int64 positions) of a single key set (B == 1), prepared exactly as the
-  // full set (same centre, so a search on a subset rounds like one on the whole).
+  // full set (same centre, so a search on a subset rounds like one on the whole); its
+  // k32 is left undefined (the pruned passes do not read it).
   PreparedKeys gather(const at::Tensor& rows) const;
 
   int64_t B = 0, M = 0, D = 0;

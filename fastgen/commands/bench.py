@@ -43,8 +43,11 @@ def run(args):
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     folder = benchmarks_dir()
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if not ops:
+        raise ValueError(f"--ops names no op, got {args.ops!r}")
     files = []
-    for op in (o.strip() for o in args.ops.split(",") if o.strip()):
+    for op in ops:
         path = os.path.join(folder, f"bench_{op}.py")
         if not os.path.isfile(path):
             known = sorted(f[6:-3] for f in os.listdir(folder) if f.startswith("bench_") and f.endswith(".py"))
@@ -64,9 +67,12 @@ def run(args):
         cmd.append(f"--benchmark-rounds={args.repeats}")
     print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd)
-    if not os.path.exists(out):
-        raise RuntimeError(f"the benchmark run wrote no results (pytest exit status {proc.returncode})")
+    if not os.path.exists(out) or os.path.getsize(out) == 0:
+        raise ValueError("no benchmark ran (every case was deselected or skipped: check --providers and -k "
+                         f"against the suite; pytest exit status {proc.returncode})")
     rows = rows_from_json(out)
+    if not rows:
+        raise ValueError("no benchmark ran (every case was deselected or skipped: check --providers and -k)")
     print(format_table(rows))
     if args.json:
         print(f"results: {out} (python benchmarks/report.py {out} writes RESULTS.md)")

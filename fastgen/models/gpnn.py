@@ -58,7 +58,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops import PatchIndex, fold_patches
+from fastgen.ops import PatchIndex, _validate, fold_patches
 
 
 def _resize(x, size):
@@ -124,8 +124,7 @@ class GPNN:
         self.iterations = iterations
         self.alpha = None if alpha is None else float(alpha)
         self.noise_std = float(noise_std)
-        if incremental is not None and not isinstance(incremental, bool):
-            raise TypeError(f"incremental must be True, False or None, got {type(incremental).__name__}")
+        _validate.flag(incremental, "incremental")
         if on_search is not None and not callable(on_search):
             raise TypeError(f"on_search must be callable or None, got {type(on_search).__name__}")
         self.backend = backend

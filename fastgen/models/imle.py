@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.models.networks import make_decoder
+from fastgen.ops import _validate
 
 LOSSES = ("l2", "l1")
 
@@ -62,13 +63,11 @@ class IMLE(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         for name, v in (("z_dim", z_dim), ("samples_per_point", samples_per_point), ("chunk", chunk)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            _validate.positive_int(v, name)
         if not (0 <= float(noise) < math.inf):
             raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-        if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
-                                        or feature_dim < 1):
-            raise ValueError(f"feature_dim must be None or an int >= 1, got {feature_dim!r}")
+        if feature_dim is not None:
+            _validate.positive_int(feature_dim, "feature_dim")
         if reject_eps is not None and not (0 < float(reject_eps) < math.inf):
             raise ValueError(f"reject_eps must be None or a positive finite number, got {reject_eps!r}")
         if adaptive_gamma is not None and not (0 <= float(adaptive_gamma) < 1):
@@ -141,24 +140,32 @@ class IMLE(nn.Module):
         searched, generates and searches them chunk by chunk, keeps each point's nearest
         code in `chosen_z`. Returns {"mean_nearest_dist": mean squared distance (features)
         of the points searched, "samples": drawn, "searched": points searched, "rejected":
-        samples discarded by reject_eps}."""
-        from fastgen.ops import StreamingKNN, knn
+        samples discarded by reject_eps}. A round that fails leaves the model as it was."""
         self.check_data(data)
         was_training = self.training
         self.eval()
+        try:
+            info = self._search_round(data, generator)
+        finally:
+            self.train(was_training)
+        self.last_search = info
+        return dict(info)
+
+    def _search_round(self, data, generator):
+        from fastgen.ops import StreamingKNN, knn
         n = data.shape[0]
         device = data.device
         feats = torch.cat([self.features(data[i:i + self.chunk]) for i in range(0, n, self.chunk)])
+        # the new state is built aside and kept only once the round has succeeded
         fresh = self.chosen_z.shape[0] != n
-        if fresh:
-            self.chosen_z = torch.zeros(n, self.z_dim, device=device)
-            self.threshold = torch.full((n,), math.inf, device=device)
+        chosen = torch.zeros(n, self.z_dim, device=device) if fresh else self.chosen_z.clone()
+        threshold = torch.full((n,), math.inf, device=device) if fresh else self.threshold.clone()
         who = torch.arange(n, device=device)
         if self.adaptive_gamma is not None and not fresh:
             # only points whose current sample has come within their threshold
-            current = torch.cat([self.features(self.generate(self.chosen_z[i:i + self.chunk]))
+            current = torch.cat([self.features(self.generate(chosen[i:i + self.chunk]))
                                  for i in range(0, n, self.chunk)])
-            who = torch.nonzero((current - feats).square().sum(1) <= self.threshold).flatten()
+            who = torch.nonzero((current - feats).square().sum(1) <= threshold).flatten()
         info = {"samples": 0, "searched": int(who.numel()), "rejected": 0}
         if who.numel():
             search = StreamingKNN(feats[who], 1)
@@ -171,6 +178,9 @@ class IMLE(nn.Module):
                     raise ValueError(f"generator makes samples of shape {tuple(x.shape[1:])} but the data is "
                                      f"{tuple(data.shape[1:])}")
                 f = self.features(x)
+                if not bool(torch.isfinite(f).all()):
+                    raise RuntimeError("the generator produced NaN or infinite samples (has training diverged? "
+                                       "try a smaller --lr)")
                 if self.reject_eps is not None:
                     # RS-IMLE: a sample within eps of any data point is not a candidate
                     keep = knn(f, feats, 1).dist[:, 0] >= self.reject_eps ** 2
@@ -183,13 +193,12 @@ class IMLE(nn.Module):
                 raise RuntimeError(f"reject_eps={self.reject_eps} rejected every one of the {total} samples; "
                                    "use a smaller reject_eps or more samples_per_point")
             dist, idx = search.result()
-            self.chosen_z[who] = torch.cat(codes)[idx[:, 0]]
+            chosen[who] = torch.cat(codes)[idx[:, 0]]
             if self.adaptive_gamma is not None:
-                self.threshold[who] = dist[:, 0] * (1 - self.adaptive_gamma) ** 2
+                threshold[who] = dist[:, 0] * (1 - self.adaptive_gamma) ** 2
             info["mean_nearest_dist"] = float(dist.mean())
-        self.train(was_training)
-        self.last_search = info
-        return dict(info)
+        self.chosen_z, self.threshold = chosen, threshold
+        return info
 
     def check_data(self, data):
         if not isinstance(data, torch.Tensor) or data.dim() != 4:

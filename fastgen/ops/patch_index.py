@@ -202,6 +202,10 @@ class PatchIndex:
         chunk = max(1, self.max_key_bytes // max(1, flat.numel() * flat.element_size()))
         if bsz == 0:
             return torch.empty(q3.shape[:2], dtype=torch.long, device=q3.device)
+        if self.alpha is None:   # the plain nearest neighbour: one knn, keys never expanded
+            from fastgen.ops.knn import knn
+            idx = knn(q3.reshape(-1, q3.shape[-1]), flat, 1, backend=self.backend, precision=self.precision).idx
+            return idx.view(q3.shape[:2])
         return torch.cat([patch_nn(q3[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), self.alpha,
                                    backend=self.backend, precision=self.precision, prune=False)
                           for i in range(0, bsz, chunk)])
@@ -276,7 +280,9 @@ class PatchIndex:
             km = torch.nonzero(moved).flatten()
             idx[si], score[si] = self._c.weighted_argmin(q[si], weights, None, st["score"][si].contiguous(),
                                                          st["idx"][si].contiguous(), km)
-        return {"queries": q.clone(), "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
+        # only the changed rows of the stored copy need writing (not a new N x D copy)
+        st["queries"][ci] = q[ci]
+        return {"queries": st["queries"], "colmin": colmin, "colarg": colarg, "idx": idx, "score": score}
 
     def _position(self, ids):
         """Original key ids -> sorted-key positions."""

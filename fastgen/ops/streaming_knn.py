@@ -20,7 +20,8 @@ from fastgen.ops.knn import Neighbours, knn
 def candidate_sqdist64(queries64, keys, idx):
     """float64 sum((q_i - keys[idx[i, j]])^2), (N, k), straight from the inputs: what the
     merges below rank by (float32 distances can tie where float64 ones do not)."""
-    return (queries64[:, None, :] - keys[idx].double()).square().sum(-1)
+    # a column at a time: an (N, k, D) float64 temporary would be k times the queries
+    return torch.stack([(queries64 - keys[idx[:, j]].double()).square().sum(1) for j in range(idx.shape[1])], 1)
 
 
 def merge_candidates(dists, idxs, k):
