@@ -15,7 +15,7 @@ class Neighbours(NamedTuple):
     idx: torch.Tensor   # (..., N, k) int64 key indices
 
 
-def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp32"):
+def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp32", prune=None):
     """The `k` nearest keys of every query by squared Euclidean distance.
 
     Args:
@@ -29,6 +29,13 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             only; other backends raise rather than ignore it). The cpp
             backend is exact in both: candidates within a proven error bound of the
             k-th best are re-ranked in float64, so it returns the float64 ranking.
+        prune: skip keys that provably cannot be among a query's k nearest (keys grouped
+            into balls, triangle-inequality bounds: fastgen/ops/pruned_knn.py). Same
+            answer, bit for bit. None (default) decides by a cheap measure: large 2-D
+            problems on the cpp backend whose sampled neighbour distances are small
+            against the data's spread (image patches: yes; random Gaussians: no, they
+            then cost the sweep plus a ~1 % sample). True forces it where supported
+            (2-D, cpp, no exclude_self; elsewhere it raises), False never.
 
     Returns:
         Neighbours(dist, idx): float32 squared distances sorted ascending, computed directly
@@ -55,6 +62,23 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
     if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
         _validate.finite(queries, "queries")
         _validate.finite(keys, "keys")
+
+    _validate.flag(prune, "prune")
+    prunable = be == "cpp" and queries.dim() == 2 and not exclude_self
+    if prune and not prunable:
+        raise ValueError("prune=True needs 2-D queries and keys on the cpp backend without exclude_self "
+                         f"(got {queries.dim()}-D on backend {be!r}, exclude_self={exclude_self}); "
+                         "use prune=None or False")
+    if prune is not False and prunable:
+        from fastgen.ops import pruned_knn
+        _validate.finite(queries, "queries")
+        _validate.finite(keys, "keys")
+        if prune or pruned_knn.should_prune(queries, keys, k):
+            with torch.no_grad():
+                dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=precision)[0]
+            if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
+                dist = baselines.gather_sqdist(queries[None], keys[None], idx[None])[0]
+            return Neighbours(dist, idx)
 
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries

@@ -19,9 +19,15 @@ from fastgen.ops.knn import Neighbours, knn
 
 def candidate_sqdist64(queries64, keys, idx):
     """float64 sum((q_i - keys[idx[i, j]])^2), (N, k), straight from the inputs: what the
-    merges below rank by (float32 distances can tie where float64 ones do not)."""
+    merges below rank by (float32 distances can tie where float64 ones do not). idx -1
+    (no candidate) gives +inf."""
     # a column at a time: an (N, k, D) float64 temporary would be k times the queries
-    return torch.stack([(queries64 - keys[idx[:, j]].double()).square().sum(1) for j in range(idx.shape[1])], 1)
+    cols = []
+    for j in range(idx.shape[1]):
+        col = idx[:, j]
+        d = (queries64 - keys[col.clamp_min(0)].double()).square().sum(1)
+        cols.append(d.masked_fill_(col < 0, float("inf")))
+    return torch.stack(cols, 1)
 
 
 def merge_candidates(dists, idxs, k):
@@ -39,18 +45,23 @@ class StreamingKNN:
         queries: (N, D) float32/float16/bfloat16.
         k: neighbours per query; the keys added in total must reach k before `result`.
         backend, precision: as in `fastgen.ops.knn`.
+        prune: as in `fastgen.ops.knn` (None: decided once, on the first chunk that has
+            k keys). When pruning, each chunk's search starts from the running k-th best
+            distance of every query as its threshold: keys farther than that cannot enter
+            the answer and are skipped, so a chunk with nothing better costs little.
 
     `add(keys)` takes a (M_i, D) chunk (global indices continue from the last chunk);
     `result()` returns Neighbours(dist (N, k) float32 ascending, idx (N, k) int64 global).
     """
 
-    def __init__(self, queries, k=1, *, backend="auto", precision="fp32"):
+    def __init__(self, queries, k=1, *, backend="auto", precision="fp32", prune=None):
         _validate.points(queries, "queries", ndims=(2,))
         _validate.positive_int(k, "k")
         _validate.finite(queries, "queries")
         self.queries, self.k = queries, int(k)
         self._q64 = queries.double()
-        self.backend, self.precision = backend, precision
+        _validate.flag(prune, "prune")
+        self.backend, self.precision, self.prune = backend, precision, prune
         self.seen = 0
         n = queries.shape[0]
         self._dist = torch.full((n, 0), float("inf"), dtype=torch.float64, device=queries.device)
@@ -65,12 +76,25 @@ class StreamingKNN:
             return self
         kk = min(self.k, m)
         with torch.no_grad():
-            _, idx = knn(self.queries, keys, kk, backend=self.backend, precision=self.precision)
+            idx = self._search(keys, kk)
             dist = candidate_sqdist64(self._q64, keys, idx)
         # the running candidates hold lower global indices than this chunk's
         self._dist, self._idx = merge_candidates([self._dist, dist], [self._idx, idx + self.seen], self.k)
         self.seen += m
         return self
+
+    def _search(self, keys, kk):
+        from fastgen.ops import _backend, pruned_knn
+        if self.prune is None and kk == self.k:
+            self.prune = (_backend.resolve(self.backend, keys.device, self.precision) == "cpp"
+                          and pruned_knn.should_prune(self.queries, keys, kk))
+        if not self.prune:
+            return knn(self.queries, keys, kk, backend=self.backend, precision=self.precision, prune=False).idx
+        _validate.finite(keys, "keys")
+        bound = None
+        if self._dist.shape[1] == self.k:   # the running k-th best (float64), rounded up
+            bound = self._dist[:, -1].float() * (1 + 2.0 ** -20)
+        return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=self.precision)[0].idx
 
     def result(self):
         if self.seen < self.k:

@@ -1,0 +1,149 @@
+"""Pruned exact knn (fastgen/ops/pruned_knn.py): the same answer as the full search and
+the float64 reference, on data where pruning skips work and on data where it cannot."""
+import math
+
+import pytest
+import torch
+
+from fastgen.ops import StreamingKNN, knn
+from fastgen.ops import pruned_knn as P
+from fastgen.ops.reference import knn_exact
+
+
+def blobs(n, d, centres=12, spread=0.05, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, d, generator=g) * 3
+    x = c[torch.randint(centres, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
+    return x.to(dtype)
+
+
+def data(kind, n, m, d, seed, dtype=torch.float32):
+    if kind == "clustered":
+        both = blobs(n + m, d, seed=seed, dtype=dtype)
+        return both[:n].contiguous(), both[n:].contiguous()
+    if kind == "duplicated":        # keys repeat exactly: ties must go to the lowest index
+        q, k = data("clustered", n, m // 3 + 1, d, seed, dtype)
+        return q, torch.cat([k, k, k])[:m].contiguous()
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype), torch.randn(m, d, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["clustered", "duplicated", "random"])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_pruned_equals_reference_and_sweep(kind, k):
+    q, keys = data(kind, 700, 1500, 19, seed=k)
+    got = knn(q, keys, k, prune=True)
+    sweep = knn(q, keys, k, prune=False)
+    ref_d, ref_i = knn_exact(q, keys, k)
+    assert torch.equal(got.idx, ref_i[0] if ref_i.dim() == 3 else ref_i)
+    assert torch.equal(got.idx, sweep.idx) and torch.equal(got.dist, sweep.dist)
+    torch.testing.assert_close(got.dist.double(), (ref_d[0] if ref_d.dim() == 3 else ref_d), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "fp32"), (torch.bfloat16, "fp32"),
+                                             (torch.float32, "bf16")])
+def test_pruned_dtypes_and_bf16_precision(dtype, precision):
+    q, keys = data("clustered", 333, 901, 24, seed=3, dtype=dtype)
+    got = knn(q, keys, 4, prune=True, precision=precision)
+    ref_i = knn_exact(q, keys, 4)[1]
+    assert torch.equal(got.idx, ref_i.reshape(got.idx.shape))
+
+
+def test_pruning_skips_work_on_clustered_data():
+    q, keys = data("clustered", 2000, 6000, 16, seed=1)
+    before = P.prune_count()
+    (d, i), computed = P.pruned_knn(q, keys, 5)
+    assert computed < 0.5 * q.shape[0] * keys.shape[0]
+    after = P.prune_count()
+    assert after.pairs_computed - before.pairs_computed == computed
+    assert torch.equal(i, knn(q, keys, 5, prune=False).idx)
+
+
+@pytest.mark.parametrize("mutation", ["centre window", "reach"])
+def test_mutated_bounds_fail(monkeypatch, mutation):
+    """Bounds tightened past what is proven must change some answers: the checks above
+    would notice a wrong bound."""
+    q, keys = data("clustered", 800, 3000, 16, seed=2)
+    ref = knn(q, keys, 3, prune=False).idx
+    assert torch.equal(knn(q, keys, 3, prune=True).idx, ref)
+    if mutation == "reach":
+        monkeypatch.setattr(P, "_SLACK", -0.3)          # thresholds 30 % too small
+    else:
+        true_ranges = P._centre_ranges
+
+        def too_tight(balls, rows):     # ||q - c|| ranges moved in by ~ a neighbour distance
+            lo, hi = true_ranges(balls, rows)
+            return lo + 0.2, hi - 0.2
+        monkeypatch.setattr(P, "_centre_ranges", too_tight)
+    assert not torch.equal(knn(q, keys, 3, prune=True).idx, ref)
+
+
+def test_bound_skips_rows_that_cannot_improve():
+    q, keys = data("clustered", 300, 2000, 12, seed=4)
+    full = knn(q, keys, 2, prune=False)
+    bound = full.dist[:, 0].clone()
+    bound[::2] = 0.0                        # even rows: nothing can beat 0 but a duplicate
+    (d, i), _ = P.pruned_knn(q, keys, 2, bound=bound)
+    # rows with a generous bound get the exact answer; padded entries are (inf, -1)
+    assert torch.equal(i[1::2, 0], full.idx[1::2, 0])
+    pad = i == -1
+    assert bool(torch.isinf(d[pad]).all())
+
+
+def test_gradients_match_the_sweep():
+    q, keys = data("clustered", 200, 700, 9, seed=5)
+    grads = []
+    for prune in (True, False):
+        qq, kk = q.clone().requires_grad_(), keys.clone().requires_grad_()
+        knn(qq, kk, 3, prune=prune).dist.sum().backward()
+        grads.append((qq.grad, kk.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_the_cheap_measure_decides():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4096, 128, generator=g), torch.randn(4096, 128, generator=g)
+    assert P.structure_ratio(*noise) > 0.75
+    assert not P.should_prune(*noise, 1)
+    q, keys = data("clustered", 4096, 4096, 128, seed=6)
+    assert P.structure_ratio(q, keys) < 0.3
+    assert P.should_prune(q, keys, 1)
+    assert not P.should_prune(q[:100], keys[:100], 1)          # too small to pay
+
+
+def test_streaming_with_pruning_equals_one_knn():
+    q, keys = data("clustered", 500, 4000, 16, seed=7)
+    s = StreamingKNN(q, 3, prune=True)
+    for c in keys.split(700):
+        s.add(c)
+    d, i = s.result()
+    ref = knn(q, keys, 3, prune=False)
+    assert torch.equal(i, ref.idx)
+    torch.testing.assert_close(d, ref.dist)
+
+
+def test_streaming_chunk_with_nothing_better_is_cheap():
+    q, keys = data("clustered", 500, 3000, 16, seed=8)
+    s = StreamingKNN(q, 1, prune=True)
+    s.add(keys)
+    far = keys + 100.0                       # a chunk every key of which is worse
+    (_, _), alone = P.pruned_knn(q, far, 1)
+    before = P.prune_count().pairs_computed
+    s.add(far)
+    assert P.prune_count().pairs_computed - before < 0.2 * alone
+    assert torch.equal(s.result().idx, knn(q, keys, 1, prune=False).idx)
+
+
+def test_bad_prune_arguments():
+    q, keys = data("clustered", 10, 20, 4, seed=0)
+    with pytest.raises(TypeError, match="prune"):
+        knn(q, keys, 1, prune="yes")
+    with pytest.raises(ValueError, match="prune=True"):
+        knn(q[None], keys[None], 1, prune=True)
+    with pytest.raises(ValueError, match="prune=True"):
+        knn(q, keys, 1, prune=True, backend="torch")
+    bad = q.clone()
+    bad[3, 1] = math.nan
+    with pytest.raises(ValueError, match="queries"):
+        knn(bad, keys, 1, prune=True)
