@@ -152,7 +152,8 @@ def test_adaptive_thresholds_search_only_converged_points():
 
 
 @pytest.mark.parametrize("variant", [["--reject-eps", "2.0"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
-                                     ["--arch", "conv", "--size", "16"], ["--loss", "l1"]])
+                                     ["--arch", "conv", "--size", "16"], ["--loss", "l1"],
+                                     ["--conditional", "top-half"], ["--conditional", "top-half", "--adaptive-gamma", "0.1"]])
 def test_each_variant_trains_from_the_cli(tmp_path, variant):
     out = str(tmp_path / "v")
     assert main(["train", "imle", "--data", "digits", "--epochs", "3", "--staleness", "1", "--batches-per-epoch", "3",
@@ -168,3 +169,73 @@ def test_each_variant_trains_from_the_cli(tmp_path, variant):
         assert config["adaptive_gamma"] == 0.1 and rows[1]["searched"] < n   # unconverged points wait
     if variant[0] == "--feature-dim":
         assert config["feature_dim"] == 16
+    if variant[0] == "--conditional":
+        assert config["condition_shape"] == [1, 8, 8] or config["condition_shape"] == (1, 8, 8)
+        assert os.path.exists(os.path.join(out, "completions.png"))
+        s_out = str(tmp_path / "s")
+        assert main(["sample", "imle", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out", s_out,
+                     "-n", "5", "--nrow", "4"]) == 0
+        saved = torch.load(os.path.join(s_out, "samples.pt"))
+        assert saved["images"].shape == (20, 1, 8, 8) and saved["conditions"].shape == (5, 1, 8, 8)
+        # each row: the input, completions, the truth
+        rows = saved["images"].view(5, 4, 1, 8, 8)
+        assert torch.equal(rows[:, 0], saved["conditions"]) and torch.equal(rows[:, 3], saved["targets"])
+
+
+def test_conditional_search_keeps_each_points_nearest_own_sample():
+    """Conditional IMLE: point i's samples come from its own input c_i, and the choice is
+    the nearest of those (the batched knn), whatever the chunking."""
+    gen = nn.Sequential(nn.Flatten(), nn.Linear(3 + 16, 16), nn.Sigmoid(), nn.Unflatten(1, (1, 4, 4)))
+
+    class G(nn.Module):
+        def forward(self, z, c):
+            return gen(torch.cat([z, c.flatten(1)], 1))
+    model = IMLE((1, 4, 4), z_dim=3, samples_per_point=6, chunk=20, generator=G(), condition_shape=(1, 4, 4))
+    x, c = torch.rand(23, 1, 4, 4), torch.rand(23, 1, 4, 4)
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    info = model.search(x, generator=torch.Generator().manual_seed(seed), conditions=c)
+    g = torch.Generator().manual_seed(seed)
+    per = 20 // 6
+    z = torch.cat([torch.randn(min(per, 23 - s), 6, 3, generator=g) for s in range(0, 23, per)])   # (23, 6, 3)
+    with torch.no_grad():
+        samples = model.generate(z.flatten(0, 1), c.repeat_interleave(6, 0)).view(23, 6, 16)
+    d = (samples - x.view(23, 1, 16)).square().sum(-1)
+    best = d.argmin(1)
+    assert torch.equal(model.chosen_z, z[torch.arange(23), best])
+    assert info["samples"] == 23 * 6
+    assert info["mean_nearest_dist"] == pytest.approx(float(d.min(1).values.mean()), rel=1e-5)
+    model.attach(x, c)
+    model(torch.arange(4))["loss"].backward()
+
+
+def test_conditional_training_reduces_the_distance():
+    from fastgen.models.imle import top_half
+    x = digits()[:300]
+    torch.manual_seed(0)
+    model = IMLE((1, 8, 8), samples_per_point=5, condition_shape=(1, 8, 8)).attach(x, top_half(x))
+    opt = torch.optim.Adam(model.parameters(), 1e-3, betas=(0.5, 0.999))
+    first = model.search(x, conditions=model.conditions)["mean_nearest_dist"]
+    for step in range(150):
+        if step % 30 == 0:
+            model.search(x, conditions=model.conditions)
+        loss = model(torch.randint(0, 300, (64,)))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = model.search(x, conditions=model.conditions)["mean_nearest_dist"]
+    assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m, x: m.search(x), "needs conditions"),
+    (lambda m, x: m.search(x, conditions=torch.rand(3, 1, 4, 4)), "one input per data point"),
+    (lambda m, x: m.search(x, conditions=torch.full((5, 1, 4, 4), float("nan"))), "conditions contain NaN"),
+    (lambda m, x: IMLE((1, 4, 4)).search(x, conditions=torch.rand(5, 1, 4, 4)), "unconditional"),
+    (lambda m, x: IMLE((1, 4, 4), condition_shape=(1, 4, 4), reject_eps=0.1), "reject_eps"),
+    (lambda m, x: IMLE((1, 4, 4), condition_shape=(0,)), "condition_shape"),
+    (lambda m, x: m.generate(torch.zeros(2, 64)), "needs cond"),
+])
+def test_conditional_bad_input(make, match):
+    model = IMLE((1, 4, 4), condition_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=match):
+        make(model, torch.rand(5, 1, 4, 4))

@@ -55,8 +55,29 @@ def sample_latent(args):
     if args.model == "ae":
         print("note: an autoencoder has no prior; these decode z ~ N(0, I) and are expected to look wrong")
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.model == "imle" and ckpt.get("conditional"):
+        return _sample_conditional(args, model, ckpt, gen, device)
     png = _write(args, model.sample(args.n, generator=gen, device=device).cpu())
     print(f"wrote {args.n} samples (epoch {ckpt['epoch']} model) to {png} and samples.pt")
+    return 0
+
+
+def _sample_conditional(args, model, ckpt, gen, device):
+    """Conditional IMLE: completions of held-out inputs (the data's test split), each
+    row one input: the input, --nrow - 2 (default 8) completions, the true image."""
+    from fastgen import data as datasets
+    from fastgen.models.imle import make_conditions
+    a = ckpt["data_args"]
+    ds = datasets.load(a["data"], size=a["size"], test_fraction=a["test_fraction"], binarize=a["binarize"])
+    held = ds.test if ds.test.shape[0] else ds.train
+    x = held[:args.n].to(device)
+    c = make_conditions(ckpt["conditional"], x)
+    args.nrow = max(3, args.nrow or 10)
+    rows = [model.sample(x.shape[0], generator=gen, device=device, cond=c) for _ in range(args.nrow - 2)]
+    grid = torch.stack([c, *rows, x], 1).flatten(0, 1).cpu()       # per input: a row
+    png = _write(args, grid, {"conditions": c.cpu(), "targets": x.cpu()})
+    print(f"wrote completions of {x.shape[0]} held-out {ckpt['conditional']} inputs (a row each: input, "
+          f"{len(rows)} completions, truth; epoch {ckpt['epoch']} model) to {png} and samples.pt")
     return 0
 
 

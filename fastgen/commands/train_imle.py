@@ -31,6 +31,9 @@ def add_parser(families):
     p.add_argument("--adaptive-gamma", type=float, default=None,
                    help="Adaptive IMLE: search a point again only once its sample is within its threshold, "
                         "then shrink the threshold by this factor")
+    p.add_argument("--conditional", choices=["top-half"], default=None,
+                   help="conditional IMLE: each digit's top half is the input, the generator completes it "
+                        "(completions.png shows several completions per input)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +42,13 @@ def write_pngs(model, out, seed, device):
     from fastgen.images import save_grid
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed + 3)
-    save_grid(model.sample(64, generator=gen, device=device).cpu(), os.path.join(out, "samples.png"), nrow=8)
+    if model.condition_shape is None:
+        save_grid(model.sample(64, generator=gen, device=device).cpu(), os.path.join(out, "samples.png"), nrow=8)
+    else:
+        # rows: 8 inputs, 6 rows of completions of each, the true images
+        c, x = model.conditions[:8], model.data[:8]
+        done = [model.sample(8, generator=gen, device=device, cond=c) for _ in range(6)]
+        save_grid(torch.cat([c, *done, x]).cpu(), os.path.join(out, "completions.png"), nrow=8)
     x, y = model.nearest_pairs(16)
     rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], y[i:i + 8])]  # points above their samples
     save_grid(torch.cat(rows).cpu(), os.path.join(out, "nearest.png"), nrow=8)
@@ -49,6 +58,7 @@ def write_pngs(model, out, seed, device):
 def run(args):
     from fastgen import training
     from fastgen.models import build_model
+    from fastgen.models.imle import make_conditions
     device = train_cmd.setup(args)
     train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim")
     if not args.noise >= 0:
@@ -58,13 +68,16 @@ def run(args):
     config = ckpt["config"] if ckpt else dict(
         image_shape=ds.image_shape, z_dim=args.z_dim, arch=args.arch, samples_per_point=args.samples_per_point,
         noise=args.noise, loss=args.loss, feature_dim=args.feature_dim, reject_eps=args.reject_eps,
-        adaptive_gamma=args.adaptive_gamma)
+        adaptive_gamma=args.adaptive_gamma, condition_shape=ds.image_shape if args.conditional else None)
+    conditional = ckpt.get("conditional") if ckpt else args.conditional
     staleness = ckpt["staleness"] if ckpt else args.staleness
     torch.manual_seed(args.seed)
-    model = build_model("imle", config).to(device).attach(ds.train.to(device))
+    model = build_model("imle", config).to(device)
+    train = ds.train.to(device)
+    model.attach(train, make_conditions(conditional, train) if conditional else None)
 
     def describe(n_params):
-        return (f"imle ({config['arch']} generator, z {config['z_dim']}, {n_params:,} parameters, "
+        return (f"imle ({'conditional on the ' + conditional + ', ' if conditional else ''}{config['arch']} generator, z {config['z_dim']}, {n_params:,} parameters, "
                 f"{config['samples_per_point']} samples per point every {staleness} epochs) on {ds.source}: "
                 f"{ds.train.shape[0]} points of {ds.image_shape}, device {device}")
 
@@ -74,5 +87,5 @@ def run(args):
     training.fit(model, torch.arange(ds.train.shape[0]), kind="imle", config=model.config, ckpt=ckpt,
                  **train_cmd.fit_args(args, device), betas=(0.5, 0.999), before_epoch=model.before_epoch(staleness),
                  evaluate=evaluate, write_pngs=lambda: write_pngs(model, args.out, args.seed, device),
-                 extra={"data_args": data_args, "staleness": staleness}, describe=describe)
+                 extra={"data_args": data_args, "staleness": staleness, "conditional": conditional}, describe=describe)
     return 0

@@ -15,6 +15,12 @@ discarded chunk by chunk, so memory is O((N + chunk) * D) however many samples a
 draws; only the codes of the chosen samples are kept (`chosen_z`, a buffer, so a
 checkpoint resumes mid-round).
 
+Conditional IMLE (`condition_shape`): every data point x_i comes with an input c_i (e.g.
+the top half of the image) and the generator maps (z, c) to data; a search round draws
+samples_per_point samples G(z, c_i) for each point from its *own* input and keeps the
+nearest -- the batched (B, N=1, M=samples_per_point) form of `knn`. One input then has
+many plausible outputs (the completions of a half digit), which is what IMLE is for.
+
 Defaults from the reference code: z_dim 64, samples_per_point 10, staleness 5, noise
 0.01, Adam lr 1e-3 with betas (0.5, 0.999) (`fastgen train imle` sets them).
 """
@@ -28,6 +34,21 @@ from fastgen.models.networks import make_decoder
 from fastgen.ops import _validate
 
 LOSSES = ("l2", "l1")
+CONDITIONS = ("top-half",)
+
+
+def top_half(images):
+    """The conditional task `fastgen train imle --conditional top-half` trains on: each
+    image with its bottom half blanked (0); IMLE learns the many ways to complete it."""
+    c = images.clone()
+    c[..., images.shape[-2] // 2:, :] = 0
+    return c
+
+
+def make_conditions(kind, images):
+    if kind not in CONDITIONS:
+        raise ValueError(f"conditional must be one of {CONDITIONS}, got {kind!r}")
+    return top_half(images)
 
 
 class IMLE(nn.Module):
@@ -54,11 +75,14 @@ class IMLE(nn.Module):
             round only points whose current sample G(z_i) is already within tau_i are
             searched again, then tau_i = d_i * (1 - gamma) (d_i its new nearest
             distance). None: every point is searched every round.
+        condition_shape: conditional IMLE: the shape of each point's input c_i (given to
+            `attach` / `search` as `conditions`); the built-in generator then reads
+            (z, c) concatenated, a custom one is called as generator(z, c).
     """
 
     def __init__(self, image_shape, z_dim=64, arch="mlp", samples_per_point=10, noise=0.01, loss="l2",
                  feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None, reject_eps=None,
-                 adaptive_gamma=None):
+                 adaptive_gamma=None, condition_shape=None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -72,7 +96,14 @@ class IMLE(nn.Module):
             raise ValueError(f"reject_eps must be None or a positive finite number, got {reject_eps!r}")
         if adaptive_gamma is not None and not (0 <= float(adaptive_gamma) < 1):
             raise ValueError(f"adaptive_gamma must be None or in [0, 1), got {adaptive_gamma!r}")
-        self.config = dict(image_shape=tuple(image_shape), z_dim=z_dim, arch=arch,
+        if condition_shape is not None:
+            condition_shape = tuple(int(v) for v in condition_shape)
+            if not condition_shape or min(condition_shape) < 1:
+                raise ValueError(f"condition_shape must be a non-empty shape of positive sizes, got {condition_shape}")
+            if reject_eps is not None:
+                raise ValueError("reject_eps (RS-IMLE) is not supported with condition_shape (conditional IMLE)")
+        self.condition_shape = condition_shape
+        self.config = dict(image_shape=tuple(image_shape), z_dim=z_dim, arch=arch, condition_shape=condition_shape,
                            samples_per_point=samples_per_point, noise=float(noise), loss=loss,
                            feature_dim=feature_dim, feature_seed=feature_seed, chunk=chunk,
                            reject_eps=None if reject_eps is None else float(reject_eps),
@@ -81,8 +112,13 @@ class IMLE(nn.Module):
         self.image_shape = tuple(image_shape)
         self.z_dim, self.samples_per_point, self.noise = z_dim, samples_per_point, float(noise)
         self.loss_kind, self.chunk = loss, chunk
-        self.generator = generator if generator is not None else make_decoder(arch, z_dim, self.image_shape)
-        self._logits = generator is None   # the built-in decoders end in logits
+        if generator is None:
+            extra = 0 if condition_shape is None else math.prod(condition_shape)
+            generator = make_decoder(arch, z_dim + extra, self.image_shape)
+            self._logits = True   # the built-in decoders end in logits
+        else:
+            self._logits = False
+        self.generator = generator
         self.feature = feature
         d = math.prod(self.image_shape)
         if feature is None and feature_dim is not None:
@@ -92,7 +128,7 @@ class IMLE(nn.Module):
             self.projection = None
         self.register_buffer("chosen_z", torch.zeros(0, z_dim))
         self.register_buffer("threshold", torch.zeros(0))   # Adaptive IMLE's tau_i (squared)
-        self.data = None
+        self.data = self.conditions = None
         self.last_search = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -111,9 +147,16 @@ class IMLE(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def generate(self, z):
-        """(B, z_dim) codes -> (B, C, H, W) images in [0, 1]."""
-        x = self.generator(z)
+    def generate(self, z, cond=None):
+        """(B, z_dim) codes (and (B, *condition_shape) inputs) -> (B, C, H, W) in [0, 1]."""
+        if self.condition_shape is None:
+            x = self.generator(z)
+        elif cond is None:
+            raise ValueError("this IMLE is conditional: generate(z, cond) needs cond")
+        elif self._logits:
+            x = self.generator(torch.cat([z, cond.flatten(1).to(z.dtype)], 1))
+        else:
+            x = self.generator(z, cond)
         return torch.sigmoid(x) if self._logits else x
 
     def features(self, x):
@@ -128,24 +171,28 @@ class IMLE(nn.Module):
         return (f @ self.projection).contiguous() if self.projection is not None else f.contiguous()
 
     @torch.no_grad()
-    def sample(self, n, generator=None, device="cpu"):
+    def sample(self, n, generator=None, device="cpu", cond=None):
+        """n samples; conditional: cond (n, *condition_shape), one sample per input."""
         z = torch.randn(n, self.z_dim, generator=generator, device=device)
-        return self.generate(z)
+        return self.generate(z, cond)
 
     # ------------------------------------------------------------------ the search round
 
     @torch.no_grad()
-    def search(self, data, generator=None):
+    def search(self, data, generator=None, conditions=None):
         """One search round over `data` (N, C, H, W): draws samples_per_point codes per point
         searched, generates and searches them chunk by chunk, keeps each point's nearest
         code in `chosen_z`. Returns {"mean_nearest_dist": mean squared distance (features)
         of the points searched, "samples": drawn, "searched": points searched, "rejected":
         samples discarded by reject_eps}. A round that fails leaves the model as it was."""
-        self.check_data(data)
+        self.check_data(data, conditions)
         was_training = self.training
         self.eval()
         try:
-            info = self._search_round(data, generator)
+            if self.condition_shape is None:
+                info = self._search_round(data, generator)
+            else:
+                info = self._conditional_round(data, conditions, generator)
         finally:
             self.train(was_training)
         self.last_search = info
@@ -200,7 +247,49 @@ class IMLE(nn.Module):
         self.chosen_z, self.threshold = chosen, threshold
         return info
 
-    def check_data(self, data):
+    def _conditional_round(self, data, conditions, generator):
+        """Per point, samples_per_point samples from its own input; the nearest kept."""
+        from fastgen.ops import knn
+        n, m = data.shape[0], self.samples_per_point
+        device = data.device
+        fresh = self.chosen_z.shape[0] != n
+        chosen = torch.zeros(n, self.z_dim, device=device) if fresh else self.chosen_z.clone()
+        threshold = torch.full((n,), math.inf, device=device) if fresh else self.threshold.clone()
+        who = torch.arange(n, device=device)
+        if self.adaptive_gamma is not None and not fresh:
+            cur = torch.cat([(self.features(self.generate(chosen[i:i + self.chunk], conditions[i:i + self.chunk]))
+                              - self.features(data[i:i + self.chunk])).square().sum(1)
+                             for i in range(0, n, self.chunk)])
+            who = torch.nonzero(cur <= threshold).flatten()
+        info = {"samples": int(who.numel()) * m, "searched": int(who.numel()), "rejected": 0}
+        if who.numel():
+            dists = []
+            per = max(1, self.chunk // m)          # points per chunk: chunk samples at once
+            for s in range(0, who.numel(), per):
+                pts = who[s:s + per]
+                z = torch.randn(pts.numel(), m, self.z_dim, generator=generator, device=device)
+                x = self.generate(z.flatten(0, 1), conditions[pts].repeat_interleave(m, 0))
+                self._check_samples(x, data)
+                f = self.features(x).view(pts.numel(), m, -1)
+                d, i = knn(self.features(data[pts]).unsqueeze(1), f, 1)       # (B, 1, 1): batched
+                chosen[pts] = z[torch.arange(pts.numel(), device=device), i[:, 0, 0]]
+                dists.append(d[:, 0, 0])
+            dist = torch.cat(dists)
+            if self.adaptive_gamma is not None:
+                threshold[who] = dist * (1 - self.adaptive_gamma) ** 2
+            info["mean_nearest_dist"] = float(dist.mean())
+        self.chosen_z, self.threshold = chosen, threshold
+        return info
+
+    def _check_samples(self, x, data):
+        if x.shape[1:] != data.shape[1:]:
+            raise ValueError(f"generator makes samples of shape {tuple(x.shape[1:])} but the data is "
+                             f"{tuple(data.shape[1:])}")
+        if not bool(torch.isfinite(x).all()):
+            raise RuntimeError("the generator produced NaN or infinite samples (has training diverged? "
+                               "try a smaller --lr)")
+
+    def check_data(self, data, conditions=None):
         if not isinstance(data, torch.Tensor) or data.dim() != 4:
             raise ValueError(f"data must be an (N, C, H, W) tensor, got {getattr(data, 'shape', type(data))}")
         if data.shape[0] == 0:
@@ -210,6 +299,18 @@ class IMLE(nn.Module):
                              f"{self.image_shape}")
         if not bool(torch.isfinite(data).all()):
             raise ValueError("data contains NaN or infinite values")
+        if self.condition_shape is None:
+            if conditions is not None:
+                raise ValueError("conditions given but the model is unconditional (no condition_shape)")
+            return
+        if not isinstance(conditions, torch.Tensor):
+            raise ValueError(f"conditional IMLE needs conditions: a ({data.shape[0]}, "
+                             f"{', '.join(map(str, self.condition_shape))}) tensor")
+        if tuple(conditions.shape) != (data.shape[0], *self.condition_shape):
+            raise ValueError(f"conditions must have shape {(data.shape[0], *self.condition_shape)} (one input per "
+                             f"data point), got {tuple(conditions.shape)}")
+        if not bool(torch.isfinite(conditions).all()):
+            raise ValueError("conditions contain NaN or infinite values")
 
     # ------------------------------------------------------------------ training step
 
@@ -223,15 +324,16 @@ class IMLE(nn.Module):
         z = self.chosen_z[index]
         if self.noise > 0:
             z = z + self.noise * torch.randn_like(z)
-        out = self.generate(z)
+        out = self.generate(z, None if self.conditions is None else self.conditions[index])
         diff = (out - x).flatten(1)
         per_point = diff.square().sum(1) if self.loss_kind == "l2" else diff.abs().sum(1)
         return {"loss": per_point.mean()}
 
-    def attach(self, data):
-        """The data points training indexes into (kept by reference, not in the state)."""
-        self.check_data(data)
-        self.data = data
+    def attach(self, data, conditions=None):
+        """The data points training indexes into (and, conditional, their inputs); kept by
+        reference, not in the state."""
+        self.check_data(data, conditions)
+        self.data, self.conditions = data, conditions
         return self
 
     def before_epoch(self, staleness):
@@ -239,7 +341,7 @@ class IMLE(nn.Module):
         samples are chosen yet, e.g. a fresh run)."""
         def hook(epoch):
             if epoch % staleness == 0 or self.chosen_z.shape[0] != self.data.shape[0]:
-                return self.search(self.data)
+                return self.search(self.data, conditions=self.conditions)
             return None
         return hook
 
@@ -248,4 +350,5 @@ class IMLE(nn.Module):
         """(data points, their chosen samples) for the first `count` points: the picture
         of what IMLE pulls together."""
         x = self.data[:count]
-        return x, self.generate(self.chosen_z[:count])
+        c = None if self.conditions is None else self.conditions[:count]
+        return x, self.generate(self.chosen_z[:count], c)
