@@ -24,6 +24,41 @@ def _all_gather(t, group):
     return out
 
 
+def init_from_env():
+    """Joins the process group torchrun describes (WORLD_SIZE > 1 in the environment),
+    with the gloo backend (CPU collectives; IMLE's merges move small CPU tensors).
+    Returns (rank, world size); (0, 1) when not launched by torchrun."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return world()
+
+
+def world(group=None):
+    """(rank, world size) of the default group or `group`; (0, 1) outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def merge_across_ranks(dist64, gidx, k, group=None):
+    """The k best of every rank's candidates: dist64 (N, k) float64 and gidx (N, k) int64
+    global indices (-1 with inf: none), each rank's holding lower indices than the next
+    rank's. Returns the same (dist64, gidx) on every rank (ties to the lowest index)."""
+    device = dist64.device
+    d, i = merge_candidates(_all_gather(dist64.cpu(), group), _all_gather(gidx.cpu(), group), k)
+    return d.to(device), i.to(device)
+
+
+def all_sum(value, group=None):
+    """An int or float summed over the ranks (returned as a Python number)."""
+    if world(group)[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return type(value)(t.item())
+
+
 def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precision="fp32"):
     """The k nearest keys of `queries` over all ranks' `local_keys`.
 
@@ -88,5 +123,5 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
             d64[:, :kk] = candidate_sqdist64(queries.double(), local_keys, idx).cpu()
             gidx[:, :kk] = idx.cpu() + offset
     # every rank's candidates, in rank order (= ascending global index)
-    d, i = merge_candidates(_all_gather(d64, group), _all_gather(gidx, group), k)
+    d, i = merge_across_ranks(d64, gidx, k, group)
     return Neighbours(d.float().to(queries.device), i.to(queries.device))

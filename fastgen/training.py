@@ -99,17 +99,24 @@ def batches(n, batch_size, generator, max_batches=None):
 
 
 def train_epoch(model, optimizer, data, batch_size, generator, *, max_batches=None, show_progress=True,
-                desc=None, device="cpu"):
-    """One pass over `data` (N, ...) minimizing model(x)["loss"]; returns the mean loss."""
+                desc=None, device="cpu", shard=None):
+    """One pass over `data` (N, ...) minimizing model(x)["loss"]; returns the mean loss.
+
+    shard=(rank, world): data parallel across processes. Every rank draws the same
+    batches; the model's forward(x, shard=...) computes its part of each batch's loss
+    (scaled so the ranks' mean is the batch's mean loss) and the gradients are averaged
+    over the ranks before each step, so every rank takes the same step."""
     model.train()
     idx = batches(data.shape[0], batch_size, generator, max_batches)
     bar = progress(idx, total=len(idx), desc=desc, enabled=show_progress)
     total, count = 0.0, 0
     for b in bar:
         x = data[b].to(device)
-        loss = model(x)["loss"]
+        loss = model(x)["loss"] if shard is None else model(x, shard=shard)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if shard is not None:
+            loss = _average_over_ranks(model, loss)
         optimizer.step()
         total += float(loss.detach()) * x.shape[0]
         count += x.shape[0]
@@ -118,6 +125,31 @@ def train_epoch(model, optimizer, data, batch_size, generator, *, max_batches=No
     if hasattr(bar, "close"):
         bar.close()
     return total / max(count, 1)
+
+
+def _average_over_ranks(model, loss):
+    """All-reduce (mean) of every parameter's gradient, in one flat buffer, and of the loss."""
+    import torch.distributed as dist
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    off = 0
+    for p in params:
+        p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    return flat[-1]
+
+
+def _same_start(model):
+    """Every rank starts from rank 0's parameters and buffers."""
+    import torch.distributed as dist
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t, 0)
 
 
 def resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs):
@@ -183,7 +215,18 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
     search rounds); a dict it returns joins that epoch's metrics row. betas: Adam's.
     The global torch RNG is the caller's to seed (models draw their init and noise from
     it); the data order comes from a generator seeded `seed`.
+
+    Under torch.distributed (torchrun) with more than one process, training is data
+    parallel (train_epoch's shard) for models that declare `trains_sharded`; every rank
+    runs the hooks' collectives (before_epoch), rank 0 alone writes files and prints.
     Returns the metrics history (a list of rows)."""
+    from fastgen.distributed import world
+    rank, size = world()
+    if size > 1 and not getattr(model, "trains_sharded", False):
+        raise ValueError(f"{kind} cannot train across processes yet (torchrun with {size} processes): "
+                         "run it in one process")
+    lead = rank == 0
+    show_progress = show_progress and lead
     data_gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=ckpt["lr"] if ckpt else lr, betas=betas)
     history, start = [], 0
@@ -192,16 +235,22 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
         history, start, done = resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs)
         if done:
             return history
-    if describe is not None:
-        print(describe(sum(p.numel() for p in model.parameters())))
+    if size > 1:
+        _same_start(model)
+    if describe is not None and lead:
+        print(describe(sum(p.numel() for p in model.parameters())) + (f", {size} processes" if size > 1 else ""))
     for epoch in range(start, epochs):
         t0 = time.time()
         row = {"epoch": epoch + 1}
         if before_epoch is not None:
             row.update(before_epoch(epoch) or {})
         train_loss = train_epoch(model, optimizer, train_data, batch_size, data_gen, max_batches=max_batches,
-                                 show_progress=show_progress, desc=f"epoch {epoch + 1}/{epochs}", device=device)
+                                 show_progress=show_progress, desc=f"epoch {epoch + 1}/{epochs}", device=device,
+                                 shard=(rank, size) if size > 1 else None)
         row["train_loss"] = train_loss
+        if not lead:
+            history.append(row)
+            continue
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             if evaluate is not None:
                 row.update(evaluate())

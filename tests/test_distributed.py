@@ -71,3 +71,65 @@ def test_needs_a_process_group():
     from fastgen.distributed import sharded_knn
     with pytest.raises(RuntimeError, match="initialized torch.distributed"):
         sharded_knn(torch.randn(3, 2), torch.randn(4, 2))
+
+
+def _imle_search_worker(rank, port, folder, variant):
+    import torch.distributed as dist
+    from fastgen.models import IMLE
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        x = torch.rand(37, 1, 4, 4)
+        model = IMLE((1, 4, 4), z_dim=3, samples_per_point=5, chunk=16, **variant)
+        info = model.search(x, generator=torch.Generator().manual_seed(7))
+        torch.save((model.chosen_z, info), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("variant", [{}, {"reject_eps": 0.85}])
+def test_imle_search_split_over_two_ranks_equals_one_process(variant):
+    """Each rank draws and searches its own chunks; the merged choice is the one-process
+    choice on every rank (same seeds, same chosen codes)."""
+    import torch.multiprocessing as mp
+    from fastgen.models import IMLE
+    torch.manual_seed(0)
+    x = torch.rand(37, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=3, samples_per_point=5, chunk=16, **variant)
+    info = model.search(x, generator=torch.Generator().manual_seed(7))
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_imle_search_worker, args=(_free_port(), folder, variant), nprocs=2,
+                           start_method="spawn", join=True)
+        for rank in range(2):
+            chosen, got = torch.load(os.path.join(folder, f"rank{rank}.pt"))
+            assert torch.equal(chosen, model.chosen_z)
+            assert got == info
+    if variant:
+        assert info["rejected"] > 0
+
+
+def test_imle_trains_under_torchrun_like_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m fastgen.cli train imle`: the same run as one
+    process up to float reduction order (same seeds, same chosen samples)."""
+    import subprocess
+    import sys
+    args = ["train", "imle", "--data", "digits", "--epochs", "4", "--staleness", "2", "--batches-per-epoch", "5",
+            "--samples-per-point", "3", "--threads", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "fastgen.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fastgen.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
+    a = torch.load(tmp_path / "one" / "checkpoint.pt")
+    b = torch.load(tmp_path / "two" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    for name, t in a["model"].items():
+        torch.testing.assert_close(b["model"][name], t, rtol=1e-4, atol=1e-5, msg=name)
+    ra = [r["mean_nearest_dist"] for r in a["history"] if "mean_nearest_dist" in r]
+    rb = [r["mean_nearest_dist"] for r in b["history"] if "mean_nearest_dist" in r]
+    assert len(ra) == 2 and ra == pytest.approx(rb, rel=1e-4)

@@ -15,6 +15,13 @@ from fastgen.ops import knn
 QUICK = ["--threads", "1", "--quiet"]
 
 
+def round_codes(model, seed, total):
+    """Every code a search round with generator seed `seed` drew, in sample order."""
+    rs = model._round_seed(torch.Generator().manual_seed(seed), "cpu")
+    return torch.cat([model._chunk_codes(rs, c, min(model.chunk, total - s), "cpu")
+                      for c, s in enumerate(range(0, total, model.chunk))])
+
+
 def digits():
     from fastgen import data
     return data.load_digits().train
@@ -27,8 +34,7 @@ def test_search_keeps_each_points_exact_nearest_sample(feature_dim):
     seed = int(torch.randint(0, 2 ** 31, (1,)))
     info = model.search(x, generator=torch.Generator().manual_seed(seed))
     # the same codes, all at once: chunking and streaming must not change the choice
-    g = torch.Generator().manual_seed(seed)
-    z = torch.cat([torch.randn(min(33, 57 * 7 - s), 5, generator=g) for s in range(0, 57 * 7, 33)])
+    z = round_codes(model, seed, 57 * 7)
     with torch.no_grad():
         samples = model.generate(z)
         dist, idx = knn(model.features(x), model.features(samples), 1)
@@ -116,8 +122,7 @@ def test_rejection_discards_samples_near_the_data():
     x = torch.rand(40, 1, 4, 4)
     model = IMLE((1, 4, 4), z_dim=4, samples_per_point=6, chunk=50)
     seed = int(torch.randint(0, 2 ** 31, (1,)))
-    g = torch.Generator().manual_seed(seed)
-    z = torch.cat([torch.randn(min(50, 240 - s), 4, generator=g) for s in range(0, 240, 50)])
+    z = round_codes(model, seed, 240)
     with torch.no_grad():
         f = model.features(model.generate(z))
         fx = model.features(x)

@@ -59,7 +59,9 @@ def run(args):
     from fastgen import training
     from fastgen.models import build_model
     from fastgen.models.imle import make_conditions
+    from fastgen.distributed import init_from_env
     device = train_cmd.setup(args)
+    init_from_env()      # under torchrun: data-parallel steps, each process searches its share
     train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim")
     if not args.noise >= 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")

@@ -198,7 +198,20 @@ class IMLE(nn.Module):
         self.last_search = info
         return dict(info)
 
+    def _chunk_codes(self, seed, c, size, device):
+        """The codes of the round's chunk c (global samples [c * chunk, c * chunk + size)):
+        a generator seeded (seed + c), so any process can draw any chunk -- or regenerate
+        the chosen codes -- without the others, and the round does not depend on how the
+        chunks are shared out."""
+        g = torch.Generator(device=device).manual_seed((seed + c) % (1 << 63))
+        return torch.randn(size, self.z_dim, generator=g, device=device)
+
+    def _round_seed(self, generator, device):
+        dev = generator.device if generator is not None else "cpu"
+        return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=dev))
+
     def _search_round(self, data, generator):
+        from fastgen import distributed
         from fastgen.ops import StreamingKNN, knn
         n = data.shape[0]
         device = data.device
@@ -214,38 +227,56 @@ class IMLE(nn.Module):
                                  for i in range(0, n, self.chunk)])
             who = torch.nonzero((current - feats).square().sum(1) <= threshold).flatten()
         info = {"samples": 0, "searched": int(who.numel()), "rejected": 0}
+        seed = self._round_seed(generator, device)
         if who.numel():
-            search = StreamingKNN(feats[who], 1)
             total = who.numel() * self.samples_per_point
-            codes = []
-            for s in range(0, total, self.chunk):
-                z = torch.randn(min(self.chunk, total - s), self.z_dim, generator=generator, device=device)
-                x = self.generate(z)
-                if x.shape[1:] != data.shape[1:]:
-                    raise ValueError(f"generator makes samples of shape {tuple(x.shape[1:])} but the data is "
-                                     f"{tuple(data.shape[1:])}")
-                f = self.features(x)
-                if not bool(torch.isfinite(f).all()):
-                    raise RuntimeError("the generator produced NaN or infinite samples (has training diverged? "
-                                       "try a smaller --lr)")
+            chunks = -(-total // self.chunk)
+            # under torch.distributed each process draws and searches its own run of chunks
+            rank, size = distributed.world()
+            search = StreamingKNN(feats[who], 1)
+            rejected = 0
+            for c in range(chunks * rank // size, chunks * (rank + 1) // size):
+                start = c * self.chunk
+                z = self._chunk_codes(seed, c, min(self.chunk, total - start), device)
+                f = self.features(self.generate_checked(z, data))
+                ids = torch.arange(start, start + z.shape[0], device=device)
                 if self.reject_eps is not None:
                     # RS-IMLE: a sample within eps of any data point is not a candidate
                     keep = knn(f, feats, 1).dist[:, 0] >= self.reject_eps ** 2
-                    info["rejected"] += int((~keep).sum())
-                    f, z = f[keep], z[keep]
-                search.add(f)
-                codes.append(z)
-            info["samples"] = total
-            if search.seen == 0:
+                    rejected += int((~keep).sum())
+                    f, ids = f[keep], ids[keep]
+                search.add(f, index=ids)
+            dist, idx = search.result64()
+            if size > 1:
+                dist, idx = distributed.merge_across_ranks(dist, idx, 1)
+                rejected = distributed.all_sum(rejected)
+            info["samples"], info["rejected"] = total, rejected
+            if bool((idx < 0).any()):
                 raise RuntimeError(f"reject_eps={self.reject_eps} rejected every one of the {total} samples; "
                                    "use a smaller reject_eps or more samples_per_point")
-            dist, idx = search.result()
-            chosen[who] = torch.cat(codes)[idx[:, 0]]
+            chosen[who] = self._codes_at(seed, idx[:, 0], total, device)
             if self.adaptive_gamma is not None:
-                threshold[who] = dist[:, 0] * (1 - self.adaptive_gamma) ** 2
+                threshold[who] = dist[:, 0].float() * (1 - self.adaptive_gamma) ** 2
             info["mean_nearest_dist"] = float(dist.mean())
         self.chosen_z, self.threshold = chosen, threshold
         return info
+
+    def _codes_at(self, seed, ids, total, device):
+        """The codes of global sample numbers `ids` (of `total`), regenerated chunk by chunk
+        at their drawn size (randn's values depend on the size asked for)."""
+        out = torch.empty(ids.numel(), self.z_dim, device=device)
+        which = ids // self.chunk
+        for c in torch.unique(which).tolist():
+            rows = torch.nonzero(which == c).flatten()
+            size = min(self.chunk, total - c * self.chunk)
+            out[rows] = self._chunk_codes(seed, c, size, device)[ids[rows] % self.chunk]
+        return out
+
+    def generate_checked(self, z, data, cond=None):
+        """generate(), refusing samples whose shape is not the data's or that are not finite."""
+        x = self.generate(z, cond)
+        self._check_samples(x, data)
+        return x
 
     def _conditional_round(self, data, conditions, generator):
         """Per point, samples_per_point samples from its own input; the nearest kept."""
@@ -268,8 +299,7 @@ class IMLE(nn.Module):
             for s in range(0, who.numel(), per):
                 pts = who[s:s + per]
                 z = torch.randn(pts.numel(), m, self.z_dim, generator=generator, device=device)
-                x = self.generate(z.flatten(0, 1), conditions[pts].repeat_interleave(m, 0))
-                self._check_samples(x, data)
+                x = self.generate_checked(z.flatten(0, 1), data, conditions[pts].repeat_interleave(m, 0))
                 f = self.features(x).view(pts.numel(), m, -1)
                 d, i = knn(self.features(data[pts]).unsqueeze(1), f, 1)       # (B, 1, 1): batched
                 chosen[pts] = z[torch.arange(pts.numel(), device=device), i[:, 0, 0]]
@@ -314,9 +344,15 @@ class IMLE(nn.Module):
 
     # ------------------------------------------------------------------ training step
 
-    def forward(self, index):
+    trains_sharded = True     # fastgen.training.fit may run it data parallel (torchrun)
+
+    def forward(self, index, shard=None):
         """Loss on the data points `index` (int64 (B,)) against their chosen samples:
-        {"loss": mean over the batch of the per-point L2 (sum of squares) or L1}."""
+        {"loss": mean over the batch of the per-point L2 (sum of squares) or L1}.
+
+        shard=(rank, world): this process's contiguous part of the batch, its loss scaled
+        by world / B so the mean over the ranks is the batch's mean. The noise is drawn
+        for the whole batch on every rank, so the step does not depend on the world size."""
         if self.data is None or self.chosen_z.shape[0] != self.data.shape[0]:
             raise RuntimeError("IMLE has no chosen samples for its data: call search(data) first "
                                "(fastgen.training.fit does it through IMLE.before_epoch)")
@@ -324,10 +360,17 @@ class IMLE(nn.Module):
         z = self.chosen_z[index]
         if self.noise > 0:
             z = z + self.noise * torch.randn_like(z)
-        out = self.generate(z, None if self.conditions is None else self.conditions[index])
+        c = None if self.conditions is None else self.conditions[index]
+        scale = 1.0 / max(1, x.shape[0])
+        if shard is not None:
+            rank, size = shard
+            part = torch.tensor_split(torch.arange(x.shape[0], device=x.device), size)[rank]
+            x, z, c = x[part], z[part], None if c is None else c[part]
+            scale *= size
+        out = self.generate(z, c)
         diff = (out - x).flatten(1)
         per_point = diff.square().sum(1) if self.loss_kind == "l2" else diff.abs().sum(1)
-        return {"loss": per_point.mean()}
+        return {"loss": per_point.sum() * scale}
 
     def attach(self, data, conditions=None):
         """The data points training indexes into (and, conditional, their inputs); kept by

@@ -50,8 +50,11 @@ class StreamingKNN:
             distance of every query as its threshold: keys farther than that cannot enter
             the answer and are skipped, so a chunk with nothing better costs little.
 
-    `add(keys)` takes a (M_i, D) chunk (global indices continue from the last chunk);
-    `result()` returns Neighbours(dist (N, k) float32 ascending, idx (N, k) int64 global).
+    `add(keys, index=None)` takes a (M_i, D) chunk; its global indices continue from the
+    last chunk, or are `index` (int64 (M_i,), ascending, above every earlier one: IMLE
+    passes the sample numbers that survived rejection, or a rank's share of them).
+    `result()` returns Neighbours(dist (N, k) float32 ascending, idx (N, k) int64 global);
+    `result64()` the float64 distances, padded with (inf, -1) while fewer than k keys came.
     """
 
     def __init__(self, queries, k=1, *, backend="auto", precision="fp32", prune=None):
@@ -63,24 +66,34 @@ class StreamingKNN:
         _validate.flag(prune, "prune")
         self.backend, self.precision, self.prune = backend, precision, prune
         self.seen = 0
+        self._next_id = 0
         n = queries.shape[0]
         self._dist = torch.full((n, 0), float("inf"), dtype=torch.float64, device=queries.device)
         self._idx = torch.empty((n, 0), dtype=torch.long, device=queries.device)
 
-    def add(self, keys):
+    def add(self, keys, index=None):
         """Search one chunk of keys (M_i, D) and merge it into the running best."""
         _validate.points(keys, "keys", ndims=(2,))
         _validate.same_kind(self.queries, "queries", keys, "keys")
         m = keys.shape[0]
+        if index is not None:
+            if not isinstance(index, torch.Tensor) or index.dtype != torch.long or tuple(index.shape) != (m,):
+                raise ValueError(f"index must be an int64 tensor of shape ({m},) (one id per key)")
+            if m and (int(index[0]) < self._next_id or (m > 1 and not bool((index.diff() > 0).all()))):
+                raise ValueError(f"index must be ascending and start at or above {self._next_id} "
+                                 "(after every id already added)")
         if m == 0:
             return self
         kk = min(self.k, m)
         with torch.no_grad():
             idx = self._search(keys, kk)
             dist = candidate_sqdist64(self._q64, keys, idx)
+        ids = idx + self._next_id if index is None else index.to(idx.device)[idx.clamp_min(0)]
+        ids = ids.masked_fill(idx < 0, -1)
         # the running candidates hold lower global indices than this chunk's
-        self._dist, self._idx = merge_candidates([self._dist, dist], [self._idx, idx + self.seen], self.k)
+        self._dist, self._idx = merge_candidates([self._dist, dist], [self._idx, ids], self.k)
         self.seen += m
+        self._next_id = self._next_id + m if index is None else int(index[-1]) + 1
         return self
 
     def _search(self, keys, kk):
@@ -100,3 +113,12 @@ class StreamingKNN:
         if self.seen < self.k:
             raise ValueError(f"k={self.k} but only {self.seen} keys were added")
         return Neighbours(self._dist.float(), self._idx.clone())
+
+    def result64(self):
+        """(dist (N, k) float64, idx (N, k) int64): what merges across processes rank by;
+        entries not filled yet (fewer than k keys seen) are (inf, -1)."""
+        n, have = self._dist.shape
+        pad = self.k - have
+        d = torch.cat([self._dist, self._dist.new_full((n, pad), float("inf"))], 1)
+        i = torch.cat([self._idx, self._idx.new_full((n, pad), -1)], 1)
+        return d, i
