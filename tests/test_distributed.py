@@ -104,7 +104,8 @@ def test_imle_search_split_over_two_ranks_equals_one_process(variant):
         for rank in range(2):
             chosen, got = torch.load(os.path.join(folder, f"rank{rank}.pt"))
             assert torch.equal(chosen, model.chosen_z)
-            assert got == info
+            timeless = [{k: v for k, v in d.items() if not k.startswith("seconds")} for d in (got, info)]
+            assert timeless[0] == timeless[1]
     if variant:
         assert info["rejected"] > 0
 

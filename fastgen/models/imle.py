@@ -25,6 +25,7 @@ Defaults from the reference code: z_dim 64, samples_per_point 10, staleness 5, n
 0.01, Adam lr 1e-3 with betas (0.5, 0.999) (`fastgen train imle` sets them).
 """
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -235,10 +236,14 @@ class IMLE(nn.Module):
             rank, size = distributed.world()
             search = StreamingKNN(feats[who], 1)
             rejected = 0
+            t_gen = t_search = 0.0          # where the round's time goes (metrics.jsonl)
             for c in range(chunks * rank // size, chunks * (rank + 1) // size):
                 start = c * self.chunk
+                t0 = time.perf_counter()
                 z = self._chunk_codes(seed, c, min(self.chunk, total - start), device)
                 f = self.features(self.generate_checked(z, data))
+                t1 = time.perf_counter()
+                t_gen += t1 - t0
                 ids = torch.arange(start, start + z.shape[0], device=device)
                 if self.reject_eps is not None:
                     # RS-IMLE: a sample within eps of any data point is not a candidate
@@ -246,6 +251,8 @@ class IMLE(nn.Module):
                     rejected += int((~keep).sum())
                     f, ids = f[keep], ids[keep]
                 search.add(f, index=ids)
+                t_search += time.perf_counter() - t1
+            info["seconds_generate"], info["seconds_search"] = round(t_gen, 4), round(t_search, 4)
             dist, idx = search.result64()
             if size > 1:
                 dist, idx = distributed.merge_across_ranks(dist, idx, 1)

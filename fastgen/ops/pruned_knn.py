@@ -104,12 +104,16 @@ def key_balls(keys, cluster_size=64, iterations=1, seed=0):
     sizes = offsets.diff()
     c = sizes.numel()
     ball = torch.repeat_interleave(torch.arange(c), sizes).to(keys.device)
-    shift = centering_shift(keys.float())
-    x = keys[order].double() - shift.double()                    # exact for fp32 inputs
+    shift = centering_shift(keys.float()).double()
+    # float64 in row chunks: a float64 copy of all keys would be twice their fp32 size
+    step = 8192
     centres = torch.zeros(c, keys.shape[1], dtype=torch.float64, device=keys.device)
-    centres.index_add_(0, ball, x).div_(sizes.to(keys.device, torch.float64)[:, None])
-    centres = centres.float()
-    rho = (x - centres.double()[ball]).norm(dim=1)
+    for s in range(0, order.numel(), step):
+        centres.index_add_(0, ball[s:s + step], keys[order[s:s + step]].double() - shift)   # exact for fp32
+    centres = centres.div_(sizes.to(keys.device, torch.float64)[:, None]).float()
+    c64 = centres.double()
+    rho = torch.cat([(keys[order[s:s + step]].double() - shift - c64[ball[s:s + step]]).norm(dim=1)
+                     for s in range(0, order.numel(), step)])
     # clusters renumbered along a nearest-neighbour tour of their centres: queries sorted
     # by nearest cluster then form blocks of neighbouring clusters, which need the same keys
     tour = _centre_tour(centres)
@@ -138,7 +142,7 @@ def key_balls(keys, cluster_size=64, iterations=1, seed=0):
     pad[pos_piece.to(keys.device), pos_in.to(keys.device)] = rho
     pad = pad.float()       # rounded to nearest: the searches widen by _SLACK, the ends by 1e-6
     hi = pad.masked_fill(pad.isinf(), -1).amax(1)
-    return KeyBalls(order=order, offsets=p_off.to(keys.device), shift=shift, centres=centres.contiguous(),
+    return KeyBalls(order=order, offsets=p_off.to(keys.device), shift=shift.float(), centres=centres.contiguous(),
                     centre_sq=centres.double().square().sum(1).float(),
                     centre_norm=centres.double().norm(dim=1).mul(1 + 1e-6).float(), piece_cluster=piece_cluster.to(keys.device),
                     rho=pad, rho_lo=pad[:, 0] * (1 - 1e-6), rho_hi=hi * (1 + 1e-6))
