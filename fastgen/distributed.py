@@ -120,7 +120,7 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
     if kk > 0 and n > 0:
         with torch.no_grad():
             _, idx = knn(queries, local_keys, kk, backend=backend, precision=precision)
-            d64[:, :kk] = candidate_sqdist64(queries.double(), local_keys, idx).cpu()
+            d64[:, :kk] = candidate_sqdist64(queries, local_keys, idx).cpu()
             gidx[:, :kk] = idx.cpu() + offset
     # every rank's candidates, in rank order (= ascending global index)
     d, i = merge_across_ranks(d64, gidx, k, group)

@@ -215,7 +215,7 @@ def _ranges_to_positions(starts, ends):
     return base + torch.arange(total, device=starts.device)
 
 
-def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=512, cluster_size=64, precision="fp32"):
+def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=1024, cluster_size=64, precision="fp32"):
     """knn(queries, keys, k) for (N, D) x (M, D) on the CPU, skipping provably farther keys.
 
     bound: optional (N,) upper bounds of what matters per query (squared distances):

@@ -17,17 +17,18 @@ from fastgen.ops import _validate
 from fastgen.ops.knn import Neighbours, knn
 
 
-def candidate_sqdist64(queries64, keys, idx):
+def candidate_sqdist64(queries, keys, idx, rows=1024):
     """float64 sum((q_i - keys[idx[i, j]])^2), (N, k), straight from the inputs: what the
     merges below rank by (float32 distances can tie where float64 ones do not). idx -1
-    (no candidate) gives +inf."""
-    # a column at a time: an (N, k, D) float64 temporary would be k times the queries
-    cols = []
-    for j in range(idx.shape[1]):
-        col = idx[:, j]
-        d = (queries64 - keys[col.clamp_min(0)].double()).square().sum(1)
-        cols.append(d.masked_fill_(col < 0, float("inf")))
-    return torch.stack(cols, 1)
+    (no candidate) gives +inf. Row blocks: no float64 copy of all the queries."""
+    out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
+    for s in range(0, idx.shape[0], rows):
+        q = queries[s:s + rows].double()
+        for j in range(idx.shape[1]):
+            col = idx[s:s + rows, j]
+            d = (q - keys[col.clamp_min(0)].double()).square().sum(1)
+            out[s:s + rows, j] = d.masked_fill_(col < 0, float("inf"))
+    return out
 
 
 def merge_candidates(dists, idxs, k):
@@ -62,9 +63,9 @@ class StreamingKNN:
         _validate.positive_int(k, "k")
         _validate.finite(queries, "queries")
         self.queries, self.k = queries, int(k)
-        self._q64 = queries.double()
         _validate.flag(prune, "prune")
         self.backend, self.precision, self.prune = backend, precision, prune
+        self.query_block = 2048
         self.seen = 0
         self._next_id = 0
         n = queries.shape[0]
@@ -87,7 +88,7 @@ class StreamingKNN:
         kk = min(self.k, m)
         with torch.no_grad():
             idx = self._search(keys, kk)
-            dist = candidate_sqdist64(self._q64, keys, idx)
+            dist = candidate_sqdist64(self.queries, keys, idx)
         ids = idx + self._next_id if index is None else index.to(idx.device)[idx.clamp_min(0)]
         ids = ids.masked_fill(idx < 0, -1)
         # the running candidates hold lower global indices than this chunk's
@@ -102,7 +103,10 @@ class StreamingKNN:
             self.prune = (_backend.resolve(self.backend, keys.device, self.precision) == "cpp"
                           and pruned_knn.should_prune(self.queries, keys, kk))
         if not self.prune:
-            return knn(self.queries, keys, kk, backend=self.backend, precision=self.precision, prune=False).idx
+            # query rows in blocks: the kernel's prepared copy of the queries is one block's,
+            # so the peak is O((block + chunk) * D) however many queries there are
+            return torch.cat([knn(q, keys, kk, backend=self.backend, precision=self.precision, prune=False).idx
+                              for q in self.queries.split(self.query_block)])
         _validate.finite(keys, "keys")
         bound = None
         if self._dist.shape[1] == self.k:   # the running k-th best (float64), rounded up
