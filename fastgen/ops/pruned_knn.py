@@ -215,13 +215,15 @@ def _ranges_to_positions(starts, ends):
     return base + torch.arange(total, device=starts.device)
 
 
-def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=1024, cluster_size=64, precision="fp32"):
+def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=None, cluster_size=64, precision="fp32"):
     """knn(queries, keys, k) for (N, D) x (M, D) on the CPU, skipping provably farther keys.
 
     bound: optional (N,) upper bounds of what matters per query (squared distances):
         keys farther than bound[i] may be skipped even if fewer than k remain, and the
         row is then padded with (inf, -1). StreamingKNN passes its running k-th best.
     balls: KeyBalls of `keys` from key_balls (built here when None).
+    block: queries searched together (None: N / 64 within [128, 1024]; larger blocks
+        cost less Python per row but share a wider union of keys).
 
     Returns (Neighbours, pairs computed)."""
     from fastgen.ops.knn import Neighbours, knn
@@ -233,6 +235,8 @@ def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=1024, cluste
         return Neighbours(dist, idx), 0
     if balls is None:
         balls = key_balls(keys, cluster_size)
+    if block is None:
+        block = min(1024, max(128, n // 64))
     qs = (queries.float() - balls.shift).contiguous()
     # queries sorted by their nearest centre: a block's rows need the same few pieces
     # (sorting each cluster's rows by their distance to it too was measured: no gain)
