@@ -4,7 +4,7 @@ chunks -- against faiss holding them all.
     pytest benchmarks/bench_streaming_knn.py --benchmark-only -k quick --benchmark-json=s.json
 
 Inputs: standard-normal float32 queries (N, D) (the data) and M keys (the samples) drawn
-in chunks of 4,096 (IMLE's default chunk) from per-chunk seeds, the same for every provider; every provider
+in chunks of 8,192 from per-chunk seeds, the same for every provider; every provider
 draws the keys inside the timed call (IMLE redraws its samples every round).
 Providers: fastgen-stream (StreamingKNN, chunk by chunk, fp32 cross term; pruning is
 decided by its cheap measure and is off on this unstructured data), fastgen-stream-bf16
@@ -16,7 +16,7 @@ import torch
 
 from fastgen.benchmarking import Provider, Suite, cases
 
-CHUNK = 4096
+CHUNK = 8192
 CHECK_QUERIES = 256
 
 

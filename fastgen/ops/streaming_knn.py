@@ -65,7 +65,7 @@ class StreamingKNN:
         self.queries, self.k = queries, int(k)
         _validate.flag(prune, "prune")
         self.backend, self.precision, self.prune = backend, precision, prune
-        self.query_block = 2048
+        self.query_block = 4096
         self.seen = 0
         self._next_id = 0
         n = queries.shape[0]
