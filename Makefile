@@ -35,6 +35,8 @@ demo: install
 	$(PY) -m fastgen.cli train pixelcnn --vqvae $(DEMO_OUT)/vqvae/checkpoint.pt --epochs 6 --out $(DEMO_OUT)/pixelcnn
 	$(PY) -m fastgen.cli sample vqvae --checkpoint $(DEMO_OUT)/vqvae/checkpoint.pt --prior $(DEMO_OUT)/pixelcnn/checkpoint.pt --out $(DEMO_OUT)/vqvae-samples -n 64
 	$(PY) -m fastgen.cli train imle --data digits --epochs 60 --eval-every 20 --out $(DEMO_OUT)/imle
+	$(PY) -m fastgen.cli train imle --data digits --conditional top-half --epochs 60 --eval-every 20 --out $(DEMO_OUT)/imle-conditional
+	$(PY) -m fastgen.cli sample imle --checkpoint $(DEMO_OUT)/imle-conditional/checkpoint.pt --out $(DEMO_OUT)/imle-completions -n 12
 	$(PY) -m fastgen.cli bench --quick --repeats 3
 	@echo "demo images: $(DEMO_OUT)/*/*.png"
 
