@@ -3,15 +3,46 @@
 #   make test   - installs everything, runs the C++ core under sanitizers and the whole pytest suite
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
-# torch is pinned to the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build
-TORCH_PIN = torch==2.13.0
+# torch: an importable torch (CPU or CUDA build, >= 2.4) is kept as it is. Only when none
+# is importable is $(TORCH_SPEC) installed -- from PyPI that is the default Linux build
+# (CUDA libraries included, several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# chooses the CPU-only build instead.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMPS = build/stamps
+EXT_SO := fastgen/_C$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: install test test-cpp test-py demo bench clean
+.PHONY: install install-bench test test-cpp test-py demo bench clean
 
-install:
-	$(PIP) $(TORCH_PIN)
-	$(PIP) "setuptools>=64" wheel
-	$(PIP) --no-build-isolation -e ".[test]"
+# A second `make` reuses everything: pip runs only when pyproject.toml/setup.py changed
+# (stamps under build/), and the extension is rebuilt by make's own timestamps, then by
+# ninja in the persistent build/ folder, which recompiles only the sources that changed.
+install: $(STAMPS)/deps-test $(EXT_SO)
+install-bench: $(STAMPS)/deps-bench $(EXT_SO)
+
+$(STAMPS)/torch:
+	@mkdir -p $(STAMPS)
+	@if $(PY) -c "import torch, sys; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 4))" 2>/dev/null; then \
+		echo "fastgen: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif $(PY) -c "import torch" 2>/dev/null; then \
+		echo "fastgen needs torch >= 2.4; the installed one is $$($(PY) -c 'import torch; print(torch.__version__)') (not replaced: upgrade it yourself)"; exit 1; \
+	else \
+		echo "fastgen: no torch found, installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
+		$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
+	fi
+	$(PIP) "setuptools>=64" wheel ninja
+	@touch $@
+
+# the package and an extra's dependencies; the extension is built apart (below)
+$(STAMPS)/deps-%: pyproject.toml setup.py | $(STAMPS)/torch
+	FASTGEN_SKIP_EXT=1 $(PIP) --no-build-isolation -e ".[$*]"
+	@touch $@
+
+$(EXT_SO): $(CSRC) setup.py | $(STAMPS)/torch
+	@echo "fastgen: building the C++ extension (ninja; only what changed since the last build)"
+	$(PY) setup.py build_ext --inplace
+	@touch $@
 
 test-cpp:
 	cmake -S . -B build-asan -DFASTGEN_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug > /dev/null
@@ -26,7 +57,7 @@ test: install test-cpp test-py
 # The main job on built-in data (sklearn's china.jpg and digits, no download), a few
 # minutes on 2 cores; every PNG lands under $(DEMO_OUT).
 DEMO_OUT ?= demo-out
-demo: install
+demo: install-bench
 	rm -rf $(DEMO_OUT)
 	$(PY) -m fastgen.cli doctor
 	$(PY) -m fastgen.cli gpnn sample -n 4 --max-side 96 --out $(DEMO_OUT)/gpnn
@@ -42,8 +73,7 @@ demo: install
 
 # Every suite through the harness (long on 2 cores), then RESULTS.md sections and plots.
 BENCH_JSON ?= benchmarks/last-run.json
-bench: install
-	$(PIP) --no-build-isolation -e ".[bench]"
+bench: install-bench
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_JSON) -p no:cacheprovider
 	$(PY) benchmarks/report.py $(BENCH_JSON)
 

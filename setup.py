@@ -42,4 +42,8 @@ def extension():
                         extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+# FASTGEN_SKIP_EXT=1: install the package (and its dependencies) without compiling; the
+# Makefile builds the extension in place with `setup.py build_ext --inplace`, in the
+# persistent build/ folder, so a second build recompiles only what changed.
+SKIP = os.environ.get("FASTGEN_SKIP_EXT") == "1"
+setup(ext_modules=[] if SKIP else [extension()], cmdclass={"build_ext": BuildExtension})
