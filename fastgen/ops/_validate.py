@@ -31,6 +31,27 @@ def finite(t, name):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def distance_inputs(queries, q_name, keys, k_name):
+    """The rule every backend applies before computing distances (the C++ engine checks
+    the same in operands.cpp): finite values, and after centring both sets on
+    baselines.centering_shift(keys), 4 x every squared norm a finite float32 -- else a
+    distance ||q - k||^2 <= 2||q||^2 + 2||k||^2 can overflow and the ranking is junk
+    (inf everywhere, index 0, an out-of-range index on a GPU). (N, D) or (B, N, D)."""
+    finite(queries, q_name)
+    finite(keys, k_name)
+    if queries.numel() == 0 or keys.numel() == 0:
+        return
+    from fastgen.ops.baselines import centering_shift
+    q3 = queries if queries.dim() == 3 else queries.unsqueeze(0)
+    k3 = keys if keys.dim() == 3 else keys.unsqueeze(0)
+    mu = centering_shift(k3).unsqueeze(1)
+    for t, name in ((k3, k_name), (q3, q_name)):
+        norms = (t.float() - mu).square_().sum(-1)
+        if not bool(torch.isfinite(norms * 4).all()):
+            raise ValueError(f"{name} has values too large for float32 squared distances (a squared norm "
+                             "overflows); rescale the data")
+
+
 def index_range(t, name, n, what):
     """int64 t with every value in [0, n): a TypeError / ValueError naming `name` (what
     the indices point at goes in the message). One host sync for both ends."""

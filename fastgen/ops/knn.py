@@ -59,9 +59,8 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
                          f"{', self excluded' if exclude_self else ''}), got k={k}")
     _validate.precision(precision)
     be = _backend.resolve(backend, queries.device, precision)
-    if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
-        _validate.finite(queries, "queries")
-        _validate.finite(keys, "keys")
+    if be != "cpp":  # the C++ op checks the same inside its first pass over the data
+        _validate.distance_inputs(queries, "queries", keys, "keys")
 
     _validate.flag(prune, "prune")
     prunable = be == "cpp" and queries.dim() == 2 and not exclude_self
@@ -71,8 +70,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
                          "use prune=None or False")
     if prune is not False and prunable:
         from fastgen.ops import pruned_knn
-        _validate.finite(queries, "queries")
-        _validate.finite(keys, "keys")
+        _validate.distance_inputs(queries, "queries", keys, "keys")
         if prune or pruned_knn.should_prune(queries, keys, k):
             with torch.no_grad():
                 dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=precision)[0]

@@ -35,9 +35,8 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
         raise ValueError("codebook is empty (0 codes)")
     _validate.precision(precision)
     be = _backend.resolve(backend, x.device, precision)
-    if be != "cpp":  # the C++ op checks finiteness inside its first pass over the data
-        _validate.finite(x, "x")
-        _validate.finite(codebook, "codebook")
+    if be != "cpp":  # the C++ op checks the same inside its first pass over the data
+        _validate.distance_inputs(x, "x", codebook, "codebook")
     if be == "cpp":
         return NearestCode(*torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision))
     from fastgen.ops.knn import knn

@@ -65,7 +65,9 @@ def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
     m = keys.shape[0]
     if m == 0:
         raise ValueError("keys is empty (0 patches)")
-    _validate.finite(keys, "keys")
+    # the same rule as every distance op, named for the caller (nearest_code below would
+    # blame its own argument, "x")
+    _validate.distance_inputs(keys, "keys", keys, "keys")
     from fastgen.ops.nearest_code import nearest_code
     x = keys.float()
     c = -(-m // cluster_size)

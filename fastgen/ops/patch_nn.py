@@ -66,8 +66,7 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
     elif be == "triton":  # fp32 tiles; plain NN = exact kNN with k=1
-        _validate.finite(queries, "queries")
-        _validate.finite(keys, "keys")
+        _validate.distance_inputs(queries, "queries", keys, "keys")
         if alpha is None:
             from fastgen.ops.triton.knn import knn_triton
             idx = knn_triton(q3, k3, 1, False)[1][..., 0]
@@ -75,8 +74,7 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
             from fastgen.ops.triton.patch_nn import patch_nn_triton
             idx = patch_nn_triton(q3, k3, alpha)
     else:
-        _validate.finite(queries, "queries")
-        _validate.finite(keys, "keys")
+        _validate.distance_inputs(queries, "queries", keys, "keys")
         idx = torch.stack([baselines.patch_nn_two_pass(q3[b], k3[b], alpha) for b in range(q3.shape[0])])
     return idx[0] if squeeze else idx
 
