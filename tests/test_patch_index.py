@@ -1064,3 +1064,17 @@ def test_a_refused_search_is_not_counted(incremental):
     after = index.stats
     assert (after.searches, after.from_scratch, after.incremental, after.last_changed) == \
         (before.searches, before.from_scratch, before.incremental, before.last_changed)
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_keys_edited_in_place_after_building_are_refused(prune):
+    """An index answers from its prepared copy: keys edited in place afterwards would give
+    wrong answers silently (issue 13), so the next search refuses."""
+    keys = torch.rand(300, 12)
+    index = PatchIndex(keys, 0.01, prune=prune, backend="cpp")
+    index.search(torch.rand(50, 12))
+    keys[3] += 1.0
+    with pytest.raises(RuntimeError, match="modified in place"):
+        index.search(torch.rand(50, 12))
+    fresh = PatchIndex(keys.clone(), 0.01, prune=prune, backend="cpp")    # a new index is fine
+    assert torch.equal(fresh.search(keys[:40]), patch_nn(keys[:40], keys, 0.01, backend="cpp", prune=prune))

@@ -138,6 +138,10 @@ class PatchIndex:
             raise ValueError("incremental=True needs a pruned index (cpp backend with an alpha)")
         self.incremental = self.pruned if incremental is None else bool(incremental)
         self.keys, self.precision = keys, precision
+        # the index holds prepared copies of the keys: an in-place edit of `keys` after
+        # this point would leave it answering for the old keys, so every search checks
+        # the tensor's version counter (bumped by every in-place op) and refuses
+        self._keys_version = keys._version
         self.full_above = float(full_above)
         self.max_key_bytes = int(max_key_bytes)
         self._c = None
@@ -176,6 +180,9 @@ class PatchIndex:
         there, so less is computed. The answer does not depend on it."""
         _validate.points(queries, "queries")
         _validate.same_kind(queries, "queries", self.keys, "keys")
+        if self.keys._version != self._keys_version:
+            raise RuntimeError("the keys of this PatchIndex were modified in place after it was built; "
+                               "its prepared copy is stale: build a new PatchIndex (or pass keys.clone())")
         squeeze = queries.dim() == 2
         q3 = queries.unsqueeze(0) if squeeze else queries
         h2 = None if hint is None else _validate.hint(hint, q3, self.keys.shape[0], squeeze)
