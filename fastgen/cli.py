@@ -39,13 +39,34 @@ def build_parser():
     return parser
 
 
+def explicit_flags(parser, argv):
+    """The dests of the options written on the command line (not defaulted): a resumed
+    run compares only those with what it recorded."""
+    words = {w.split("=", 1)[0] for w in argv if w.startswith("-")}
+    found = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                stack.extend(a.choices.values())
+            elif words & set(a.option_strings):
+                found.add(a.dest)
+    return found
+
+
 def main(argv=None):
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args._explicit = explicit_flags(parser, argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
-        print(f"fastgen {args.command}: interrupted", file=sys.stderr)
+        # one line, no traceback; checkpoints are written atomically (a write in progress
+        # finishes first), so the last one is whole
+        hint = "; the last checkpoint is intact: rerun with --resume to continue" if args.command == "train" else ""
+        print(f"fastgen {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 -- sorted into user errors and bugs below
         if is_internal(exc):

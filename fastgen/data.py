@@ -79,13 +79,18 @@ def load_image_folder(folder, size=None, grayscale=None, test_fraction=0.1, bina
     Unreadable files, mixed sizes and empty folders raise ValueError naming the files.
     """
     from PIL import Image, UnidentifiedImageError
+
+    from fastgen.images import _pillow_limit, bomb_message
     files = list_images(folder)
     imgs = []
+    _pillow_limit()
     for f in files:
         try:
             with Image.open(f) as im:
                 im.load()
                 imgs.append(im.copy())
+        except Image.DecompressionBombError as exc:
+            raise ValueError(bomb_message(f, exc)) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"cannot read image {f!r}: {exc}") from exc
     if grayscale is None:

@@ -76,17 +76,54 @@ def load_source_image(path=None, max_side=None):
     return shrink_to(x, max_side)
 
 
+def _pillow_limit():
+    """Pillow refuses images over Image.MAX_IMAGE_PIXELS (a decompression-bomb guard);
+    FASTGEN_MAX_IMAGE_PIXELS=N sets that limit for fastgen's loaders."""
+    import os
+    from PIL import Image
+    v = os.environ.get("FASTGEN_MAX_IMAGE_PIXELS")
+    if v:
+        try:
+            Image.MAX_IMAGE_PIXELS = int(v)
+        except ValueError:
+            raise ValueError(f"FASTGEN_MAX_IMAGE_PIXELS must be an integer, got {v!r}") from None
+    return Image.MAX_IMAGE_PIXELS
+
+
+def bomb_message(path, exc):
+    return (f"cannot read image {path!r}: {exc} -- fastgen keeps Pillow's decompression-bomb "
+            "limit; set FASTGEN_MAX_IMAGE_PIXELS to a larger number of pixels if the file is trusted")
+
+
 def load_image(path, max_side=None, mode="RGB"):
     """Image file -> float32 (C, H, W) in [0, 1] (C = 3 for "RGB", 1 for "L"), shrunk
     (antialiased) so that its longer side is at most `max_side` when given.
-    A missing file raises FileNotFoundError, an unreadable one ValueError."""
+    A missing file raises FileNotFoundError, an unreadable one ValueError.
+
+    A large image is reduced while still 8-bit (JPEG: decoded at a smaller DCT scale; any
+    format: integer box reduction down to about twice max_side) before the float copy,
+    so a 36-megapixel photo never becomes a ~430 MB float32 tensor."""
     import os
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path!r}")
+    _pillow_limit()
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+            if max_side:
+                w, h = im.size
+                s = max_side / max(w, h)
+                if s < 0.5:
+                    im.draft(mode, (max(1, int(2 * w * s)), max(1, int(2 * h * s))))
+                im = im.convert(mode)
+                f = max(im.size) // (2 * max_side)
+                if f >= 2:
+                    im = im.reduce(f)
+            else:
+                im = im.convert(mode)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(bomb_message(path, exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {path!r}: {exc}") from None
     x = torch.from_numpy(arr.copy()).float().div_(255)

@@ -17,12 +17,22 @@ import torch
 CHECKPOINT_FORMAT = "fastgen-checkpoint-1"
 
 
+TMP_PREFIX = ".tmp-"
+
+
 def atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, then os.replace it over
-    `path`: a crash leaves the old file or the new one, never half of one."""
+    `path`: a crash leaves the old file or the new one, never half of one. Ctrl-C during
+    the write is held until the file is in place (an interrupted torch.save otherwise
+    reports a C++ "enforce fail"), then raised."""
+    import signal
+    import threading
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    held = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *a: held.append(True)) if main else None
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -34,7 +44,27 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
     return path
+
+
+def remove_stale_temporaries(folder):
+    """Delete what a killed atomic_write left in `folder` (its .tmp-* files)."""
+    if not os.path.isdir(folder):
+        return []
+    gone = []
+    for name in os.listdir(folder):
+        if name.startswith(TMP_PREFIX):
+            try:
+                os.unlink(os.path.join(folder, name))
+                gone.append(name)
+            except OSError:
+                pass
+    return gone
 
 
 def _umask():
@@ -202,7 +232,8 @@ def default_row_format(row):
 
 def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, batch_size=64, seed=0,
         device="cpu", eval_every=1, max_batches=None, show_progress=True, evaluate=None, write_pngs=None,
-        extra=None, describe=None, format_row=default_row_format, before_epoch=None, betas=(0.9, 0.999)):
+        extra=None, describe=None, format_row=default_row_format, before_epoch=None, betas=(0.9, 0.999),
+        flags=None):
     """Train `model` (whose forward returns {"loss": ...}) on `train_data` (N, ...) with Adam
     for epochs [ckpt's epoch, epochs): per epoch a pass over shuffled batches, then, every
     `eval_every` epochs and at the last, evaluate() (merged into the metrics row) and
@@ -262,7 +293,8 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
         save_checkpoint({
             "format": CHECKPOINT_FORMAT, "kind": kind, "config": config,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
-            "epoch": epoch + 1, "history": history, "rng": rng_state(data_gen), **(extra or {}),
+            "epoch": epoch + 1, "history": history, "rng": rng_state(data_gen),
+            "flags": (ckpt or {}).get("flags") or flags or {}, **(extra or {}),
         }, ckpt_path)
         print(format_row(row), flush=True)
     return history

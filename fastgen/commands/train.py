@@ -19,17 +19,26 @@ FAMILIES = [
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a model (ae, vae, vqvae, pixelcnn) on digits or an image folder",
+    p = sub.add_parser("train", help="train a model (ae, vae, vqvae, pixelcnn, imle) on digits or an image folder",
                        description=__doc__.splitlines()[0])
     families = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for mod in FAMILIES:
         importlib.import_module(mod).add_parser(families)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, except None (the help text says what None means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def family_parser(families, name, help, doc):
     """A `fastgen train NAME` parser with the shared flags."""
     p = families.add_parser(name, help=help, description=doc.splitlines()[0] if doc else help,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     common_arguments(p)
     return p
 
@@ -55,7 +64,8 @@ def data_arguments(p):
     p.add_argument("--size", type=int, default=None,
                    help="center-crop and resize images to SIZE x SIZE (needed when sizes differ)")
     p.add_argument("--binarize", action="store_true", help="threshold the data at 0.5")
-    p.add_argument("--test-fraction", type=float, default=None, help="held-out share (default 0.2 digits, 0.1 folders)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="held-out share (default: 0.2 for digits, 0.1 for folders)")
 
 
 def positive(args, *names):
@@ -67,13 +77,65 @@ def positive(args, *names):
 
 
 def setup(args):
-    """Checks of the shared flags, the thread count; returns the device."""
+    """Checks of the shared flags -- all before any data is loaded or any step taken --,
+    the thread count; returns the device."""
     positive(args, "epochs", "batch_size", "eval_every", "max_test", "batches_per_epoch", "size", "threads")
+    finite_floats(args)
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    tf = getattr(args, "test_fraction", None)
+    if tf is not None and not 0 <= tf < 1:
+        raise ValueError(f"--test-fraction must be in [0, 1), got {tf}")
+    check_out(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device_of(args.device)
+
+
+def finite_floats(args):
+    """Every float flag is a finite number: --lr inf or --beta nan would otherwise surface
+    as NaNs somewhere inside the first step."""
+    import math
+    for name, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+
+
+def check_out(out):
+    """--out must be (or become) a writable folder: found now, not after the first epoch.
+    Leftovers of an interrupted checkpoint write (.tmp-*) are removed."""
+    import os
+    from fastgen.training import remove_stale_temporaries
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    parent = out
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip(os.sep))
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"--out {out} is below {parent}, which is a file")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be created: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable")
+    remove_stale_temporaries(out)
+
+
+def device_of(name):
+    """--device as a torch device this torch can use (a ValueError naming the flag)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    return name
 
 
 def load_data(args, ckpt):
@@ -88,7 +150,41 @@ def load_data(args, ckpt):
 
 
 def fit_args(args, device):
-    """The flags fastgen.training.fit reads."""
+    """The flags fastgen.training.fit reads (and every flag, stored in the checkpoint so a
+    resumed run can refuse conflicting ones)."""
     return dict(out=args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                 device=device, eval_every=args.eval_every, max_batches=args.batches_per_epoch,
-                show_progress=not args.quiet)
+                show_progress=not args.quiet, flags=run_flags(args))
+
+
+# flags that may differ between a run and its resumption (how long, where, how to show it)
+RESUMABLE = {"epochs", "out", "resume", "quiet", "threads", "device", "eval_every", "max_test", "debug"}
+
+
+def run_flags(args):
+    """The run-defining flags of `args` as plain values (what the checkpoint records)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in RESUMABLE and not k.startswith("_") and k not in ("func", "command", "model")
+            and (v is None or isinstance(v, (bool, int, float, str)))}
+
+
+def open_run(args, kind):
+    """training.open_run, then on --resume: every flag given on this command line that the
+    run recorded differently is refused (a resumed run would otherwise silently keep the
+    checkpoint's --data, or switch --batch-size mid-run)."""
+    from fastgen import training
+    ckpt = training.open_run(args.out, kind, args.resume)
+    if ckpt is None:
+        return None
+    stored = dict(ckpt.get("flags") or {})
+    stored.update({k: v for k, v in (ckpt.get("data_args") or {}).items() if k not in stored})
+    given = getattr(args, "_explicit", None)
+    for name in sorted(given if given is not None else ()):
+        if name in RESUMABLE or name not in stored:
+            continue
+        value = getattr(args, name, None)
+        if value != stored[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value} differs from the run being resumed ({flag} {stored[name]}); "
+                             f"a resumed run keeps its settings: drop {flag}, or start a new run in another --out")
+    return ckpt

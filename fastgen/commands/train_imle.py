@@ -65,7 +65,7 @@ def run(args):
     train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim")
     if not args.noise >= 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
-    ckpt = training.open_run(args.out, "imle", args.resume)
+    ckpt = train_cmd.open_run(args, "imle")
     ds, data_args = train_cmd.load_data(args, ckpt)
     config = ckpt["config"] if ckpt else dict(
         image_shape=ds.image_shape, z_dim=args.z_dim, arch=args.arch, samples_per_point=args.samples_per_point,

@@ -41,7 +41,7 @@ def run(args):
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "prior_dim", "prior_layers")
-    ckpt = training.open_run(args.out, "pixelcnn", args.resume)
+    ckpt = train_cmd.open_run(args, "pixelcnn")
     vq_path = ckpt["vqvae_checkpoint"] if ckpt else args.vqvae
     if vq_path is None:
         raise ValueError("--vqvae CKPT is required for pixelcnn (a checkpoint written by `fastgen train vqvae`)")

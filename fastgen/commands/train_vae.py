@@ -93,7 +93,7 @@ def run(args):
     train_cmd.positive(args, "latent_dim", "iwae_k")
     if getattr(args, "beta", 0.0) < 0:
         raise ValueError(f"--beta must be >= 0, got {args.beta}")
-    ckpt = training.open_run(args.out, args.model, args.resume)
+    ckpt = train_cmd.open_run(args, args.model)
     ds, data_args = train_cmd.load_data(args, ckpt)
     if args.model == "vae" and args.likelihood == "bernoulli" and ds.levels > 2 and not ckpt:
         print("note: the Bernoulli decoder on grey levels is a loss, not a likelihood; "

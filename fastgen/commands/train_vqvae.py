@@ -52,7 +52,7 @@ def run(args):
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "num_codes", "code_dim", "hidden")
-    ckpt = training.open_run(args.out, "vqvae", args.resume)
+    ckpt = train_cmd.open_run(args, "vqvae")
     ds, data_args = train_cmd.load_data(args, ckpt)
     side = min(ds.image_shape[1:])
     config = ckpt["config"] if ckpt else dict(

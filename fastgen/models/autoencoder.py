@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.networks import make_decoder, make_encoder
+from fastgen.models.networks import check_images, make_decoder, make_encoder
 
 LOSSES = ("mse", "bce")
 
@@ -44,6 +44,7 @@ class AutoEncoder(nn.Module):
         return math.prod(self.image_shape)
 
     def encode(self, x):
+        check_images(x, self.image_shape)
         return self.code(self.encoder(x))
 
     def forward(self, x, generator=None):

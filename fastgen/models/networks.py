@@ -6,6 +6,8 @@ convolutions back up.
 """
 import math
 
+import torch
+
 from torch import nn
 
 ARCHS = ("mlp", "conv")
@@ -91,6 +93,23 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z):
         return self.net(self.fc(z).view(z.shape[0], self.top, 4, 4))
+
+
+def check_images(x, image_shape, name="x"):
+    """A model's image input: a non-empty floating (B, *image_shape) tensor of finite
+    values, else a ValueError/TypeError naming `name` (instead of a matmul shape error or
+    a complaint about the latent's `mu` several layers later)."""
+    want = "(B, " + ", ".join(map(str, image_shape)) + ")"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a {want} tensor, got {type(x).__name__}")
+    if x.dim() != len(image_shape) + 1 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"{name} must be {want} images, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (images in [0, 1]), got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 images)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def make_encoder(arch, image_shape, **kw):

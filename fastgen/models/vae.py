@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models.networks import make_decoder, make_encoder
+from fastgen.models.networks import check_images, make_decoder, make_encoder
 from fastgen.nn import GaussianLatent
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -117,6 +117,7 @@ class VAE(nn.Module):
     def forward(self, x, generator=None):
         """One training step's numbers: dict(loss, elbo, log_px_z, kl), per-image values (B,)
         except `loss` (mean over the batch of -(log p(x|z) - beta * KL))."""
+        check_images(x, self.image_shape)
         q = self.latent(self.encoder(x), generator=generator)
         log_px_z = self.log_px_given_z(x, self.decoder(q.z))
         loss = -(log_px_z - self.beta * q.kl).mean()
@@ -125,6 +126,9 @@ class VAE(nn.Module):
     @torch.no_grad()
     def iwae(self, x, k=64, generator=None, chunk=4096):
         """Importance-weighted lower bound on log p(x) per image (nats), K samples each."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (importance samples per image) must be an int >= 1, got {k!r}")
+        check_images(x, self.image_shape)
         q = self.latent(self.encoder(x), sample=False)
         out = []
         mu_all, lv_all = q.mu, q.logvar
@@ -159,6 +163,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def encode_mean(self, x):
+        check_images(x, self.image_shape)
         return self.latent(self.encoder(x), sample=False).mu
 
     @torch.no_grad()

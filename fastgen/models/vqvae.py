@@ -14,6 +14,8 @@ it into a generative model.
 import math
 
 import torch
+
+from fastgen.models.networks import check_images
 import torch.nn.functional as F
 from torch import nn
 
@@ -92,9 +94,7 @@ class VQVAE(nn.Module):
         self.decoder = nn.Sequential(*dec)
 
     def _check(self, x):
-        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"x must be (B, {', '.join(map(str, self.image_shape))}) images, "
-                             f"got {tuple(getattr(x, 'shape', ()))}")
+        check_images(x, self.image_shape)
 
     def forward(self, x):
         """Training step: dict(loss, recon (B,) squared error per image (sum over pixels),
