@@ -123,3 +123,34 @@ def test_iwae_k_zero():
     v = M.build_model("vae", dict(image_shape=(1, 8, 8)))
     with pytest.raises(ValueError, match="k .* must be an int >= 1"):
         v.iwae(torch.rand(3, 1, 8, 8), k=0)
+
+
+@pytest.mark.parametrize("size", ["0x100", "100x99999", "-5x10"])
+def test_gpnn_output_size_is_bounded(tmp_path, capsys, size):
+    rc, _, err = run(capsys, "gpnn", "retarget", f"--size={size}", "--out", str(tmp_path / "r"),
+                     str(tmp_path / "missing.png"))
+    assert rc == 2 and "--size" in err
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: torch.ops.fastgen.knn(_meta(1, 5, 4), _meta(1, 3, 4), 10, False, "fp32"), "k must be in"),
+    (lambda: torch.ops.fastgen.knn(_meta(1, 5, 4, dtype=torch.long), _meta(1, 3, 4, dtype=torch.long), 1, False,
+                                   "fp32"), "float32, float16 or bfloat16"),
+    (lambda: torch.ops.fastgen.nearest_code(_meta(5, 4), _meta(0, 4), "fp32"), "codebook is empty"),
+    (lambda: torch.ops.fastgen.patch_nn(_meta(1, 5, 4), _meta(1, 6, 3), 0.1, "fp32"), "D="),
+])
+def test_meta_shape_functions_refuse_what_the_kernels_refuse(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_alpha_string_and_sparse_inputs():
+    from fastgen.ops import knn, patch_nn
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        patch_nn(torch.rand(5, 4), torch.rand(6, 4), "0.1")
+    with pytest.raises(TypeError, match="queries must be a dense tensor"):
+        knn(torch.rand(5, 4).to_sparse(), torch.rand(6, 4), 1)

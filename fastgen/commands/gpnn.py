@@ -71,7 +71,14 @@ def parse_size(text, name="--size"):
         h, w = (int(v) for v in text.lower().split("x"))
     except (ValueError, AttributeError):
         raise ValueError(f"{name} must look like HxW (e.g. 128x256), got {text!r}") from None
+    if not (1 <= h <= MAX_OUTPUT_SIDE and 1 <= w <= MAX_OUTPUT_SIDE):
+        raise ValueError(f"{name} sides must be in [1, {MAX_OUTPUT_SIDE}] pixels, got {h}x{w} (every output "
+                         "pixel is a patch query of every pyramid level: memory and time grow with it)")
     return h, w
+
+
+# an output side past this is a typo or a resource exhaustion, not a GPNN job
+MAX_OUTPUT_SIDE = 8192
 
 
 def _stem(path):

@@ -8,6 +8,8 @@ PRECISIONS = ("fp32", "bf16")
 def points(t, name, ndims=(2, 3)):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} (call .to_dense())")
     if t.dim() not in ndims:
         want = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
@@ -80,8 +82,8 @@ def alpha(a):
     neither overflow nor vanish."""
     if a is None:
         return None
-    if isinstance(a, bool):
-        raise TypeError("alpha must be a number or None, got bool")
+    if isinstance(a, (bool, str, bytes)):
+        raise TypeError(f"alpha must be a number or None, got {type(a).__name__}")
     try:
         a = float(a)
     except (TypeError, ValueError):
@@ -118,6 +120,17 @@ def point_sets(queries, keys):
     same_kind(queries, "queries", keys, "keys")
     if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
         raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")
+
+
+def fake_point_sets(queries, keys, q_name="queries", k_name="keys"):
+    """What the C++ kernels check on (B, N, D) x (B, M, D) inputs, repeated by the fake
+    (meta) kernels so torch.compile / meta tracing refuses what a real call refuses."""
+    one_device(**{q_name: queries, k_name: keys})
+    points(queries, q_name, ndims=(3,))
+    points(keys, k_name, ndims=(3,))
+    same_kind(queries, q_name, keys, k_name)
+    if queries.shape[0] != keys.shape[0]:
+        raise ValueError(f"{q_name} has batch size {queries.shape[0]} but {k_name} has {keys.shape[0]}")
 
 
 def one_device(**tensors):

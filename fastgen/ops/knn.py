@@ -99,7 +99,13 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::knn")
     def _knn_fake(queries, keys, k, exclude_self, precision):
-        _validate.one_device(queries=queries, keys=keys)
+        _validate.fake_point_sets(queries, keys)
+        _validate.precision(precision)
+        available = keys.shape[1] - (1 if exclude_self else 0)
+        if exclude_self and queries.shape[1] != keys.shape[1]:
+            raise ValueError("exclude_self needs queries and keys to be the same set (N == M)")
+        if not 1 <= k <= available:
+            raise ValueError(f"k must be in [1, {available}], got k={k}")
         B, N, _ = queries.shape
         return (queries.new_empty((B, N, k), dtype=torch.float32),
                 queries.new_empty((B, N, k), dtype=torch.long))

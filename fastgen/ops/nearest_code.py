@@ -47,7 +47,10 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::nearest_code")
     def _nearest_code_fake(x, codebook, precision):
-        _validate.one_device(x=x, codebook=codebook)
+        _validate.fake_point_sets(x.unsqueeze(0), codebook.unsqueeze(0), "x", "codebook")
+        _validate.precision(precision)
+        if codebook.shape[0] == 0:
+            raise ValueError("codebook is empty (0 codes)")
         n = x.shape[0]
         return x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.long)
 

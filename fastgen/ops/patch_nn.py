@@ -82,5 +82,8 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
 if _ext.CPP_AVAILABLE:
     @torch.library.register_fake("fastgen::patch_nn")
     def _patch_nn_fake(queries, keys, alpha, precision):
-        _validate.one_device(queries=queries, keys=keys)
+        _validate.fake_point_sets(queries, keys)
+        _validate.precision(precision)
+        if keys.shape[1] == 0:
+            raise ValueError("keys is empty (0 patches)")
         return queries.new_empty(queries.shape[:2], dtype=torch.long)
