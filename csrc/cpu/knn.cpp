@@ -37,19 +37,9 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
   const int64_t M = p.M, D = p.D;
   const at::Tensor& qn = p.qn;
   const at::Tensor& kn = p.kn;
-  const double ub = p.input_roundoff(), uout = p.output_roundoff();
-  // max ||k_c|| per batch, nudged up by one ulp-scale factor for the norm's own rounding
-  const at::Tensor kmax = kn.amax(1).sqrt().mul(1.0 + 1e-6).to(at::kDouble).contiguous();
-  const at::Tensor qnorm = qn.sqrt().to(at::kDouble).contiguous();
-  at::Tensor window = at::empty({B, N}, qn.options());
-  {
-    const double* qa = qnorm.data_ptr<double>();
-    const double* km = kmax.data_ptr<double>();
-    float* w = window.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < N; ++i)
-        w[b * N + i] = engine::candidate_window(qa[b * N + i], km[b], D, ub, uout);
-  }
+  const engine::ErrorBound bound(D, p.input_roundoff(), p.output_roundoff());
+  // ||q_c|| per query, rounded up (the error bound is sized per (query, key) pair)
+  const at::Tensor qlen = qn.sqrt().mul(1.0 + 1e-6).contiguous();
   const at::Tensor& q32 = p.q32;
   const at::Tensor& k32 = p.k32;
   const engine::TileGemm& gemm = p.gemm;
@@ -62,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
                                  k,
                                  exclude_self,
                                  kn.data_ptr<float>(),
-                                 window.data_ptr<float>(),
+                                 qlen.data_ptr<float>(),
+                                 bound.coef,
+                                 bound.slack,
                                  q32.data_ptr<float>(),
                                  k32.data_ptr<float>(),
                                  dist.data_ptr<float>(),

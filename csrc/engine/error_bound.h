@@ -25,21 +25,31 @@ namespace engine {
 inline double unit_roundoff_fp32() { return std::ldexp(1.0, -24); }
 inline double unit_roundoff_bf16() { return std::ldexp(1.0, -8); }
 
+// The bound as E(a, b) = coef * (a + b)^2 + slack (the 1.25 safety factor included):
+// a tile value of the pair (q, k) is within E(||q_c||, ||k_c||) of the truth.
+struct ErrorBound {
+  double coef = 0.0, slack = 0.0;
+  ErrorBound(int64_t dim, double input_roundoff, double output_roundoff = 0.0) {
+    const double u = unit_roundoff_fp32();
+    const double du = static_cast<double>(dim) * u;
+    const double gamma = du < 0.5 ? du / (1.0 - du) : 1.0;
+    const double ub = input_roundoff;
+    const double rel = 3.0 * u + 1.01 * u + gamma + 0.5 * (2.0 * ub + ub * ub) +
+                       0.5 * gamma * (1.0 + ub) * (1.0 + ub) +
+                       0.5 * output_roundoff * (1.0 + ub) * (1.0 + ub) * (1.0 + gamma);
+    coef = 1.25 * rel;
+    // bf16 dot products flush denormals to zero: a tiny absolute slack covers that.
+    slack = 1.25 * 1e-30 * static_cast<double>(dim + 1);
+  }
+  double operator()(double a, double b) const { return coef * (a + b) * (a + b) + slack; }
+};
+
 // query_norm = ||q_c||, max_key_norm = max_j ||k_c||, input_roundoff = ub and
-// output_roundoff = uo above.
+// output_roundoff = uo above: 2 E, the window within which two keys of one row can
+// swap places (CertifiedTopK sizes it per key instead, see reductions.h).
 inline float candidate_window(double query_norm, double max_key_norm, int64_t dim,
                               double input_roundoff, double output_roundoff = 0.0) {
-  const double u = unit_roundoff_fp32();
-  const double du = static_cast<double>(dim) * u;
-  const double gamma = du < 0.5 ? du / (1.0 - du) : 1.0;
-  const double ub = input_roundoff;
-  const double S = (query_norm + max_key_norm) * (query_norm + max_key_norm);
-  const double rel = 3.0 * u + 1.01 * u + gamma + 0.5 * (2.0 * ub + ub * ub) +
-                     0.5 * gamma * (1.0 + ub) * (1.0 + ub) +
-                     0.5 * output_roundoff * (1.0 + ub) * (1.0 + ub) * (1.0 + gamma);
-  // bf16 dot products flush denormals to zero: a tiny absolute slack covers that.
-  const double slack = 1e-30 * static_cast<double>(dim + 1);
-  const double window = 1.25 * 2.0 * (rel * S + slack);
+  const double window = 2.0 * ErrorBound(dim, input_roundoff, output_roundoff)(query_norm, max_key_norm);
   return std::isfinite(window) && window < 3.0e38 ? static_cast<float>(window)
                                                   : INFINITY;
 }

@@ -2,13 +2,16 @@
 //
 // CertifiedTopK  - running top-k per row that is *exact*: the tile values are fp32
 //                  (or bf16-input) approximations s~ of s = ||k||^2 - 2 q.k, each
-//                  within +-window/2 of the truth (the caller proves the bound, see
-//                  csrc/cpu/error_bound.h). Every key whose s~ is within `window`
-//                  of the running k-th best is kept as a candidate; at the end the
-//                  candidates are re-ranked by the float64 distance sum((q - k)^2)
-//                  computed from the original inputs, ties to the lowest index.
-//                  The answer is therefore the float64 ranking, whatever the GEMM
-//                  did, and the returned distances are accurate (no cancellation).
+//                  within E(||q||, ||k||) = coef (||q|| + ||k||)^2 + slack of the truth
+//                  (the caller proves the bound, see engine/error_bound.h). The bound
+//                  is sized per key: U, the k-th smallest s~ + E over the keys seen,
+//                  bounds the true k-th value from above, and a key is kept as a
+//                  candidate while s~ - E <= U (one key of huge norm widens only its
+//                  own test, not every row's). At the end the candidates are
+//                  re-ranked by the float64 distance sum((q - k)^2) computed from the
+//                  original inputs, ties to the lowest index. The answer is therefore
+//                  the float64 ranking, whatever the GEMM did, and the returned
+//                  distances are accurate (no cancellation).
 // ColumnMin      - running minimum of each column (GPNN's normaliser, pass 1).
 #pragma once
 
@@ -38,7 +41,8 @@ struct CertifiedTopKArgs {
   int64_t batch, rows, cols, dim, k;
   bool exclude_self;
   const float* key_norms;    // (B, M) squared norms of the keys the GEMM saw
-  const float* window;       // (B, N) candidate window in tile units (>= 2x error bound)
+  const float* query_len;    // (B, N) ||q_c|| of the queries the GEMM saw (rounded up)
+  double err_coef, err_slack;  // E(a, b) = err_coef (a + b)^2 + err_slack (ErrorBound)
   const float* queries;      // (B, N, D) original values, fp32, contiguous
   const float* keys;         // (B, M, D) original values, fp32, contiguous
   float* out_dist;           // (B, N, k)
@@ -70,8 +74,18 @@ class CertifiedTopK {
       const float* kn = a_.key_norms + b * a_.cols + c0;
       const int64_t nchunks = (nc + kScreenChunk - 1) / kScreenChunk;
       mc_.resize(static_cast<size_t>(nchunks));
+      // the longest key of each chunk: the chunk's screen uses its (largest) error bound
+      cb_.resize(static_cast<size_t>(nchunks));
+      for (int64_t j = 0; j < nchunks; ++j) {
+        float m = 0.f;
+        for (int64_t c = j * kScreenChunk; c < std::min(nc, (j + 1) * kScreenChunk); ++c) m = std::max(m, kn[c]);
+        cb_[j] = key_len(m);
+      }
+      ce_.resize(static_cast<size_t>(nchunks));
       for (int64_t r = 0; r < nr; ++r) {
         const float* t = tile + r * ldc;
+        const double qa = a_.query_len[b * a_.rows + r0 + r];
+        for (int64_t j = 0; j < nchunks; ++j) ce_[j] = err(qa, cb_[j]);
         // Vectorised screen: the minimum of each 16-column chunk. Once the first
         // tiles have set the threshold, most chunks of most rows hold nothing under
         // it and the scalar accept path never sees them.
@@ -84,13 +98,15 @@ class CertifiedTopK {
             if (c != self) m = std::min(m, t[c] + kn[c]);
           mc_[j] = m;
         }
-        if (filled_[r] < a_.k) seed_threshold(b, r0, r, nchunks);
+        if (filled_[r] < a_.k) seed_threshold(r, nchunks);
         for (int64_t j = 0; j < nchunks; ++j) {
-          if (!(mc_[j] <= thr_[r])) continue;
+          if (!(mc_[j] - ce_[j] <= thr_[r])) continue;
           const int64_t ce = std::min(nc, (j + 1) * kScreenChunk);
           for (int64_t c = j * kScreenChunk; c < ce; ++c) {
             const float s = t[c] + kn[c];
-            if (s <= thr_[r] && c != self) accept(b, r0, r, c0 + c, s);
+            if (!(s - ce_[j] <= thr_[r]) || c == self) continue;
+            const float e = err(qa, key_len(kn[c]));
+            if (s - e <= thr_[r]) accept(r, c0 + c, s, e);
           }
         }
       }
@@ -123,36 +139,46 @@ class CertifiedTopK {
    private:
     static constexpr float kInf = std::numeric_limits<float>::infinity();
 
-    // Before a row has k candidates its threshold is +inf and every value would take
-    // the scalar accept path. The chunk minima are values of k distinct keys as soon
-    // as there are k chunks, so their k-th smallest bounds the row's final k-th best
-    // from above: a valid threshold from the first tile on, for the cost of a
-    // selection among a few dozen numbers.
-    void seed_threshold(int64_t b, int64_t r0, int64_t r, int64_t nchunks) {
-      if (nchunks < a_.k) return;
-      seed_.assign(mc_.begin(), mc_.begin() + nchunks);
-      std::nth_element(seed_.begin(), seed_.begin() + (a_.k - 1), seed_.end());
-      const float kth = seed_[a_.k - 1];
-      if (kth < kInf) thr_[r] = std::min(thr_[r], kth + a_.window[b * a_.rows + r0 + r]);
+    // ||k_c|| from its squared norm, rounded up (a relative 1e-6 covers the sqrt).
+    static float key_len(float sq) { return std::sqrt(std::max(sq, 0.f)) * (1.0f + 1e-6f); }
+    // E(a, b) as a float, rounded up; an overflow gives +inf (that key is always kept).
+    float err(double a, float b) const {
+      const double e = a_.err_coef * (a + b) * (a + b) + a_.err_slack;
+      return e < 3.0e38 ? static_cast<float>(e) * (1.0f + 1e-6f) : kInf;
     }
 
-    void accept(int64_t b, int64_t r0, int64_t r, int64_t col, float s) {
-      (void)b;
-      (void)r0;
+    // Before a row has k candidates its threshold is +inf and every value would take
+    // the scalar accept path. Each chunk minimum plus its chunk's bound is an upper bound
+    // of one key's true value, k distinct keys as soon as there are k chunks, so their
+    // k-th smallest bounds the row's true k-th value from above: a valid threshold from
+    // the first tile on, for the cost of a selection among a few dozen numbers.
+    void seed_threshold(int64_t r, int64_t nchunks) {
+      if (nchunks < a_.k) return;
+      seed_.resize(static_cast<size_t>(nchunks));
+      for (int64_t j = 0; j < nchunks; ++j) seed_[j] = mc_[j] + ce_[j];
+      std::nth_element(seed_.begin(), seed_.begin() + (a_.k - 1), seed_.end());
+      const float kth = seed_[a_.k - 1];
+      if (kth < kInf) thr_[r] = std::min(thr_[r], kth);
+    }
+
+    // A key whose lower bound s - e is under the threshold: a candidate (kept with its
+    // lower bound); its upper bound s + e may lower the threshold.
+    void accept(int64_t r, int64_t col, float s, float e) {
       auto& cand = cand_[r];
-      cand.emplace_back(s, col);
+      cand.emplace_back(s - e, col);
       const int64_t k = a_.k;
       float* best = best_.data() + r * k;
-      // insertion into the k smallest approximate values seen so far
-      if (filled_[r] < k || s < best[k - 1]) {
+      const float up = s + e;
+      // insertion into the k smallest upper bounds seen so far
+      if (filled_[r] < k || up < best[k - 1]) {
         int64_t pos = std::min<int64_t>(filled_[r], k - 1);
-        while (pos > 0 && best[pos - 1] > s) {
+        while (pos > 0 && best[pos - 1] > up) {
           best[pos] = best[pos - 1];
           --pos;
         }
-        best[pos] = s;
+        best[pos] = up;
         if (filled_[r] < k) ++filled_[r];
-        if (filled_[r] == k) thr_[r] = best[k - 1] + a_.window[b * a_.rows + r0 + r];
+        if (filled_[r] == k) thr_[r] = std::min(thr_[r], best[k - 1]);
       }
       if (static_cast<int64_t>(cand.size()) >= next_prune_[r]) prune(r);
     }
@@ -207,6 +233,8 @@ class CertifiedTopK {
     std::vector<std::pair<double, int64_t>> ranked_;
     std::vector<float> seed_;
     std::vector<float> mc_;
+    std::vector<float> cb_;  // per chunk of the tile: its longest key's ||k_c||
+    std::vector<float> ce_;  // per chunk, for the current row: E(||q||, cb_)
   };
 
   Local make_local() const { return Local(a_); }

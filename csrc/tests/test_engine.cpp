@@ -78,27 +78,32 @@ void squared_norms(const std::vector<float>& x, int64_t D, std::vector<float>& o
 }
 
 void check_topk(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_t D, int64_t K,
-                bool exclude_self, bool integer, Tiling tiling) {
+                bool exclude_self, bool integer, Tiling tiling, bool outlier = false) {
   Problem p = make_problem(rng, B, N, M, D, integer, 0.f);
   if (exclude_self) p.k = p.q;  // the same set
-  std::vector<float> kn(B * M), window(B * N);
-  double kmax = 0;
+  std::vector<float> kn(B * M), qlen(B * N);
   for (int64_t j = 0; j < B * M; ++j) {
     double s = 0;
     for (int64_t d = 0; d < D; ++d) s += double(p.k[j * D + d]) * p.k[j * D + d];
     kn[j] = float(s);
-    kmax = std::max(kmax, std::sqrt(s));
+  }
+  if (outlier && M > 1) {  // one key far out: its own bound is wide, the others' are not
+    for (int64_t d = 0; d < D; ++d) p.k[(M / 2) * D + d] *= 1000.f;
+    double s = 0;
+    for (int64_t d = 0; d < D; ++d) s += double(p.k[(M / 2) * D + d]) * p.k[(M / 2) * D + d];
+    kn[M / 2] = float(s);
   }
   for (int64_t i = 0; i < B * N; ++i) {
     double s = 0;
     for (int64_t d = 0; d < D; ++d) s += double(p.q[i * D + d]) * p.q[i * D + d];
-    window[i] = candidate_window(std::sqrt(s), kmax, D, 0.0);
+    qlen[i] = float(std::sqrt(s) * (1 + 1e-6));
   }
+  const ErrorBound bound(D, 0.0);
   std::vector<float> dist(B * N * K, -1.f);
   std::vector<int64_t> idx(B * N * K, -1);
   int64_t overflow = 0;
-  CertifiedTopKArgs a{B, N, M, D, K, exclude_self, kn.data(), window.data(), p.q.data(),
-                      p.k.data(), dist.data(), idx.data(), &overflow};
+  CertifiedTopKArgs a{B, N, M, D, K, exclude_self, kn.data(), qlen.data(), bound.coef, bound.slack,
+                      p.q.data(), p.k.data(), dist.data(), idx.data(), &overflow};
   NaiveCtx ctx{&p};
   for_each_row_block(Shape{B, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, CertifiedTopK(a));
 
@@ -605,6 +610,8 @@ int main() {
     check_topk(rng, 1, 20, 37, 2, 5, false, true, t);
     check_topk(rng, 2, 19, 19, 3, 4, true, false, t);   // exclude_self
     check_topk(rng, 1, 21, 21, 1, 6, true, true, t);    // exclude_self with duplicates
+    check_topk(rng, 2, 17, 40, 5, 3, false, false, t, true);  // one key of huge norm
+    check_topk(rng, 1, 20, 37, 2, 5, false, true, t, true);   // ... with exact ties
     for (int64_t N : {1, 9, 30})
       for (int64_t M : {1, 8, 23}) {
         check_column_min(rng, 2, N, M, 5, t);

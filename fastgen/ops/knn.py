@@ -78,6 +78,9 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
                 dist = baselines.gather_sqdist(queries[None], keys[None], idx[None])[0]
             return Neighbours(dist, idx)
 
+    if precision == "bf16" and be == "cpp" and not bf16_pays(queries, keys, k):
+        precision = "fp32"
+
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
     k3 = keys.unsqueeze(0) if squeeze else keys
@@ -94,6 +97,56 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
     if squeeze:
         return Neighbours(dist[0], idx[0])
     return Neighbours(dist, idx)
+
+
+# bf16's error bound is ~2^-8 of the squared norms: on near-duplicate data (image
+# patches) hundreds of keys per row fall inside it and are re-ranked in float64 one by
+# one, which costs more than the faster GEMM saves (measured: flower.jpg vs china.jpg 6x6x3
+# patches, k=5, bf16 1.8x slower than fp32 before this check).
+_BF16_SAMPLE = 64
+
+
+def _bf16_window(a, b, d):
+    """About 2 E(a, b) of csrc/engine/error_bound.h with bf16 inputs (ub = 2^-8): how far
+    apart two keys' bf16 tile values may be and still swap places (a decision, not a
+    proof: the kernel uses its own bound)."""
+    u, ub = 2.0 ** -24, 2.0 ** -8
+    gamma = d * u / (1 - d * u)
+    rel = 4.01 * u + gamma + 0.5 * (2 * ub + ub * ub) + 0.5 * gamma * (1 + ub) ** 2
+    return 2.5 * rel * (a + b) ** 2
+_BF16_FELL_BACK = []
+
+
+def bf16_pays(queries, keys, k):
+    """Whether precision="bf16" is worth it for this knn: a sample of 64 queries estimates
+    how many keys per row would fall inside bf16's error window of the k-th neighbour
+    (each is re-ranked in float64); past max(16, min(256, M / 200)) the fp32 sweep is
+    faster. Small problems (< 2^28 multiply-adds) keep bf16 as asked. When it says no,
+    knn runs fp32 and warns once per process."""
+    n, m, d = queries.shape[-2], keys.shape[-2], queries.shape[-1]
+    batch = queries.shape[0] if queries.dim() == 3 else 1
+    if batch * n * m * d < (1 << 28) or m <= k + 1:
+        return True
+    q = queries.reshape(-1, d)
+    g = torch.Generator().manual_seed(0)
+    sample = q[torch.randint(q.shape[0], (_BF16_SAMPLE,), generator=g).to(q.device)]
+    kk = keys.reshape(-1, d) if keys.dim() == 3 else keys
+    limit = max(16, min(256, m // 200))
+    near = knn(sample, kk, min(m, k + limit), precision="fp32", prune=False)
+    mu = baselines.centering_shift(kk)
+    a = (sample.float() - mu).norm(dim=1, keepdim=True)
+    b = (kk[near.idx].float() - mu).norm(dim=-1)
+    kth = near.dist[:, k - 1:k]
+    inside = (near.dist - kth <= _bf16_window(a, b, d)).sum(1).float().mean()
+    if float(inside) - k <= limit / 2:
+        return True
+    if not _BF16_FELL_BACK:
+        import warnings
+        warnings.warn(f"knn: precision='bf16' would re-rank ~{float(inside):.0f} keys per query in float64 on "
+                      "this data (near-duplicates inside bf16's error bound); running fp32, which is faster "
+                      "here", stacklevel=3)
+    _BF16_FELL_BACK.append(1)
+    return False
 
 
 if _ext.CPP_AVAILABLE:
