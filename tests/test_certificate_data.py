@@ -43,15 +43,22 @@ def patches(name, p=6, stride=3):
 def test_bf16_on_near_duplicate_patches_runs_fp32_and_says_so(monkeypatch):
     monkeypatch.setattr(knn_module, "_BF16_FELL_BACK", [])
     q, keys = patches("flower.jpg"), patches("china.jpg")
-    with pytest.warns(UserWarning, match="running fp32"):
+    with pytest.warns(UserWarning, match="runs fp32 instead"):
         got = knn(q, keys, 5, precision="bf16", prune=False)
     assert torch.equal(got.idx, knn(q, keys, 5, precision="fp32", prune=False).idx)
 
 
 def test_bf16_is_kept_where_it_pays(monkeypatch):
     monkeypatch.setattr(knn_module, "_BF16_FELL_BACK", [])
-    q, keys = torch.randn(4096, 64), torch.randn(16384, 64)
+    q, keys = torch.randn(4096, 128), torch.randn(16384, 128)
     assert knn_module.bf16_pays(q, keys, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         knn(q[:512], keys, 5, precision="bf16", prune=False)
+
+
+def test_bf16_is_not_used_where_the_gemm_is_too_shallow(monkeypatch):
+    monkeypatch.setattr(knn_module, "_BF16_FELL_BACK", [])
+    q, keys = torch.randn(4096, 64), torch.randn(16384, 64)
+    with pytest.warns(UserWarning, match="too shallow"):
+        assert not knn_module.bf16_pays(q, keys, 5)

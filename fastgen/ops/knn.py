@@ -121,12 +121,17 @@ def bf16_pays(queries, keys, k):
     """Whether precision="bf16" is worth it for this knn: a sample of 64 queries estimates
     how many keys per row would fall inside bf16's error window of the k-th neighbour
     (each is re-ranked in float64); past max(16, min(256, M / 200)) the fp32 sweep is
-    faster. Small problems (< 2^28 multiply-adds) keep bf16 as asked. When it says no,
-    knn runs fp32 and warns once per process."""
+    faster. Below D=96 the bf16 GEMM itself does not pay (measured). Small problems
+    (< 2^28 multiply-adds) keep bf16 as asked. When it says no, knn runs fp32 and warns
+    once per process."""
     n, m, d = queries.shape[-2], keys.shape[-2], queries.shape[-1]
     batch = queries.shape[0] if queries.dim() == 3 else 1
     if batch * n * m * d < (1 << 28) or m <= k + 1:
         return True
+    if d < 96:
+        # measured (benchmarks/RESULTS.md, knn_data and knn): at D=64 the bf16 GEMM is not
+        # faster than fp32's on these machines, and its wider bound adds re-ranking
+        return _fall_back(f"D={d} is too shallow for the bf16 GEMM to pay")
     q = queries.reshape(-1, d)
     g = torch.Generator().manual_seed(0)
     sample = q[torch.randint(q.shape[0], (_BF16_SAMPLE,), generator=g).to(q.device)]
@@ -140,12 +145,15 @@ def bf16_pays(queries, keys, k):
     inside = (near.dist - kth <= _bf16_window(a, b, d)).sum(1).float().mean()
     if float(inside) - k <= limit / 2:
         return True
+    return _fall_back(f"it would re-rank ~{float(inside):.0f} keys per query in float64 on this data "
+                      "(near-duplicates inside bf16's error bound)")
+
+
+def _fall_back(why):
     if not _BF16_FELL_BACK:
         import warnings
-        warnings.warn(f"knn: precision='bf16' would re-rank ~{float(inside):.0f} keys per query in float64 on "
-                      "this data (near-duplicates inside bf16's error bound); running fp32, which is faster "
-                      "here", stacklevel=3)
-    _BF16_FELL_BACK.append(1)
+        warnings.warn(f"knn: precision='bf16' runs fp32 instead: {why}; fp32 is faster here", stacklevel=4)
+    _BF16_FELL_BACK.append(why)
     return False
 
 
