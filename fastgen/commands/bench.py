@@ -54,7 +54,9 @@ def run(args):
             raise ValueError(f"--ops: no suite for {op!r} (known: {', '.join(known)})")
         files.append(path)
     out = args.json or os.path.join(tempfile.mkdtemp(prefix="fastgen-bench-"), "bench.json")
-    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", f"--benchmark-json={out}", "-q",
+    # -rs: every skipped provider is listed with its reason (e.g. "faiss is not installed"),
+    # so a '-' in the table is explained
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", f"--benchmark-json={out}", "-q", "-rs",
            "-p", "no:cacheprovider", "--rootdir", folder]
     select = [s for s in ("quick" if args.quick else None, args.select) if s]
     if select:
