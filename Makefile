@@ -12,6 +12,12 @@ TORCH_INDEX ?=
 STAMPS = build/stamps
 EXT_SO := fastgen/_C$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+# Where `import fastgen` leads from outside this folder: when it is not this checkout
+# (another clone was installed since), the pip stamps below do not hold here.
+INSTALLED_AT := $(shell cd / && $(PY) -c "import importlib.util as u, os; s = u.find_spec('fastgen'); print(os.path.dirname(os.path.dirname(s.origin)) if s else '')" 2>/dev/null)
+ifneq ($(INSTALLED_AT),$(CURDIR))
+.PHONY: $(STAMPS)/deps-test $(STAMPS)/deps-bench
+endif
 
 .PHONY: install install-bench test test-cpp test-py demo bench clean
 
