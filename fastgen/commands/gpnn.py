@@ -59,7 +59,13 @@ def _common(p):
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--alpha", type=float, default=None,
                    help="normalisation (default 0.005; inpaint 0.05); larger = closer to plain NN")
-    p.add_argument("--noise-std", type=float, default=0.75, help="coarsest-level noise, [0, 1] units")
+    p.add_argument("--noise-std", type=float, default=0.375,
+                   help="std of the start's noise, [0, 1] units, drawn at full size (default 0.375)")
+    p.add_argument("--diversity", type=float, default=1.0,
+                   help="samples, in [0, 1]: 1 = new layouts (start from grey + noise), 0 = variations close "
+                        "to the source (start from its faded coarse image); default 1")
+    p.add_argument("--coarse-iterations", type=int, default=1,
+                   help="samples: patch-NN iterations at the coarsest level (more = closer to the source; default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -91,6 +97,7 @@ def _model(args, alpha=0.005):
         raise ValueError(f"--max-side must be >= 0, got {args.max_side}")
     return GPNN(patch_size=args.patch_size, iterations=args.iterations,
                 alpha=alpha if args.alpha is None else args.alpha, noise_std=args.noise_std,
+                diversity=args.diversity, coarse_iterations=args.coarse_iterations,
                 backend=args.backend, precision=args.precision)
 
 

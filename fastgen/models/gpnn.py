@@ -21,10 +21,26 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
 - Value range: images are float in [0, 1] in and out (as in the code published with
   the paper, read here in a public copy; Efficient-GPNN maps images to [-1, 1], which
   makes the same sigma = 0.75 half as strong relative to the image). Inputs outside [0, 1] are rejected, not rescaled.
-- Where noise enters: once, on the coarsest level: X_L = S_L (resized to the output's
-  coarsest shape) + N(0, noise_std^2), one noise value per pixel shared by all
-  channels, not clamped (it only steers the first matches; every output pixel is a
-  mean of source pixels, so outputs stay in [0, 1]). No noise at finer levels.
+- The start of a sample (what makes samples diverse; at diversity=1 the public
+  Efficient-GPNN code's recipe, in this package's [0, 1] units): X_L = w S_L + (1 - w) 0.5
+  + resize(N, coarsest shape), with w = 0.15 (1 - diversity)^2 and N ~ N(0, noise_std^2)
+  drawn per pixel and channel at the output's full size and resized (antialiased) to the
+  coarsest level, so the noise the coarsest level sees shrinks with the pyramid as in
+  that code (its "zeros" start is 0.5 here, its sigma 0.75 in [-1, 1] is noise_std
+  0.375). Measured on china.jpg at 128 px (layout similarity of a sample to the source,
+  fastgen.metrics): w = 0.15 -> 0.996 (variations close to the source), 0.05 -> 0.84,
+  0.025 -> 0.65, 0 -> 0.45; a start of the full source (w = 1, fastgen before 0.2)
+  gives copies. The square spreads that range over diversity in [0, 1]. Not clamped (it
+  only steers the first matches; every output pixel is a mean of source pixels, so
+  outputs stay in [0, 1]). No noise at finer levels.
+- Iterations of a sample: coarse_iterations (1) at the coarsest level, `iterations` (10)
+  at every other: more coarse iterations pull the invented layout back towards the
+  source's (the public code's help warns of copying). retarget, inpaint and analogy run
+  `iterations` at every level.
+- Structural analogy (B's structure with A's patches): the pyramid's coarsest level is
+  half the output's short side (at least coarsest_side) and the start is B itself at
+  that size, no noise -- the public code's style-transfer recipe (a coarse level of 200
+  for a 400 output): a coarser start lets the search replace B's layout by A's.
 - Distance scaling: D_ij is the MEAN squared difference over the C*p*p patch entries
   (as in the published code), so alpha = 0.005 means the same thing for any patch size
   or channel count. patch_nn works on sums, so it is called with alpha * C * p * p,
@@ -61,6 +77,10 @@ import torch.nn.functional as F
 from fastgen.ops import PatchIndex, _validate, fold_patches
 
 
+# the largest share of the source's coarse image in a sample's start (diversity=0)
+SOURCE_WEIGHT = 0.15
+
+
 def _resize(x, size):
     """Bicubic resize of (B, C, H, W) to `size`, antialiased when shrinking, clamped to [0, 1]."""
     size = tuple(int(s) for s in size)
@@ -89,7 +109,12 @@ class GPNN:
         iterations: patch-NN iterations per level (10).
         alpha: > 0, in mean-squared-difference units (0.005 for sampling; larger =
             weaker push to use every source patch); None = plain nearest neighbour.
-        noise_std: std of the noise added to the coarsest level, in [0, 1] pixel units.
+        noise_std: std of the start's noise, drawn at the output's full size, [0, 1]
+            units (0.375 = the public code's 0.75 in [-1, 1]).
+        diversity: in [0, 1]: 1 (default) starts samples from grey + noise (new
+            layouts, the public code's start), 0 from the source's coarse image at 15 %
+            contrast (variations close to the source); see the module docstring.
+        coarse_iterations: patch-NN iterations at the coarsest level (1).
         backend, precision: passed to fastgen.ops.PatchIndex.
         incremental: iterations 2+ of a level update the last search instead of searching
             from scratch (None: where the backend can; same answers up to the rounding of
@@ -104,8 +129,8 @@ class GPNN:
     """
 
     def __init__(self, patch_size=7, pyramid_ratio=4 / 3, coarsest_side=14, iterations=10,
-                 alpha=0.005, noise_std=0.75, backend="auto", precision="fp32", incremental=None,
-                 on_search=None):
+                 alpha=0.005, noise_std=0.375, backend="auto", precision="fp32", incremental=None,
+                 on_search=None, diversity=1.0, coarse_iterations=1):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         if not pyramid_ratio > 1:
@@ -118,6 +143,12 @@ class GPNN:
             raise ValueError(f"alpha must be a positive finite number or None, got {alpha!r}")
         if not (0 <= float(noise_std) < float("inf")):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        if not (0.0 <= float(diversity) <= 1.0):
+            raise ValueError(f"diversity must be in [0, 1], got {diversity!r}")
+        if not isinstance(coarse_iterations, int) or isinstance(coarse_iterations, bool) or coarse_iterations < 1:
+            raise ValueError(f"coarse_iterations must be a positive int, got {coarse_iterations!r}")
+        self.diversity = float(diversity)
+        self.coarse_iterations = coarse_iterations
         self.patch_size = patch_size
         self.pyramid_ratio = float(pyramid_ratio)
         self.coarsest_side = coarsest_side
@@ -136,7 +167,8 @@ class GPNN:
     def __repr__(self):
         return (f"GPNN(patch_size={self.patch_size}, pyramid_ratio={self.pyramid_ratio:.4g}, "
                 f"coarsest_side={self.coarsest_side}, iterations={self.iterations}, alpha={self.alpha}, "
-                f"noise_std={self.noise_std}, backend={self.backend!r}, precision={self.precision!r})")
+                f"noise_std={self.noise_std}, diversity={self.diversity}, coarse_iterations={self.coarse_iterations}, "
+                f"backend={self.backend!r}, precision={self.precision!r})")
 
     # ------------------------------------------------------------------ public API
 
@@ -166,10 +198,16 @@ class GPNN:
         src = self._source_pyramid(image)
         out_shapes = self._output_shapes(image.shape[-2:], out_size, len(src))
         coarse = _resize(src[-1], out_shapes[-1])
-        noise = torch.stack([torch.randn((1,) + out_shapes[-1], generator=torch.Generator().manual_seed(s))
-                             for s in seeds]).to(image.device)
-        init = coarse + self.noise_std * noise              # one noise value per pixel, all channels
-        return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn sample")
+        c = image.shape[0]
+        # noise at the output's full size, shrunk with the pyramid (the public code's recipe)
+        noise = torch.stack([torch.randn((c,) + tuple(out_size), generator=torch.Generator().manual_seed(s))
+                             for s in seeds])
+        noise = F.interpolate(noise, size=out_shapes[-1], mode="bicubic", align_corners=False,
+                              antialias=True).to(image.device) if tuple(out_size) != out_shapes[-1] else noise.to(image.device)
+        w = SOURCE_WEIGHT * (1 - self.diversity) ** 2          # the source's share of the start
+        init = w * coarse + (1 - w) * 0.5 + self.noise_std * noise
+        return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn sample",
+                                coarse_iterations=self.coarse_iterations)
 
     @torch.no_grad()
     def retarget(self, image, size, progress=True):
@@ -220,30 +258,33 @@ class GPNN:
             raise ValueError(f"structure_image has {b.shape[0]} channels but patch_image has {a.shape[0]}")
         if a.device != b.device:
             raise ValueError(f"structure_image is on {b.device} but patch_image is on {a.device}")
-        src = self._source_pyramid(a)
-        out_shapes = self._output_shapes(a.shape[-2:], b.shape[-2:], len(src))
+        # a coarsest level of half the output's short side: B's structure survives the search
+        coarsest = max(self.coarsest_side, min(b.shape[-2:]) // 2, self.patch_size)
+        src = self._source_pyramid(a, coarsest)
+        out_shapes = self._output_shapes(a.shape[-2:], b.shape[-2:], len(src), coarsest)
         init = _resize(b[None], out_shapes[-1])
         return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn analogy")
 
     # ------------------------------------------------------------------ the algorithm
 
-    def _scales(self, short):
+    def _scales(self, short, coarsest=None):
         """Scale per level, finest (1.0) first; coarsest gives `coarsest_side` on the short side."""
-        if short <= self.coarsest_side:
+        coarsest = self.coarsest_side if coarsest is None else coarsest
+        if short <= coarsest:
             return [1.0]
-        steps = math.ceil(math.log(short / self.coarsest_side) / math.log(self.pyramid_ratio) - 1e-9)
-        return [(self.coarsest_side / short) ** (lvl / steps) for lvl in range(steps + 1)]
+        steps = math.ceil(math.log(short / coarsest) / math.log(self.pyramid_ratio) - 1e-9)
+        return [(coarsest / short) ** (lvl / steps) for lvl in range(steps + 1)]
 
-    def _source_pyramid(self, image):
+    def _source_pyramid(self, image, coarsest=None):
         """[(1, C, h_l, w_l)] finest first; each level resized from the full image."""
         x = image[None].float()
         h, w = x.shape[-2:]
         p = self.patch_size
-        return [_resize(x, (max(p, round(h * s)), max(p, round(w * s)))) for s in self._scales(min(h, w))]
+        return [_resize(x, (max(p, round(h * s)), max(p, round(w * s)))) for s in self._scales(min(h, w), coarsest)]
 
-    def _output_shapes(self, src_size, out_size, levels):
+    def _output_shapes(self, src_size, out_size, levels, coarsest=None):
         p = self.patch_size
-        scales = self._scales(min(src_size))
+        scales = self._scales(min(src_size), coarsest)
         assert len(scales) == levels
         return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
 
@@ -280,14 +321,16 @@ class GPNN:
             idx = full
         return idx.view(bsz, hq, wq), raw
 
-    def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn"):
+    def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn", coarse_iterations=None):
         from tqdm.auto import tqdm
         p = self.patch_size
         levels = len(src)
         x = init
         backend = self.backend
         self.search_stats = []
-        bar = tqdm(total=levels * self.iterations, desc=desc, disable=not progress, leave=False)
+        coarse_iterations = self.iterations if coarse_iterations is None else coarse_iterations
+        bar = tqdm(total=(levels - 1) * self.iterations + coarse_iterations, desc=desc, disable=not progress,
+                   leave=False)
         try:
             for lvl in reversed(range(levels)):
                 s = src[lvl]
@@ -306,15 +349,16 @@ class GPNN:
                     query_pos = torch.nonzero(touch).flatten()
                     if query_pos.numel() == 0:                         # nothing to regenerate here
                         x = s.expand(x.shape[0], -1, -1, -1).clone()
-                        bar.update(self.iterations)
+                        bar.update(coarse_iterations if lvl == levels - 1 else self.iterations)
                         continue
                 # iteration 0 searches the blurred keys once; from iteration 1 on the keys
                 # are the sharp source and only part of the image changes per iteration,
                 # which the incremental index exploits
                 index0 = self._index(blurred, valid_keys, incremental=False)
-                index = self._index(s, valid_keys, self.incremental) if self.iterations > 1 else None
+                iterations = coarse_iterations if lvl == levels - 1 else self.iterations
+                index = self._index(s, valid_keys, self.incremental) if iterations > 1 else None
                 raw = None
-                for it in range(self.iterations):
+                for it in range(iterations):
                     # the last iteration's matches are most queries' answers again: as a
                     # hint they let the pruned search skip more (blurred and sharp keys
                     # share one patch grid)

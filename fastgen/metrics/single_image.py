@@ -1,0 +1,70 @@
+"""How single-image generators (GPNN) are judged beside each other: does a sample keep
+the source's layout (copying) or rearrange it, do samples differ from each other, and
+is every output patch a faithful source patch.
+
+    layout_similarity(x, y)   Pearson correlation of 12 x 8 grey thumbnails (the
+                              layout, not the texture): ~1 a copy, ~0 unrelated
+    pairwise_diversity(xs)    mean over pairs of the mean absolute pixel difference
+    patch_fidelity(x, src)    mean over x's p x p patches (stride 1) of the mean squared
+                              difference to the nearest source patch -- exact, on knn
+                              (no N x M matrix): 0 when x is made of source patches
+
+Images are (C, H, W) float tensors in [0, 1]; batches (B, C, H, W) where noted.
+"""
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+THUMB = (8, 12)   # (H, W) of the layout thumbnails
+
+
+def _check(x, name, ndim=3):
+    if not isinstance(x, torch.Tensor) or x.dim() != ndim or not x.is_floating_point():
+        raise ValueError(f"{name} must be a float ({'B, ' if ndim == 4 else ''}C, H, W) tensor in [0, 1], "
+                         f"got {getattr(x, 'shape', type(x))}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def thumbnail(x, size=THUMB):
+    """(C, H, W) -> (h, w) grey thumbnail (area average): the image's coarse layout."""
+    _check(x, "x")
+    grey = x.float().mean(0, keepdim=True)[None]
+    return F.adaptive_avg_pool2d(grey, size)[0, 0]
+
+
+def layout_similarity(x, y, size=THUMB):
+    """Pearson correlation of the grey thumbnails of x and y (any sizes): how much x keeps
+    y's layout. 1: the same arrangement; ~0: unrelated; a constant thumbnail gives 0."""
+    a, b = thumbnail(x, size).flatten().double(), thumbnail(y, size).flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    den = a.norm() * b.norm()
+    return float((a @ b) / den) if den > 0 else 0.0
+
+
+def pairwise_diversity(samples):
+    """Mean over all pairs of samples (B >= 2, same size) of their mean absolute pixel
+    difference, in [0, 1] units."""
+    _check(samples, "samples", ndim=4)
+    if samples.shape[0] < 2:
+        raise ValueError(f"pairwise_diversity needs at least 2 samples, got {samples.shape[0]}")
+    d = [float((samples[i] - samples[j]).abs().mean()) for i, j in itertools.combinations(range(samples.shape[0]), 2)]
+    return sum(d) / len(d)
+
+
+def patch_fidelity(x, source, patch=7):
+    """Mean over the p x p patches of x (stride 1) of the mean squared difference (per
+    patch entry) to the nearest p x p patch of `source` (exact knn). 0 when every patch of
+    x occurs in the source; a blurred or invented patch raises it."""
+    from fastgen.ops import knn
+    _check(x, "x")
+    _check(source, "source")
+    if x.shape[0] != source.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} channels but source has {source.shape[0]}")
+    for t, name in ((x, "x"), (source, "source")):
+        if min(t.shape[-2:]) < patch:
+            raise ValueError(f"{name} is smaller than one {patch}x{patch} patch")
+    q = F.unfold(x.float()[None], patch)[0].T.contiguous()
+    k = F.unfold(source.float()[None], patch)[0].T.contiguous()
+    return float(knn(q, k, 1).dist.double().mean() / q.shape[1])
