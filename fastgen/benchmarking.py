@@ -178,6 +178,33 @@ def run_benchmark(suite, benchmark, config, case, mode, provider):
     benchmark.extra_info.update(info)
 
 
+# --------------------------------------------------------------------------- shared peers and checks
+
+def faiss_flat(queries, keys, k):
+    """What users pick instead of fastgen's knn: a faiss IndexFlatL2 built over `keys` and
+    searched, in one call (its copy of the keys is part of its cost). Torch (dist, idx)."""
+    import faiss
+    import numpy as np
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = faiss.IndexFlatL2(keys.shape[1])
+    index.add(keys.numpy())
+    dist, idx = index.search(queries.numpy(), k)
+    return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64, copy=False))
+
+
+def knn_verdict(queries, keys, idx, k, rows=256):
+    """A knn answer's indices against fastgen's exact knn on the first `rows` queries whose
+    k+1 nearest distances are not within 1e-4 (relative) of each other."""
+    from fastgen.ops import knn
+    kk = min(k + 1, keys.shape[0])
+    ref_d, ref_i = knn(queries[:rows], keys, kk, prune=False)
+    ref_d = ref_d.double()
+    tied = (((ref_d[:, 1:] - ref_d[:, :-1]) <= 1e-4 * ref_d[:, 1:].abs().clamp_min(1e-12)).any(1) if kk > 1
+            else torch.zeros(ref_d.shape[0], dtype=torch.bool))
+    bad = (idx[:rows, :k].long() != ref_i[:, :k]).any(1) & ~tied
+    return "ok" if not bad.any() else f"{int(bad.sum())} of {int((~tied).sum())} untied queries differ"
+
+
 def passed(verdict):
     """Whether a check's verdict lets the provider be timed: "ok", or "ok (detail)"."""
     return verdict == "ok" or (isinstance(verdict, str) and verdict.startswith("ok ("))
