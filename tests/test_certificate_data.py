@@ -41,7 +41,7 @@ def patches(name, p=6, stride=3):
 
 
 def test_bf16_on_near_duplicate_patches_runs_fp32_and_says_so(monkeypatch):
-    monkeypatch.setattr(knn_module, "_BF16_FELL_BACK", [])
+    monkeypatch.setattr(knn_module, "_BF16_WARNED", set())
     q, keys = patches("flower.jpg"), patches("china.jpg")
     with pytest.warns(UserWarning, match="runs fp32 instead"):
         got = knn(q, keys, 5, precision="bf16", prune=False)
@@ -49,7 +49,7 @@ def test_bf16_on_near_duplicate_patches_runs_fp32_and_says_so(monkeypatch):
 
 
 def test_bf16_is_kept_where_it_pays(monkeypatch):
-    monkeypatch.setattr(knn_module, "_BF16_FELL_BACK", [])
+    monkeypatch.setattr(knn_module, "_BF16_WARNED", set())
     q, keys = torch.randn(4096, 128), torch.randn(16384, 128)
     assert knn_module.bf16_pays(q, keys, 5)
     with warnings.catch_warnings():
@@ -58,7 +58,21 @@ def test_bf16_is_kept_where_it_pays(monkeypatch):
 
 
 def test_bf16_is_not_used_where_the_gemm_is_too_shallow(monkeypatch):
-    monkeypatch.setattr(knn_module, "_BF16_FELL_BACK", [])
+    monkeypatch.setattr(knn_module, "_BF16_WARNED", set())
     q, keys = torch.randn(4096, 64), torch.randn(16384, 64)
     with pytest.warns(UserWarning, match="too shallow"):
         assert not knn_module.bf16_pays(q, keys, 5)
+
+
+def test_streaming_decides_bf16_once(monkeypatch):
+    """StreamingKNN samples once for bf16, not once per query block and chunk."""
+    from fastgen.ops import StreamingKNN
+    calls = []
+    real = knn_module._bf16_window                      # run by every real (sampled) decision
+    monkeypatch.setattr(knn_module, "_bf16_window", lambda *a: calls.append(1) or real(*a))
+    q, keys = torch.randn(9000, 128), torch.randn(12000, 128)
+    s = StreamingKNN(q, 2, precision="bf16", prune=False)
+    for c in keys.split(4000):
+        s.add(c)
+    assert len(calls) == 1             # one sampled decision, not one per query block and chunk
+    assert torch.equal(s.result().idx, knn(q, keys, 2, prune=False).idx)

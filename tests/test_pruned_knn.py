@@ -78,16 +78,15 @@ def test_mutated_bounds_fail(monkeypatch, mutation):
     assert not torch.equal(knn(q, keys, 3, prune=True).idx, ref)
 
 
-def test_bound_skips_rows_that_cannot_improve():
+def test_bound_skips_what_cannot_improve():
     q, keys = data("clustered", 300, 2000, 12, seed=4)
     full = knn(q, keys, 2, prune=False)
-    bound = full.dist[:, 0].clone()
-    bound[::2] = 0.0                        # even rows: nothing can beat 0 but a duplicate
-    (d, i), _ = P.pruned_knn(q, keys, 2, bound=bound)
-    # rows with a generous bound get the exact answer; padded entries are (inf, -1)
-    assert torch.equal(i[1::2, 0], full.idx[1::2, 0])
-    pad = i == -1
-    assert bool(torch.isinf(d[pad]).all())
+    # a generous bound (the true 2nd distance, rounded up) changes nothing
+    (d, i), _ = P.pruned_knn(q, keys, 2, bound=full.dist[:, 1] * 1.001)
+    assert torch.equal(i, full.idx) and torch.equal(d, full.dist)
+    # keys that are all farther than every bound: nothing is searched, every row is padding
+    (d, i), computed = P.pruned_knn(q, keys + 100.0, 2, bound=full.dist[:, 1] * 1.001)
+    assert computed == 0 and bool((i == -1).all()) and bool(torch.isinf(d).all())
 
 
 def test_gradients_match_the_sweep():

@@ -1,4 +1,6 @@
 """fastgen.ops.knn: exact k nearest neighbours (squared L2), no N x M matrix."""
+import contextlib
+import contextvars
 import numbers
 from typing import NamedTuple
 
@@ -114,7 +116,22 @@ def _bf16_window(a, b, d):
     gamma = d * u / (1 - d * u)
     rel = 4.01 * u + gamma + 0.5 * (2 * ub + ub * ub) + 0.5 * gamma * (1 + ub) ** 2
     return 2.5 * rel * (a + b) ** 2
-_BF16_FELL_BACK = []
+
+
+_BF16_WARNED = set()      # the reasons already warned about (once each per process)
+# set by bf16_decided(): a caller that ran bf16_pays once for a series of similar calls
+_BF16_DECIDED = contextvars.ContextVar("fastgen_bf16_decided", default=False)
+
+
+@contextlib.contextmanager
+def bf16_decided():
+    """Within this block knn runs precision="bf16" as asked, without its sample: for a
+    caller (StreamingKNN) that checked bf16_pays once for a series of similar searches."""
+    token = _BF16_DECIDED.set(True)
+    try:
+        yield
+    finally:
+        _BF16_DECIDED.reset(token)
 
 
 def bf16_pays(queries, keys, k):
@@ -123,15 +140,15 @@ def bf16_pays(queries, keys, k):
     (each is re-ranked in float64); past max(16, min(256, M / 200)) the fp32 sweep is
     faster. Below D=96 the bf16 GEMM itself does not pay (measured). Small problems
     (< 2^28 multiply-adds) keep bf16 as asked. When it says no, knn runs fp32 and warns
-    once per process."""
+    once per process and reason."""
     n, m, d = queries.shape[-2], keys.shape[-2], queries.shape[-1]
     batch = queries.shape[0] if queries.dim() == 3 else 1
-    if batch * n * m * d < (1 << 28) or m <= k + 1:
+    if _BF16_DECIDED.get() or batch * n * m * d < (1 << 28) or m <= k + 1:
         return True
     if d < 96:
         # measured (benchmarks/RESULTS.md, knn_data and knn): at D=64 the bf16 GEMM is not
         # faster than fp32's on these machines, and its wider bound adds re-ranking
-        return _fall_back(f"D={d} is too shallow for the bf16 GEMM to pay")
+        return _fall_back("shallow", f"D={d} is too shallow for the bf16 GEMM to pay")
     q = queries.reshape(-1, d)
     g = torch.Generator().manual_seed(0)
     sample = q[torch.randint(q.shape[0], (_BF16_SAMPLE,), generator=g).to(q.device)]
@@ -145,15 +162,15 @@ def bf16_pays(queries, keys, k):
     inside = (near.dist - kth <= _bf16_window(a, b, d)).sum(1).float().mean()
     if float(inside) - k <= limit / 2:
         return True
-    return _fall_back(f"it would re-rank ~{float(inside):.0f} keys per query in float64 on this data "
+    return _fall_back("re-rank", f"it would re-rank ~{float(inside):.0f} keys per query in float64 on this data "
                       "(near-duplicates inside bf16's error bound)")
 
 
-def _fall_back(why):
-    if not _BF16_FELL_BACK:
+def _fall_back(kind, why):
+    if kind not in _BF16_WARNED:
         import warnings
         warnings.warn(f"knn: precision='bf16' runs fp32 instead: {why}; fp32 is faster here", stacklevel=4)
-    _BF16_FELL_BACK.append(why)
+        _BF16_WARNED.add(kind)
     return False
 
 

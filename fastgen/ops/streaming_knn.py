@@ -14,7 +14,7 @@ concatenated in the order they were added.
 import torch
 
 from fastgen.ops import _validate
-from fastgen.ops.knn import Neighbours, knn
+from fastgen.ops.knn import Neighbours, bf16_decided, bf16_pays, knn
 
 
 def candidate_sqdist64(queries, keys, idx, rows=1024):
@@ -66,6 +66,7 @@ class StreamingKNN:
         _validate.flag(prune, "prune")
         self.backend, self.precision, self.prune = backend, precision, prune
         self.query_block = 4096
+        self._bf16 = None         # precision="bf16": whether it pays, decided on the first chunk
         self.seen = 0
         self._next_id = 0
         n = queries.shape[0]
@@ -102,16 +103,24 @@ class StreamingKNN:
         if self.prune is None and kk == self.k:
             self.prune = (_backend.resolve(self.backend, keys.device, self.precision) == "cpp"
                           and pruned_knn.should_prune(self.queries, keys, kk))
+        if self.precision == "bf16" and self._bf16 is None and kk == self.k:
+            # decided once, on the whole query set: knn's own check would sample every block
+            # of every chunk again
+            self._bf16 = bf16_pays(self.queries, keys, kk)
+            if not self._bf16:
+                self.precision = "fp32"
         if not self.prune:
             # query rows in blocks: the kernel's prepared copy of the queries is one block's,
             # so the peak is O((block + chunk) * D) however many queries there are
-            return torch.cat([knn(q, keys, kk, backend=self.backend, precision=self.precision, prune=False).idx
-                              for q in self.queries.split(self.query_block)])
+            with bf16_decided():
+                return torch.cat([knn(q, keys, kk, backend=self.backend, precision=self.precision,
+                                      prune=False).idx for q in self.queries.split(self.query_block)])
         _validate.finite(keys, "keys")
         bound = None
         if self._dist.shape[1] == self.k:   # the running k-th best (float64), rounded up
             bound = self._dist[:, -1].float() * (1 + 2.0 ** -20)
-        return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=self.precision)[0].idx
+        with bf16_decided():
+            return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=self.precision)[0].idx
 
     def result(self):
         if self.seen < self.k:
