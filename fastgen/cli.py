@@ -40,8 +40,8 @@ def build_parser():
 
 
 def explicit_flags(parser, argv):
-    """The dests of the options written on the command line (not defaulted): a resumed
-    run compares only those with what it recorded."""
+    """The dests of the options written on the command line (not defaulted), also when
+    abbreviated as argparse allows: a resumed run compares those with what it recorded."""
     words = {w.split("=", 1)[0] for w in argv if w.startswith("-")}
     found = set()
     stack = [parser]
@@ -50,7 +50,8 @@ def explicit_flags(parser, argv):
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
                 stack.extend(a.choices.values())
-            elif words & set(a.option_strings):
+            elif any(w == o or (w.startswith("--") and len(w) > 2 and o.startswith(w))
+                     for w in words for o in a.option_strings):
                 found.add(a.dest)
     return found
 

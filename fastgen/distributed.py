@@ -24,14 +24,21 @@ def _all_gather(t, group):
     return out
 
 
-def init_from_env():
-    """Joins the process group torchrun describes (WORLD_SIZE > 1 in the environment),
-    with the gloo backend (CPU collectives; IMLE's merges move small CPU tensors).
-    Returns (rank, world size); (0, 1) when not launched by torchrun."""
+def init_from_env(backend=None):
+    """Joins the process group torchrun describes (WORLD_SIZE > 1 in the environment).
+    backend: None = nccl when CUDA is available, else gloo; IMLE asks for gloo (its merges
+    move small CPU tensors). Returns (rank, world size, created: whether this call made
+    the group); (0, 1, False) when not launched by torchrun."""
+    import datetime
     import os
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return world()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # long timeout: a final barrier waits for the slowest rank's share of a large run
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 def world(group=None):
@@ -78,7 +85,7 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("sharded_knn needs an initialized torch.distributed process group "
                            "(torchrun, or init_process_group); use fastgen.ops.knn in one process")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world_size = world(group)
     # Every rank checks its own inputs, but raises only after the first collective, so a
     # rank with bad input cannot leave the others waiting in a collective it never joins.
     error = None
@@ -100,13 +107,13 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
     if error is not None:
         raise error
     if not bool(table[:, 7].all()):
-        bad = [r for r in range(world) if not table[r, 7]]
+        bad = [r for r in range(world_size) if not table[r, 7]]
         raise ValueError(f"rank(s) {bad} refused their inputs (NaN/inf, shape, dtype, k or backend; "
                          "their own error says which)")
     for col, what in ((1, "local_keys' D"), (2, "queries' N"), (3, "queries' D"), (4, "local_keys' dtype"),
                       (5, "queries' dtype"), (6, "k")):
         if not bool((table[:, col] == table[0, col]).all()):
-            raise ValueError(f"ranks disagree on {what}: {table[:, col].tolist()} (rank {rank} of {world})")
+            raise ValueError(f"ranks disagree on {what}: {table[:, col].tolist()} (rank {rank} of {world_size})")
     _validate.same_kind(queries, "queries", local_keys, "local_keys")
     sizes = table[:, 0].tolist()
     total = sum(sizes)

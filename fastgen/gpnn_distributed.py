@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from fastgen.distributed import init_from_env  # noqa: F401  (the launcher's entry, shared)
+
 SHEET_MAX_SAMPLES = 15   # the contact sheet shows the source and at most this many samples
 
 
@@ -48,20 +50,6 @@ def sheet_path(out, name):
 def rank_jobs(num_images, num_samples, rank, world):
     """[(image index, sample index)] that rank `rank` of `world` runs: jobs rank, rank + world, ..."""
     return [divmod(j, num_samples) for j in range(rank, num_images * num_samples, world)]
-
-
-def init_from_env():
-    """(rank, world, created): joins the torchrun process group when WORLD_SIZE > 1."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # long timeout: the final barrier waits for the slowest rank's share of a large run
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size(), True
 
 
 def run_samples(model, paths, load, num_samples, out, seed=0, output_size=None, batch=4,

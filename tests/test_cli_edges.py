@@ -154,3 +154,18 @@ def test_alpha_string_and_sparse_inputs():
         patch_nn(torch.rand(5, 4), torch.rand(6, 4), "0.1")
     with pytest.raises(TypeError, match="queries must be a dense tensor"):
         knn(torch.rand(5, 4).to_sparse(), torch.rand(6, 4), 1)
+
+
+def test_resume_without_flags_keeps_the_runs_settings(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "k")
+    assert run(capsys, "train", "vae", "--data", "digits", "--out", out, "--batch-size", "16", *QUICK)[0] == 0
+    seen = []
+    real = training.train_epoch
+    monkeypatch.setattr(training, "train_epoch", lambda m, o, d, bs, *a, **k: seen.append((bs, k["max_batches"]))
+                        or real(m, o, d, bs, *a, **k))
+    # not given now: the run's 16 and 2, not the defaults 64 and None
+    assert run(capsys, "train", "vae", "--out", out, "--resume", "--epochs", "2", "--quiet")[0] == 0
+    assert seen == [(16, 2)]
+    # an abbreviated flag is seen as given
+    rc, _, err = run(capsys, "train", "vae", "--out", out, "--resume", "--epochs", "3", "--quiet", "--batch-s", "64")
+    assert rc == 2 and "--batch-size 64 differs" in err

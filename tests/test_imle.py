@@ -17,7 +17,7 @@ QUICK = ["--threads", "1", "--quiet"]
 
 def round_codes(model, seed, total):
     """Every code a search round with generator seed `seed` drew, in sample order."""
-    rs = model._round_seed(torch.Generator().manual_seed(seed), "cpu")
+    rs = model._round_seed(torch.Generator().manual_seed(seed))
     return torch.cat([model._chunk_codes(rs, c, min(model.chunk, total - s), "cpu")
                       for c, s in enumerate(range(0, total, model.chunk))])
 

@@ -146,3 +146,25 @@ def test_bad_prune_arguments():
     bad[3, 1] = math.nan
     with pytest.raises(ValueError, match="queries"):
         knn(bad, keys, 1, prune=True)
+
+
+def test_fewer_queries_than_the_sample_on_a_large_problem():
+    """The cheap measure samples 64 queries: with fewer it must still decide, not crash."""
+    q, keys = data("clustered", 10, 200000, 16, seed=9)     # 10 x 200k x 16 > MIN_WORK
+    assert P.structure_ratio(q, keys) < 0.6
+    assert torch.equal(knn(q, keys, 3).idx, knn(q, keys, 3, prune=False).idx)
+
+
+def test_gradient_path_keeps_the_exact_distances():
+    q, keys = data("clustered", 300, 900, 10, seed=10)
+    qq = q.clone().requires_grad_()
+    got = knn(qq, keys, 4, prune=True)
+    assert torch.equal(got.dist.detach(), knn(q, keys, 4, prune=False).dist)
+    got.dist.sum().backward()
+    assert qq.grad is not None and bool(torch.isfinite(qq.grad).all())
+
+
+def test_streaming_prune_true_needs_the_cpp_backend():
+    from fastgen.ops import StreamingKNN
+    with pytest.raises(ValueError, match="prune=True needs the cpp backend"):
+        StreamingKNN(torch.rand(5, 3), 1, backend="torch", prune=True)

@@ -33,9 +33,10 @@ def add_parser(sub):
 
 
 def _start(args):
+    from fastgen.commands.train import device_of
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device_of(args.device)
 
 
 def _write(args, images, extra=None):
@@ -65,10 +66,9 @@ def sample_latent(args):
 def _sample_conditional(args, model, ckpt, gen, device):
     """Conditional IMLE: completions of held-out inputs (the data's test split), each
     row one input: the input, --nrow - 2 (default 8) completions, the true image."""
-    from fastgen import data as datasets
+    from fastgen.commands.train import load_data
     from fastgen.models.imle import make_conditions
-    a = ckpt["data_args"]
-    ds = datasets.load(a["data"], size=a["size"], test_fraction=a["test_fraction"], binarize=a["binarize"])
+    ds = load_data(args, ckpt)[0]
     held = ds.test if ds.test.shape[0] else ds.train
     x = held[:args.n].to(device)
     c = make_conditions(ckpt["conditional"], x)

@@ -89,7 +89,15 @@ def setup(args):
     check_out(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return device_of(args.device)
+    # under torchrun: join the group (gloo: IMLE's merges move CPU tensors), so fit can run
+    # data parallel or refuse a family that cannot; each rank on its own GPU
+    import os
+    from fastgen.distributed import init_from_env
+    init_from_env(backend="gloo")
+    device = device_of(args.device)
+    if device.startswith("cuda") and ":" not in device and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def finite_floats(args):
@@ -187,4 +195,9 @@ def open_run(args, kind):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {value} differs from the run being resumed ({flag} {stored[name]}); "
                              f"a resumed run keeps its settings: drop {flag}, or start a new run in another --out")
+    # flags not given now take the run's recorded values (a run started with --batch-size
+    # 128 and resumed without it keeps 128, not the default)
+    for name, value in stored.items():
+        if name not in RESUMABLE and hasattr(args, name):
+            setattr(args, name, value)
     return ckpt

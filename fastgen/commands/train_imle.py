@@ -12,6 +12,7 @@ import os
 import torch
 
 from fastgen.commands import train as train_cmd
+from fastgen.models.imle import CONDITIONS
 
 
 def add_parser(families):
@@ -31,7 +32,7 @@ def add_parser(families):
     p.add_argument("--adaptive-gamma", type=float, default=None,
                    help="Adaptive IMLE: search a point again only once its sample is within its threshold, "
                         "then shrink the threshold by this factor")
-    p.add_argument("--conditional", choices=["top-half"], default=None,
+    p.add_argument("--conditional", choices=CONDITIONS, default=None,
                    help="conditional IMLE: each digit's top half is the input, the generator completes it "
                         "(completions.png shows several completions per input)")
     p.set_defaults(func=run)
@@ -47,7 +48,7 @@ def write_pngs(model, out, seed, device):
     else:
         # rows: 8 inputs, 6 rows of completions of each, the true images
         c, x = model.conditions[:8], model.data[:8]
-        done = [model.sample(8, generator=gen, device=device, cond=c) for _ in range(6)]
+        done = [model.sample(c.shape[0], generator=gen, device=device, cond=c) for _ in range(6)]
         save_grid(torch.cat([c, *done, x]).cpu(), os.path.join(out, "completions.png"), nrow=8)
     x, y = model.nearest_pairs(16)
     rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], y[i:i + 8])]  # points above their samples
@@ -59,9 +60,7 @@ def run(args):
     from fastgen import training
     from fastgen.models import build_model
     from fastgen.models.imle import make_conditions
-    from fastgen.distributed import init_from_env
-    device = train_cmd.setup(args)
-    init_from_env()      # under torchrun: data-parallel steps, each process searches its share
+    device = train_cmd.setup(args)      # under torchrun: joins the group (data-parallel steps)
     train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim")
     if not args.noise >= 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")

@@ -197,15 +197,17 @@ class GPNN:
         out_size = self._check_size(output_size, "output_size", default=image.shape[-2:])
         src = self._source_pyramid(image)
         out_shapes = self._output_shapes(image.shape[-2:], out_size, len(src))
-        coarse = _resize(src[-1], out_shapes[-1])
         c = image.shape[0]
-        # noise at the output's full size, shrunk with the pyramid (the public code's recipe)
+        # noise at the output's full size, shrunk with the pyramid (the public code's recipe;
+        # not _resize, which clamps to [0, 1])
         noise = torch.stack([torch.randn((c,) + tuple(out_size), generator=torch.Generator().manual_seed(s))
                              for s in seeds])
-        noise = F.interpolate(noise, size=out_shapes[-1], mode="bicubic", align_corners=False,
-                              antialias=True).to(image.device) if tuple(out_size) != out_shapes[-1] else noise.to(image.device)
+        if tuple(out_size) != out_shapes[-1]:
+            noise = F.interpolate(noise, size=out_shapes[-1], mode="bicubic", align_corners=False, antialias=True)
+        init = 0.5 + self.noise_std * noise.to(image.device)
         w = SOURCE_WEIGHT * (1 - self.diversity) ** 2          # the source's share of the start
-        init = w * coarse + (1 - w) * 0.5 + self.noise_std * noise
+        if w > 0:
+            init = init + w * (_resize(src[-1], out_shapes[-1]) - 0.5)
         return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn sample",
                                 coarse_iterations=self.coarse_iterations)
 

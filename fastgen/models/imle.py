@@ -154,6 +154,8 @@ class IMLE(nn.Module):
             x = self.generator(z)
         elif cond is None:
             raise ValueError("this IMLE is conditional: generate(z, cond) needs cond")
+        elif cond.shape[0] != z.shape[0]:
+            raise ValueError(f"cond has {cond.shape[0]} inputs but {z.shape[0]} codes were given (one input each)")
         elif self._logits:
             x = self.generator(torch.cat([z, cond.flatten(1).to(z.dtype)], 1))
         else:
@@ -207,7 +209,7 @@ class IMLE(nn.Module):
         g = torch.Generator(device=device).manual_seed((seed + c) % (1 << 63))
         return torch.randn(size, self.z_dim, generator=g, device=device)
 
-    def _round_seed(self, generator, device):
+    def _round_seed(self, generator):
         dev = generator.device if generator is not None else "cpu"
         return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=dev))
 
@@ -228,7 +230,7 @@ class IMLE(nn.Module):
                                  for i in range(0, n, self.chunk)])
             who = torch.nonzero((current - feats).square().sum(1) <= threshold).flatten()
         info = {"samples": 0, "searched": int(who.numel()), "rejected": 0}
-        seed = self._round_seed(generator, device)
+        seed = self._round_seed(generator)
         if who.numel():
             total = who.numel() * self.samples_per_point
             chunks = -(-total // self.chunk)
@@ -247,7 +249,8 @@ class IMLE(nn.Module):
                 ids = torch.arange(start, start + z.shape[0], device=device)
                 if self.reject_eps is not None:
                     # RS-IMLE: a sample within eps of any data point is not a candidate
-                    keep = knn(f, feats, 1).dist[:, 0] >= self.reject_eps ** 2
+                    # (prune=False: the same data every chunk; no per-chunk sample or clustering)
+                    keep = knn(f, feats, 1, prune=False).dist[:, 0] >= self.reject_eps ** 2
                     rejected += int((~keep).sum())
                     f, ids = f[keep], ids[keep]
                 search.add(f, index=ids)

@@ -176,7 +176,7 @@ def structure_ratio(queries, keys, k=1, sample=64, seed=0):
     n, m = queries.shape[0], keys.shape[0]
     qs = queries[torch.randperm(n, generator=g)[:sample].to(queries.device)]
     near = knn(qs, keys, k, prune=False).dist[:, -1].double()
-    ks = keys[torch.randint(m, (sample,), generator=g).to(keys.device)]
+    ks = keys[torch.randint(m, (qs.shape[0],), generator=g).to(keys.device)]
     typical = (qs.double() - ks.double()).square().sum(1)
     return float((near.median() / typical.median().clamp_min(1e-300)).sqrt())
 

@@ -13,7 +13,7 @@ concatenated in the order they were added.
 """
 import torch
 
-from fastgen.ops import _validate
+from fastgen.ops import _backend, _validate
 from fastgen.ops.knn import Neighbours, bf16_decided, bf16_pays, knn
 
 
@@ -64,6 +64,9 @@ class StreamingKNN:
         _validate.finite(queries, "queries")
         self.queries, self.k = queries, int(k)
         _validate.flag(prune, "prune")
+        if prune and _backend.resolve(backend, queries.device, precision) != "cpp":
+            raise ValueError("prune=True needs the cpp backend (CPU tensors, extension built); "
+                             f"backend={backend!r} resolves to another: use prune=None or False")
         self.backend, self.precision, self.prune = backend, precision, prune
         self.query_block = 4096
         self._bf16 = None         # precision="bf16": whether it pays, decided on the first chunk
@@ -99,7 +102,7 @@ class StreamingKNN:
         return self
 
     def _search(self, keys, kk):
-        from fastgen.ops import _backend, pruned_knn
+        from fastgen.ops import pruned_knn
         if self.prune is None and kk == self.k:
             self.prune = (_backend.resolve(self.backend, keys.device, self.precision) == "cpp"
                           and pruned_knn.should_prune(self.queries, keys, kk))
