@@ -224,6 +224,8 @@ def test_analogy_has_the_structure_images_size(china, model):
     (lambda g, x: g.inpaint(x, torch.full((40, 60), float("nan"))), ValueError, "mask contains NaN"),
     (lambda g, x: g.analogy(x[:1], x), ValueError, "structure_image has 1 channels"),
     (lambda g, x: g.analogy(x, x * float("nan")), ValueError, "patch_image contains NaN"),
+    (lambda g, x: g.edit(x, x[:2]), ValueError, "edited has 2 channels but image has 3"),
+    (lambda g, x: g.edit(x * float("nan"), x), ValueError, "image contains NaN"),
 ])
 def test_bad_inputs_name_the_argument(china, call, exc, match):
     with pytest.raises(exc, match=match):
@@ -287,6 +289,10 @@ def test_cli_writes_pngs(tmp_path, tiny_png):
 
     assert main(["gpnn", "analogy", tiny_png, str(out / "tiny_retarget_20x50.png"), "--out", str(out), *fast]) == 0
     assert load_image(str(out / "tiny_retarget_20x50_as_tiny_analogy.png")).shape == (3, 20, 50)
+
+    assert main(["gpnn", "edit", tiny_png, str(out / "tiny_retarget_20x50.png"), "--out", str(out), *fast]) == 0
+    assert load_image(str(out / "tiny_retarget_20x50_edit.png")).shape == (3, 20, 50)
+    assert (out / "tiny_retarget_20x50_edit_sheet.png").is_file()
 
 
 def test_cli_errors(tmp_path, tiny_png, capsys):

@@ -60,6 +60,17 @@ def test_analogy_keeps_the_structure_images_block_layout():
     assert patch_fidelity(out, a) < patch_fidelity(b, a)                 # drawn with A's patches
 
 
+def test_edit_keeps_the_edit_and_redraws_its_seams():
+    src = blocks(range(12), PALETTE, seed=3)
+    edited = src.roll(27, dims=2).clone()            # every block moved by 1.5 blocks: seams mid-block
+    edited[:, 4:20, 30:50] = torch.rand(3, 16, 20, generator=torch.Generator().manual_seed(4))   # pasted noise
+    for alpha in (0.005, 0.05):
+        out = GPNN(iterations=3, alpha=alpha).edit(src, edited, progress=False)[0]
+        assert out.shape == edited.shape
+        assert layout_similarity(out, edited) > 0.75 > 0.0 > layout_similarity(out, src)   # the edit's layout stays
+        assert patch_fidelity(out, src) < 0.2 * patch_fidelity(edited, src)                # seams and noise redrawn
+
+
 @pytest.mark.parametrize("bad, match", [(dict(diversity=1.5), "diversity"), (dict(diversity=-0.1), "diversity"),
                                         (dict(coarse_iterations=0), "coarse_iterations")])
 def test_bad_knobs(bad, match):

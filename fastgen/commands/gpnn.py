@@ -1,10 +1,11 @@
-"""`fastgen gpnn sample|retarget|inpaint|analogy`: GPNN on an image file (or folder).
+"""`fastgen gpnn sample|retarget|inpaint|analogy|edit`: GPNN on an image file (or folder).
 
     fastgen gpnn sample [IMAGE] -n 8 --out DIR          (default image: sklearn's china.jpg)
     fastgen gpnn sample --images FOLDER -n 100 --out DIR  (torchrun-ready, see fastgen.gpnn_distributed)
     fastgen gpnn retarget IMAGE --size 128x256 --out DIR
     fastgen gpnn inpaint IMAGE --mask MASK --out DIR      (mask: white = regenerate)
     fastgen gpnn analogy A B --out DIR                    (B's structure, A's patches)
+    fastgen gpnn edit IMAGE EDITED --out DIR              (a rough edit/collage made coherent)
 
 Inputs are shrunk to --max-side (default 128) on their longer side first: a quick demo
 on a CPU; pass --max-side 0 for full resolution. Every output is a PNG in --out, plus
@@ -16,7 +17,7 @@ from fastgen.images import load_source_image
 
 
 def add_parser(sub):
-    p = sub.add_parser("gpnn", help="GPNN single-image generation: sample, retarget, inpaint, analogy",
+    p = sub.add_parser("gpnn", help="GPNN single-image generation: sample, retarget, inpaint, analogy, edit",
                        description=__doc__.splitlines()[0])
     tasks = p.add_subparsers(dest="task", required=True)
 
@@ -49,6 +50,12 @@ def add_parser(sub):
     _common(a)
     a.set_defaults(func=run_analogy)
 
+    e = tasks.add_parser("edit", help="EDITED (IMAGE with pieces moved or pasted by hand) redrawn with IMAGE's patches")
+    e.add_argument("image", help="the original image (gives the patches)")
+    e.add_argument("edited", help="the rough edit or collage (gives the layout and the output size)")
+    _common(e)
+    e.set_defaults(func=run_edit)
+
 
 def _common(p):
     p.add_argument("--out", required=True, help="output folder")
@@ -58,7 +65,7 @@ def _common(p):
     p.add_argument("--iterations", type=int, default=10, help="patch-NN iterations per pyramid level")
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--alpha", type=float, default=None,
-                   help="normalisation (default 0.005; inpaint 0.05); larger = closer to plain NN")
+                   help="normalisation (default 0.005; inpaint and edit 0.05); larger = closer to plain NN")
     p.add_argument("--noise-std", type=float, default=0.375,
                    help="std of the start's noise, [0, 1] units, drawn at full size (default 0.375)")
     p.add_argument("--diversity", type=float, default=1.0,
@@ -183,5 +190,19 @@ def run_analogy(args):
     name = f"{_stem(args.b)}_as_{_stem(args.a)}_analogy"
     png = save_image(y, os.path.join(args.out, name + ".png"))
     save_contact_sheet([a.cpu(), b.cpu(), y], os.path.join(args.out, name + "_sheet.png"), nrow=3)
+    print(f"wrote {png}")
+    return 0
+
+
+def run_edit(args):
+    from fastgen.images import save_contact_sheet, save_image
+    model = _model(args, alpha=0.05)   # as inpaint: pasted duplicates are wanted, a weaker push to use every patch
+    device = _device(args)
+    x = load_source_image(args.image, args.max_side).to(device)
+    e = load_source_image(args.edited, args.max_side).to(device)
+    y = model.edit(x, e, progress=not args.no_progress)[0].cpu()
+    name = f"{_stem(args.edited)}_edit"
+    png = save_image(y, os.path.join(args.out, name + ".png"))
+    save_contact_sheet([x.cpu(), e.cpu(), y], os.path.join(args.out, name + "_sheet.png"), nrow=3)
     print(f"wrote {png}")
     return 0

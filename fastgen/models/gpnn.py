@@ -65,7 +65,8 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   reproduces a single run sample by sample.
 - retarget adds no noise (the result is deterministic); random retargeted samples are
   `sample(image, output_size=...)`. analogy starts from the structure image itself,
-  no noise. inpaint starts from the mean colour of the kept pixels plus noise inside
+  no noise; edit (a user's rough edit or collage made coherent) is the analogy with the
+  edit as B and the original as A. inpaint starts from the mean colour of the kept pixels plus noise inside
   the mask; only query patches that touch the mask are matched (the others keep their
   own source patch), and keys are the source patches that do not touch the mask.
 """
@@ -256,16 +257,32 @@ class GPNN:
         (1, C, H_B, W_B). Both images need the same number of channels."""
         b = self._check_image(structure_image, "structure_image")
         a = self._check_image(patch_image, "patch_image")
+        return self._structure_from(b, a, "structure_image", "patch_image", progress, desc="gpnn analogy")
+
+    @torch.no_grad()
+    def edit(self, image, edited, progress=True):
+        """`edited` (a rough edit of `image`: objects moved, pasted or removed by hand)
+        made coherent with `image`'s patches: (1, C, H_E, W_E). The paper's editing and
+        collage recipe -- the analogy's, with the edit as the structure: the start is the
+        edit at half its short side, keys and values come from `image`'s pyramid, so the
+        edit's layout stays and its seams are redrawn with source patches. For a collage,
+        paste the pieces into one canvas and pass it as `edited`."""
+        image = self._check_image(image, "image")
+        edited = self._check_image(edited, "edited")
+        return self._structure_from(edited, image, "edited", "image", progress, desc="gpnn edit")
+
+    @torch.no_grad()
+    def _structure_from(self, b, a, b_name, a_name, progress, desc):
         if a.shape[0] != b.shape[0]:
-            raise ValueError(f"structure_image has {b.shape[0]} channels but patch_image has {a.shape[0]}")
+            raise ValueError(f"{b_name} has {b.shape[0]} channels but {a_name} has {a.shape[0]}")
         if a.device != b.device:
-            raise ValueError(f"structure_image is on {b.device} but patch_image is on {a.device}")
+            raise ValueError(f"{b_name} is on {b.device} but {a_name} is on {a.device}")
         # a coarsest level of half the output's short side: B's structure survives the search
         coarsest = max(self.coarsest_side, min(b.shape[-2:]) // 2, self.patch_size)
         src = self._source_pyramid(a, coarsest)
         out_shapes = self._output_shapes(a.shape[-2:], b.shape[-2:], len(src), coarsest)
         init = _resize(b[None], out_shapes[-1])
-        return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn analogy")
+        return self._synthesize(src, out_shapes, init, progress=progress, desc=desc)
 
     # ------------------------------------------------------------------ the algorithm
 
