@@ -13,6 +13,9 @@ TORCH_LIBRARY(fastgen, m) {
   m.def("knn(Tensor queries, Tensor keys, int k, bool exclude_self, str precision) -> (Tensor, Tensor)");
   // (N, D) x (K, D) -> dist (N,) float32, idx (N,) int64 (knn's order)
   m.def("nearest_code(Tensor x, Tensor codebook, str precision) -> (Tensor, Tensor)");
+  // points (N, D), centres (M, D), radii (M,) float32 squared -> count (N,) int64 of the
+  // balls with fl32(||p - c_j||^2) <= radii_j, nearest dist (N,) float32, idx (N,) int64
+  m.def("ball_count(Tensor points, Tensor centres, Tensor radii, str precision) -> (Tensor, Tensor, Tensor)");
   // (B, N, D) x (B, M, D) -> idx (B, N) int64 of argmin_j d_ij / (alpha + min_i d_ij)
   m.def("patch_nn(Tensor queries, Tensor keys, float? alpha, str precision) -> Tensor");
   // (GPNN's pruned search over clustered keys is the class torch.classes.fastgen.PatchIndex,
