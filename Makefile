@@ -40,9 +40,13 @@ $(STAMPS)/torch:
 	$(PIP) "setuptools>=64" wheel ninja
 	@touch $@
 
-# the package and an extra's dependencies; the extension is built apart (below)
-$(STAMPS)/deps-%: pyproject.toml setup.py | $(STAMPS)/torch
+# the package and an extra's dependencies; the extension is built apart (below).
+# pytorch-fid is a test peer only (its Frechet distance); it requires torchvision, which
+# would pull a torch of its own choosing, so it goes in without dependencies (the tests
+# read its function without importing torchvision).
+$(STAMPS)/deps-%: pyproject.toml setup.py Makefile | $(STAMPS)/torch
 	FASTGEN_SKIP_EXT=1 $(PIP) --no-build-isolation -e ".[$*]"
+	$(PIP) --no-deps "pytorch-fid==0.3.0"
 	@touch $@
 
 $(EXT_SO): $(CSRC) setup.py | $(STAMPS)/torch

@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "../engine/ball_count.h"
 #include "../engine/error_bound.h"
 #include "../engine/pruned_passes.h"
 #include "../engine/reductions.h"
@@ -597,6 +598,47 @@ void check_pruned(std::mt19937& rng) {
 
 }  // namespace
 
+// Ball counts with radii exactly on the boundary (ball j passes through point j % N, its
+// radius fl32 of the float64 distance) and one float32 step inside it: the pairs an fp32
+// distance decides wrongly, which only the error window gets right.
+void check_ball_count(std::mt19937& rng, int64_t N, int64_t M, int64_t D, float offset, Tiling tiling) {
+  Problem p = make_problem(rng, 1, N, M, D, false, offset);
+  std::vector<float> pn(N), cn(M), plen(N);
+  squared_norms(p.q, D, pn);
+  squared_norms(p.k, D, cn);
+  for (int64_t i = 0; i < N; ++i) plen[i] = std::sqrt(pn[i]) * (1 + 1e-6f);
+  const ErrorBound bound(D, 0.0);
+  for (int below = 0; below < 2; ++below) {
+    std::vector<float> rad(M);
+    for (int64_t j = 0; j < M; ++j) {
+      rad[j] = float(exact_sqdist(&p.q[(j % N) * D], &p.k[j * D], D));
+      if (below) rad[j] = std::nextafter(rad[j], 0.f);
+    }
+    std::vector<int64_t> count(N, -1), idx(N, -1);
+    std::vector<float> dist(N, -1.f);
+    int64_t ambiguous = 0;
+    CertifiedTopKArgs near{1, N, M, D, 1, false, cn.data(), plen.data(), bound.coef, bound.slack,
+                           p.q.data(), p.k.data(), dist.data(), idx.data(), nullptr};
+    BallCountArgs a{N, M, D, pn.data(), plen.data(), cn.data(), rad.data(), bound.coef, bound.slack,
+                    p.q.data(), p.k.data(), count.data(), &ambiguous, &near};
+    NaiveCtx ctx{&p};
+    for_each_row_block(Shape{1, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, BallCount(a));
+    for (int64_t i = 0; i < N; ++i) {
+      int64_t want = 0, best = 0;
+      double bd = INFINITY;
+      for (int64_t j = 0; j < M; ++j) {
+        const double d = exact_sqdist(&p.q[i * D], &p.k[j * D], D);
+        want += float(d) <= rad[j];
+        if (d < bd) bd = d, best = j;
+      }
+      EXPECT(count[i] == want, "ball_count N=%ld M=%ld D=%ld below=%d: row %ld count %ld want %ld",
+             (long)N, (long)M, (long)D, below, (long)i, (long)count[i], (long)want);
+      EXPECT(idx[i] == best, "ball_count nearest: row %ld idx %ld want %ld", (long)i, (long)idx[i], (long)best);
+    }
+    EXPECT(ambiguous >= (below ? 0 : 1) || M == 0, "no pair was ambiguous: the boundary test tests nothing");
+  }
+}
+
 int main() {
   std::mt19937 rng(1234);
   const Tiling tilings[] = {{1, 1, 0}, {3, 5, 0}, {7, 4, 2}, {128, 512, 0}};
@@ -619,6 +661,9 @@ int main() {
         check_weighted_argmin(rng, 1, N, M, 2, true, t);  // exact ties
       }
   }
+  for (const Tiling& t : tilings)
+    for (int64_t N : {1, 7, 30})
+      for (int64_t M : {1, 9, 33}) check_ball_count(rng, N, M, 37, 20.f, t);
   // more candidates than the cap: the full-scan fallback answers these rows
   check_topk(rng, 1, 2, 9000, 1, 3, false, true, Tiling{64, 256, 0});
   check_pruned(rng);

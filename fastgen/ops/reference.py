@@ -115,3 +115,20 @@ def reparameterize_reference(mu, logvar, eps, logvar_min=None, logvar_max=None):
     logvar_max] first when either is given): the unfused expression on float64 copies."""
     from fastgen.ops.baselines import reparameterize_unfused
     return reparameterize_unfused(mu.double(), logvar.double(), eps.double(), logvar_min, logvar_max)
+
+
+def ball_count_exact(points, centres, radii, budget_bytes=64 << 20):
+    """Ground truth of ball_count: per point, #{j: fl32(d_j) <= radii_j} with d_j the float64
+    squared distance to centre j, and the nearest centre (float64 dist, lowest index on ties)."""
+    n, m, dim = points.shape[0], centres.shape[0], centres.shape[1]
+    count = torch.empty(n, dtype=torch.long)
+    near_d = torch.empty(n, dtype=torch.float64)
+    near_i = torch.empty(n, dtype=torch.long)
+    c64 = centres.double().cpu()
+    r = radii.float().cpu()
+    step = _chunk_rows(m, dim, budget_bytes, 8)
+    for s in range(0, n, step):
+        d = (points[s:s + step].double().cpu()[:, None, :] - c64[None]).square().sum(-1)
+        count[s:s + step] = (d.float() <= r[None]).sum(1)
+        near_d[s:s + step], near_i[s:s + step] = d.min(1)    # min returns the first index on ties
+    return count, near_d, near_i
