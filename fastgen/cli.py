@@ -15,6 +15,7 @@ COMMANDS = [
     "fastgen.commands.bench",
     "fastgen.commands.train",
     "fastgen.commands.sample",
+    "fastgen.commands.eval",
     "fastgen.commands.gpnn",
 ]
 

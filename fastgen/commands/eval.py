@@ -1,0 +1,175 @@
+"""`fastgen eval`: sample-quality metrics of generated images against real ones.
+
+    fastgen eval --fake runs/vae/checkpoint.pt                      (digits: the test split is real)
+    fastgen eval --fake runs/vqvae/checkpoint.pt --prior runs/prior/checkpoint.pt
+    fastgen eval --real feats_real.npy --fake feats_fake.npy        (features given: used as they are)
+    fastgen eval --real FOLDER --fake FOLDER --features model.ts   (any TorchScript extractor)
+    fastgen eval --table demo-out                                  (every model trained under a folder)
+
+--real/--fake: 'digits' (real only), a .npy / .pt file (features (N, D) or images
+(N, C, H, W) in [0, 1]; a samples.pt from `fastgen sample` too), an image folder, or a
+checkpoint written by `fastgen train` (fake only; -n samples are drawn). Prints a table;
+--json writes the numbers.
+"""
+import json
+import os
+
+import torch
+
+KINDS = ("ae", "vae", "imle", "vqvae")
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="FD, precision/recall/density/coverage and class coverage of samples",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--real", default="digits", help="'digits' (the test split, default), a feature/image file or folder")
+    p.add_argument("--fake", default=None, help="a feature/image file, an image folder or a fastgen checkpoint")
+    p.add_argument("--prior", default=None, help="the pixelcnn checkpoint that samples a vqvae's codes")
+    p.add_argument("--table", default=None, metavar="RUNS",
+                   help="evaluate every model trained under RUNS (ae/ vae/ vqvae/+pixelcnn/ imle/): a Markdown "
+                        "table, written to RUNS/eval.md and RUNS/eval.json")
+    p.add_argument("--features", default="digits", help="'digits' (default), 'raw' (pixels) or a TorchScript file")
+    p.add_argument("-n", type=int, default=None, help="samples drawn from a checkpoint (default: as many as real)")
+    p.add_argument("--k", type=int, default=5, help="neighbourhood size of precision/recall/density/coverage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    p.set_defaults(func=run)
+
+
+def load_points(spec, name):
+    """--real/--fake that is not a checkpoint -> tensor (images or features)."""
+    import numpy as np
+    if spec == "digits":
+        if name != "--real":
+            raise ValueError(f"{name} digits: the built-in data is only a --real set")
+        from fastgen.data import load_digits
+        return load_digits().test
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"{name} {spec!r}: no such file or folder")
+    if os.path.isdir(spec):
+        from fastgen.data import load_image_folder
+        ds = load_image_folder(spec, test_fraction=0.5)
+        return torch.cat([ds.train, ds.test])
+    if spec.endswith(".npy"):
+        try:
+            x = torch.from_numpy(np.load(spec, allow_pickle=False))
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{name} {spec!r} is not a readable .npy array: {e}") from None
+    else:
+        try:
+            x = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
+            raise ValueError(f"{name} {spec!r} is not a readable .pt/.npy file: {type(e).__name__}: {e}") from None
+        if isinstance(x, dict) and "images" in x:
+            x = x["images"]
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 4):
+        raise ValueError(f"{name} {spec!r} must hold features (N, D) or images (N, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} {spec!r} holds {x.dtype} values; features and images must be float")
+    return x.float()
+
+
+def _is_checkpoint(path):
+    if not (isinstance(path, str) and os.path.isfile(path) and path.endswith(".pt")):
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- not a checkpoint; load_points reports it
+        return False
+    return isinstance(obj, dict) and "kind" in obj and "model" in obj
+
+
+@torch.no_grad()
+def sample_checkpoint(path, n, seed=0, device="cpu", prior=None):
+    """n images from any fastgen generative checkpoint ((N, C, H, W) in [0, 1], on the CPU)."""
+    from fastgen.training import load_checkpoint, load_model
+    kind = load_checkpoint(path)["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"--fake {path!r} holds a {kind!r} model; eval samples {', '.join(KINDS)} checkpoints"
+                         + (" (pass a pixelcnn as --prior with its vqvae as --fake)" if kind == "pixelcnn" else ""))
+    model, _ = load_model(path, kind, device, name="--fake")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if kind == "vqvae":
+        if prior is None:
+            raise ValueError("--prior CKPT (a pixelcnn over this vqvae's codes) is needed to sample a vqvae")
+        pri, _ = load_model(prior, "pixelcnn", device, name="--prior")
+        if pri.num_codes != model.num_codes or tuple(pri.code_shape) != tuple(model.code_shape):
+            raise ValueError(f"--prior models {pri.num_codes} codes on {pri.code_shape} maps but the vqvae has "
+                             f"{model.num_codes} codes on {model.code_shape} maps")
+        out = [model.decode(pri.sample(min(256, n - s), generator=gen, device=device)) for s in range(0, n, 256)]
+        return torch.cat(out).clamp(0, 1).cpu()
+    if kind == "imle" and getattr(model, "condition_shape", None):
+        raise ValueError(f"--fake {path!r} is a conditional IMLE model; eval scores unconditional samples")
+    return model.sample(n, generator=gen, device=device).clamp(0, 1).cpu()
+
+
+def _print(rows, names):
+    from fastgen.metrics.evaluate import format_table
+    print(format_table(rows, names))
+
+
+def run(args):
+    from fastgen.commands.train import device_of
+    from fastgen.metrics.evaluate import evaluate_samples
+    device = device_of(args.device)
+    if args.n is not None and args.n < 2:
+        raise ValueError(f"-n must be >= 2, got {args.n}")
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if (args.table is None) == (args.fake is None):
+        raise ValueError("give --fake (one set of samples) or --table RUNS (every model under a folder)")
+    real = load_points(args.real, "--real")
+    if args.table is not None:
+        return run_table(args, real, device)
+    if _is_checkpoint(args.fake):
+        fake = sample_checkpoint(args.fake, args.n or real.shape[0], args.seed, device, args.prior)
+    else:
+        fake = load_points(args.fake, "--fake")
+    m = evaluate_samples(real, fake, args.features, args.k)
+    _print([m], [os.path.basename(os.path.dirname(os.path.abspath(args.fake))) or args.fake])
+    if args.json:
+        _write_json(args.json, m)
+    return 0
+
+
+def _write_json(path, obj):
+    from fastgen.training import atomic_write
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    print(f"wrote {path}")
+
+
+def run_table(args, real, device):
+    from fastgen.data import load_digits
+    from fastgen.metrics.evaluate import evaluate_samples, format_table
+    runs = args.table
+    if not os.path.isdir(runs):
+        raise FileNotFoundError(f"--table {runs!r}: no such folder")
+    n = args.n or real.shape[0]
+    rows, names = [], []
+    if args.real == "digits":   # the ceiling: held-out real digits against training digits
+        train = load_digits().train
+        idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.seed))[:n]
+        rows.append(evaluate_samples(real, train[idx], args.features, args.k))
+        names.append("data (train split)")
+    found = [("ae", "ae", None), ("vae", "vae", None), ("vqvae + pixelcnn", "vqvae", "pixelcnn"), ("imle", "imle", None)]
+    for name, folder, prior in found:
+        ckpt = os.path.join(runs, folder, "checkpoint.pt")
+        pri = os.path.join(runs, prior, "checkpoint.pt") if prior else None
+        if not os.path.isfile(ckpt) or (pri and not os.path.isfile(pri)):
+            continue
+        fake = sample_checkpoint(ckpt, n, args.seed, device, pri)
+        rows.append(evaluate_samples(real, fake, args.features, args.k))
+        names.append(name)
+        print(f"evaluated {name} ({ckpt})", flush=True)
+    if len(names) <= (1 if args.real == "digits" else 0):
+        raise ValueError(f"--table {runs!r}: no ae/, vae/, vqvae/ (+ pixelcnn/) or imle/ checkpoint.pt under it")
+    table = format_table(rows, names)
+    print(table)
+    from fastgen.training import atomic_write
+    md = os.path.join(runs, "eval.md")
+    atomic_write(md, lambda f: f.write((table + "\n").encode()))
+    _write_json(args.json or os.path.join(runs, "eval.json"), dict(zip(names, rows)))
+    print(f"wrote {md}")
+    return 0

@@ -1,0 +1,159 @@
+"""Digit features: a small digits classifier, trained at first use, whose penultimate
+layer is the feature space for the Frechet distance and precision / recall on digits --
+what Inception is for photos, but it needs no download (Inception's weights cannot be
+fetched here) and trains in seconds.
+
+    digit_features(images)     (N, 64) features of (N, 1, H, W) images in [0, 1]
+    digit_classes(images)      (N,) predicted class 0..9
+    class_coverage(fake, real) share of the 10 classes the samples cover, histograms
+
+Training is deterministic: sklearn's digits, the package's fixed train split (seed 0,
+the split every `fastgen train --data digits` uses), seeded init and batches, one
+thread. The weights are cached as CACHE/digits_classifier_v1.pt (CACHE =
+$FASTGEN_CACHE, else $XDG_CACHE_HOME/fastgen, else ~/.cache/fastgen) and reused; a
+damaged cache file is retrained and replaced. Images of another size are resized to
+8 x 8 (area) first, as the classifier sees digits at sklearn's resolution.
+"""
+import os
+import threading
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VERSION = 1
+FEATURE_DIM = 64
+_lock = threading.Lock()
+_model = None
+
+
+class DigitsClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 4 * 4, FEATURE_DIM)
+        self.fc2 = nn.Linear(FEATURE_DIM, 10)
+
+    def features(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)       # 8x8 -> 4x4
+        return F.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x):
+        return self.fc2(self.features(x))
+
+
+def cache_dir():
+    if os.environ.get("FASTGEN_CACHE"):
+        return os.environ["FASTGEN_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastgen")
+
+
+def train_classifier(epochs=30, seed=0):
+    """(model, held-out accuracy): trained on the digits train split, judged on the test split."""
+    from fastgen.data import load_digits
+    ds = load_digits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # one thread: the same weights on every machine run
+    try:
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = DigitsClassifier()
+        from sklearn.datasets import load_digits as sk
+        labels = torch.tensor(sk().target)
+        # the package's split applied to the labels (the same permutation as data.split)
+        perm = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(0))
+        n_test = ds.test.shape[0]
+        y_train, y_test = labels[perm[n_test:]], labels[perm[:n_test]]
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        x = ds.train
+        for _ in range(epochs):
+            order = torch.randperm(x.shape[0], generator=g)
+            for s in range(0, x.shape[0], 64):
+                i = order[s:s + 64]
+                # small random shifts: samples of generative models are rarely centred exactly
+                xb = torch.roll(x[i], shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+                loss = F.cross_entropy(model(xb), y_train[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(ds.test).argmax(1) == y_test).double().mean())
+    finally:
+        torch.set_num_threads(threads)
+    return model, acc
+
+
+def classifier(device="cpu"):
+    """The cached digits classifier (trained and cached at first use), in eval mode."""
+    global _model
+    with _lock:
+        if _model is None:
+            path = os.path.join(cache_dir(), f"digits_classifier_v{VERSION}.pt")
+            model = DigitsClassifier()
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                model.load_state_dict(state["model"])
+                model.accuracy = float(state["accuracy"])
+            except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError):
+                with torch.enable_grad():
+                    model, acc = train_classifier()
+                model.accuracy = acc
+                from fastgen.training import atomic_write
+                try:
+                    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "accuracy": acc}, f))
+                except OSError:
+                    pass      # a read-only cache: train again next time, never fail
+            _model = model.eval()
+    return _model.to(device)
+
+
+def _prepare(images, name):
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"{name} must be (N, 1, H, W) digit images in [0, 1], got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    x = images.detach().float()
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if tuple(x.shape[-2:]) != (8, 8):
+        x = F.adaptive_avg_pool2d(x, (8, 8))
+    return x.clamp(0, 1)
+
+
+@torch.no_grad()
+def digit_features(images, batch=1024, name="images"):
+    """(N, 64) penultimate-layer features of digit images (N, 1, H, W) in [0, 1]."""
+    x = _prepare(images, name)
+    model = classifier(x.device)
+    return torch.cat([model.features(x[s:s + batch]) for s in range(0, x.shape[0], batch)]) if x.shape[0] else \
+        x.new_zeros((0, FEATURE_DIM))
+
+
+@torch.no_grad()
+def digit_classes(images, batch=1024, name="images"):
+    """(N,) predicted digit 0..9."""
+    x = _prepare(images, name)
+    model = classifier(x.device)
+    return torch.cat([model(x[s:s + batch]).argmax(1) for s in range(0, x.shape[0], batch)]) if x.shape[0] else \
+        torch.zeros(0, dtype=torch.long)
+
+
+def class_coverage(fake, real, min_share=0.2):
+    """How the samples' predicted classes spread over the 10 digits, against the data's.
+
+    Returns {"class_coverage": share of the classes whose sample frequency is at least
+    `min_share` times their data frequency (1.0: every digit generated), "class_tv":
+    total variation distance of the two class histograms (0: same mix),
+    "class_hist_fake", "class_hist_real": the histograms (fractions)}."""
+    hf = torch.bincount(digit_classes(fake, name="fake"), minlength=10).double()
+    hr = torch.bincount(digit_classes(real, name="real"), minlength=10).double()
+    if hf.sum() == 0 or hr.sum() == 0:
+        raise ValueError("class_coverage needs at least one fake and one real image")
+    hf, hr = hf / hf.sum(), hr / hr.sum()
+    present = hr > 0
+    covered = (hf >= min_share * hr) & present
+    return {"class_coverage": float(covered.sum() / present.sum()), "class_tv": float((hf - hr).abs().sum() / 2),
+            "class_hist_fake": [round(float(v), 4) for v in hf], "class_hist_real": [round(float(v), 4) for v in hr]}
