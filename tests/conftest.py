@@ -10,6 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the digits classifier (fastgen.metrics.digit_features) caches its weights: tests keep
+# the cache in a folder of their own, trained once per session, never in the user's
+import tempfile  # noqa: E402
+os.environ["FASTGEN_CACHE"] = tempfile.mkdtemp(prefix="fastgen-test-cache-")
+
 import pytest  # noqa: E402
 
 from fastgen.ops import _backend  # noqa: E402

@@ -55,6 +55,8 @@ def _check(x, name):
         raise TypeError(f"{name} must be a tensor of images (N, C, H, W) or features (N, D), got {type(x).__name__}")
     if x.dim() not in (2, 4):
         raise ValueError(f"{name} must be images (N, C, H, W) or features (N, D), got shape {tuple(x.shape)}")
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
     if x.dim() == 4 and x.is_floating_point() and x.numel():
         lo, hi = float(x.min()), float(x.max())
         if not (lo >= -1e-6 and hi <= 1 + 1e-6):
