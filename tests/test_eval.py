@@ -137,3 +137,17 @@ def test_cli_errors(tmp_path, tiny_runs, capsys):
         assert main(argv) == 2, argv
         import re
         assert re.search(msg, capsys.readouterr().err), (argv, msg)
+
+
+def test_training_logs_sample_metrics_without_changing_the_run(tmp_path, monkeypatch):
+    # a fresh cache: the classifier is trained mid-run, which must not move the run's RNG
+    monkeypatch.setenv("FASTGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dfeat, "_model", None)
+    base = ["train", "vae", "--data", "digits", "--epochs", "2", "--batches-per-epoch", "3", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--sample-metrics", "40"]) == 0
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert all({"fd", "precision", "recall", "coverage", "class_coverage"} <= set(r) for r in rows)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -57,6 +57,9 @@ def common_arguments(p):
                    help="CPU threads (small models on a busy machine often run fastest with 1)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sample-metrics", type=int, default=0, metavar="N",
+                   help="at each evaluation draw N samples and log FD, precision/recall/density/coverage "
+                        "(and class coverage on digits) against the test split (fastgen eval's numbers; 0: off)")
 
 
 def data_arguments(p):
@@ -86,6 +89,12 @@ def setup(args):
     tf = getattr(args, "test_fraction", None)
     if tf is not None and not 0 <= tf < 1:
         raise ValueError(f"--test-fraction must be in [0, 1), got {tf}")
+    sm = getattr(args, "sample_metrics", 0)
+    if sm < 0 or 0 < sm < 8:
+        raise ValueError(f"--sample-metrics must be 0 (off) or >= 8 samples, got {sm}")
+    if sm and (args.model == "vqvae" or getattr(args, "conditional", None)):
+        raise ValueError("--sample-metrics: " + ("a vqvae alone draws no samples; ask `fastgen train pixelcnn` for them"
+                                                  if args.model == "vqvae" else "conditional IMLE has no unconditional samples to score"))
     check_out(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -157,6 +166,36 @@ def load_data(args, ckpt):
                          binarize=data_args["binarize"]), data_args
 
 
+def with_sample_metrics(args, evaluate, sample, test):
+    """evaluate() plus, with --sample-metrics N, the sample-quality metrics of N samples
+    (sample(n, generator) -> images) against `test`: digit features on 1-channel images,
+    the pixels otherwise."""
+    n = getattr(args, "sample_metrics", 0) or 0
+    if n <= 0:
+        return evaluate
+
+    def run():
+        from fastgen.metrics.evaluate import evaluate_samples
+        row = dict(evaluate() or {})
+        gen = torch.Generator(device=test.device).manual_seed(args.seed + 11)
+        with torch.no_grad():
+            fake = sample(n, gen).float().clamp(0, 1).cpu()
+        feats = "digits" if test.shape[1] == 1 else "raw"
+        m = evaluate_samples(test.cpu(), fake, features=feats, k=min(5, n - 1, test.shape[0] - 1))
+        row.update({k: v for k, v in m.items() if isinstance(v, float)})
+        return row
+    return run
+
+
+def sample_metrics_text(row):
+    """The --sample-metrics part of an epoch line ('' when absent)."""
+    if "fd" not in row:
+        return ""
+    text = (f"samples: FD {row['fd']:.1f} precision {row['precision']:.2f} recall {row['recall']:.2f} "
+            f"coverage {row['coverage']:.2f}")
+    return text + (f" classes {row['class_coverage']:.1f}" if "class_coverage" in row else "")
+
+
 def fit_args(args, device):
     """The flags fastgen.training.fit reads (and every flag, stored in the checkpoint so a
     resumed run can refuse conflicting ones)."""
@@ -166,7 +205,8 @@ def fit_args(args, device):
 
 
 # flags that may differ between a run and its resumption (how long, where, how to show it)
-RESUMABLE = {"epochs", "out", "resume", "quiet", "threads", "device", "eval_every", "max_test", "debug"}
+RESUMABLE = {"epochs", "out", "resume", "quiet", "threads", "device", "eval_every", "max_test", "debug",
+             "sample_metrics"}
 
 
 def run_flags(args):

@@ -87,6 +87,8 @@ def run(args):
     # the batches are indices of data points: IMLE looks up each point and its chosen code
     training.fit(model, torch.arange(ds.train.shape[0]), kind="imle", config=model.config, ckpt=ckpt,
                  **train_cmd.fit_args(args, device), betas=(0.5, 0.999), before_epoch=model.before_epoch(staleness),
-                 evaluate=evaluate, write_pngs=lambda: write_pngs(model, args.out, args.seed, device),
+                 evaluate=evaluate if conditional else train_cmd.with_sample_metrics(
+                     args, evaluate, lambda n, g: model.eval().sample(n, generator=g, device=device), ds.test.to(device)),
+                 write_pngs=lambda: write_pngs(model, args.out, args.seed, device),
                  extra={"data_args": data_args, "staleness": staleness, "conditional": conditional}, describe=describe)
     return 0

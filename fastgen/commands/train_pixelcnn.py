@@ -70,6 +70,8 @@ def run(args):
                 f"{train_codes.shape[0]} train / {test_codes.shape[0]} test maps, device {device}")
     torch.manual_seed(args.seed)   # training noise from the same seed, after the init drew its share
     training.fit(prior, train_codes, kind="pixelcnn", config=prior.config, ckpt=ckpt,
-                 **train_cmd.fit_args(args, device), evaluate=lambda: evaluate(prior, test_codes, device),
+                 **train_cmd.fit_args(args, device), evaluate=train_cmd.with_sample_metrics(
+                     args, lambda: evaluate(prior, test_codes, device),
+                     lambda n, g: vqvae.decode(prior.eval().sample(n, generator=g, device=device)), test_images.to(device)),
                  write_pngs=write_samples, extra={"vqvae_checkpoint": os.path.abspath(vq_path)}, describe=describe)
     return 0

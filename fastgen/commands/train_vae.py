@@ -109,8 +109,10 @@ def run(args):
                 f"{ds.source}: {ds.train.shape[0]} train / {test.shape[0]} test images of {ds.image_shape}, "
                 f"{ds.levels} levels, device {device}")
     training.fit(model, ds.train, kind=args.model, config=config, ckpt=ckpt, **train_cmd.fit_args(args, device),
-                 evaluate=lambda: evaluate(model, args.model, test, ds.train, getattr(args, "iwae_k", None),
-                                           args.seed, device),
+                 evaluate=train_cmd.with_sample_metrics(
+                     args, lambda: evaluate(model, args.model, test, ds.train, getattr(args, "iwae_k", None),
+                                            args.seed, device),
+                     lambda n, g: model.eval().sample(n, generator=g, device=device), test),
                  write_pngs=lambda: write_pngs(model, test, args.out, args.seed, device),
                  extra={"data_args": data_args}, describe=describe, format_row=format_row)
     return 0
@@ -128,5 +130,7 @@ def format_row(row):
     if "prior_sample_nn_mse" in row:
         parts.append(f"NN-MSE prior samples {row['prior_sample_nn_mse']:.4f} "
                      f"vs reconstructions {row['reconstruction_nn_mse']:.4f}")
+    if train_cmd.sample_metrics_text(row):
+        parts.append(train_cmd.sample_metrics_text(row))
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)

@@ -57,6 +57,13 @@ def train_classifier(epochs=30, seed=0):
     ds = load_digits()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # one thread: the same weights on every machine run
+    # the caller's global RNG is left as it was (a training run that asks for sample
+    # metrics mid-run must draw the same noise as one that does not)
+    with torch.random.fork_rng(devices=[]):
+        return _train(epochs, seed, ds, threads)
+
+
+def _train(epochs, seed, ds, threads):
     try:
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -93,7 +100,8 @@ def classifier(device="cpu"):
     with _lock:
         if _model is None:
             path = os.path.join(cache_dir(), f"digits_classifier_v{VERSION}.pt")
-            model = DigitsClassifier()
+            with torch.random.fork_rng(devices=[]):     # its init must not draw from the caller's RNG
+                model = DigitsClassifier()
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 model.load_state_dict(state["model"])
@@ -155,5 +163,5 @@ def class_coverage(fake, real, min_share=0.2):
     hf, hr = hf / hf.sum(), hr / hr.sum()
     present = hr > 0
     covered = (hf >= min_share * hr) & present
-    return {"class_coverage": float(covered.sum() / present.sum()), "class_tv": float((hf - hr).abs().sum() / 2),
+    return {"class_coverage": float(covered.sum()) / float(present.sum()), "class_tv": float((hf - hr).abs().sum() / 2),
             "class_hist_fake": [round(float(v), 4) for v in hf], "class_hist_real": [round(float(v), 4) for v in hr]}
