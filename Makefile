@@ -71,6 +71,7 @@ demo: install-bench
 	rm -rf $(DEMO_OUT)
 	$(PY) -m fastgen.cli doctor
 	$(PY) -m fastgen.cli gpnn sample -n 4 --max-side 96 --out $(DEMO_OUT)/gpnn
+	$(PY) -m fastgen.cli train ae --data digits --epochs 20 --out $(DEMO_OUT)/ae
 	$(PY) -m fastgen.cli train vae --data digits --epochs 20 --out $(DEMO_OUT)/vae
 	$(PY) -m fastgen.cli train vqvae --data digits --epochs 6 --out $(DEMO_OUT)/vqvae
 	$(PY) -m fastgen.cli train pixelcnn --vqvae $(DEMO_OUT)/vqvae/checkpoint.pt --epochs 6 --out $(DEMO_OUT)/pixelcnn
@@ -78,6 +79,7 @@ demo: install-bench
 	$(PY) -m fastgen.cli train imle --data digits --epochs 60 --eval-every 20 --out $(DEMO_OUT)/imle
 	$(PY) -m fastgen.cli train imle --data digits --conditional top-half --epochs 60 --eval-every 20 --out $(DEMO_OUT)/imle-conditional
 	$(PY) -m fastgen.cli sample imle --checkpoint $(DEMO_OUT)/imle-conditional/checkpoint.pt --out $(DEMO_OUT)/imle-completions -n 12
+	$(PY) -m fastgen.cli eval --table $(DEMO_OUT)
 	$(PY) -m fastgen.cli bench --quick --repeats 3
 	@echo "demo images: $(DEMO_OUT)/*/*.png"
 
