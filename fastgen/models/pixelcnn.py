@@ -13,8 +13,17 @@ padding and cropping instead of masked weights:
 - horizontal: a (1, k//2 + 1) kernel padded on the left only; the first layer shifts by
   one column (and has no residual connection), so position (i, j) never sees c_ij.
 
-Because row i depends only on rows <= i, sampling row i runs the network on rows 0..i
-only (the rows below would be discarded anyway).
+Conditioning: class labels (an embedding added to every position) and/or a spatial
+map (B, C_cond, H, W) -- e.g. VQ-VAE-2's top codes upsampled to the bottom map -- added
+through a 1x1 convolution at each position (the map is known in full before sampling,
+so it may look anywhere).
+
+Sampling is incremental (`sample`): the vertical features of row i depend only on code
+rows < i, so each layer computes them once per row, from the rows of the layer below it
+keeps; the horizontal features of (i, j) need only that position's window of the row, so
+one new code costs one position of every layer instead of a forward pass over the map.
+`sample_naive` reruns the whole network for every position (what public VQ-VAE-2 code
+does); both draw the same codes for the same generator (tests/test_vqvae2.py).
 """
 import torch
 import torch.nn.functional as F
@@ -27,7 +36,7 @@ def _gate(t):
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, dim, kernel, first, num_classes=None):
+    def __init__(self, dim, kernel, first, num_classes=None, cond_channels=None):
         super().__init__()
         self.dim, self.half, self.first = dim, kernel // 2, first
         self.v_conv = nn.Conv2d(dim, 2 * dim, (self.half + 1, kernel))
@@ -35,21 +44,60 @@ class GatedLayer(nn.Module):
         self.h_conv = nn.Conv2d(dim, 2 * dim, (1, self.half + 1))
         self.h_out = nn.Conv2d(dim, dim, 1)
         self.cond = nn.Embedding(num_classes, 4 * dim) if num_classes else None
+        self.cond_map = nn.Conv2d(cond_channels, 4 * dim, 1) if cond_channels else None
 
-    def forward(self, v, h, labels=None):
+    def _conditioned(self, v_feat, h_feat, labels, cmap):
+        """v_feat, h_feat plus the label and map terms (cmap: the map at these positions)."""
+        if self.cond is not None:
+            cv, ch = self.cond(labels)[:, :, None, None].chunk(2, dim=1)
+            v_feat, h_feat = v_feat + cv, h_feat + ch
+        if self.cond_map is not None:
+            cv, ch = self.cond_map(cmap).chunk(2, dim=1)
+            v_feat, h_feat = v_feat + cv, h_feat + ch
+        return v_feat, h_feat
+
+    def forward(self, v, h, labels=None, cmap=None):
         H, W = v.shape[-2:]
         s = int(self.first)   # the first layer's shift: strictly above / strictly left
         v_in = F.pad(v, (self.half, self.half, self.half + s, 0))[:, :, :H + self.half]
         h_in = F.pad(h, (self.half + s, 0, 0, 0))[:, :, :, :W + self.half]
         v_feat = self.v_conv(v_in)
         h_feat = self.h_conv(h_in) + self.v_to_h(v_feat)
-        if self.cond is not None:
-            cv, ch = self.cond(labels)[:, :, None, None].chunk(2, dim=1)
-            v_feat, h_feat = v_feat + cv, h_feat + ch
+        # the map's 1x1 term goes to v_feat after v_to_h has read it, as in step_* below
+        v_feat, h_feat = self._conditioned(v_feat, h_feat, labels, cmap)
         h_new = self.h_out(_gate(h_feat))
         if not self.first:   # the first layer's h input holds the current position itself
             h_new = h_new + h
         return _gate(v_feat), h_new
+
+    # -- incremental sampling: the same arithmetic on one row / one position ------------
+
+    def step_row(self, v_rows, i, labels, cmap_row):
+        """Vertical features of row i from the rows of this layer's v input (a list, row r
+        at index r; rows below 0 are zero): (v_feat_pre (B, 2d, 1, W) before conditioning,
+        gated v out row (B, d, 1, W))."""
+        s = int(self.first)
+        lo = i - self.half - s
+        rows = [v_rows[r] if r >= 0 else torch.zeros_like(v_rows[0]) for r in range(lo, i - s + 1)] \
+            if v_rows else None
+        win = torch.cat(rows, 2)                                     # (B, d, half + 1, W)
+        pre = self.v_conv(F.pad(win, (self.half, self.half, 0, 0)))   # (B, 2d, 1, W)
+        v_feat, _ = self._conditioned(pre, pre, labels, cmap_row)
+        return pre, _gate(v_feat)
+
+    def step_pos(self, h_row, j, pre_row, labels, cmap_pos, h_self):
+        """h output at (i, j) of this layer from its h input row (B, d, 1, W) -- only
+        columns <= j are read --, the row's pre-conditioning vertical features, and the
+        input at (i, j) itself (the residual)."""
+        s = int(self.first)
+        lo = j - self.half - s
+        win = h_row[..., max(lo, 0):j - s + 1]
+        if lo < 0:
+            win = F.pad(win, (-lo, 0, 0, 0))
+        h_feat = self.h_conv(win) + self.v_to_h(pre_row[..., j:j + 1])
+        _, h_feat = self._conditioned(pre_row[..., j:j + 1], h_feat, labels, cmap_pos)
+        h_new = self.h_out(_gate(h_feat))
+        return h_new if self.first else h_new + h_self
 
 
 class GatedPixelCNN(nn.Module):
@@ -60,21 +108,31 @@ class GatedPixelCNN(nn.Module):
         code_shape: (H, W) of the maps (kept in the config; any size works).
         dim: channels of the stacks; layers: gated layers; kernel: odd kernel width.
         num_classes: enables class conditioning (labels (B,) in [0, num_classes)).
+        cond_channels: enables conditioning on a map (B, cond_channels, H, W).
     """
 
-    def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None):
+    def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, cond_channels=None):
         super().__init__()
         if kernel < 3 or kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd number >= 3, got {kernel}")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.config = dict(num_codes=num_codes, code_shape=tuple(code_shape), dim=dim, layers=layers,
-                           kernel=kernel, num_classes=num_classes)
+                           kernel=kernel, num_classes=num_classes, cond_channels=cond_channels)
+        self.cond_channels = cond_channels
         self.num_codes, self.code_shape, self.num_classes = num_codes, tuple(code_shape), num_classes
         self.embed = nn.Embedding(num_codes, dim)
-        self.layers = nn.ModuleList(GatedLayer(dim, kernel, first=(i == 0), num_classes=num_classes)
-                                    for i in range(layers))
+        self.layers = nn.ModuleList(GatedLayer(dim, kernel, first=(i == 0), num_classes=num_classes,
+                                               cond_channels=cond_channels) for i in range(layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, num_codes, 1))
+
+    def _check_map(self, cmap, n, shape):
+        if (cmap is None) != (self.cond_channels is None):
+            raise ValueError("cond (a conditioning map) is required for a map-conditional model "
+                             "(cond_channels set) and not accepted otherwise")
+        if cmap is not None and (not isinstance(cmap, torch.Tensor) or tuple(cmap.shape) != (n, self.cond_channels) + tuple(shape)):
+            raise ValueError(f"cond must be ({n}, {self.cond_channels}, {shape[0]}, {shape[1]}), "
+                             f"got {tuple(getattr(cmap, 'shape', ()))}")
 
     def _check(self, codes, labels):
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.dtype.is_floating_point:
@@ -89,32 +147,86 @@ class GatedPixelCNN(nn.Module):
                                    or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must be ({codes.shape[0]},) in [0, {self.num_classes})")
 
-    def logits(self, codes, labels=None):
+    def logits(self, codes, labels=None, cond=None):
         """(B, H, W) codes -> (B, K, H, W) logits of p(c_ij | c_<ij)."""
         self._check(codes, labels)
+        self._check_map(cond, codes.shape[0], codes.shape[1:])
         x = self.embed(codes.long()).permute(0, 3, 1, 2)
         v = h = x
         for layer in self.layers:
-            v, h = layer(v, h, labels)
+            v, h = layer(v, h, labels, cond)
         return self.head(h)
 
-    def forward(self, codes, labels=None):
+    def forward(self, codes, labels=None, cond=None):
         """dict(loss = mean cross-entropy in nats per code, nll (B,) nats per map)."""
-        logits = self.logits(codes, labels)
+        logits = self.logits(codes, labels, cond)
         ce = F.cross_entropy(logits, codes.long(), reduction="none")
         return dict(loss=ce.mean(), nll=ce.detach().flatten(1).sum(1))
 
-    @torch.no_grad()
-    def sample(self, n, labels=None, generator=None, device=None, temperature=1.0, shape=None):
-        """n code maps drawn position by position; row i reruns the net on rows 0..i only."""
+    def _sample_args(self, n, labels, cond, temperature, shape, device):
         device = device or self.embed.weight.device
         H, W = shape or self.code_shape
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if labels is not None:
+            self._check(torch.zeros(n, 1, 1, dtype=torch.long, device=device), labels)
+        elif self.num_classes is not None:
+            raise ValueError("labels are required for a class-conditional model (num_classes set)")
+        self._check_map(cond, n, (H, W))
+        return device, H, W
+
+    @staticmethod
+    def _draw(logits, temperature, generator):
+        probs = torch.softmax(logits.float() / temperature, dim=1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    @torch.no_grad()
+    def sample(self, n, labels=None, generator=None, device=None, temperature=1.0, shape=None, cond=None):
+        """n code maps drawn position by position, incrementally (module docstring): each
+        layer's vertical features once per row, its horizontal features once per position."""
+        device, H, W = self._sample_args(n, labels, cond, temperature, shape, device)
+        codes = torch.zeros(n, H, W, dtype=torch.long, device=device)
+        emb_rows = []                                   # embedded code rows (B, d, 1, W)
+        v_rows = [[] for _ in self.layers]              # per layer: its v input rows
+        for i in range(H):
+            cmap_row = cond[:, :, i:i + 1] if cond is not None else None
+            pres, v_in = [], emb_rows
+            for li, layer in enumerate(self.layers):
+                if li > 0:
+                    v_in = v_rows[li]
+                pre, v_out = layer.step_row(v_in if li == 0 else v_rows[li], i, labels, cmap_row) \
+                    if (li > 0 or emb_rows) else self._first_row(layer, n, W, labels, cmap_row, device)
+                pres.append(pre)
+                if li + 1 < len(self.layers):
+                    v_rows[li + 1].append(v_out)
+            x_row = torch.zeros(n, self.embed.embedding_dim, 1, W, device=device)   # row i's embeddings so far
+            h_rows = [x_row] + [torch.zeros_like(x_row) for _ in self.layers[1:]]
+            for j in range(W):
+                h = None
+                for li, layer in enumerate(self.layers):
+                    cpos = cond[:, :, i:i + 1, j:j + 1] if cond is not None else None
+                    h_self = h_rows[li][..., j:j + 1]
+                    h = layer.step_pos(h_rows[li], j, pres[li], labels, cpos, h_self)
+                    if li + 1 < len(self.layers):
+                        h_rows[li + 1][..., j:j + 1] = h
+                c = self._draw(self.head(h)[:, :, 0, 0], temperature, generator)
+                codes[:, i, j] = c
+                x_row[..., j:j + 1] = self.embed(c)[:, :, None, None]
+            emb_rows.append(x_row)
+        return codes
+
+    def _first_row(self, layer, n, W, labels, cmap_row, device):
+        """Row 0 of the first layer: its vertical window is all zero rows."""
+        zero = torch.zeros(n, self.embed.embedding_dim, 1, W, device=device)
+        return layer.step_row([zero], 0, labels, cmap_row)
+
+    @torch.no_grad()
+    def sample_naive(self, n, labels=None, generator=None, device=None, temperature=1.0, shape=None, cond=None):
+        """The same draws as `sample`, rerunning the whole network for every position."""
+        device, H, W = self._sample_args(n, labels, cond, temperature, shape, device)
         codes = torch.zeros(n, H, W, dtype=torch.long, device=device)
         for i in range(H):
             for j in range(W):
-                logits = self.logits(codes[:, :i + 1], labels)[:, :, i, j]
-                probs = torch.softmax(logits.float() / temperature, dim=1)
-                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                logits = self.logits(codes, labels, cond)[:, :, i, j]
+                codes[:, i, j] = self._draw(logits, temperature, generator)
         return codes
