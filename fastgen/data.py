@@ -120,9 +120,34 @@ def load_image_folder(folder, size=None, grayscale=None, test_fraction=0.1, bina
     return Dataset(train, test, levels, os.path.abspath(folder))
 
 
+def load_photo_crops(size=None, test_fraction=0.1, binarize=False, count=2000, seed=0):
+    """`count` random size x size (default 64) RGB crops of sklearn's china.jpg and
+    flower.jpg (no download), 256 levels: a photo data set for VQ-VAE-2's demo."""
+    from sklearn.datasets import load_sample_image
+    size = size or 64
+    g = torch.Generator().manual_seed(seed)
+    imgs = [torch.from_numpy(load_sample_image(n).copy()).permute(2, 0, 1) for n in ("china.jpg", "flower.jpg")]
+    if size > min(min(im.shape[1:]) for im in imgs):
+        raise ValueError(f"--size {size}: photo crops must fit in the 427 x 640 sample images")
+    crops = []
+    for i in range(count):
+        im = imgs[i % 2]
+        y = int(torch.randint(0, im.shape[1] - size + 1, (1,), generator=g))
+        x = int(torch.randint(0, im.shape[2] - size + 1, (1,), generator=g))
+        crops.append(im[:, y:y + size, x:x + size])
+    x = torch.stack(crops).float().div_(255.0)
+    levels = 256
+    if binarize:
+        x, levels = (x > 0.5).float(), 2
+    train, test = split(x, test_fraction)
+    return Dataset(train, test, levels, "random crops of sklearn's china.jpg and flower.jpg")
+
+
 def load(data, size=None, test_fraction=None, binarize=False):
-    """--data digits|PATH -> Dataset."""
+    """--data digits|photo-crops|PATH -> Dataset."""
     if data == "digits":
         return load_digits(0.2 if test_fraction is None else test_fraction, binarize, size)
+    if data == "photo-crops":
+        return load_photo_crops(size, 0.1 if test_fraction is None else test_fraction, binarize)
     return load_image_folder(data, size=size, test_fraction=0.1 if test_fraction is None else test_fraction,
                              binarize=binarize)

@@ -15,7 +15,8 @@ def add_parser(sub):
     for name, help in (("ae", "an autoencoder (decodes N(0, I): expected to look wrong)"),
                        ("vae", "a VAE: decodes z ~ N(0, I)"),
                        ("imle", "an IMLE generator: G(z), z ~ N(0, I)"),
-                       ("vqvae", "a VQ-VAE with a PixelCNN prior over its codes (--prior)")):
+                       ("vqvae", "a VQ-VAE with a PixelCNN prior over its codes (--prior)"),
+                       ("vqvae2", "a VQ-VAE-2: top prior, then bottom prior given the top codes, then the decoder")):
         m = models.add_parser(name, help=help, description=help)
         m.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `fastgen train`")
         m.add_argument("--out", required=True, help="output folder (samples.png, samples.pt)")
@@ -23,7 +24,13 @@ def add_parser(sub):
         m.add_argument("--seed", type=int, default=0)
         m.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
         m.add_argument("--device", default=None)
-        if name == "vqvae":
+        if name == "vqvae2":
+            m.add_argument("--top-prior", required=True, metavar="CKPT", help="`fastgen train prior --level top` checkpoint")
+            m.add_argument("--bottom-prior", required=True, metavar="CKPT",
+                           help="`fastgen train prior --level bottom` checkpoint")
+            m.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors")
+            m.set_defaults(func=sample_vqvae2)
+        elif name == "vqvae":
             m.add_argument("--prior", metavar="CKPT", default=None,
                            help="the pixelcnn checkpoint (from `fastgen train pixelcnn`) that samples the codes")
             m.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the prior")
@@ -98,4 +105,43 @@ def sample_vqvae(args):
     png = _write(args, vqvae.decode(codes).cpu(), {"codes": codes.cpu()})
     print(f"wrote {args.n} samples (vqvae epoch {vq_ckpt['epoch']}, prior epoch {pc['epoch']}) to {png} "
           f"and samples.pt")
+    return 0
+
+
+def load_vqvae2_priors(vq, top_path, bottom_path, device):
+    """The two prior checkpoints of a vqvae2, checked against it (codebook size, map shapes)."""
+    from fastgen.training import load_model
+    top, _ = load_model(top_path, "vqvae2_top_prior", device, name="--top-prior")
+    bottom, _ = load_model(bottom_path, "vqvae2_bottom_prior", device, name="--bottom-prior")
+    for name, p, shape in (("--top-prior", top, vq.top_shape), ("--bottom-prior", bottom, vq.bottom_shape)):
+        if p.num_codes != vq.num_codes or tuple(p.code_shape) != tuple(shape):
+            raise ValueError(f"{name} models {p.num_codes} codes on {tuple(p.code_shape)} maps but the vqvae2 has "
+                             f"{vq.num_codes} codes on {tuple(shape)} maps")
+    return top, bottom
+
+
+@torch.no_grad()
+def sample_vqvae2_images(vq, top, bottom, n, generator, device, temperature=1.0, batch=64):
+    out = []
+    for s in range(0, n, batch):
+        m = min(batch, n - s)
+        t = top.sample(m, generator=generator, device=device, temperature=temperature)
+        b = bottom.sample(t, generator=generator, temperature=temperature)
+        out.append(vq.decode(t, b))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_vqvae2(args):
+    """vqvae2: top codes from the top prior, bottom codes given them, decoded."""
+    from fastgen.training import load_model
+    device = _start(args)
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    vq, ck = load_model(args.checkpoint, "vqvae2", device)
+    top, bottom = load_vqvae2_priors(vq, args.top_prior, args.bottom_prior, device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    images = sample_vqvae2_images(vq, top, bottom, args.n, gen, device, args.temperature)
+    png = _write(args, images.cpu())
+    print(f"wrote {args.n} samples (vqvae2 epoch {ck['epoch']}) to {png} and samples.pt")
     return 0

@@ -15,11 +15,13 @@ FAMILIES = [
     "fastgen.commands.train_vqvae",      # vqvae
     "fastgen.commands.train_pixelcnn",   # pixelcnn (a prior over a trained vqvae's codes)
     "fastgen.commands.train_imle",       # imle
+    "fastgen.commands.train_vqvae2",     # vqvae2
+    "fastgen.commands.train_prior",      # prior (VQ-VAE-2's top or bottom prior)
 ]
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a model (ae, vae, vqvae, pixelcnn, imle) on digits or an image folder",
+    p = sub.add_parser("train", help="train a model (ae, vae, vqvae, pixelcnn, imle, vqvae2, prior) on digits, photo crops or an image folder",
                        description=__doc__.splitlines()[0])
     families = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for mod in FAMILIES:
@@ -63,7 +65,8 @@ def common_arguments(p):
 
 
 def data_arguments(p):
-    p.add_argument("--data", default=None, help="'digits' (sklearn, no download) or a folder of images")
+    p.add_argument("--data", default=None,
+                   help="'digits' (sklearn, no download), 'photo-crops' (64 px crops of sklearn's photos) or a folder of images")
     p.add_argument("--size", type=int, default=None,
                    help="center-crop and resize images to SIZE x SIZE (needed when sizes differ)")
     p.add_argument("--binarize", action="store_true", help="threshold the data at 0.5")

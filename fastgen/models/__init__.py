@@ -46,3 +46,9 @@ __all__ += ["IMLE"]
 from fastgen.models.gpnn import GPNN  # noqa: E402
 
 __all__ += ["GPNN"]
+
+# VQ-VAE-2: two code levels, a prior per level
+from fastgen.models.vqvae2 import VQVAE2, BottomPrior  # noqa: E402
+
+MODELS.update({"vqvae2": VQVAE2, "vqvae2_top_prior": GatedPixelCNN, "vqvae2_bottom_prior": BottomPrior})
+__all__ += ["VQVAE2", "BottomPrior"]

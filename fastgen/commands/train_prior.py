@@ -1,0 +1,89 @@
+"""`fastgen train prior --vqvae2 CKPT --level top|bottom --epochs N --out DIR`: one of
+VQ-VAE-2's two priors, over the codes of a trained vqvae2 (its data, its split).
+
+top: a gated PixelCNN over the top maps; bottom: a gated PixelCNN over the bottom maps
+conditioned on the top codes (fastgen.models.vqvae2). Writes checkpoint.pt,
+metrics.jsonl and, for the top prior, samples.png (its codes decoded alone).
+"""
+import os
+
+import torch
+
+from fastgen.commands import train as train_cmd
+
+
+def add_parser(families):
+    p = train_cmd.family_parser(families, "prior", "a VQ-VAE-2 prior (--level top or bottom)", __doc__)
+    p.add_argument("--vqvae2", default=None, help="checkpoint.pt written by `fastgen train vqvae2`")
+    p.add_argument("--level", choices=["top", "bottom"], default=None, help="which code maps to model")
+    p.add_argument("--prior-dim", type=int, default=64, help="channels of the gated stacks")
+    p.add_argument("--prior-layers", type=int, default=8, help="gated layers")
+    p.add_argument("--prior-kernel", type=int, default=3, help="odd kernel width")
+    p.set_defaults(func=run, lr=3e-4)
+
+
+@torch.no_grad()
+def encode_all(model, images, device, batch=256):
+    tops, bottoms = [], []
+    for s in range(0, images.shape[0], batch):
+        t, b = model.encode(images[s:s + batch].to(device))
+        tops.append(t.cpu())
+        bottoms.append(b.cpu())
+    return torch.cat(tops), torch.cat(bottoms)
+
+
+def run(args):
+    from fastgen import data as datasets
+    from fastgen import training
+    from fastgen.images import save_grid
+    from fastgen.models import build_model
+    device = train_cmd.setup(args)
+    train_cmd.positive(args, "prior_dim", "prior_layers")
+    level = args.level
+    existing = os.path.join(args.out, "checkpoint.pt")
+    if level is None and args.resume and os.path.isfile(existing):
+        level = training.load_checkpoint(existing).get("level")
+    if level is None:
+        raise ValueError("--level top|bottom is required")
+    kind = f"vqvae2_{level}_prior"
+    ckpt = train_cmd.open_run(args, kind)
+    vq_path = ckpt["vqvae2_checkpoint"] if ckpt else args.vqvae2
+    if vq_path is None:
+        raise ValueError("--vqvae2 CKPT is required (a checkpoint written by `fastgen train vqvae2`)")
+    vq, vq_ckpt = training.load_model(vq_path, "vqvae2", device, name="--vqvae2")
+    da = vq_ckpt["data_args"]
+    ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
+    test_images = ds.test[:args.max_test] if args.max_test else ds.test
+    tr_t, tr_b = encode_all(vq, ds.train, device)
+    te_t, te_b = encode_all(vq, test_images, device)
+    shape = vq.top_shape if level == "top" else vq.bottom_shape
+    config = ckpt["config"] if ckpt else dict(num_codes=vq.num_codes, code_shape=shape, dim=args.prior_dim,
+                                              layers=args.prior_layers, kernel=args.prior_kernel)
+    torch.manual_seed(args.seed)
+    prior = build_model(kind, config).to(device)
+    # what training iterates over: the top maps, or packed (bottom, top) rows
+    train_data, test_data = (tr_t, te_t) if level == "top" else (prior.pack(tr_b, tr_t), prior.pack(te_b, te_t))
+
+    @torch.no_grad()
+    def evaluate():
+        prior.eval()
+        nll = float(prior(test_data.to(device))["loss"])
+        return dict(test_nll_nats_per_code=nll, test_bits_per_code=nll / 0.6931471805599453)
+
+    @torch.no_grad()
+    def write_samples():
+        if level != "top":
+            return None
+        prior.eval()
+        codes = prior.sample(32, generator=torch.Generator(device=device).manual_seed(args.seed + 3), device=device)
+        return save_grid(vq.decode(codes).cpu(), os.path.join(args.out, "samples_top_only.png"), nrow=8)
+
+    def describe(n_params):
+        return (f"vqvae2 {level} prior ({config['layers']} gated layers, {n_params:,} parameters) over "
+                f"{config['code_shape'][0]}x{config['code_shape'][1]} maps of {vq.num_codes} codes from {vq_path}: "
+                f"{train_data.shape[0]} train / {test_data.shape[0]} test maps, device {device}")
+    torch.manual_seed(args.seed)
+    training.fit(prior, train_data, kind=kind, config=config, ckpt=ckpt,
+                 **train_cmd.fit_args(args, device), evaluate=evaluate, write_pngs=write_samples,
+                 extra={"vqvae2_checkpoint": os.path.abspath(vq_path), "level": level}, describe=describe)
+    return 0

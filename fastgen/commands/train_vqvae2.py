@@ -1,0 +1,75 @@
+"""`fastgen train vqvae2 --data digits --size 32 --epochs N --out DIR`: VQ-VAE-2.
+
+Writes into DIR: checkpoint.pt, metrics.jsonl, reconstructions.png (rows of 8: test
+inputs, their reconstructions from the top codes alone, from both levels). Then
+`fastgen train prior --vqvae2 DIR/checkpoint.pt --level top` (and `--level bottom`)
+train the two priors, and `fastgen sample vqvae2` draws images.
+"""
+import os
+
+import torch
+
+from fastgen.commands import train as train_cmd
+
+
+def add_parser(families):
+    p = train_cmd.family_parser(families, "vqvae2", "VQ-VAE-2 (top and bottom code maps, EMA codebooks)", __doc__)
+    train_cmd.data_arguments(p)
+    p.add_argument("--num-codes", type=int, default=512, help="codebook size (each level)")
+    p.add_argument("--code-dim", type=int, default=64, help="code dimension")
+    p.add_argument("--hidden", type=int, default=128, help="encoder/decoder channels")
+    p.add_argument("--res-blocks", type=int, default=2, help="residual blocks per encoder/decoder")
+    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta")
+    p.add_argument("--dead-code-threshold", type=int, default=20,
+                   help="re-seed codes unused for this many steps (0: never)")
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def write_reconstructions(model, test, path, device):
+    from fastgen.images import save_grid
+    x = test[:24].to(device)
+    top_only, both = model.reconstruct(x, top_only=True), model.reconstruct(x)
+    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], top_only[i:i + 8], both[i:i + 8])]
+    return save_grid(torch.cat(rows).cpu(), path, nrow=8)
+
+
+@torch.no_grad()
+def evaluate(model, test, device):
+    model.eval()
+    out = model(test.to(device))
+    used = [int((torch.bincount(out[k].flatten(), minlength=model.num_codes) > 0).sum()) for k in ("top", "bottom")]
+    return dict(test_mse=float(out["mse"]), perplexity_top=float(out["perplexity_top"]),
+                perplexity_bottom=float(out["perplexity_bottom"]), codes_used_top=used[0], codes_used_bottom=used[1])
+
+
+def run(args):
+    from fastgen import training
+    from fastgen.models import build_model
+    device = train_cmd.setup(args)
+    train_cmd.positive(args, "num_codes", "code_dim", "hidden")
+    ckpt = train_cmd.open_run(args, "vqvae2")
+    ds, data_args = train_cmd.load_data(args, ckpt)
+    c, h, w = ds.image_shape
+    if h % 8 or w % 8:
+        raise ValueError(f"vqvae2 needs image sides divisible by 8, got {h}x{w}; pass --size (e.g. 32 for digits)")
+    config = ckpt["config"] if ckpt else dict(
+        image_shape=ds.image_shape, hidden=args.hidden, res_hidden=max(args.hidden // 2, 1),
+        num_res_blocks=args.res_blocks, num_codes=args.num_codes, code_dim=args.code_dim,
+        commitment=args.commitment, dead_code_threshold=args.dead_code_threshold or None)
+    torch.manual_seed(args.seed)
+    model = build_model("vqvae2", config).to(device)
+    test = ds.test[:args.max_test] if args.max_test else ds.test
+    out_png = os.path.join(args.out, "reconstructions.png")
+
+    def describe(n_params):
+        return (f"vqvae2 ({config['num_codes']} codes of dim {config['code_dim']} per level, top "
+                f"{model.top_shape[0]}x{model.top_shape[1]}, bottom {model.bottom_shape[0]}x{model.bottom_shape[1]}, "
+                f"{n_params:,} parameters) on {ds.source}: {ds.train.shape[0]} train / {test.shape[0]} test images "
+                f"of {ds.image_shape}, device {device}")
+    torch.manual_seed(args.seed)
+    training.fit(model, ds.train, kind="vqvae2", config=model.config, ckpt=ckpt, **train_cmd.fit_args(args, device),
+                 evaluate=lambda: evaluate(model, test, device),
+                 write_pngs=lambda: write_reconstructions(model, test, out_png, device),
+                 extra={"data_args": data_args}, describe=describe)
+    return 0
