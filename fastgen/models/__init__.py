@@ -52,3 +52,9 @@ from fastgen.models.vqvae2 import VQVAE2, BottomPrior  # noqa: E402
 
 MODELS.update({"vqvae2": VQVAE2, "vqvae2_top_prior": GatedPixelCNN, "vqvae2_bottom_prior": BottomPrior})
 __all__ += ["VQVAE2", "BottomPrior"]
+
+# a DALL-E-style transformer prior over VQ codes, prompted by captions
+from fastgen.models.transformer import CodeTransformer  # noqa: E402
+
+MODELS["transformer"] = CodeTransformer
+__all__ += ["CodeTransformer"]

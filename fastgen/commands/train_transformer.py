@@ -1,0 +1,146 @@
+"""`fastgen train transformer --vqvae CKPT --captions digits --epochs N --out DIR`: a
+DALL-E-style transformer over a trained VQ-VAE's (or, with --vqvae2, a VQ-VAE-2's) codes,
+prompted by captions.
+
+Captions for digits come from the labels, three phrasings each ("a seven", "the digit 7",
+"7"): every training image appears once per phrasing. Writes checkpoint.pt,
+metrics.jsonl and samples.png (a row per digit, prompted "the digit D"). Then
+`fastgen sample transformer --checkpoint DIR/checkpoint.pt --prompt "a seven"`.
+"""
+import os
+
+import torch
+
+from fastgen.commands import train as train_cmd
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digit_captions(label):
+    """The three phrasings of a digit's caption."""
+    article = "an" if WORDS[label][0] in "aeiou" else "a"
+    return [f"{article} {WORDS[label]}", f"the digit {label}", f"{label}"]
+
+
+def digit_of(prompt):
+    """The digit a prompt asks for (a word or a numeral), or None."""
+    p = prompt.lower()
+    for d, w in enumerate(WORDS):
+        if w in p.split() or str(d) in p:
+            return d
+    return None
+
+
+def add_parser(families):
+    p = train_cmd.family_parser(families, "transformer", "a caption-prompted transformer over VQ codes", __doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--vqvae", default=None, help="checkpoint of `fastgen train vqvae`")
+    src.add_argument("--vqvae2", default=None, help="checkpoint of `fastgen train vqvae2` (top then bottom codes)")
+    p.add_argument("--captions", default="digits", help="'digits' (from the labels; the VQ model must be on digits)")
+    p.add_argument("--text-tokens", type=int, default=16, help="caption length in bytes")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--p-uncond", type=float, default=0.1, help="caption dropped with this probability (guidance)")
+    p.set_defaults(func=run, lr=5e-4)
+
+
+class CodeSource:
+    """A VQ-VAE or VQ-VAE-2 seen as a sequence of codes per image."""
+
+    def __init__(self, kind, path, device):
+        from fastgen import training
+        self.kind, self.path = kind, path
+        self.model, self.ckpt = training.load_model(path, kind, device, name="--" + kind)
+        m = self.model
+        self.num_codes = m.num_codes
+        self.shapes = [m.code_shape] if kind == "vqvae" else [m.top_shape, m.bottom_shape]
+        self.length = sum(h * w for h, w in self.shapes)
+
+    @torch.no_grad()
+    def encode(self, images, device, batch=256):
+        out = []
+        for s in range(0, images.shape[0], batch):
+            x = images[s:s + batch].to(device)
+            maps = [self.model.encode(x)] if self.kind == "vqvae" else list(self.model.encode(x))
+            out.append(torch.cat([c.flatten(1) for c in maps], 1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, codes):
+        maps, s = [], 0
+        for h, w in self.shapes:
+            maps.append(codes[:, s:s + h * w].reshape(-1, h, w))
+            s += h * w
+        return self.model.decode(*maps)
+
+
+def digits_labels(ds_args):
+    """Labels of the digits train/test split (the permutation of fastgen.data.split)."""
+    from sklearn.datasets import load_digits as sk
+    y = torch.tensor(sk().target)
+    perm = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))
+    tf = ds_args["test_fraction"] if ds_args["test_fraction"] is not None else 0.2
+    n_test = min(y.shape[0] - 1, max(1, round(y.shape[0] * tf)))
+    return y[perm[n_test:]], y[perm[:n_test]]
+
+
+def run(args):
+    from fastgen import data as datasets
+    from fastgen import training
+    from fastgen.images import save_grid
+    from fastgen.models import build_model
+    from fastgen.models.transformer import encode_captions
+    device = train_cmd.setup(args)
+    train_cmd.positive(args, "text_tokens", "dim", "layers", "heads")
+    ckpt = train_cmd.open_run(args, "transformer")
+    kind, path = (ckpt["vq_kind"], ckpt["vq_checkpoint"]) if ckpt else \
+        (("vqvae", args.vqvae) if args.vqvae else ("vqvae2", args.vqvae2))
+    if path is None:
+        raise ValueError("--vqvae CKPT or --vqvae2 CKPT is required (the codes the transformer models)")
+    captions = ckpt["captions"] if ckpt else args.captions
+    if captions != "digits":
+        raise ValueError(f"--captions {captions!r}: only 'digits' (captions from the labels) is supported so far")
+    source = CodeSource(kind, path, device)
+    da = source.ckpt["data_args"]
+    if da["data"] != "digits":
+        raise ValueError(f"--captions digits needs a VQ model trained on digits; {path} was trained on {da['data']!r}")
+    ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
+    y_train, y_test = digits_labels(da)
+    config = ckpt["config"] if ckpt else dict(
+        num_codes=source.num_codes, image_tokens=source.length, text_tokens=args.text_tokens, dim=args.dim,
+        layers=args.layers, heads=args.heads, p_uncond=args.p_uncond)
+    T = config["text_tokens"]
+
+    def rows(images, labels):
+        codes = source.encode(images, device)
+        text = [encode_captions([digit_captions(int(l))[j] for l in labels], T) for j in range(3)]
+        return torch.cat([torch.cat([t, codes], 1) for t in text])
+    train_rows, test_rows = rows(ds.train, y_train), rows(ds.test, y_test)
+    torch.manual_seed(args.seed)
+    model = build_model("transformer", config).to(device)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        nll = float(model(test_rows.to(device))["loss"])
+        return dict(test_nll_nats_per_code=nll, test_bits_per_code=nll / 0.6931471805599453)
+
+    @torch.no_grad()
+    def write_samples():
+        model.eval()
+        prompts = [f"the digit {d}" for d in range(10) for _ in range(8)]
+        gen = torch.Generator(device=device).manual_seed(args.seed + 5)
+        codes = model.sample(encode_captions(prompts, T).to(device), generator=gen, guidance=1.0)
+        return save_grid(source.decode(codes).cpu(), os.path.join(args.out, "samples.png"), nrow=8)
+
+    def describe(n_params):
+        return (f"transformer ({config['layers']} layers, dim {config['dim']}, {n_params:,} parameters) over "
+                f"{source.length} {kind} codes per image ({source.num_codes} codes) + {T} caption bytes, from {path}: "
+                f"{train_rows.shape[0]} captioned train images, device {device}")
+    torch.manual_seed(args.seed)
+    training.fit(model, train_rows, kind="transformer", config=config, ckpt=ckpt,
+                 **train_cmd.fit_args(args, device), evaluate=evaluate, write_pngs=write_samples,
+                 extra={"vq_kind": kind, "vq_checkpoint": os.path.abspath(path), "captions": captions},
+                 describe=describe)
+    return 0
