@@ -16,7 +16,8 @@ def add_parser(sub):
                        ("vae", "a VAE: decodes z ~ N(0, I)"),
                        ("imle", "an IMLE generator: G(z), z ~ N(0, I)"),
                        ("vqvae", "a VQ-VAE with a PixelCNN prior over its codes (--prior)"),
-                       ("vqvae2", "a VQ-VAE-2: top prior, then bottom prior given the top codes, then the decoder")):
+                       ("vqvae2", "a VQ-VAE-2: top prior, then bottom prior given the top codes, then the decoder"),
+                       ("transformer", "a caption-prompted transformer over VQ codes (--prompt)")):
         m = models.add_parser(name, help=help, description=help)
         m.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `fastgen train`")
         m.add_argument("--out", required=True, help="output folder (samples.png, samples.pt)")
@@ -24,7 +25,19 @@ def add_parser(sub):
         m.add_argument("--seed", type=int, default=0)
         m.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
         m.add_argument("--device", default=None)
-        if name == "vqvae2":
+        if name == "transformer":
+            m.add_argument("--prompt", action="append", required=True,
+                           help="caption to draw (repeat the flag for several; -n images each)")
+            m.add_argument("--temperature", type=float, default=1.0)
+            m.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes at each step")
+            m.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
+            m.add_argument("--guidance", type=float, default=1.0,
+                           help="classifier-free guidance scale (0: the conditional logits alone)")
+            m.add_argument("--rerank", type=int, default=1, metavar="K",
+                           help="draw K candidates per image and keep the one the digits classifier finds most "
+                                "like the prompted digit (digits prompts only)")
+            m.set_defaults(func=sample_transformer)
+        elif name == "vqvae2":
             m.add_argument("--top-prior", required=True, metavar="CKPT", help="`fastgen train prior --level top` checkpoint")
             m.add_argument("--bottom-prior", required=True, metavar="CKPT",
                            help="`fastgen train prior --level bottom` checkpoint")
@@ -144,4 +157,44 @@ def sample_vqvae2(args):
     images = sample_vqvae2_images(vq, top, bottom, args.n, gen, device, args.temperature)
     png = _write(args, images.cpu())
     print(f"wrote {args.n} samples (vqvae2 epoch {ck['epoch']}) to {png} and samples.pt")
+    return 0
+
+
+@torch.no_grad()
+def sample_transformer(args):
+    """transformer: codes drawn for each --prompt, decoded by its VQ model; optional re-ranking."""
+    from fastgen.commands.train_transformer import CodeSource, digit_of
+    from fastgen.models.transformer import encode_captions
+    from fastgen.training import load_model
+    device = _start(args)
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.rerank < 1:
+        raise ValueError(f"--rerank must be >= 1, got {args.rerank}")
+    model, ck = load_model(args.checkpoint, "transformer", device)
+    source = CodeSource(ck["vq_kind"], ck["vq_checkpoint"], device)
+    if source.num_codes != model.num_codes or source.length != model.image_tokens:
+        raise ValueError(f"the transformer models {model.image_tokens} codes of {model.num_codes} but its VQ model "
+                         f"{ck['vq_checkpoint']} has {source.length} of {source.num_codes}")
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    text = encode_captions(prompts, model.text_tokens).to(device)     # empty / too long / bad UTF-8: ValueError
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    draw = lambda t: model.sample(t, generator=gen, temperature=args.temperature, top_k=args.top_k,  # noqa: E731
+                                  top_p=args.top_p, guidance=args.guidance)
+    if args.rerank == 1:
+        images = source.decode(draw(text))
+    else:
+        from fastgen.metrics.digit_features import classifier
+        wanted = [digit_of(p) for p in prompts]
+        if any(w is None for w in wanted) or source.model.image_shape[0] != 1:
+            raise ValueError("--rerank scores candidates with the digits classifier: every --prompt must name a digit")
+        cands = torch.stack([source.decode(draw(text)) for _ in range(args.rerank)], 1)   # (B, K, 1, H, W)
+        flat = torch.nn.functional.adaptive_avg_pool2d(cands.flatten(0, 1), (8, 8))
+        probs = torch.softmax(classifier(device)(flat), 1).view(len(prompts), args.rerank, 10)
+        score = probs[torch.arange(len(prompts)), :, torch.tensor(wanted)]
+        images = cands[torch.arange(len(prompts)), score.argmax(1)]
+    args.nrow = args.nrow or args.n
+    png = _write(args, images.cpu(), {"prompts": prompts})
+    print(f"wrote {len(prompts)} samples ({len(args.prompt)} prompts x {args.n}; transformer epoch {ck['epoch']}) "
+          f"to {png} and samples.pt")
     return 0

@@ -36,7 +36,10 @@ def encode_captions(captions, length):
     for i, c in enumerate(captions):
         if not isinstance(c, str):
             raise ValueError(f"caption {i} must be a str, got {type(c).__name__}")
-        b = c.encode("utf-8")
+        try:
+            b = c.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"caption {i} ({c!r}) is not valid UTF-8 text") from None
         if not b.strip():
             raise ValueError(f"caption {i} is empty")
         if len(b) > length:
