@@ -42,6 +42,10 @@ def add_parser(sub):
             m.add_argument("--bottom-prior", required=True, metavar="CKPT",
                            help="`fastgen train prior --level bottom` checkpoint")
             m.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both priors")
+            m.add_argument("--reconstruct", type=int, default=8, metavar="N",
+                           help="also write reconstructions.png for N test images: each input, its top codes with "
+                                "bottom codes drawn by the bottom prior (what the top level alone carries), and "
+                                "both levels (0: skip)")
             m.set_defaults(func=sample_vqvae2)
         elif name == "vqvae":
             m.add_argument("--prior", metavar="CKPT", default=None,
@@ -156,6 +160,16 @@ def sample_vqvae2(args):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     images = sample_vqvae2_images(vq, top, bottom, args.n, gen, device, args.temperature)
     png = _write(args, images.cpu())
+    if args.reconstruct > 0:
+        from fastgen.commands.train import load_data
+        from fastgen.images import save_grid
+        ds = load_data(args, ck)[0]
+        x = ds.test[:args.reconstruct].to(device)
+        t, b = vq.encode(x)
+        from_top = vq.decode(t, bottom.sample(t, generator=gen, temperature=args.temperature))
+        rows = torch.stack([x, from_top, vq.decode(t, b)], 1).flatten(0, 1)   # per input: a row of 3
+        print(f"wrote {save_grid(rows.cpu(), os.path.join(args.out, 'reconstructions.png'), nrow=3)} "
+              "(input | top codes + bottom codes from the prior | both levels)")
     print(f"wrote {args.n} samples (vqvae2 epoch {ck['epoch']}) to {png} and samples.pt")
     return 0
 

@@ -3,7 +3,7 @@ VQ-VAE-2's two priors, over the codes of a trained vqvae2 (its data, its split).
 
 top: a gated PixelCNN over the top maps; bottom: a gated PixelCNN over the bottom maps
 conditioned on the top codes (fastgen.models.vqvae2). Writes checkpoint.pt,
-metrics.jsonl and, for the top prior, samples.png (its codes decoded alone).
+metrics.jsonl.
 """
 import os
 
@@ -35,7 +35,6 @@ def encode_all(model, images, device, batch=256):
 def run(args):
     from fastgen import data as datasets
     from fastgen import training
-    from fastgen.images import save_grid
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "prior_dim", "prior_layers")
@@ -70,13 +69,8 @@ def run(args):
         nll = float(prior(test_data.to(device))["loss"])
         return dict(test_nll_nats_per_code=nll, test_bits_per_code=nll / 0.6931471805599453)
 
-    @torch.no_grad()
-    def write_samples():
-        if level != "top":
-            return None
-        prior.eval()
-        codes = prior.sample(32, generator=torch.Generator(device=device).manual_seed(args.seed + 3), device=device)
-        return save_grid(vq.decode(codes).cpu(), os.path.join(args.out, "samples_top_only.png"), nrow=8)
+    def write_samples():      # samples need both priors: `fastgen sample vqvae2`
+        return None
 
     def describe(n_params):
         return (f"vqvae2 {level} prior ({config['layers']} gated layers, {n_params:,} parameters) over "

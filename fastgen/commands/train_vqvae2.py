@@ -1,7 +1,7 @@
 """`fastgen train vqvae2 --data digits --size 32 --epochs N --out DIR`: VQ-VAE-2.
 
-Writes into DIR: checkpoint.pt, metrics.jsonl, reconstructions.png (rows of 8: test
-inputs, their reconstructions from the top codes alone, from both levels). Then
+Writes into DIR: checkpoint.pt, metrics.jsonl, reconstructions.png (test inputs, each
+row of 8 above its reconstructions). Then
 `fastgen train prior --vqvae2 DIR/checkpoint.pt --level top` (and `--level bottom`)
 train the two priors, and `fastgen sample vqvae2` draws images.
 """
@@ -29,8 +29,8 @@ def add_parser(families):
 def write_reconstructions(model, test, path, device):
     from fastgen.images import save_grid
     x = test[:24].to(device)
-    top_only, both = model.reconstruct(x, top_only=True), model.reconstruct(x)
-    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], top_only[i:i + 8], both[i:i + 8])]
+    both = model.reconstruct(x)
+    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], both[i:i + 8])]
     return save_grid(torch.cat(rows).cpu(), path, nrow=8)
 
 

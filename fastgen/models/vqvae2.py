@@ -8,8 +8,10 @@
 
 The top codes hold the global layout, the bottom codes the detail given it. Two
 `VectorQuantizer`s, EMA codes (decay 0.99), 512 codes of dimension 64 by default (the
-best-known public implementation's choice). `decode(top, None)` decodes the top codes
-with the bottom codes' contribution zeroed: what the top level alone carries.
+best-known public implementation's choice). What the top level alone carries is shown
+by decoding an image's top codes with bottom codes drawn by the bottom prior given them
+(`fastgen sample vqvae2 --reconstruct`): zeroing the bottom codes instead gives a blank,
+as the decoder reads the detail from them.
 
 Priors (`fastgen.models.pixelcnn.GatedPixelCNN`, sampled incrementally):
     TopPrior    = a GatedPixelCNN over the top maps (optionally class-conditional)
@@ -129,23 +131,17 @@ class VQVAE2(nn.Module):
             raise ValueError(f"{name} codes must be in [0, {self.num_codes})")
 
     @torch.no_grad()
-    def decode(self, top, bottom=None):
-        """Codes -> images (B, C, H, W) in [0, 1]; bottom=None decodes the top codes alone."""
+    def decode(self, top, bottom):
+        """Codes -> images (B, C, H, W) in [0, 1]."""
         self._check_codes(top, self.top_shape, "top")
-        q_t = self.vq_t.decode_indices(top)
-        if bottom is None:
-            q_b = torch.zeros(top.shape[0], q_t.shape[1], *self.bottom_shape, device=q_t.device, dtype=q_t.dtype)
-        else:
-            self._check_codes(bottom, self.bottom_shape, "bottom")
-            if bottom.shape[0] != top.shape[0]:
-                raise ValueError(f"top has {top.shape[0]} maps but bottom has {bottom.shape[0]}")
-            q_b = self.vq_b.decode_indices(bottom)
-        return self._decode_q(q_t, q_b).clamp(0, 1)
+        self._check_codes(bottom, self.bottom_shape, "bottom")
+        if bottom.shape[0] != top.shape[0]:
+            raise ValueError(f"top has {top.shape[0]} maps but bottom has {bottom.shape[0]}")
+        return self._decode_q(self.vq_t.decode_indices(top), self.vq_b.decode_indices(bottom)).clamp(0, 1)
 
     @torch.no_grad()
-    def reconstruct(self, x, top_only=False):
-        top, bottom = self.encode(x)
-        return self.decode(top, None if top_only else bottom)
+    def reconstruct(self, x):
+        return self.decode(*self.encode(x))
 
 
 class BottomPrior(nn.Module):
