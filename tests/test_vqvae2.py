@@ -118,6 +118,13 @@ def test_commands_end_to_end(tmp_path, capsys):
                  "-n", "5", "--out", out]) == 0
     assert torch.load(out + "/samples.pt", weights_only=True).shape == (5, 1, 32, 32)
     assert (tmp_path / "s" / "reconstructions.png").is_file()
+    # the transformer over VQ-VAE-2 codes (top map then bottom map: 16 + 64 tokens)
+    tr = str(tmp_path / "tr")
+    assert main(["train", "transformer", "--vqvae2", vq + "/checkpoint.pt", "--dim", "16", "--layers", "1",
+                 "--heads", "2", "--out", tr, *fast]) == 0
+    assert main(["sample", "transformer", "--checkpoint", tr + "/checkpoint.pt", "--prompt", "a two", "-n", "2",
+                 "--out", str(tmp_path / "ts")]) == 0
+    assert torch.load(tmp_path / "ts" / "samples.pt", weights_only=True)["images"].shape == (2, 1, 32, 32)
     capsys.readouterr()
     # the priors swapped: refused, naming the flag
     assert main(["sample", "vqvae2", "--checkpoint", vq + "/checkpoint.pt", "--top-prior",
