@@ -66,13 +66,19 @@ def keep_lower(tile_v, tile_pos, offset, best_v, best_i):
     return tl.where(better, tile_v, best_v), tl.where(better, offset + tile_pos, best_i)
 
 
+# Warps per program of the distance kernels (knn, column min, weighted argmin, ball
+# count). Compiled for sm_80 and sm_90 (fastgen/gpu_plan.py), 64 x 64 tiles with D in
+# chunks of 16 spill nothing at 8 warps; at 4 warps, or with chunks of 32, they used
+# all 255 registers and spilled 16-424 bytes (benchmarks/RESULTS.md, "GPU plan").
+DISTANCE_WARPS = 8
+
+
 def blocks(dim, kp=1):
     """(BLOCK_N, BLOCK_M, BLOCK_D): powers of two, >= 16 where tl.dot needs it."""
     # The running top-k is 2 x BLOCK_N x KP values in registers next to the
     # BLOCK_N x BLOCK_M tile; fewer rows per program as k grows keeps it from spilling.
-    block_n = 64 if kp <= 16 else 32 if kp <= 64 else 16
-    block_d = 16 if dim <= 16 else 32  # 16 is tl.dot's minimum; small D wastes less padding
-    return block_n, 64, block_d
+    block_n = 64 if kp <= 16 else 32
+    return block_n, 64, 16     # D in chunks of 16 (tl.dot's minimum): no spills, see DISTANCE_WARPS
 
 
 def on_device(t):

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastgen.ops.triton._common import (DOT_PRECISION, blocks, centering_shift, on_device,
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, blocks, centering_shift, on_device,
                                         register_for_interpreter, sqdist_tile)
 
 
@@ -47,6 +47,11 @@ def _ball_count_kernel(p_ptr, c_ptr, shift_ptr, r_ptr, rn_ptr, count_ptr, unsure
     tl.store(unsure_ptr + rows, unsure, mask=row_ok)
 
 
+# 32 key columns per tile: the radii and the window add live values per pair; at 64 the
+# sm_90 build spilled 32 bytes (fastgen/gpu_plan.py)
+BALL_BLOCK_M = 32
+
+
 def error_coef(dim):
     """E(a, b) = coef (a + b)^2 + slack of csrc/engine/error_bound.h for fp32 inputs,
     doubled (ball_count's window): (coef, slack)."""
@@ -70,13 +75,14 @@ def ball_count_triton(points: torch.Tensor, centres: torch.Tensor,
         shift = centering_shift(centres[None])[0]
         r = radii.float().contiguous()
         rn = torch.nextafter(r, torch.full_like(r, float("inf")))
-        block_n, block_m, block_d = blocks(D)
+        block_n, _, block_d = blocks(D)
+        block_m = BALL_BLOCK_M
         coef, slack = error_coef(D)
         with on_device(points):
             wrap_triton(_ball_count_kernel)[(triton.cdiv(N, block_n),)](
                 points, centres, shift, r, rn, count, unsure, N, M, D, coef, slack,
                 points.stride(0), points.stride(1), centres.stride(0), centres.stride(1), shift.stride(0),
-                BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PRECISION=DOT_PRECISION)
+                BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, DOT_PRECISION=DOT_PRECISION, num_warps=DISTANCE_WARPS)
     return count, unsure
 
 

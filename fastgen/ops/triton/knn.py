@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastgen.ops._sqdist_grad import sqdist_backward
 from fastgen.ops.baselines import gather_sqdist
-from fastgen.ops.triton._common import (DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
                                         register_for_interpreter, sqdist_tile)
 
 
@@ -125,7 +125,7 @@ def knn_triton(queries: torch.Tensor, keys: torch.Tensor, k: int,
                 idx.stride(0), idx.stride(1), idx.stride(2),
                 KP=kp, EXCLUDE_SELF=exclude_self,
                 BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-                DOT_PRECISION=DOT_PRECISION)
+                DOT_PRECISION=DOT_PRECISION, num_warps=DISTANCE_WARPS)
     # The kernel's set is unordered and ranked on the expansion: order it by the
     # direct distance, ties by index (index sort first, then a stable distance sort).
     idx = torch.sort(idx, dim=-1).values

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastgen.ops.triton._common import (DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
                                         register_for_interpreter, sqdist_tile)
 
 
@@ -101,7 +101,7 @@ def column_min_triton(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
                 shift.stride(0), shift.stride(1),
                 nearest_row.stride(0), nearest_row.stride(1),
                 BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-                DOT_PRECISION=DOT_PRECISION)
+                DOT_PRECISION=DOT_PRECISION, num_warps=DISTANCE_WARPS)
     nearest_q = torch.gather(queries, 1, nearest_row.unsqueeze(-1).expand(B, M, D))
     return (nearest_q.float() - keys.float()).square().sum(-1)
 
@@ -127,7 +127,7 @@ def patch_nn_triton(queries: torch.Tensor, keys: torch.Tensor, alpha: float) -> 
             weights.stride(0), weights.stride(1),
             idx.stride(0), idx.stride(1),
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-            DOT_PRECISION=DOT_PRECISION)
+            DOT_PRECISION=DOT_PRECISION, num_warps=DISTANCE_WARPS)
     return idx
 
 
