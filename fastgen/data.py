@@ -49,6 +49,16 @@ def load_digits(test_fraction=0.2, binarize=False, size=None):
     return Dataset(train, test, levels, "sklearn digits")
 
 
+def digits_labels(test_fraction=0.2):
+    """The digit (0..9) of every image of load_digits(test_fraction): (train, test) int64,
+    by the same seeded permutation as `split`."""
+    from sklearn.datasets import load_digits as sk_digits
+    y = torch.tensor(sk_digits().target)
+    perm = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))
+    n_test = min(y.shape[0] - 1, max(1, round(y.shape[0] * test_fraction)))
+    return y[perm[n_test:]], y[perm[:n_test]]
+
+
 def list_images(folder):
     """Image files in `folder` and its subfolders, or an error naming --data."""
     from fastgen.images import IMAGE_EXTENSIONS, list_image_files

@@ -76,13 +76,10 @@ class CodeSource:
 
 
 def digits_labels(ds_args):
-    """Labels of the digits train/test split (the permutation of fastgen.data.split)."""
-    from sklearn.datasets import load_digits as sk
-    y = torch.tensor(sk().target)
-    perm = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))
-    tf = ds_args["test_fraction"] if ds_args["test_fraction"] is not None else 0.2
-    n_test = min(y.shape[0] - 1, max(1, round(y.shape[0] * tf)))
-    return y[perm[n_test:]], y[perm[:n_test]]
+    """Labels of the digits train/test split a VQ model was trained on."""
+    from fastgen.data import digits_labels as labels
+    tf = ds_args["test_fraction"]
+    return labels(0.2 if tf is None else tf)
 
 
 def run(args):

@@ -68,12 +68,8 @@ def _train(epochs, seed, ds, threads):
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         model = DigitsClassifier()
-        from sklearn.datasets import load_digits as sk
-        labels = torch.tensor(sk().target)
-        # the package's split applied to the labels (the same permutation as data.split)
-        perm = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(0))
-        n_test = ds.test.shape[0]
-        y_train, y_test = labels[perm[n_test:]], labels[perm[:n_test]]
+        from fastgen.data import digits_labels
+        y_train, y_test = digits_labels()
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         x = ds.train
         for _ in range(epochs):
