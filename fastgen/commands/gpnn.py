@@ -180,29 +180,27 @@ def run_inpaint(args):
     return 0
 
 
-def run_analogy(args):
+def _structure_task(args, patches_path, structure_path, name, alpha, call):
+    """analogy / edit: the output has the structure image's layout, the patches image's
+    patches; PNG + a contact sheet (patches image, structure image, output)."""
     from fastgen.images import save_contact_sheet, save_image
-    model = _model(args)
+    model = _model(args, alpha=alpha)
     device = _device(args)
-    a = load_source_image(args.a, args.max_side).to(device)
-    b = load_source_image(args.b, args.max_side).to(device)
-    y = model.analogy(b, a, progress=not args.no_progress)[0].cpu()
-    name = f"{_stem(args.b)}_as_{_stem(args.a)}_analogy"
+    a = load_source_image(patches_path, args.max_side).to(device)
+    b = load_source_image(structure_path, args.max_side).to(device)
+    y = call(model, a, b)[0].cpu()
     png = save_image(y, os.path.join(args.out, name + ".png"))
     save_contact_sheet([a.cpu(), b.cpu(), y], os.path.join(args.out, name + "_sheet.png"), nrow=3)
     print(f"wrote {png}")
     return 0
 
 
+def run_analogy(args):
+    return _structure_task(args, args.a, args.b, f"{_stem(args.b)}_as_{_stem(args.a)}_analogy", 0.005,
+                           lambda m, a, b: m.analogy(b, a, progress=not args.no_progress))
+
+
 def run_edit(args):
-    from fastgen.images import save_contact_sheet, save_image
-    model = _model(args, alpha=0.05)   # as inpaint: pasted duplicates are wanted, a weaker push to use every patch
-    device = _device(args)
-    x = load_source_image(args.image, args.max_side).to(device)
-    e = load_source_image(args.edited, args.max_side).to(device)
-    y = model.edit(x, e, progress=not args.no_progress)[0].cpu()
-    name = f"{_stem(args.edited)}_edit"
-    png = save_image(y, os.path.join(args.out, name + ".png"))
-    save_contact_sheet([x.cpu(), e.cpu(), y], os.path.join(args.out, name + "_sheet.png"), nrow=3)
-    print(f"wrote {png}")
-    return 0
+    # alpha 0.05 as inpaint: pasted duplicates are wanted, a weaker push to use every patch
+    return _structure_task(args, args.image, args.edited, f"{_stem(args.edited)}_edit", 0.05,
+                           lambda m, x, e: m.edit(x, e, progress=not args.no_progress))
