@@ -23,16 +23,21 @@ class Dataset:
         return tuple(self.train.shape[1:])
 
 
-def split(images, test_fraction, seed=0):
-    """A fixed train/test split (seeded permutation), both parts non-empty."""
-    n = images.shape[0]
+def split_indices(n, test_fraction, seed=0):
+    """(train, test) int64 positions of `split`: a seeded permutation, both parts non-empty."""
     if n < 2:
         raise ValueError(f"need at least 2 images to split into train and test, got {n}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = min(n - 1, max(1, round(n * test_fraction)))
-    return images[perm[n_test:]], images[perm[:n_test]]
+    return perm[n_test:], perm[:n_test]
+
+
+def split(images, test_fraction, seed=0):
+    """A fixed train/test split (seeded permutation), both parts non-empty."""
+    tr, te = split_indices(images.shape[0], test_fraction, seed)
+    return images[tr], images[te]
 
 
 def load_digits(test_fraction=0.2, binarize=False, size=None):
@@ -54,9 +59,36 @@ def digits_labels(test_fraction=0.2):
     by the same seeded permutation as `split`."""
     from sklearn.datasets import load_digits as sk_digits
     y = torch.tensor(sk_digits().target)
-    perm = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))
-    n_test = min(y.shape[0] - 1, max(1, round(y.shape[0] * test_fraction)))
-    return y[perm[n_test:]], y[perm[:n_test]]
+    tr, te = split_indices(y.shape[0], test_fraction)
+    return y[tr], y[te]
+
+
+def folder_captions(folder, path, test_fraction=0.1):
+    """Captions of the images of an image folder from a text file of lines
+    'relative/path<TAB>caption' (every image needs one), ordered as load_image_folder's
+    (train, test) split: two lists of str."""
+    files = list_images(folder)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--captions {path!r}: no such file (lines 'relative/path<TAB>caption')")
+    caps = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise ValueError(f"--captions {path!r} line {n}: expected 'relative/path<TAB>caption'")
+                name, cap = line.rstrip("\n").split("\t", 1)
+                caps[os.path.normpath(name)] = cap
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--captions {path!r} is not UTF-8 text: {e}") from None
+    missing = [os.path.relpath(f, folder) for f in files if os.path.normpath(os.path.relpath(f, folder)) not in caps]
+    if missing:
+        raise ValueError(f"--captions {path!r} has no caption for {len(missing)} image(s) of {folder!r}, "
+                         f"e.g. {missing[:3]}")
+    ordered = [caps[os.path.normpath(os.path.relpath(f, folder))] for f in files]
+    tr, te = split_indices(len(files), test_fraction)
+    return [ordered[i] for i in tr.tolist()], [ordered[i] for i in te.tolist()]
 
 
 def list_images(folder):

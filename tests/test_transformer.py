@@ -120,3 +120,32 @@ def test_commands_end_to_end(tmp_path, digits_vq, capsys):
     assert "must name a digit" in capsys.readouterr().err
     assert main(["train", "transformer", "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--vqvae CKPT or --vqvae2 CKPT is required" in capsys.readouterr().err
+
+
+def test_captions_file_for_an_image_folder(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    lines = []
+    for i in range(12):
+        colour = "red" if i % 2 else "blue"
+        arr = np.zeros((8, 8, 3), np.uint8)
+        arr[..., 0 if colour == "red" else 2] = 200 + i
+        Image.fromarray(arr).save(folder / f"{i:02d}.png")
+        lines.append(f"{i:02d}.png\ta {colour} square")
+    caps = tmp_path / "caps.tsv"
+    caps.write_text("\n".join(lines) + "\n")
+    fast = ["--epochs", "1", "--batches-per-epoch", "2", "--quiet"]
+    vq = str(tmp_path / "vq")
+    assert main(["train", "vqvae", "--data", str(folder), "--out", vq, *fast]) == 0
+    out = str(tmp_path / "tr")
+    assert main(["train", "transformer", "--vqvae", vq + "/checkpoint.pt", "--captions", str(caps), "--dim", "16",
+                 "--layers", "1", "--heads", "2", "--out", out, *fast]) == 0
+    assert main(["sample", "transformer", "--checkpoint", out + "/checkpoint.pt", "--prompt", "a red square",
+                 "-n", "2", "--out", str(tmp_path / "s")]) == 0
+    caps.write_text("\n".join(lines[:-1]) + "\n")                 # one image without a caption
+    capsys.readouterr()
+    assert main(["train", "transformer", "--vqvae", vq + "/checkpoint.pt", "--captions", str(caps),
+                 "--out", str(tmp_path / "tr2"), *fast]) == 2
+    assert "has no caption for 1 image" in capsys.readouterr().err

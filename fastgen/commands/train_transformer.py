@@ -3,7 +3,8 @@ DALL-E-style transformer over a trained VQ-VAE's (or, with --vqvae2, a VQ-VAE-2'
 prompted by captions.
 
 Captions for digits come from the labels, three phrasings each ("a seven", "the digit 7",
-"7"): every training image appears once per phrasing. Writes checkpoint.pt,
+"7"): every training image appears once per phrasing. For a VQ model trained on an image
+folder, --captions FILE gives one caption per image (lines 'relative/path<TAB>caption'). Writes checkpoint.pt,
 metrics.jsonl and samples.png (a row per digit, prompted "the digit D"). Then
 `fastgen sample transformer --checkpoint DIR/checkpoint.pt --prompt "a seven"`.
 """
@@ -36,7 +37,9 @@ def add_parser(families):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--vqvae", default=None, help="checkpoint of `fastgen train vqvae`")
     src.add_argument("--vqvae2", default=None, help="checkpoint of `fastgen train vqvae2` (top then bottom codes)")
-    p.add_argument("--captions", default="digits", help="'digits' (from the labels; the VQ model must be on digits)")
+    p.add_argument("--captions", default="digits",
+                   help="'digits' (from the labels; the VQ model must be on digits), or for a VQ model trained on an "
+                        "image folder a text file of lines 'relative/path<TAB>caption', one per image")
     p.add_argument("--text-tokens", type=int, default=16, help="caption length in bytes")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -96,24 +99,33 @@ def run(args):
     if path is None:
         raise ValueError("--vqvae CKPT or --vqvae2 CKPT is required (the codes the transformer models)")
     captions = ckpt["captions"] if ckpt else args.captions
-    if captions != "digits":
-        raise ValueError(f"--captions {captions!r}: only 'digits' (captions from the labels) is supported so far")
     source = CodeSource(kind, path, device)
     da = source.ckpt["data_args"]
-    if da["data"] != "digits":
-        raise ValueError(f"--captions digits needs a VQ model trained on digits; {path} was trained on {da['data']!r}")
+    if captions == "digits":
+        if da["data"] != "digits":
+            raise ValueError(f"--captions digits needs a VQ model trained on digits; {path} was trained on "
+                             f"{da['data']!r} (give a captions file instead)")
+        y_train, y_test = digits_labels(da)
+        caps_train = [digit_captions(int(y)) for y in y_train]
+        caps_test = [digit_captions(int(y)) for y in y_test]
+    else:
+        if da["data"] in ("digits", "photo-crops"):
+            raise ValueError(f"--captions FILE needs a VQ model trained on an image folder; {path} was trained on "
+                             f"{da['data']!r}")
+        tf = 0.1 if da["test_fraction"] is None else da["test_fraction"]
+        tr, te = datasets.folder_captions(da["data"], captions, tf)
+        caps_train, caps_test = [[c] for c in tr], [[c] for c in te]
     ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
-    y_train, y_test = digits_labels(da)
     config = ckpt["config"] if ckpt else dict(
         num_codes=source.num_codes, image_tokens=source.length, text_tokens=args.text_tokens, dim=args.dim,
         layers=args.layers, heads=args.heads, p_uncond=args.p_uncond)
     T = config["text_tokens"]
 
-    def rows(images, labels):
+    def rows(images, caps):      # caps: per image, its phrasings; each phrasing is one row
         codes = source.encode(images, device)
-        text = [encode_captions([digit_captions(int(l))[j] for l in labels], T) for j in range(3)]
+        text = [encode_captions([c[j] for c in caps], T) for j in range(len(caps[0]))]
         return torch.cat([torch.cat([t, codes], 1) for t in text])
-    train_rows, test_rows = rows(ds.train, y_train), rows(ds.test, y_test)
+    train_rows, test_rows = rows(ds.train, caps_train), rows(ds.test, caps_test)
     torch.manual_seed(args.seed)
     model = build_model("transformer", config).to(device)
 
@@ -126,7 +138,9 @@ def run(args):
     @torch.no_grad()
     def write_samples():
         model.eval()
-        prompts = [f"the digit {d}" for d in range(10) for _ in range(8)]
+        firsts = list(dict.fromkeys(c[0] for c in caps_test))[:10] if captions != "digits" else \
+            [f"the digit {d}" for d in range(10)]
+        prompts = [p for p in firsts for _ in range(8)]
         gen = torch.Generator(device=device).manual_seed(args.seed + 5)
         codes = model.sample(encode_captions(prompts, T).to(device), generator=gen, guidance=1.0)
         return save_grid(source.decode(codes).cpu(), os.path.join(args.out, "samples.png"), nrow=8)
