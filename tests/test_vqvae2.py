@@ -38,7 +38,7 @@ def test_loss_falls_on_digits():
     assert float(m(x)["mse"]) < 0.6 * first
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_classes=3), dict(cond_channels=4)])
+@pytest.mark.parametrize("kw", [dict(), dict(num_classes=3), dict(cond_channels=4), dict(attention=True)])
 def test_incremental_sampling_draws_the_naive_samplers_codes(kw):
     net = GatedPixelCNN(13, (5, 6), dim=12, layers=3, kernel=5, **kw).eval()
     n = 6
@@ -68,6 +68,18 @@ def test_conditioning_map_reaches_every_position_and_only_the_past_codes():
     net.head(h)[0, :, 2, 1].sum().backward()
     g = x.grad[0].abs().sum(0)
     assert g[2, 1] == 0 and g[2, 2:].sum() == 0 and g[3].sum() == 0 and g[1].sum() > 0
+
+
+def test_attention_is_causal():
+    net = GatedPixelCNN(7, (4, 5), dim=8, layers=2, attention=True).double()
+    codes = torch.randint(0, 7, (1, 4, 5))
+    x = net.embed(codes).permute(0, 3, 1, 2).detach().requires_grad_(True)
+    v = h = x
+    for layer in net.layers:
+        v, h = layer(v, h)
+    net.head(net.attention(h))[0, :, 2, 1].sum().backward()
+    g = x.grad[0].abs().sum(0)
+    assert g[2, 1] == 0 and g[2, 2:].sum() == 0 and g[3].sum() == 0 and g[0].sum() > 0
 
 
 def test_bottom_prior_packs_and_checks():
@@ -106,7 +118,8 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert (tmp_path / "vq" / "reconstructions.png").is_file()
     for level in ("top", "bottom"):
         assert main(["train", "prior", "--vqvae2", vq + "/checkpoint.pt", "--level", level, "--prior-dim", "8",
-                     "--prior-layers", "2", "--out", str(tmp_path / level), *fast]) == 0
+                     "--prior-layers", "2", "--out", str(tmp_path / level), *fast]
+                    + (["--attention"] if level == "top" else [])) == 0
     # resuming without --level reads it from the checkpoint
     assert main(["train", "prior", "--resume", "--prior-dim", "8", "--prior-layers", "2", "--out",
                  str(tmp_path / "bottom"), "--epochs", "2", "--batches-per-epoch", "3", "--quiet"]) == 0

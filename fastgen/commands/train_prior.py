@@ -19,6 +19,8 @@ def add_parser(families):
     p.add_argument("--prior-dim", type=int, default=64, help="channels of the gated stacks")
     p.add_argument("--prior-layers", type=int, default=8, help="gated layers")
     p.add_argument("--prior-kernel", type=int, default=3, help="odd kernel width")
+    p.add_argument("--attention", action="store_true",
+                   help="top prior only: causal self-attention over the map before the head")
     p.set_defaults(func=run, lr=3e-4)
 
 
@@ -56,8 +58,11 @@ def run(args):
     tr_t, tr_b = encode_all(vq, ds.train, device)
     te_t, te_b = encode_all(vq, test_images, device)
     shape = vq.top_shape if level == "top" else vq.bottom_shape
+    if args.attention and level != "top":
+        raise ValueError("--attention is an option of the top prior (--level top)")
     config = ckpt["config"] if ckpt else dict(num_codes=vq.num_codes, code_shape=shape, dim=args.prior_dim,
-                                              layers=args.prior_layers, kernel=args.prior_kernel)
+                                              layers=args.prior_layers, kernel=args.prior_kernel,
+                                              **({"attention": True} if args.attention else {}))
     torch.manual_seed(args.seed)
     prior = build_model(kind, config).to(device)
     # what training iterates over: the top maps, or packed (bottom, top) rows

@@ -30,6 +30,42 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class CausalAttention(nn.Module):
+    """Self-attention over the raster order, added to the horizontal stack before the head
+    (the public VQ-VAE-2 top prior's long-range term). Position p attends to the features
+    of positions <= p, which depend only on codes before them, so causality holds. For
+    sampling, `step` takes one new position and keeps the keys and values seen so far."""
+
+    def __init__(self, dim, heads=4):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by the attention heads ({heads})")
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _qkv(self, x):                       # (B, n, d) -> three (B, heads, n, d / heads)
+        b, n, d = x.shape
+        return [t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1)]
+
+    def forward(self, h):                    # (B, d, H, W) -> (B, d, H, W)
+        b, d, H, W = h.shape
+        x = h.flatten(2).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, H * W, d)
+        return h + self.out(a).transpose(1, 2).reshape(b, d, H, W)
+
+    def step(self, h_pos, cache):            # h_pos (B, d, 1, 1); cache: dict of k, v (B, heads, n, d / heads)
+        x = h_pos.flatten(2).transpose(1, 2)
+        q, k, v = self._qkv(x)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        cache["k"], cache["v"] = k, v
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        return h_pos + self.out(a).transpose(1, 2).reshape(h_pos.shape)
+
+
 def _gate(t):
     a, b = t.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
@@ -111,15 +147,17 @@ class GatedPixelCNN(nn.Module):
         cond_channels: enables conditioning on a map (B, cond_channels, H, W).
     """
 
-    def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, cond_channels=None):
+    def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, cond_channels=None,
+                 attention=False):
         super().__init__()
         if kernel < 3 or kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd number >= 3, got {kernel}")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.config = dict(num_codes=num_codes, code_shape=tuple(code_shape), dim=dim, layers=layers,
-                           kernel=kernel, num_classes=num_classes, cond_channels=cond_channels)
+                           kernel=kernel, num_classes=num_classes, cond_channels=cond_channels, attention=attention)
         self.cond_channels = cond_channels
+        self.attention = CausalAttention(dim) if attention else None
         self.num_codes, self.code_shape, self.num_classes = num_codes, tuple(code_shape), num_classes
         self.embed = nn.Embedding(num_codes, dim)
         self.layers = nn.ModuleList(GatedLayer(dim, kernel, first=(i == 0), num_classes=num_classes,
@@ -155,6 +193,8 @@ class GatedPixelCNN(nn.Module):
         v = h = x
         for layer in self.layers:
             v, h = layer(v, h, labels, cond)
+        if self.attention is not None:
+            h = self.attention(h)
         return self.head(h)
 
     def forward(self, codes, labels=None, cond=None):
@@ -186,6 +226,7 @@ class GatedPixelCNN(nn.Module):
         layer's vertical features once per row, its horizontal features once per position."""
         device, H, W = self._sample_args(n, labels, cond, temperature, shape, device)
         codes = torch.zeros(n, H, W, dtype=torch.long, device=device)
+        attn_cache = {}
         emb_rows = []                                   # embedded code rows (B, d, 1, W)
         v_rows = [[] for _ in self.layers]              # per layer: its v input rows
         for i in range(H):
@@ -209,6 +250,8 @@ class GatedPixelCNN(nn.Module):
                     h = layer.step_pos(h_rows[li], j, pres[li], labels, cpos, h_self)
                     if li + 1 < len(self.layers):
                         h_rows[li + 1][..., j:j + 1] = h
+                if self.attention is not None:
+                    h = self.attention.step(h, attn_cache)
                 c = self._draw(self.head(h)[:, :, 0, 0], temperature, generator)
                 codes[:, i, j] = c
                 x_row[..., j:j + 1] = self.embed(c)[:, :, None, None]

@@ -19,7 +19,8 @@ Priors (`fastgen.models.pixelcnn.GatedPixelCNN`, sampled incrementally):
                   embedded, upsampled x2 by a transposed convolution, added at every
                   position through the gated layers' 1x1 map terms.
 Sampling: top prior -> bottom prior (given the top codes) -> decoder.
-(The public implementation's top prior has attention; here it is a plain gated PixelCNN.)
+The public implementation's top prior has attention: here an option (`attention=True`,
+`fastgen train prior --level top --attention`), sampled incrementally as well.
 """
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,7 @@ class BottomPrior(nn.Module):
                  cond=self.condition(top))
 
 
-def TopPrior(num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None):
-    """p(top): a GatedPixelCNN over the top maps."""
-    return GatedPixelCNN(num_codes, code_shape, dim, layers, kernel, num_classes=num_classes)
+def TopPrior(num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, attention=False):
+    """p(top): a GatedPixelCNN over the top maps; attention=True adds causal self-attention
+    over the raster order before the head (as the public implementation's top prior)."""
+    return GatedPixelCNN(num_codes, code_shape, dim, layers, kernel, num_classes=num_classes, attention=attention)
