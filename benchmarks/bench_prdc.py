@@ -17,9 +17,7 @@ four sweeps).
 """
 import torch
 
-from fastgen.benchmarking import Provider, Suite, cases
-
-_REF = {}
+from fastgen.benchmarking import Provider, Suite, agrees_with, cases
 
 
 def inputs(p):
@@ -85,13 +83,9 @@ def _old(x, p, mode):
     return run
 
 
-def check(p, x, mode, provider, out):
-    key = tuple(sorted(p.items()))
-    if key not in _REF:
-        _REF[key] = out if provider == "fastgen" else _fastgen("fp32")(x, p, mode)()
-    ref = _REF[key]
+def _differs(out, ref):
     bad = [f"{k} {out[k]!r} != {ref[k]!r}" for k in ref if abs(out[k] - ref[k]) > 1e-12]
-    return "ok" if not bad else "differs from fastgen fp32: " + "; ".join(bad)
+    return "; ".join(bad) or None
 
 
 SUITE = Suite(
@@ -102,7 +96,7 @@ SUITE = Suite(
                "fastgen-bf16": Provider(_fastgen("bf16"), needs_cpp=True),
                "prdc": Provider(_prdc, requires=("prdc", "sklearn")),
                "fastgen-0.2": Provider(_old, needs_cpp=True)},
-    inputs=inputs, check=check,
+    inputs=inputs, check=agrees_with("fastgen", _fastgen("fp32"), _differs),
     work=lambda p, mode: {"flops": 2.0 * p["D"] * (p["N"] ** 2 + p["M"] ** 2 + 2 * p["N"] * p["M"])},
     baselines=("prdc", "fastgen-0.2"),
     rounds=(3, 1),

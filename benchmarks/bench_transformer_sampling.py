@@ -12,9 +12,7 @@ least any sampler must do); the recomputing sampler does ~L/2 times that.
 """
 import torch
 
-from fastgen.benchmarking import Provider, Suite, cases
-
-_REF = {}
+from fastgen.benchmarking import Provider, Suite, agrees_with, cases
 
 
 def inputs(p):
@@ -31,18 +29,13 @@ def _sampler(cache):
     return make
 
 
-def check(p, x, mode, provider, out):
-    key = tuple(sorted(p.items()))
-    if key not in _REF:
-        _REF[key] = out if provider == "kv-cache" else _sampler(True)(x, p, mode)()
-    return "ok" if torch.equal(out, _REF[key]) else f"{int((out != _REF[key]).sum())} tokens differ"
-
-
 SUITE = Suite(
     op="transformer_sampling",
     cases=cases(quick=[dict(L=64, n=8)], large=[dict(L=256, n=8)]),
     providers={"kv-cache": Provider(_sampler(True)), "recompute": Provider(_sampler(False))},
-    inputs=inputs, check=check,
+    inputs=inputs,
+    check=agrees_with("kv-cache", _sampler(True),
+                      lambda out, ref: None if torch.equal(out, ref) else f"{int((out != ref).sum())} tokens"),
     work=lambda p, mode: {"flops": p["n"] * 6 * 24 * (16 + p["L"]) * 256 ** 2},
     baselines=("recompute",),
     rounds=(3, 1),

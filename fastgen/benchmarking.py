@@ -192,6 +192,23 @@ def faiss_flat(queries, keys, k):
     return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64, copy=False))
 
 
+def agrees_with(name, make, differs):
+    """A Suite check for exact providers: each output against provider `name`'s on the same
+    case -- taken from `name`'s own run when it comes first, else computed once by
+    make(inputs, params, mode)() -- by differs(out, ref) -> None, or what differs. One
+    case's reference is kept at a time."""
+    cache = {}
+
+    def check(p, x, mode, provider, out):
+        key = (tuple(sorted(p.items())), mode)
+        if key not in cache:
+            cache.clear()
+            cache[key] = out if provider == name else make(x, p, mode)()
+        bad = differs(out, cache[key])
+        return "ok" if bad is None else f"differs from {name}: {bad}"
+    return check
+
+
 def knn_verdict(queries, keys, idx, k, rows=256):
     """A knn answer's indices against fastgen's exact knn on the first `rows` queries whose
     k+1 nearest distances are not within 1e-4 (relative) of each other."""

@@ -1,12 +1,13 @@
 """Every Triton kernel of fastgen compiled for real GPUs -- with no GPU present -- and
-what the compiled code needs: registers, spill stack, shared memory, and the occupancy
-those allow. `fastgen doctor --gpu-plan` prints it; tests/test_gpu_compile.py fails on a
+what the compiled code needs: registers, spills, shared memory, and the occupancy those
+allow (targets: sm_80 = A100, sm_90 = H100/H200). `fastgen doctor --gpu-plan` prints it; tests/test_gpu_compile.py fails on a
 compile error, a spill, or shared memory past the target's limit.
 
 Triton compiles an ASTSource for a chosen target (GPUTarget("cuda", 80|90, 32)) on the
-CPU; the ptxas Triton uses for that target (shipped in the triton wheel) assembles it
-and reports registers and spills (`ptxas -v`). What is compiled is every configuration the launchers can
-choose (fastgen/ops/triton/*.py: block sizes from `blocks(D, KP)`, k padded to a power of
+CPU; its PTX is assembled once more by the ptxas Triton uses for that target (shipped in
+the triton wheel) with `-v`, which reports registers and spills (Triton's own cubin keeps
+no spill count readable without a GPU driver). What is compiled is every configuration
+the launchers can choose (fastgen/ops/triton/*.py: block sizes from `blocks(D, KP)`, k padded to a power of
 two, the dtypes the ops accept), so a GPU never meets a kernel nobody compiled.
 """
 import os
@@ -15,7 +16,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-TARGETS = {80: "A100 (sm_80)", 90: "H100/H200 (sm_90)"}
 # per SM: registers, max shared memory per block (opt-in), max resident threads
 LIMITS = {80: dict(regs=65536, smem=163 * 1024, threads=2048), 90: dict(regs=65536, smem=227 * 1024, threads=2048)}
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}

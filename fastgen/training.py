@@ -217,13 +217,23 @@ def open_run(out, kind, resume):
 
 def load_model(path, kind, device="cpu", name="--checkpoint"):
     """(model in eval mode, checkpoint dict) from a checkpoint `fit` wrote for model `kind`."""
-    from fastgen.models import build_model
     ckpt = load_checkpoint(path)
     if ckpt["kind"] != kind:
         raise ValueError(f"{name} {path} holds a {ckpt['kind']!r} model, not a {kind}")
-    model = build_model(kind, ckpt["config"]).to(device)
+    return model_from_checkpoint(ckpt, device), ckpt
+
+
+def is_checkpoint(obj):
+    """Whether a loaded object is a checkpoint `fit` wrote."""
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The model of a loaded checkpoint, in eval mode."""
+    from fastgen.models import build_model
+    model = build_model(ckpt["kind"], ckpt["config"]).to(device)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return model.eval()
 
 
 def default_row_format(row):

@@ -112,3 +112,12 @@ def test_opcheck():
 def test_bad_inputs(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_radii_on_every_backend(backend, bad):
+    r = torch.ones(4)
+    r[2] = bad
+    with pytest.raises(ValueError, match="radii must be finite and >= 0"):
+        ball_count(torch.randn(5, 3), torch.randn(4, 3), r, backend=backend)

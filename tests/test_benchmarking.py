@@ -83,3 +83,17 @@ def test_rounds_and_no_peak_memory_options(tmp_path):
     assert sorted(b["extra_info"]["provider"] for b in ran) == ["add", "mul"]
     for b in ran:
         assert b["stats"]["rounds"] == 3 and "peak_mb" not in b["extra_info"]
+
+
+def test_agrees_with_compares_every_provider_to_the_named_one():
+    from fastgen.benchmarking import agrees_with
+    calls = []
+
+    def make(x, p, mode):
+        calls.append(p["n"])
+        return lambda: x * 2
+    check = agrees_with("exact", make, lambda out, ref: None if out == ref else f"{out} vs {ref}")
+    assert check({"n": 1}, 3, "forward", "exact", 6) == "ok" and calls == []     # its own run is the reference
+    assert check({"n": 1}, 3, "forward", "other", 7) == "differs from exact: 7 vs 6"
+    assert check({"n": 2}, 5, "forward", "other", 10) == "ok" and calls == [2]   # computed once for a new case
+    assert check({"n": 2}, 5, "forward", "other", 10) == "ok" and calls == [2]

@@ -92,6 +92,8 @@ def tiny_runs(tmp_path_factory):
     for kind in ("vae", "imle"):
         assert main(["train", kind, "--data", "digits", "--epochs", "1", "--batches-per-epoch", "2",
                      "--out", str(runs / kind), "--quiet"]) == 0
+    assert main(["train", "imle", "--data", "digits", "--conditional", "top-half", "--epochs", "1",
+                 "--batches-per-epoch", "2", "--out", str(runs / "conditional" / "imle"), "--quiet"]) == 0
     return runs
 
 
@@ -131,7 +133,11 @@ def test_cli_errors(tmp_path, tiny_runs, capsys):
         (["eval", "--table", str(tmp_path / "empty")], "no such folder"),
         (["eval", "--fake", "digits"], "only a --real set"),
         (["eval", "--fake", str(tiny_runs / "vae" / "checkpoint.pt"), "-n", "1"], "-n must be >= 2"),
+        (["eval", "--fake", str(tiny_runs / "conditional" / "imle" / "checkpoint.pt")], "conditional IMLE"),
+        (["eval", "--fake", str(tmp_path / "nothing.pt")], "no such file"),
     ]
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    cases.append((["eval", "--fake", str(tmp_path / "junk.pt")], "not a readable"))
     for argv, msg in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastgen.cli import main
-from fastgen.models.transformer import NULL, PAD, CodeTransformer, encode_captions
+from fastgen.models.transformer import PAD, CodeTransformer, encode_captions
 
 
 def test_kv_cache_gives_the_tokens_of_recomputing_the_prefix():
@@ -55,6 +55,10 @@ def test_captions_and_bad_inputs():
     m = CodeTransformer(5, 4, text_tokens=3, dim=8, layers=1, heads=2)
     with pytest.raises(ValueError, match=r"text must be \(B, 3\)"):
         m.sample(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"text must hold integer tokens in \[0, 258\)"):
+        m.sample(torch.full((1, 3), 300))
+    with pytest.raises(ValueError, match="text must hold integer tokens"):
+        m.sample(torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"codes must be in \[0, 5\)"):
         m(encode_captions(["a"], 3), torch.full((1, 4), 7))
     with pytest.raises(ValueError, match="packed rows"):

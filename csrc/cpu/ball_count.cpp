@@ -45,6 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ball_count_cpu(const at::Tensor& 
   const int64_t D = p.D;
   const engine::ErrorBound bound(D, p.input_roundoff(), p.output_roundoff());
   const at::Tensor plen = p.qn.sqrt().mul(1.0 + 1e-6).contiguous();
+  auto centre_len = at::empty({M}, points.options().dtype(at::kFloat));
+  auto radii_next = at::empty({M}, points.options().dtype(at::kFloat));
+  engine::ball_count_centre_terms(p.kn.data_ptr<float>(), rp, M, centre_len.data_ptr<float>(),
+                                  radii_next.data_ptr<float>());
   int64_t ambiguous = 0;
   engine::CertifiedTopKArgs nearest{1, N, M, D, 1, false,
                                     p.kn.data_ptr<float>(), plen.data_ptr<float>(),
@@ -53,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ball_count_cpu(const at::Tensor& 
                                     dist.data_ptr<float>(), idx.data_ptr<int64_t>(), nullptr};
   engine::BallCountArgs args{N, M, D,
                              p.qn.data_ptr<float>(), plen.data_ptr<float>(),
-                             p.kn.data_ptr<float>(), rp,
+                             p.kn.data_ptr<float>(), centre_len.data_ptr<float>(), rp,
+                             radii_next.data_ptr<float>(),
                              bound.coef, bound.slack,
                              p.q32.data_ptr<float>(), p.k32.data_ptr<float>(),
                              count.data_ptr<int64_t>(), &ambiguous, &nearest};

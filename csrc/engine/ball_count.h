@@ -31,12 +31,24 @@
 namespace fastgen {
 namespace engine {
 
+// The per-centre inputs BallCountArgs wants precomputed: ||c_c|| rounded up, and the
+// next float above each radius.
+inline void ball_count_centre_terms(const float* centre_norms, const float* radii, int64_t m, float* centre_len,
+                                    float* radii_next) {
+  for (int64_t c = 0; c < m; ++c) {
+    centre_len[c] = std::sqrt(std::max(centre_norms[c], 0.f)) * (1.0f + 1e-6f);
+    radii_next[c] = std::nextafter(radii[c], std::numeric_limits<float>::infinity());
+  }
+}
+
 struct BallCountArgs {
   int64_t rows, cols, dim;
   const float* point_norms;   // (N) ||p_c||^2 of the points the GEMM saw
   const float* point_len;     // (N) ||p_c||, rounded up
   const float* centre_norms;  // (M) ||c_c||^2
+  const float* centre_len;    // (M) ||c_c||, rounded up (precomputed once: every row block reads it)
   const float* radii;         // (M) squared radii, finite, >= 0
+  const float* radii_next;    // (M) the next float above each radius
   double err_coef, err_slack; // E(a, b) = err_coef (a + b)^2 + err_slack
   const float* points;        // (N, D) original values, fp32
   const float* centres;       // (M, D) original values, fp32
@@ -65,12 +77,8 @@ class BallCount {
               int64_t nc) {
       const float* cn = a_.centre_norms + c0;
       const float* rad = a_.radii + c0;
-      blen_.resize(static_cast<size_t>(nc));
-      rnext_.resize(static_cast<size_t>(nc));
-      for (int64_t c = 0; c < nc; ++c) {
-        blen_[c] = std::sqrt(std::max(cn[c], 0.f)) * (1.0f + 1e-6f);
-        rnext_[c] = std::nextafter(rad[c], std::numeric_limits<float>::infinity());
-      }
+      const float* blen = a_.centre_len + c0;
+      const float* rnext = a_.radii_next + c0;
       const float coef = static_cast<float>(2.0 * a_.err_coef * (1.0 + 1e-6));
       const float slack = static_cast<float>(2.0 * a_.err_slack) + std::numeric_limits<float>::denorm_min();
       for (int64_t r = 0; r < nr; ++r) {
@@ -81,10 +89,10 @@ class BallCount {
         // vectorisable: two compares per pair, no branches
         for (int64_t c = 0; c < nc; ++c) {
           const float d = pn + t[c] + cn[c];
-          const float ab = pa + blen_[c];
+          const float ab = pa + blen[c];
           const float w = coef * ab * ab + slack;
           const bool in = d + w <= rad[c];
-          const bool out = d - w >= rnext_[c];
+          const bool out = d - w >= rnext[c];
           inside += in;
           unsure += !(in || out);
         }
@@ -105,13 +113,15 @@ class BallCount {
                    float slack) {
       const float* cn = a_.centre_norms + c0;
       const float* rad = a_.radii + c0;
+      const float* blen = a_.centre_len + c0;
+      const float* rnext = a_.radii_next + c0;
       const float* p = a_.points + row * a_.dim;
       int64_t inside = 0, n = 0;
       for (int64_t c = 0; c < nc; ++c) {
         const float d = pn + t[c] + cn[c];
-        const float ab = pa + blen_[c];
+        const float ab = pa + blen[c];
         const float w = coef * ab * ab + slack;
-        if (d + w <= rad[c] || d - w >= rnext_[c]) continue;
+        if (d + w <= rad[c] || d - w >= rnext[c]) continue;
         ++n;
         const double exact = exact_sqdist(p, a_.centres + (c0 + c) * a_.dim, a_.dim);
         inside += static_cast<float>(exact) <= rad[c];
@@ -126,7 +136,6 @@ class BallCount {
     const BallCountArgs& a_;
     std::vector<CertifiedTopK::Local> nearest_;  // empty or one (no default constructor)
     std::vector<int64_t> count_;
-    std::vector<float> blen_, rnext_;
   };
 
   Local make_local() const { return Local(a_); }

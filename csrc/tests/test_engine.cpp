@@ -619,8 +619,10 @@ void check_ball_count(std::mt19937& rng, int64_t N, int64_t M, int64_t D, float 
     int64_t ambiguous = 0;
     CertifiedTopKArgs near{1, N, M, D, 1, false, cn.data(), plen.data(), bound.coef, bound.slack,
                            p.q.data(), p.k.data(), dist.data(), idx.data(), nullptr};
-    BallCountArgs a{N, M, D, pn.data(), plen.data(), cn.data(), rad.data(), bound.coef, bound.slack,
-                    p.q.data(), p.k.data(), count.data(), &ambiguous, &near};
+    std::vector<float> clen(M), rnext(M);
+    ball_count_centre_terms(cn.data(), rad.data(), M, clen.data(), rnext.data());
+    BallCountArgs a{N, M, D, pn.data(), plen.data(), cn.data(), clen.data(), rad.data(), rnext.data(),
+                    bound.coef, bound.slack, p.q.data(), p.k.data(), count.data(), &ambiguous, &near};
     NaiveCtx ctx{&p};
     for_each_row_block(Shape{1, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, BallCount(a));
     for (int64_t i = 0; i < N; ++i) {

@@ -37,30 +37,28 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def load_points(spec, name):
-    """--real/--fake that is not a checkpoint -> tensor (images or features)."""
+def load_points(spec, name, obj=None):
+    """--real/--fake that is not a checkpoint -> tensor (images or features). obj: the
+    content of the .pt file `spec` when the caller has read it already."""
     import numpy as np
     if spec == "digits":
         if name != "--real":
             raise ValueError(f"{name} digits: the built-in data is only a --real set")
         from fastgen.data import load_digits
         return load_digits().test
-    if not os.path.exists(spec):
+    if obj is None and not os.path.exists(spec):
         raise FileNotFoundError(f"{name} {spec!r}: no such file or folder")
-    if os.path.isdir(spec):
+    if obj is None and os.path.isdir(spec):
         from fastgen.data import load_image_folder
         ds = load_image_folder(spec, test_fraction=0.5)
         return torch.cat([ds.train, ds.test])
-    if spec.endswith(".npy"):
+    if obj is None and spec.endswith(".npy"):
         try:
             x = torch.from_numpy(np.load(spec, allow_pickle=False))
         except (ValueError, OSError) as e:
             raise ValueError(f"{name} {spec!r} is not a readable .npy array: {e}") from None
     else:
-        try:
-            x = torch.load(spec, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
-            raise ValueError(f"{name} {spec!r} is not a readable .pt/.npy file: {type(e).__name__}: {e}") from None
+        x = read_torch_file(spec, name) if obj is None else obj
         if isinstance(x, dict) and "images" in x:
             x = x["images"]
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 4):
@@ -71,36 +69,43 @@ def load_points(spec, name):
     return x.float()
 
 
-def _is_checkpoint(path):
-    if not (isinstance(path, str) and os.path.isfile(path) and path.endswith(".pt")):
-        return False
+def read_torch_file(spec, name):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 -- not a checkpoint; load_points reports it
-        return False
-    return isinstance(obj, dict) and "kind" in obj and "model" in obj
+        return torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
+        raise ValueError(f"{name} {spec!r} is not a readable .pt/.npy file: {type(e).__name__}: {e}") from None
+
+
+def load_fake(args, n, device):
+    """--fake: samples drawn from a checkpoint, or the points of a file/folder (read once)."""
+    from fastgen.training import is_checkpoint
+    spec = args.fake
+    obj = None
+    if os.path.isfile(spec) and not spec.endswith(".npy"):
+        obj = read_torch_file(spec, "--fake")
+        if is_checkpoint(obj):
+            return sample_checkpoint(obj, spec, n, args.seed, device, args.prior)
+    return load_points(spec, "--fake", obj)
 
 
 @torch.no_grad()
-def sample_checkpoint(path, n, seed=0, device="cpu", prior=None):
-    """n images from any fastgen generative checkpoint ((N, C, H, W) in [0, 1], on the CPU)."""
-    from fastgen.training import load_checkpoint, load_model
-    kind = load_checkpoint(path)["kind"]
+def sample_checkpoint(ckpt, path, n, seed=0, device="cpu", prior=None):
+    """n images from a loaded fastgen generative checkpoint ((N, C, H, W) in [0, 1], on the CPU)."""
+    from fastgen.commands.sample import load_vqvae_prior
+    from fastgen.training import model_from_checkpoint
+    kind = ckpt["kind"]
     if kind not in KINDS:
         raise ValueError(f"--fake {path!r} holds a {kind!r} model; eval samples {', '.join(KINDS)} checkpoints"
                          + (" (pass a pixelcnn as --prior with its vqvae as --fake)" if kind == "pixelcnn" else ""))
-    model, _ = load_model(path, kind, device, name="--fake")
+    model = model_from_checkpoint(ckpt, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     if kind == "vqvae":
         if prior is None:
             raise ValueError("--prior CKPT (a pixelcnn over this vqvae's codes) is needed to sample a vqvae")
-        pri, _ = load_model(prior, "pixelcnn", device, name="--prior")
-        if pri.num_codes != model.num_codes or tuple(pri.code_shape) != tuple(model.code_shape):
-            raise ValueError(f"--prior models {pri.num_codes} codes on {pri.code_shape} maps but the vqvae has "
-                             f"{model.num_codes} codes on {model.code_shape} maps")
+        pri, _ = load_vqvae_prior(model, prior, device)
         out = [model.decode(pri.sample(min(256, n - s), generator=gen, device=device)) for s in range(0, n, 256)]
         return torch.cat(out).clamp(0, 1).cpu()
-    if kind == "imle" and getattr(model, "condition_shape", None):
+    if kind == "imle" and ckpt.get("conditional"):
         raise ValueError(f"--fake {path!r} is a conditional IMLE model; eval scores unconditional samples")
     return model.sample(n, generator=gen, device=device).clamp(0, 1).cpu()
 
@@ -123,10 +128,7 @@ def run(args):
     real = load_points(args.real, "--real")
     if args.table is not None:
         return run_table(args, real, device)
-    if _is_checkpoint(args.fake):
-        fake = sample_checkpoint(args.fake, args.n or real.shape[0], args.seed, device, args.prior)
-    else:
-        fake = load_points(args.fake, "--fake")
+    fake = load_fake(args, args.n or real.shape[0], device)
     m = evaluate_samples(real, fake, args.features, args.k)
     _print([m], [os.path.basename(os.path.dirname(os.path.abspath(args.fake))) or args.fake])
     if args.json:
@@ -159,7 +161,8 @@ def run_table(args, real, device):
         pri = os.path.join(runs, prior, "checkpoint.pt") if prior else None
         if not os.path.isfile(ckpt) or (pri and not os.path.isfile(pri)):
             continue
-        fake = sample_checkpoint(ckpt, n, args.seed, device, pri)
+        from fastgen.training import load_checkpoint
+        fake = sample_checkpoint(load_checkpoint(ckpt), ckpt, n, args.seed, device, pri)
         rows.append(evaluate_samples(real, fake, args.features, args.k))
         names.append(name)
         print(f"evaluated {name} ({ckpt})", flush=True)

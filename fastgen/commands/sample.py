@@ -105,6 +105,16 @@ def _sample_conditional(args, model, ckpt, gen, device):
     return 0
 
 
+def load_vqvae_prior(vqvae, path, device):
+    """The pixelcnn checkpoint at `path` (--prior), checked against the vqvae it samples for."""
+    from fastgen.training import load_model
+    prior, ckpt = load_model(path, "pixelcnn", device, name="--prior")
+    if prior.num_codes != vqvae.num_codes or tuple(prior.code_shape) != tuple(vqvae.code_shape):
+        raise ValueError(f"--prior models {prior.num_codes} codes on {prior.code_shape} maps but the vqvae has "
+                         f"{vqvae.num_codes} codes on {vqvae.code_shape} maps")
+    return prior, ckpt
+
+
 @torch.no_grad()
 def sample_vqvae(args):
     """vqvae: codes from the PixelCNN prior, decoded."""
@@ -113,10 +123,7 @@ def sample_vqvae(args):
     if args.prior is None:
         raise ValueError("--prior CKPT is required to sample a vqvae (train one with `fastgen train pixelcnn`)")
     vqvae, vq_ckpt = load_model(args.checkpoint, "vqvae", device)
-    prior, pc = load_model(args.prior, "pixelcnn", device, name="--prior")
-    if prior.num_codes != vqvae.num_codes or tuple(prior.code_shape) != tuple(vqvae.code_shape):
-        raise ValueError(f"--prior models {prior.num_codes} codes on {prior.code_shape} maps but the vqvae has "
-                         f"{vqvae.num_codes} codes on {vqvae.code_shape} maps")
+    prior, pc = load_vqvae_prior(vqvae, args.prior, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     codes = prior.sample(args.n, generator=gen, device=device, temperature=args.temperature)
     png = _write(args, vqvae.decode(codes).cpu(), {"codes": codes.cpu()})
@@ -198,13 +205,12 @@ def sample_transformer(args):
     if args.rerank == 1:
         images = source.decode(draw(text))
     else:
-        from fastgen.metrics.digit_features import classifier
+        from fastgen.metrics.digit_features import digit_outputs
         wanted = [digit_of(p) for p in prompts]
         if any(w is None for w in wanted) or source.model.image_shape[0] != 1:
             raise ValueError("--rerank scores candidates with the digits classifier: every --prompt must name a digit")
         cands = torch.stack([source.decode(draw(text)) for _ in range(args.rerank)], 1)   # (B, K, 1, H, W)
-        flat = torch.nn.functional.adaptive_avg_pool2d(cands.flatten(0, 1), (8, 8))
-        probs = torch.softmax(classifier(device)(flat), 1).view(len(prompts), args.rerank, 10)
+        probs = digit_outputs(cands.flatten(0, 1))[1].view(len(prompts), args.rerank, 10)
         score = probs[torch.arange(len(prompts)), :, torch.tensor(wanted)]
         images = cands[torch.arange(len(prompts)), score.argmax(1)]
     args.nrow = args.nrow or args.n

@@ -170,6 +170,24 @@ def load_data(args, ckpt):
                          binarize=data_args["binarize"]), data_args
 
 
+def load_code_model(args, path, kind, device, name):
+    """A trained VQ model (vqvae / vqvae2) that a prior or transformer models the codes of,
+    and the dataset it was trained on: (model, checkpoint, dataset)."""
+    from fastgen import training
+    model, ckpt = training.load_model(path, kind, device, name=name)
+    return model, ckpt, load_data(args, ckpt)[0]
+
+
+@torch.no_grad()
+def encode_all(model, images, device, batch=256):
+    """model.encode over `images` in batches, on the CPU: a tensor of codes, or a tuple of
+    them for a model with several code maps (VQ-VAE-2: top, bottom)."""
+    parts = [model.encode(images[i:i + batch].to(device)) for i in range(0, images.shape[0], batch)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[k] for p in parts]).cpu() for k in range(len(parts[0])))
+    return torch.cat(parts).cpu()
+
+
 def with_sample_metrics(args, evaluate, sample, test):
     """evaluate() plus, with --sample-metrics N, the sample-quality metrics of N samples
     (sample(n, generator) -> images) against `test`: digit features on 1-channel images,

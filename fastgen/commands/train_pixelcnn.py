@@ -22,11 +22,6 @@ def add_parser(families):
 
 
 @torch.no_grad()
-def encode_all(model, images, device, batch=256):
-    return torch.cat([model.encode(images[i:i + batch].to(device)).cpu() for i in range(0, images.shape[0], batch)])
-
-
-@torch.no_grad()
 def evaluate(prior, codes, device, batch=256):
     prior.eval()
     nll = torch.cat([prior(codes[i:i + batch].to(device))["nll"].cpu() for i in range(0, codes.shape[0], batch)])
@@ -35,7 +30,6 @@ def evaluate(prior, codes, device, batch=256):
 
 
 def run(args):
-    from fastgen import data as datasets
     from fastgen import training
     from fastgen.images import save_grid
     from fastgen.models import build_model
@@ -45,11 +39,10 @@ def run(args):
     vq_path = ckpt["vqvae_checkpoint"] if ckpt else args.vqvae
     if vq_path is None:
         raise ValueError("--vqvae CKPT is required for pixelcnn (a checkpoint written by `fastgen train vqvae`)")
-    vqvae, vq_ckpt = training.load_model(vq_path, "vqvae", device, name="--vqvae")
-    da = vq_ckpt["data_args"]
-    ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
+    vqvae, vq_ckpt, ds = train_cmd.load_code_model(args, vq_path, "vqvae", device, "--vqvae")
     test_images = ds.test[:args.max_test] if args.max_test else ds.test
-    train_codes, test_codes = encode_all(vqvae, ds.train, device), encode_all(vqvae, test_images, device)
+    train_codes = train_cmd.encode_all(vqvae, ds.train, device)
+    test_codes = train_cmd.encode_all(vqvae, test_images, device)
     config = ckpt["config"] if ckpt else dict(num_codes=vqvae.num_codes, code_shape=vqvae.code_shape,
                                               dim=args.prior_dim, layers=args.prior_layers,
                                               kernel=args.prior_kernel)

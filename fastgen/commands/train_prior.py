@@ -24,18 +24,7 @@ def add_parser(families):
     p.set_defaults(func=run, lr=3e-4)
 
 
-@torch.no_grad()
-def encode_all(model, images, device, batch=256):
-    tops, bottoms = [], []
-    for s in range(0, images.shape[0], batch):
-        t, b = model.encode(images[s:s + batch].to(device))
-        tops.append(t.cpu())
-        bottoms.append(b.cpu())
-    return torch.cat(tops), torch.cat(bottoms)
-
-
 def run(args):
-    from fastgen import data as datasets
     from fastgen import training
     from fastgen.models import build_model
     device = train_cmd.setup(args)
@@ -51,12 +40,10 @@ def run(args):
     vq_path = ckpt["vqvae2_checkpoint"] if ckpt else args.vqvae2
     if vq_path is None:
         raise ValueError("--vqvae2 CKPT is required (a checkpoint written by `fastgen train vqvae2`)")
-    vq, vq_ckpt = training.load_model(vq_path, "vqvae2", device, name="--vqvae2")
-    da = vq_ckpt["data_args"]
-    ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
+    vq, _, ds = train_cmd.load_code_model(args, vq_path, "vqvae2", device, "--vqvae2")
     test_images = ds.test[:args.max_test] if args.max_test else ds.test
-    tr_t, tr_b = encode_all(vq, ds.train, device)
-    te_t, te_b = encode_all(vq, test_images, device)
+    tr_t, tr_b = train_cmd.encode_all(vq, ds.train, device)
+    te_t, te_b = train_cmd.encode_all(vq, test_images, device)
     shape = vq.top_shape if level == "top" else vq.bottom_shape
     if args.attention and level != "top":
         raise ValueError("--attention is an option of the top prior (--level top)")

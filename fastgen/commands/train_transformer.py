@@ -51,23 +51,24 @@ def add_parser(families):
 class CodeSource:
     """A VQ-VAE or VQ-VAE-2 seen as a sequence of codes per image."""
 
-    def __init__(self, kind, path, device):
-        from fastgen import training
+    def __init__(self, kind, path, device, args=None):
+        """args: the command's, when the dataset the VQ model was trained on is wanted (.data)."""
         self.kind, self.path = kind, path
-        self.model, self.ckpt = training.load_model(path, kind, device, name="--" + kind)
+        if args is not None:
+            self.model, self.ckpt, self.data = train_cmd.load_code_model(args, path, kind, device, "--" + kind)
+        else:
+            from fastgen import training
+            self.model, self.ckpt = training.load_model(path, kind, device, name="--" + kind)
         m = self.model
         self.num_codes = m.num_codes
         self.shapes = [m.code_shape] if kind == "vqvae" else [m.top_shape, m.bottom_shape]
         self.length = sum(h * w for h, w in self.shapes)
 
-    @torch.no_grad()
-    def encode(self, images, device, batch=256):
-        out = []
-        for s in range(0, images.shape[0], batch):
-            x = images[s:s + batch].to(device)
-            maps = [self.model.encode(x)] if self.kind == "vqvae" else list(self.model.encode(x))
-            out.append(torch.cat([c.flatten(1) for c in maps], 1).cpu())
-        return torch.cat(out)
+    def encode(self, images, device):
+        """(N, length) codes: the code map(s) of each image flattened, top map first."""
+        maps = train_cmd.encode_all(self.model, images, device)
+        maps = maps if isinstance(maps, tuple) else (maps,)
+        return torch.cat([c.flatten(1) for c in maps], 1)
 
     @torch.no_grad()
     def decode(self, codes):
@@ -99,7 +100,7 @@ def run(args):
     if path is None:
         raise ValueError("--vqvae CKPT or --vqvae2 CKPT is required (the codes the transformer models)")
     captions = ckpt["captions"] if ckpt else args.captions
-    source = CodeSource(kind, path, device)
+    source = CodeSource(kind, path, device, args)
     da = source.ckpt["data_args"]
     if captions == "digits":
         if da["data"] != "digits":
@@ -115,7 +116,7 @@ def run(args):
         tf = 0.1 if da["test_fraction"] is None else da["test_fraction"]
         tr, te = datasets.folder_captions(da["data"], captions, tf)
         caps_train, caps_test = [[c] for c in tr], [[c] for c in te]
-    ds = datasets.load(da["data"], size=da["size"], test_fraction=da["test_fraction"], binarize=da["binarize"])
+    ds = source.data
     config = ckpt["config"] if ckpt else dict(
         num_codes=source.num_codes, image_tokens=source.length, text_tokens=args.text_tokens, dim=args.dim,
         layers=args.layers, heads=args.heads, p_uncond=args.p_uncond)

@@ -5,6 +5,7 @@ fetched here) and trains in seconds.
 
     digit_features(images)     (N, 64) features of (N, 1, H, W) images in [0, 1]
     digit_classes(images)      (N,) predicted class 0..9
+    digit_outputs(images)      both (features and class probabilities) in one pass
     class_coverage(fake, real) share of the 10 classes the samples cover, histograms
 
 Training is deterministic: sklearn's digits, the package's fixed train split (seed 0,
@@ -128,32 +129,42 @@ def _prepare(images, name):
 
 
 @torch.no_grad()
-def digit_features(images, batch=1024, name="images"):
+def digit_outputs(images, batch=1024, name="images"):
+    """One pass of the classifier: ((N, 64) penultimate features, (N, 10) class probabilities)."""
+    x = _prepare(images, name)
+    model = classifier(x.device)
+    feats, probs = [], []
+    for s in range(0, x.shape[0], batch):
+        f = model.features(x[s:s + batch])
+        feats.append(f)
+        probs.append(torch.softmax(model.fc2(f), 1))
+    if not feats:
+        return x.new_zeros((0, FEATURE_DIM)), x.new_zeros((0, 10))
+    return torch.cat(feats), torch.cat(probs)
+
+
+def digit_features(images, name="images"):
     """(N, 64) penultimate-layer features of digit images (N, 1, H, W) in [0, 1]."""
-    x = _prepare(images, name)
-    model = classifier(x.device)
-    return torch.cat([model.features(x[s:s + batch]) for s in range(0, x.shape[0], batch)]) if x.shape[0] else \
-        x.new_zeros((0, FEATURE_DIM))
+    return digit_outputs(images, name=name)[0]
 
 
-@torch.no_grad()
-def digit_classes(images, batch=1024, name="images"):
+def digit_classes(images, name="images"):
     """(N,) predicted digit 0..9."""
-    x = _prepare(images, name)
-    model = classifier(x.device)
-    return torch.cat([model(x[s:s + batch]).argmax(1) for s in range(0, x.shape[0], batch)]) if x.shape[0] else \
-        torch.zeros(0, dtype=torch.long)
+    return digit_outputs(images, name=name)[1].argmax(1)
 
 
 def class_coverage(fake, real, min_share=0.2):
     """How the samples' predicted classes spread over the 10 digits, against the data's.
 
+    fake, real: images, or their predicted classes ((N,) int64, from digit_classes).
     Returns {"class_coverage": share of the classes whose sample frequency is at least
     `min_share` times their data frequency (1.0: every digit generated), "class_tv":
     total variation distance of the two class histograms (0: same mix),
     "class_hist_fake", "class_hist_real": the histograms (fractions)}."""
-    hf = torch.bincount(digit_classes(fake, name="fake"), minlength=10).double()
-    hr = torch.bincount(digit_classes(real, name="real"), minlength=10).double()
+    def classes(x, name):
+        return x if x.dim() == 1 else digit_classes(x, name=name)
+    hf = torch.bincount(classes(fake, "fake"), minlength=10).double()
+    hr = torch.bincount(classes(real, "real"), minlength=10).double()
     if hf.sum() == 0 or hr.sum() == 0:
         raise ValueError("class_coverage needs at least one fake and one real image")
     hf, hr = hf / hf.sum(), hr / hr.sum()

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from fastgen.metrics.digit_features import class_coverage, digit_features
+from fastgen.metrics.digit_features import class_coverage, digit_outputs
 from fastgen.metrics.frechet import frechet_distance
 from fastgen.metrics.prdc import precision_recall_density_coverage
 
@@ -24,8 +24,7 @@ ORDER = ["n_real", "n_fake", "fd", "precision", "recall", "density", "coverage",
 
 
 def _extractor(features):
-    if features == "digits":
-        return lambda x: digit_features(x)
+    """The feature function of a non-digits `features` argument."""
     if features == "raw":
         return lambda x: x.flatten(1).float()
     if isinstance(features, (str, os.PathLike)):
@@ -76,8 +75,11 @@ def evaluate_samples(real, fake, features="digits", k=5, backend="auto"):
             raise ValueError(f"real images are {tuple(real.shape[1:])} but fake ones {tuple(fake.shape[1:])}")
         if features == "digits" and (real.shape[1] != 1 or fake.shape[1] != 1):
             raise ValueError("digit features need 1-channel images; pass features='raw', a module or a TorchScript file")
-        f = _extractor(features)
-        fr, ff = f(real.float()), f(fake.float())
+        if features == "digits":     # features and classes from one pass of the classifier
+            (fr, pr), (ff, pf) = digit_outputs(real.float(), name="real"), digit_outputs(fake.float(), name="fake")
+        else:
+            f = _extractor(features)
+            fr, ff = f(real.float()), f(fake.float())
     else:
         fr, ff = real.float(), fake.float()
     for t, name in ((fr, "real"), (ff, "fake")):
@@ -86,7 +88,7 @@ def evaluate_samples(real, fake, features="digits", k=5, backend="auto"):
     out = {"n_real": fr.shape[0], "n_fake": ff.shape[0], "fd": frechet_distance(fr, ff)}
     out.update(precision_recall_density_coverage(fr.contiguous(), ff.contiguous(), k, backend=backend))
     if images and features == "digits":
-        out.update(class_coverage(fake, real))
+        out.update(class_coverage(pf.argmax(1), pr.argmax(1)))
     return out
 
 

@@ -16,10 +16,7 @@ boundary is inside it (<=, as in Kynkaanniemi et al.'s code; the `prdc` package 
 et al. uses a strict <, which differs only for points exactly on a boundary: duplicates,
 discrete data).
 """
-import torch
-
-from fastgen.ops import ball_count, knn
-from fastgen.ops import _validate
+from fastgen.ops import _validate, ball_count, knn
 
 
 

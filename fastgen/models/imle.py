@@ -28,7 +28,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastgen.models.networks import make_decoder

@@ -108,15 +108,12 @@ class GatedLayer(nn.Module):
 
     # -- incremental sampling: the same arithmetic on one row / one position ------------
 
-    def step_row(self, v_rows, i, labels, cmap_row):
+    def step_row(self, v_rows, i, zero, labels, cmap_row):
         """Vertical features of row i from the rows of this layer's v input (a list, row r
-        at index r; rows below 0 are zero): (v_feat_pre (B, 2d, 1, W) before conditioning,
-        gated v out row (B, d, 1, W))."""
+        at index r; `zero`, an all-zero row, stands for the rows above the map):
+        (v_feat_pre (B, 2d, 1, W) before conditioning, gated v out row (B, d, 1, W))."""
         s = int(self.first)
-        lo = i - self.half - s
-        rows = [v_rows[r] if r >= 0 else torch.zeros_like(v_rows[0]) for r in range(lo, i - s + 1)] \
-            if v_rows else None
-        win = torch.cat(rows, 2)                                     # (B, d, half + 1, W)
+        win = torch.cat([v_rows[r] if r >= 0 else zero for r in range(i - self.half - s, i - s + 1)], 2)
         pre = self.v_conv(F.pad(win, (self.half, self.half, 0, 0)))   # (B, 2d, 1, W)
         v_feat, _ = self._conditioned(pre, pre, labels, cmap_row)
         return pre, _gate(v_feat)
@@ -227,41 +224,34 @@ class GatedPixelCNN(nn.Module):
         device, H, W = self._sample_args(n, labels, cond, temperature, shape, device)
         codes = torch.zeros(n, H, W, dtype=torch.long, device=device)
         attn_cache = {}
-        emb_rows = []                                   # embedded code rows (B, d, 1, W)
-        v_rows = [[] for _ in self.layers]              # per layer: its v input rows
+        zero = torch.zeros(n, self.embed.embedding_dim, 1, W, device=device)
+        # per layer, the rows of its v input kept so far: layer 0 reads the embedded code
+        # rows, layer l > 0 the gated v output rows of layer l - 1
+        v_inputs = [[] for _ in self.layers]
+        last = len(self.layers) - 1
         for i in range(H):
             cmap_row = cond[:, :, i:i + 1] if cond is not None else None
-            pres, v_in = [], emb_rows
+            pres = []
             for li, layer in enumerate(self.layers):
-                if li > 0:
-                    v_in = v_rows[li]
-                pre, v_out = layer.step_row(v_in if li == 0 else v_rows[li], i, labels, cmap_row) \
-                    if (li > 0 or emb_rows) else self._first_row(layer, n, W, labels, cmap_row, device)
+                pre, v_out = layer.step_row(v_inputs[li], i, zero, labels, cmap_row)
                 pres.append(pre)
-                if li + 1 < len(self.layers):
-                    v_rows[li + 1].append(v_out)
-            x_row = torch.zeros(n, self.embed.embedding_dim, 1, W, device=device)   # row i's embeddings so far
-            h_rows = [x_row] + [torch.zeros_like(x_row) for _ in self.layers[1:]]
+                if li < last:
+                    v_inputs[li + 1].append(v_out)
+            # per layer, its h input row; row i's embeddings fill in as codes are drawn
+            h_rows = [torch.zeros_like(zero) for _ in self.layers]
             for j in range(W):
-                h = None
+                cpos = cond[:, :, i:i + 1, j:j + 1] if cond is not None else None
                 for li, layer in enumerate(self.layers):
-                    cpos = cond[:, :, i:i + 1, j:j + 1] if cond is not None else None
-                    h_self = h_rows[li][..., j:j + 1]
-                    h = layer.step_pos(h_rows[li], j, pres[li], labels, cpos, h_self)
-                    if li + 1 < len(self.layers):
+                    h = layer.step_pos(h_rows[li], j, pres[li], labels, cpos, h_rows[li][..., j:j + 1])
+                    if li < last:
                         h_rows[li + 1][..., j:j + 1] = h
                 if self.attention is not None:
                     h = self.attention.step(h, attn_cache)
                 c = self._draw(self.head(h)[:, :, 0, 0], temperature, generator)
                 codes[:, i, j] = c
-                x_row[..., j:j + 1] = self.embed(c)[:, :, None, None]
-            emb_rows.append(x_row)
+                h_rows[0][..., j:j + 1] = self.embed(c)[:, :, None, None]
+            v_inputs[0].append(h_rows[0])
         return codes
-
-    def _first_row(self, layer, n, W, labels, cmap_row, device):
-        """Row 0 of the first layer: its vertical window is all zero rows."""
-        zero = torch.zeros(n, self.embed.embedding_dim, 1, W, device=device)
-        return layer.step_row([zero], 0, labels, cmap_row)
 
     @torch.no_grad()
     def sample_naive(self, n, labels=None, generator=None, device=None, temperature=1.0, shape=None, cond=None):

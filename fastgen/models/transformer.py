@@ -17,7 +17,6 @@ Temperature, top-k and top-p (nucleus) filtering; classifier-free guidance with
 batch and the logits mix as  uncond + (1 + guidance) (cond - uncond). Training drops the
 caption with probability `p_uncond` so the unconditional stream is learnt.
 """
-import math
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +123,10 @@ class CodeTransformer(nn.Module):
         if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[1] != self.text_tokens:
             raise ValueError(f"text must be (B, {self.text_tokens}) tokens (encode_captions), got "
                              f"{tuple(getattr(text, 'shape', ()))}")
+        if text.dtype.is_floating_point or (text.numel() and (int(text.min()) < 0 or int(text.max()) >= TEXT_VOCAB)):
+            raise ValueError(f"text must hold integer tokens in [0, {TEXT_VOCAB}) (encode_captions), got "
+                             f"{text.dtype}" + ("" if text.dtype.is_floating_point or not text.numel() else
+                                                f" in [{int(text.min())}, {int(text.max())}]"))
         if codes is not None:
             if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != text.shape[0] \
                     or codes.shape[1] > self.image_tokens or codes.dtype.is_floating_point:

@@ -54,12 +54,12 @@ def ball_count(points, centres, radii, *, backend="auto", precision="fp32"):
     if radii.device != centres.device:
         raise ValueError(f"radii is on {radii.device} but centres is on {centres.device}")
     radii = radii.float()
-    if radii.numel() and not bool((torch.isfinite(radii) & (radii >= 0)).all()):
-        raise ValueError("radii must be finite and >= 0 (squared radii); got NaN, inf or negative values")
     _validate.precision(precision)
     be = _backend.resolve(backend, points.device, precision)
-    if be != "cpp":  # the C++ op checks the same inside its first pass over the data
+    if be != "cpp":  # the C++ op checks the same (radii too) inside its first pass over the data
         _validate.distance_inputs(points, "points", centres, "centres")
+        if radii.numel() and not bool((torch.isfinite(radii) & (radii >= 0)).all()):
+            raise ValueError("radii must be finite and >= 0 (squared radii); got NaN, inf or negative values")
     if be == "cpp":
         return BallCounts(*torch.ops.fastgen.ball_count(points.contiguous(), centres.contiguous(),
                                                         radii.contiguous(), precision))

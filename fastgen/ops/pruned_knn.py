@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.ops import _validate
 
 # below this many multiply-adds a sweep is faster than any preparation (and the sample
 # that decides would cost a noticeable share)
