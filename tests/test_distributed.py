@@ -134,3 +134,44 @@ def test_imle_trains_under_torchrun_like_one_process(tmp_path):
     ra = [r["mean_nearest_dist"] for r in a["history"] if "mean_nearest_dist" in r]
     rb = [r["mean_nearest_dist"] for r in b["history"] if "mean_nearest_dist" in r]
     assert len(ra) == 2 and ra == pytest.approx(rb, rel=1e-4)
+
+
+def _failing_rank_worker(rank, port, folder):
+    import torch.distributed as dist
+    from fastgen.models import IMLE
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        x = torch.rand(37, 1, 4, 4)
+        model = IMLE((1, 4, 4), z_dim=3, samples_per_point=5, chunk=16)
+        if rank == 1:          # this rank's generator diverged: its samples are NaN
+            model.generate = lambda z, cond=None: torch.full((z.shape[0], 1, 4, 4), float("nan"))
+        try:
+            model.search(x, generator=torch.Generator().manual_seed(7))
+            msg = "no error"
+        except (ValueError, RuntimeError) as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+        torch.save(msg, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_failing_in_the_imle_search_fails_every_rank_clearly():
+    """Before, the healthy rank waited in the merge for the failed one: it hung while that
+    process lived and got gloo's "Read error ... connection closed" once it exited."""
+    import time
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(_failing_rank_worker, args=(_free_port(), folder), nprocs=2,
+                                 start_method="spawn", join=False)
+        deadline = time.time() + 120
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("the healthy rank hung waiting for the failed one")
+        got = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+    assert got[0].startswith("RuntimeError: 1 other rank(s) failed"), got
+    assert "NaN" in got[1] or "finite" in got[1], got

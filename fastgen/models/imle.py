@@ -214,7 +214,7 @@ class IMLE(nn.Module):
 
     def _search_round(self, data, generator):
         from fastgen import distributed
-        from fastgen.ops import StreamingKNN, knn
+        from fastgen.ops import StreamingKNN
         n = data.shape[0]
         device = data.device
         feats = torch.cat([self.features(data[i:i + self.chunk]) for i in range(0, n, self.chunk)])
@@ -236,24 +236,21 @@ class IMLE(nn.Module):
             # under torch.distributed each process draws and searches its own run of chunks
             rank, size = distributed.world()
             search = StreamingKNN(feats[who], 1)
-            rejected = 0
-            t_gen = t_search = 0.0          # where the round's time goes (metrics.jsonl)
-            for c in range(chunks * rank // size, chunks * (rank + 1) // size):
-                start = c * self.chunk
-                t0 = time.perf_counter()
-                z = self._chunk_codes(seed, c, min(self.chunk, total - start), device)
-                f = self.features(self.generate_checked(z, data))
-                t1 = time.perf_counter()
-                t_gen += t1 - t0
-                ids = torch.arange(start, start + z.shape[0], device=device)
-                if self.reject_eps is not None:
-                    # RS-IMLE: a sample within eps of any data point is not a candidate
-                    # (prune=False: the same data every chunk; no per-chunk sample or clustering)
-                    keep = knn(f, feats, 1, prune=False).dist[:, 0] >= self.reject_eps ** 2
-                    rejected += int((~keep).sum())
-                    f, ids = f[keep], ids[keep]
-                search.add(f, index=ids)
-                t_search += time.perf_counter() - t1
+            try:     # seconds generating / searching: where the round's time goes (metrics.jsonl)
+                t_gen, t_search, rejected = self._search_chunks(search, seed, total, chunks, rank, size, data,
+                                                                feats, device)
+                error = None
+            except Exception as exc:  # noqa: BLE001 -- re-raised below, after the ranks agree
+                error = exc
+            if size > 1:
+                # a rank that failed (e.g. non-finite samples) must not leave the others
+                # waiting in the merge for it: every rank learns whether any failed first
+                failed = distributed.all_sum(int(error is not None))
+                if error is None and failed:
+                    raise RuntimeError(f"{failed} other rank(s) failed in this IMLE search round "
+                                       "(their own errors say why)")
+            if error is not None:
+                raise error
             info["seconds_generate"], info["seconds_search"] = round(t_gen, 4), round(t_search, 4)
             dist, idx = search.result64()
             if size > 1:
@@ -269,6 +266,30 @@ class IMLE(nn.Module):
             info["mean_nearest_dist"] = float(dist.mean())
         self.chosen_z, self.threshold = chosen, threshold
         return info
+
+    def _search_chunks(self, search, seed, total, chunks, rank, size, data, feats, device):
+        """This rank's run of a round's chunks: draw, generate, (RS-IMLE: reject), add to
+        `search`. Returns (seconds generating, seconds searching, samples rejected)."""
+        from fastgen.ops import knn
+        t_gen = t_search = 0.0
+        rejected = 0
+        for c in range(chunks * rank // size, chunks * (rank + 1) // size):
+            start = c * self.chunk
+            t0 = time.perf_counter()
+            z = self._chunk_codes(seed, c, min(self.chunk, total - start), device)
+            f = self.features(self.generate_checked(z, data))
+            t1 = time.perf_counter()
+            t_gen += t1 - t0
+            ids = torch.arange(start, start + z.shape[0], device=device)
+            if self.reject_eps is not None:
+                # RS-IMLE: a sample within eps of any data point is not a candidate
+                # (prune=False: the same data every chunk; no per-chunk sample or clustering)
+                keep = knn(f, feats, 1, prune=False).dist[:, 0] >= self.reject_eps ** 2
+                rejected += int((~keep).sum())
+                f, ids = f[keep], ids[keep]
+            search.add(f, index=ids)
+            t_search += time.perf_counter() - t1
+        return t_gen, t_search, rejected
 
     def _codes_at(self, seed, ids, total, device):
         """The codes of global sample numbers `ids` (of `total`), regenerated chunk by chunk

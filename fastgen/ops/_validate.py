@@ -112,26 +112,22 @@ def precision(p):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {p!r}")
 
 
-def point_sets(queries, keys):
+def point_sets(queries, keys, q_name="queries", k_name="keys", ndims=(2, 3)):
     """queries (N, D) / (B, N, D) and keys (M, D) / (B, M, D) of one dtype, device and D."""
-    points(queries, "queries")
-    points(keys, "keys")
+    points(queries, q_name, ndims)
+    points(keys, k_name, ndims)
     if queries.dim() != keys.dim():
-        raise ValueError(f"queries is {queries.dim()}-D but keys is {keys.dim()}-D; both must be 2-D or both 3-D")
-    same_kind(queries, "queries", keys, "keys")
+        raise ValueError(f"{q_name} is {queries.dim()}-D but {k_name} is {keys.dim()}-D; both must be 2-D or both 3-D")
+    same_kind(queries, q_name, keys, k_name)
     if queries.dim() == 3 and queries.shape[0] != keys.shape[0]:
-        raise ValueError(f"queries has batch size {queries.shape[0]} but keys has {keys.shape[0]}")
+        raise ValueError(f"{q_name} has batch size {queries.shape[0]} but {k_name} has {keys.shape[0]}")
 
 
 def fake_point_sets(queries, keys, q_name="queries", k_name="keys"):
     """What the C++ kernels check on (B, N, D) x (B, M, D) inputs, repeated by the fake
     (meta) kernels so torch.compile / meta tracing refuses what a real call refuses."""
     one_device(**{q_name: queries, k_name: keys})
-    points(queries, q_name, ndims=(3,))
-    points(keys, k_name, ndims=(3,))
-    same_kind(queries, q_name, keys, k_name)
-    if queries.shape[0] != keys.shape[0]:
-        raise ValueError(f"{q_name} has batch size {queries.shape[0]} but {k_name} has {keys.shape[0]}")
+    point_sets(queries, keys, q_name, k_name, ndims=(3,))
 
 
 def one_device(**tensors):
