@@ -35,6 +35,11 @@ def test_search_keeps_each_points_exact_nearest_sample(feature_dim):
     info = model.search(x, generator=torch.Generator().manual_seed(seed))
     # the same codes, all at once: chunking and streaming must not change the choice
     z = round_codes(model, seed, 57 * 7)
+    # round_codes reuses the model's own seeding, so check the codes on their own too:
+    # N(0, I) draws, no chunk repeating another, a different round for another seed
+    assert z.shape == (57 * 7, 5) and z.unique(dim=0).shape[0] == z.shape[0]
+    assert abs(float(z.mean())) < 0.15 and 0.85 < float(z.std()) < 1.15
+    assert not torch.equal(z, round_codes(model, seed + 1, 57 * 7))
     with torch.no_grad():
         samples = model.generate(z)
         dist, idx = knn(model.features(x), model.features(samples), 1)
