@@ -51,11 +51,14 @@ def _sig(fn, ptr_types, floats=()):
 
 def configs():
     """Every (kernel, configuration) the launchers can choose."""
-    from fastgen.ops.triton._common import DISTANCE_WARPS, DOT_PRECISION, blocks
+    from fastgen.ops import certified
+    from fastgen.ops.triton.screen import screen_blocks
+    from fastgen.ops.triton._common import BF16_DOT, DISTANCE_WARPS, DOT_PRECISION, blocks
     out = []
     knn = _import("fastgen.ops.triton.knn:_knn_kernel")
     cmin = _import("fastgen.ops.triton.patch_nn:_column_min_kernel")
     warg = _import("fastgen.ops.triton.patch_nn:_weighted_argmin_kernel")
+    screen = _import("fastgen.ops.triton.screen:_screen_kernel")
     ball = _import("fastgen.ops.triton.ball_count:_ball_count_kernel")
     fold = _import("fastgen.ops.triton.fold_patches:_fold_patches_kernel")
     fwd = _import("fastgen.ops.triton.reparameterize:_fwd_kernel")
@@ -76,6 +79,16 @@ def configs():
                                       _sig(knn, {**data, "idx_ptr": "*i64"}),
                                       dict(KP=kp, EXCLUDE_SELF=excl, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd,
                                            DOT_PRECISION=DOT_PRECISION), W))
+            # precision="bf16": the screen (fastgen/ops/certified.py), slots 16 .. 256, bf16 tensor-core dots
+            for kc in sorted({certified.slots(k) for k in (1, 8, 16, 32, 64, certified.MAX_K)}):
+                # weighted screens are patch_nn's (k = 1) only
+                for excl, weighted in ((False, False), (True, False)) + (((False, True),) if kc == certified.slots(1) else ()):
+                    bn, bm, bd = screen_blocks(D, kc)
+                    out.append(Config("fastgen.ops.triton.screen:_screen_kernel",
+                                      f"screen {dt} KC={kc}{' exclude_self' if excl else ''}{' weighted' if weighted else ''}",
+                                      _sig(screen, {**data, "val_ptr": "*fp32", "idx_ptr": "*i64"}, floats=("coef", "slack")),
+                                      dict(KC=kc, EXCLUDE_SELF=excl, WEIGHTED=weighted, BLOCK_N=bn, BLOCK_M=bm,
+                                           BLOCK_D=bd, DOT_PRECISION=DOT_PRECISION, SCREEN=BF16_DOT), W))
             bn, bm, bd = blocks(D)
             tag = dt
             out.append(Config("fastgen.ops.triton.patch_nn:_column_min_kernel", f"column_min {tag}",

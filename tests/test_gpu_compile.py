@@ -24,7 +24,7 @@ def rows():
 
 def test_every_kernel_and_config_is_in_the_plan(rows):
     names = {r["name"].split()[0] for r in rows}
-    assert names == {"knn", "column_min", "weighted_argmin", "ball_count", "fold_patches", "reparameterize"}
+    assert names == {"knn", "screen", "column_min", "weighted_argmin", "ball_count", "fold_patches", "reparameterize"}
     assert {r["arch"] for r in rows} == {80, 90}
     assert len(rows) >= 150
 

@@ -225,7 +225,7 @@ BAD_INPUTS = [
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="gpu"), ValueError, "backend must be"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), precision="fp8"), ValueError, "precision must be"),
     (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="torch", precision="bf16"), ValueError,
-     "runs on the cpp backend only"),
+     "runs on the cpp and triton backends only"),
     (lambda: knn(torch.randn(5, 0), torch.randn(6, 0)), ValueError, "zero features"),
     (lambda: knn([[1.0]], torch.randn(6, 1)), TypeError, "queries must be a torch.Tensor"),
 ]

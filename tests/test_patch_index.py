@@ -1008,7 +1008,7 @@ def _nan_on_second_search(index):
     (lambda k: PatchIndex(k, 0.0), ValueError, "alpha"),
     (lambda k: PatchIndex(k, True), TypeError, "alpha"),
     (lambda k: PatchIndex(k, ALPHA, precision="fp64"), ValueError, "precision"),
-    (lambda k: PatchIndex(k, ALPHA, backend="torch", precision="bf16"), ValueError, "runs on the cpp backend only"),
+    (lambda k: PatchIndex(k, ALPHA, backend="torch", precision="bf16"), ValueError, "runs on the cpp and triton backends only"),
     (lambda k: PatchIndex(k, ALPHA, full_above=1.5), ValueError, "full_above"),
     (lambda k: PatchIndex(k, ALPHA, full_above=-0.1), ValueError, "full_above"),
     (lambda k: PatchIndex(k, ALPHA, max_key_bytes=0), ValueError, "max_key_bytes"),

@@ -22,13 +22,15 @@ def triton_runs_on(device):
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend, device, precision="fp32"):
+def resolve(backend, device, precision="fp32", bf16_backends=("cpp", "triton")):
     """The concrete backend for tensors on `device`, or a ValueError naming `backend`.
-    precision="bf16" (a bf16 cross term, certified by the C++ engine) exists on the cpp
-    backend only: asking another backend for it raises instead of being ignored."""
+    precision="bf16" (a bf16 cross term, certified exact: the C++ engine, or the Triton
+    screen of fastgen/ops/certified.py) exists on `bf16_backends` only: asking another
+    backend for it raises instead of being ignored."""
     be = _resolve(backend, device)
-    if precision != "fp32" and be != "cpp":
-        raise ValueError(f"precision={precision!r} runs on the cpp backend only (CPU tensors); "
+    if precision != "fp32" and be not in bf16_backends:
+        where = " and ".join(bf16_backends)
+        raise ValueError(f"precision={precision!r} runs on the {where} backend{'s' if len(bf16_backends) > 1 else ''} only; "
                          f"backend {be!r} computes in fp32: use precision='fp32'")
     return be
 

@@ -55,7 +55,7 @@ def ball_count(points, centres, radii, *, backend="auto", precision="fp32"):
         raise ValueError(f"radii is on {radii.device} but centres is on {centres.device}")
     radii = radii.float()
     _validate.precision(precision)
-    be = _backend.resolve(backend, points.device, precision)
+    be = _backend.resolve(backend, points.device, precision, bf16_backends=("cpp",))
     if be != "cpp":  # the C++ op checks the same (radii too) inside its first pass over the data
         _validate.distance_inputs(points, "points", centres, "centres")
         if radii.numel() and not bool((torch.isfinite(radii) & (radii >= 0)).all()):

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, baselines
+from fastgen.ops import _backend, _validate, baselines, error_bound
 from fastgen.ops._sqdist_grad import sqdist_backward
 
 
@@ -27,10 +27,12 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         exclude_self: queries and keys are the same set; drop key i for query i
             (by index, not by distance, so duplicates of i still count).
         backend: "auto" (cpp on CPU, triton on CUDA), "cpp", "triton" or "torch".
-        precision: "fp32", or "bf16" to run the cross term on bf16 inputs (cpp backend
-            only; other backends raise rather than ignore it). The cpp
-            backend is exact in both: candidates within a proven error bound of the
-            k-th best are re-ranked in float64, so it returns the float64 ranking.
+        precision: "fp32", or "bf16" to run the cross term on bf16 inputs (cpp and
+            triton backends; torch raises rather than ignore it). bf16 is exact on both:
+            candidates within a proven error bound of the k-th best are re-ranked in
+            float64, so it returns the float64 ranking (on triton: bf16 tensor cores on
+            a GPU, k <= 128, fastgen/ops/certified.py). The cpp backend is exact in fp32
+            too; triton and torch in fp32 rank in fp32.
         prune: skip keys that provably cannot be among a query's k nearest (keys grouped
             into balls, triangle-inequality bounds: fastgen/ops/pruned_knn.py). Same
             answer, bit for bit. None (default) decides by a cheap measure: large 2-D
@@ -94,7 +96,10 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
     if be == "cpp":
         dist, idx = torch.ops.fastgen.knn(q3.contiguous(), k3.contiguous(), k, exclude_self, precision)
     else:
-        if be == "triton":
+        if be == "triton" and precision == "bf16":
+            from fastgen.ops.certified import knn_screened
+            dist, idx = knn_screened(q3, k3, k, exclude_self)
+        elif be == "triton":
             from fastgen.ops.triton.knn import knn_triton
             dist, idx = knn_triton(q3, k3, k, exclude_self)
         else:
@@ -114,13 +119,10 @@ _BF16_SAMPLE = 64
 
 
 def _bf16_window(a, b, d):
-    """About 2 E(a, b) of csrc/engine/error_bound.h with bf16 inputs (ub = 2^-8): how far
-    apart two keys' bf16 tile values may be and still swap places (a decision, not a
-    proof: the kernel uses its own bound)."""
-    u, ub = 2.0 ** -24, 2.0 ** -8
-    gamma = d * u / (1 - d * u)
-    rel = 4.01 * u + gamma + 0.5 * (2 * ub + ub * ub) + 0.5 * gamma * (1 + ub) ** 2
-    return 2.5 * rel * (a + b) ** 2
+    """2 E(a, b) with bf16 inputs (fastgen/ops/error_bound.py): how far apart two keys'
+    bf16 tile values may be and still swap places (a decision, not a proof: the kernel
+    uses its own bound)."""
+    return 2 * error_bound.coefficient(d, error_bound.BF16) * (a + b) ** 2
 
 
 _BF16_WARNED = set()      # the reasons already warned about (once each per process)

@@ -4,7 +4,7 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, reference
+from fastgen.ops import _backend, _validate
 from fastgen.ops._sqdist_grad import sqdist_backward
 
 

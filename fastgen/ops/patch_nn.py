@@ -27,11 +27,13 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
         alpha: > 0, small = strong push to use every key (0.005 for sampling); None
             gives the plain (exact) nearest neighbour.
         backend: "auto", "cpp", "triton" (two passes, no pruning; verified under
-            TRITON_INTERPRET=1 only), or "torch" (the two-pass chunked PyTorch method).
-        precision: "fp32", or "bf16" for a bf16 cross term (cpp backend only; other
-            backends raise). Scores are fp32: natural patches are
+            TRITON_INTERPRET=1 and compiled for sm_80/sm_90, never run on a GPU), or "torch" (the two-pass chunked PyTorch method).
+        precision: "fp32", or "bf16" for a bf16 cross term (cpp and triton backends;
+            torch raises). Scores are fp32: natural patches are
             full of near-ties, so different backends may pick different keys of
-            (within fp32 rounding) equal score.
+            (within fp32 rounding) equal score -- except triton with bf16, which screens
+            with bf16 tensor cores and re-ranks in float64: the float64 optimum, exactly
+            (fastgen/ops/certified.py).
         prune: skip what provably cannot change the answer (cpp backend with an alpha;
             elsewhere every tile is computed). The answer is the same; only the work
             differs (with precision="bf16" the bounds cover fp32 rounding only, so
@@ -65,7 +67,11 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
-    elif be == "triton":  # fp32 tiles; plain NN = exact kNN with k=1
+    elif be == "triton" and precision == "bf16":   # bf16 screens, exact float64 answer
+        _validate.distance_inputs(queries, "queries", keys, "keys")
+        from fastgen.ops.certified import patch_nn_screened
+        idx = patch_nn_screened(q3, k3, alpha)
+    elif be == "triton":  # fp32 tiles; plain NN = kNN with k=1
         _validate.distance_inputs(queries, "queries", keys, "keys")
         if alpha is None:
             from fastgen.ops.triton.knn import knn_triton

@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, blocks, centering_shift, on_device,
+from fastgen.ops import error_bound
+
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, FP32_DOT, blocks, centering_shift, on_device,
                                         register_for_interpreter, sqdist_tile)
 
 
@@ -33,7 +35,7 @@ def _ball_count_kernel(p_ptr, c_ptr, shift_ptr, r_ptr, rn_ptr, count_ptr, unsure
         col_ok = cols < M
         cross, p_sq, c_sq = sqdist_tile(p_ptr, c_ptr, shift_ptr, rows, cols, N, M, D,
                                          stride_pn, stride_pd, stride_cm, stride_cd, stride_sd,
-                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
+                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, FP32_DOT)
         d = p_sq[:, None] + c_sq[None, :] - 2.0 * cross
         ab = tl.sqrt(p_sq)[:, None] * 1.000001 + tl.sqrt(c_sq)[None, :] * 1.000001
         w = coef * ab * ab + slack
@@ -53,13 +55,9 @@ BALL_BLOCK_M = 32
 
 
 def error_coef(dim):
-    """E(a, b) = coef (a + b)^2 + slack of csrc/engine/error_bound.h for fp32 inputs,
+    """E(a, b) = coef (a + b)^2 + slack of fastgen/ops/error_bound.py for fp32 inputs,
     doubled (ball_count's window): (coef, slack)."""
-    u = 2.0 ** -24
-    du = dim * u
-    gamma = du / (1 - du) if du < 0.5 else 1.0
-    rel = 3 * u + 1.01 * u + gamma + 0.5 * gamma
-    return 2 * 1.25 * rel * (1 + 1e-6), 2 * 1.25 * 1e-30 * (dim + 1) + 1.4e-45
+    return 2 * error_bound.coefficient(dim) * (1 + 1e-6), 2 * error_bound.slack(dim) + 1.4e-45
 
 
 @triton_op("fastgen::ball_count_triton", mutates_args=())

@@ -17,8 +17,8 @@ from torch.library import triton_op, wrap_triton
 
 from fastgen.ops._sqdist_grad import sqdist_backward
 from fastgen.ops.baselines import gather_sqdist
-from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
-                                        register_for_interpreter, sqdist_tile)
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, FP32_DOT, batch_bases, blocks, centering_shift, keep_lower,
+                                        merge_smallest, on_device, register_for_interpreter, sqdist_tile)
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _knn_kernel(q_ptr, k_ptr, shift_ptr, idx_ptr, N, M, D, K,
         cols = c0 + tl.arange(0, BLOCK_M)
         cross, q_sq, k_sq = sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
                                          stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
-                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
+                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, FP32_DOT)
         # ||q||^2 is the same for the whole row, so it cannot change the ranking;
         # leaving it out keeps the numbers (and their rounding) smaller.
         d = k_sq[None, :] - 2.0 * cross
@@ -65,24 +65,7 @@ def _knn_kernel(q_ptr, k_ptr, shift_ptr, idx_ptr, N, M, D, K,
                                       return_indices_tie_break_left=True)
             best_v, best_i = keep_lower(tile_v, tile_pos, c0, best_v, best_i)
         else:
-            # Only entries below the current worst can enter the running set, and they
-            # come out of the tile in ascending order, so that many rounds (at most K)
-            # suffice; once the set is tight most tiles need none.
-            worst_v = tl.max(run_v, axis=1)
-            n_new = tl.sum((d < worst_v[:, None]).to(tl.int32), axis=1)
-            n_rounds = tl.minimum(tl.max(n_new, axis=0), K)
-            for _ in range(0, n_rounds):
-                m_v, m_pos = tl.min(d, axis=1, return_indices=True,
-                                    return_indices_tie_break_left=True)
-                m_col = c0 + m_pos
-                worst_v = tl.max(run_v, axis=1)
-                # among slots holding the worst value, the highest index goes first
-                worst_i = tl.max(tl.where(run_v == worst_v[:, None], run_i, -1), axis=1)
-                put = ((run_v == worst_v[:, None]) & (run_i == worst_i[:, None])
-                       & (m_v < worst_v)[:, None])
-                run_v = tl.where(put, m_v[:, None], run_v)
-                run_i = tl.where(put, m_col[:, None], run_i)
-                d = tl.where(cols[None, :] == m_col[:, None], inf, d)
+            run_v, run_i = merge_smallest(d, cols, c0, run_v, run_i, K)
 
     out = idx_ptr + b * stride_ib + rows.to(tl.int64)[:, None] * stride_in
     if KP == 1:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, batch_bases, blocks, centering_shift, keep_lower, on_device,
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, FP32_DOT, batch_bases, blocks, centering_shift, keep_lower, on_device,
                                         register_for_interpreter, sqdist_tile)
 
 
@@ -33,7 +33,7 @@ def _column_min_kernel(q_ptr, k_ptr, shift_ptr, row_ptr, N, M, D,
         rows = r0 + tl.arange(0, BLOCK_N)
         cross, q_sq, k_sq = sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
                                          stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
-                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
+                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, FP32_DOT)
         # a column reduction compares different rows, so ||q||^2 must be in
         d = q_sq[:, None] + k_sq[None, :] - 2.0 * cross
         d = tl.where(rows[:, None] < N, d, float("inf"))
@@ -62,7 +62,7 @@ def _weighted_argmin_kernel(q_ptr, k_ptr, shift_ptr, w_ptr, idx_ptr, N, M, D,
         cols = c0 + tl.arange(0, BLOCK_M)
         cross, q_sq, k_sq = sqdist_tile(q_base, k_base, s_base, rows, cols, N, M, D,
                                          stride_qn, stride_qd, stride_km, stride_kd, stride_sd,
-                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION)
+                                         BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION, FP32_DOT)
         w = tl.load(w_ptr + b * stride_wb + cols.to(tl.int64) * stride_wm, mask=cols < M, other=0.0)
         # the weights differ per key, so the row's own ||q||^2 must be in the score
         s = tl.maximum(q_sq[:, None] + k_sq[None, :] - 2.0 * cross, 0.0) * w[None, :]

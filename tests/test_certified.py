@@ -1,0 +1,175 @@
+"""precision="bf16" on the triton backend (fastgen/ops/certified.py): a bf16 screen
+(explicitly rounded inputs; tensor cores on a GPU, the same arithmetic through an fp32
+dot under the interpreter) whose candidates are re-ranked in float64. Held to what the
+CPU's certified mode is held to: the float64 reference's indices, bit for bit, on data
+built to defeat bf16 (near-ties far below its resolution) -- and a mutant with no error
+window must fail the same data.
+"""
+import pytest
+import torch
+
+from conftest import DTYPES, backends
+from fastgen.ops import certified, knn, nearest_code, patch_nn, reference
+from helpers import assert_close, assert_equal_idx, image_patches
+
+pytestmark = pytest.mark.skipif("triton" not in backends(), reason="triton cannot run here (no GPU, no TRITON_INTERPRET)")
+
+
+def check(q, k, kk, exclude_self=False):
+    dist, idx = knn(q, k, kk, exclude_self=exclude_self, backend="triton", precision="bf16")
+    ref_d, ref_i = reference.knn_exact(q, k, kk, exclude_self=exclude_self)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.long
+    assert_equal_idx(idx, ref_i)
+    assert_close(dist, ref_d, rtol=1e-6, atol=1e-6)
+    return dist, idx
+
+
+def spy_fallback(monkeypatch):
+    """Counts the rows that the fallback sweep answers."""
+    rows = []
+    real = certified._sweep_rows
+
+    def spy(queries, keys, k, den, exclude_self, redo, out_d, out_i):
+        rows.append(int(redo.sum()))
+        return real(queries, keys, k, den, exclude_self, redo, out_d, out_i)
+    monkeypatch.setattr(certified, "_sweep_rows", spy)
+    return rows
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 3), (33, 70, 17), (20, 130, 40)])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("kk", [1, 4, 20])
+def test_knn_matches_float64_reference(shape, dtype, tol, kk):
+    n, m, d = shape
+    q = torch.randn(n, d).to(dtype)
+    k = torch.randn(m, d).to(dtype)
+    check(q, k, min(kk, m))
+
+
+@pytest.mark.parametrize("kk", [1, 3])
+def test_knn_exclude_self_and_batches(kk):
+    x = torch.randn(3, 37, 9)
+    check(x, x, kk, exclude_self=True)
+    check(torch.randn(2, 11, 6), torch.randn(2, 50, 6), kk)
+
+
+def sparse_near_ties(n=12, m=300, d=40, near=6, offset=50.0):
+    """Per query, `near` keys on a sphere of radius 5 whose radii differ by ~1e-5 relative
+    (far below bf16's 2^-8) and the rest at radius 9: few enough candidates that no row
+    needs the fallback, so only the window decides."""
+    q = torch.randn(n, d) * 3 + offset
+    dirs = torch.nn.functional.normalize(torch.randn(n, m, d), dim=-1)
+    radii = torch.full((n, m), 9.0)
+    radii[:, :near] = 5 + 1e-5 * torch.rand(n, near)
+    radii = radii[:, torch.randperm(m)]
+    return q[:, None, :], q[:, None, :] + radii[..., None] * dirs
+
+
+def test_near_ties_need_the_window(monkeypatch):
+    q, keys = sparse_near_ties()
+    rows = spy_fallback(monkeypatch)
+    check(q, keys, 3)
+    assert rows == [], "these rows were meant to be decided by the window, not the fallback"
+    # the fp32 Triton kernel ranks on the expansion: it gets these wrong, so the data is hard
+    fp32 = knn(q, keys, 3, backend="triton").idx
+    assert not torch.equal(fp32, reference.knn_exact(q, keys, 3)[1])
+
+
+def test_mutant_without_window_fails(monkeypatch):
+    q, keys = sparse_near_ties()
+    want = reference.knn_exact(q, keys, 3)[1]
+    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False: (0.0, 0.0))
+    got = knn(q, keys, 3, backend="triton", precision="bf16").idx
+    assert not torch.equal(got, want)
+
+
+def test_dense_near_ties_take_the_fallback(monkeypatch):
+    # 600 keys inside the window of every row: more than the slots, so every row is swept
+    n, m, d = 8, 600, 40
+    q = torch.randn(n, d) * 3 + 50
+    dirs = torch.nn.functional.normalize(torch.randn(n, m, d), dim=-1)
+    keys = q[:, None, :] + (5 + 1e-5 * torch.rand(n, m))[..., None] * dirs
+    rows = spy_fallback(monkeypatch)
+    check(q[:, None, :], keys, 5)
+    assert rows == [n]
+
+
+def test_everything_tied_goes_to_lowest_index(monkeypatch):
+    rows = spy_fallback(monkeypatch)
+    dist, idx = knn(torch.zeros(3, 2), torch.zeros(500, 2), 4, backend="triton", precision="bf16")
+    assert_equal_idx(idx, torch.arange(4).expand(3, 4))
+    assert (dist == 0).all() and rows == [3]
+
+
+def test_integer_ties_and_far_from_origin():
+    x = torch.randint(0, 3, (45, 3)).float()
+    check(x, x, 6, exclude_self=True)
+    check(torch.randn(30, 9) + 1000, torch.randn(70, 9) + 1000, 3)
+
+
+def test_nearest_code_and_gradients():
+    x = torch.randn(40, 16, requires_grad=True)
+    cb = torch.randn(33, 16, requires_grad=True)
+    dist, idx = nearest_code(x, cb, backend="triton", precision="bf16")
+    ref_i, ref_d = reference.nearest_code_exact(x.detach(), cb.detach())
+    assert_equal_idx(idx, ref_i)
+    gx, gc = torch.autograd.grad(dist.sum(), [x, cb])
+    x64, c64 = x.detach().double().requires_grad_(), cb.detach().double().requires_grad_()
+    rx, rc = torch.autograd.grad((x64 - c64[idx]).square().sum(), [x64, c64])
+    assert_close(gx, rx, 1e-5, 1e-5)
+    assert_close(gc, rc, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.005 * 147, 0.05, None])
+def test_patch_nn_is_the_float64_optimum(alpha):
+    keys = image_patches((20, 26))
+    queries = keys + 0.05 * torch.randn_like(keys)
+    want = reference.patch_nn_exact(queries, keys, alpha)[0]
+    assert_equal_idx(patch_nn(queries, keys, alpha, backend="triton", precision="bf16"), want)
+    # batched, a key set per batch element
+    q2, k2 = torch.stack([queries[:90], queries[90:180]]), torch.stack([keys[:120], keys[120:240]])
+    got = patch_nn(q2, k2, alpha, backend="triton", precision="bf16")
+    for b in range(2):
+        assert_equal_idx(got[b], reference.patch_nn_exact(q2[b], k2[b], alpha)[0])
+
+
+def test_patch_nn_mutant_without_window_fails(monkeypatch):
+    keys = image_patches((20, 26))
+    queries = keys + 0.05 * torch.randn_like(keys)
+    want = reference.patch_nn_exact(queries, keys, 0.005 * 147)[0]
+    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False: (0.0, 0.0))
+    got = patch_nn(queries, keys, 0.005 * 147, backend="triton", precision="bf16")
+    assert not torch.equal(got, want)
+
+
+def test_the_kernel_rounds_to_bf16():
+    # one key, one query: the screen's lower bound is s~ - E with s~ from bf16-rounded
+    # inputs; 1 + 2^-9 rounds to 1 in bf16, so the cross term of (1 + 2^-9) . 1 is 1 exactly
+    from fastgen.ops.triton.screen import screen_triton
+    q = torch.tensor([[[1 + 2.0 ** -9, 0.0]]])
+    k = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])   # centred: shift (0, 0)
+    lower, idx = screen_triton(q, k, None, 16, False, 0.0, 0.0)
+    got = dict(zip(idx[0, 0].tolist(), lower[0, 0].tolist()))
+    assert got[0] == 1.0 - 2.0 and got[1] == 1.0 + 2.0   # ||k||^2 - 2 q^.k^ with q^ = (1, 0)
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda: knn(torch.randn(300, 3), torch.randn(300, 3), 129, backend="triton", precision="bf16"),
+     ValueError, "k <= 128"),
+    (lambda: knn(torch.randn(5, 3), torch.randn(6, 3), backend="torch", precision="bf16"), ValueError,
+     "runs on the cpp and triton backends only"),
+    (lambda: knn(torch.randn(5, 3), torch.tensor([[float("nan")] * 3]), backend="triton", precision="bf16"),
+     ValueError, "keys contains NaN"),
+])
+def test_bad_inputs(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_opcheck_screen():
+    from fastgen.ops.triton.screen import screen_triton  # noqa: F401  (registers the op)
+    q, k = torch.randn(2, 9, 5), torch.randn(2, 20, 5)
+    coef, slack = certified.bound(5)
+    torch.library.opcheck(torch.ops.fastgen.screen_triton.default, (q, k, None, 16, False, coef, slack))
+    w = torch.rand(2, 20)
+    torch.library.opcheck(torch.ops.fastgen.screen_triton.default, (q, k, w, 16, False, *certified.bound(5, weighted=True)))
