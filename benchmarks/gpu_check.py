@@ -43,8 +43,10 @@ def correctness(lines):
     for n, m, d, k in (sizes if DEVICE == "cuda" else sizes[:2]):
         q, x = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
         dist, idx = knn(q.to(dev), x.to(dev), k)
-        ref_d, _ = reference.knn_exact(q, x, k)
+        ref_d, ref_i = reference.knn_exact(q, x, k)
         checks.append((f"knn {n}x{m}x{d} k={k}", float((dist.cpu().double() - ref_d).abs().max()), 1e-3))
+        _, idx16 = knn(q.to(dev), x.to(dev), k, precision="bf16")
+        checks.append((f"knn bf16 {n}x{m}x{d} k={k} (indices differing from float64)", float((idx16.cpu() != ref_i).sum()), 0))
         res = nearest_code(q.to(dev), x.to(dev))
         checks.append((f"nearest_code {n}x{m}x{d}", float((res.dist.cpu().double() - ref_d[:, 0]).abs().max()), 1e-3))
         r = reference.sqdist_exact(x[:50], x[:50]).float().kthvalue(3, 1).values
@@ -86,6 +88,9 @@ def speed(lines, results):
         t_fast = timed(lambda: knn(q, x, k))
         t_torch = timed(lambda: knn_cdist(q, x, k))
         row = dict(op="knn", shape=f"{n}x{m}x{d} k={k}", fastgen_ms=t_fast * 1e3, torch_ms=t_torch * 1e3)
+        # precision="bf16": the tensor-core screen plus the float64 re-rank (exact)
+        rows.append(dict(op="knn bf16 (exact)", shape=row["shape"], fastgen_ms=timed(lambda: knn(q, x, k, precision="bf16")) * 1e3,
+                         torch_ms=t_torch * 1e3))
         try:
             import faiss
             res = faiss.StandardGpuResources()
@@ -101,8 +106,31 @@ def speed(lines, results):
                      torch_ms=timed(lambda: torch.cdist(x, cb).argmin(1)) * 1e3))
     keys = torch.rand(62500 if DEVICE == "cuda" else 500, 147, device=dev)
     qs = keys + 0.05 * torch.randn_like(keys)
+    t_two_pass = timed(lambda: patch_nn_two_pass(qs, keys, 0.735), 3) * 1e3
     rows.append(dict(op="patch_nn", shape="62500x62500x147", fastgen_ms=timed(lambda: patch_nn(qs, keys, 0.735), 3) * 1e3,
-                     torch_ms=timed(lambda: patch_nn_two_pass(qs, keys, 0.735), 3) * 1e3))
+                     torch_ms=t_two_pass))
+    rows.append(dict(op="patch_nn bf16 (exact)", shape="62500x62500x147",
+                     fastgen_ms=timed(lambda: patch_nn(qs, keys, 0.735, precision="bf16"), 3) * 1e3, torch_ms=t_two_pass))
+    # the other ops against their plain-torch forms on the GPU
+    from fastgen.nn import VectorQuantizer
+    from fastgen.ops import fold_patches, reparameterize
+    from fastgen.ops.baselines import reparameterize_unfused
+    from fastgen.ops.reference import fold_patches_reference
+    src = torch.rand(1, 3, 427 if DEVICE == "cuda" else 40, 640 if DEVICE == "cuda" else 50, device=dev)
+    hq, wq = src.shape[2] - 6, src.shape[3] - 6
+    fidx = torch.randint(0, hq * wq, (1, hq, wq), device=dev)
+    rows.append(dict(op="fold_patches", shape=f"3x{src.shape[2]}x{src.shape[3]} p=7",
+                     fastgen_ms=timed(lambda: fold_patches(src, fidx, 7)) * 1e3,
+                     torch_ms=timed(lambda: fold_patches_reference(src, fidx, 7)) * 1e3))
+    mu, lv, eps = (torch.randn(256, 4096 if DEVICE == "cuda" else 64, device=dev) for _ in range(3))
+    rows.append(dict(op="reparameterize", shape=f"{tuple(mu.shape)}", fastgen_ms=timed(lambda: reparameterize(mu, lv, eps)) * 1e3,
+                     torch_ms=timed(lambda: reparameterize_unfused(mu, lv, eps)) * 1e3))
+    vq = VectorQuantizer(512, 64).to(dev)
+    z = torch.randn(32768 if DEVICE == "cuda" else 512, 64, device=dev, requires_grad=True)
+    vq_torch = VectorQuantizer(512, 64, backend="torch").to(dev)
+    rows.append(dict(op="VectorQuantizer fwd+bwd", shape=f"{z.shape[0]}x512x64",
+                     fastgen_ms=timed(lambda: vq(z).quantized.sum().backward()) * 1e3,
+                     torch_ms=timed(lambda: vq_torch(z).quantized.sum().backward()) * 1e3))
     lines += ["## Speed on the GPU (median ms)", "", "| op | shape | fastgen | torch | faiss-gpu |", "|---|---|--:|--:|--:|"]
     for r in rows:
         fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -138,6 +166,12 @@ def main(out_dir):
     lines = [f"# fastgen GPU check: {name}", "",
              f"torch {torch.__version__}, CUDA {torch.version.cuda}", ""]
     results = {}
+    for name, title in (("build.txt", "Build against this torch"), ("test_cuda.txt", "tests/test_cuda.py")):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):   # written by gpu_check.sh
+            with open(path) as f:
+                tail = f.read().strip().splitlines()[-3:]
+            lines += [f"## {title}", "", "```", *tail, "```", ""]
     ok = correctness(lines)
     speed(lines, results)
     gpnn(lines, out_dir)
