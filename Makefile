@@ -61,6 +61,9 @@ test-cpp:
 
 test-py:
 	$(PY) -m pytest tests -q -p no:cacheprovider
+	# tests/test_cuda.py skips without a GPU; here it runs once more through the Triton
+	# interpreter on CPU tensors so that the file itself is checked (not a GPU result)
+	FASTGEN_TEST_CUDA_DEVICE=cpu $(PY) -m pytest tests/test_cuda.py -q -p no:cacheprovider
 
 test: install test-cpp test-py
 

@@ -79,14 +79,13 @@ def _exact_sqdist(queries, keys, idx):
     return out
 
 
-def _rerank(queries, keys, lower, idx, k, coef, slack, den, exclude_self):
-    """Steps 2 and 3 of the module's docstring: (dist float32, idx) (B, N, k), exact; for
-    weighted screens (den given: score d_ij / den_j) dist is the float64 score, rounded."""
+def candidates(queries, keys, lower, idx, k, coef, slack, den=None):
+    """Step 2 of the module's docstring on a screen's output (lower, idx) (B, N, KC):
+    (safe, cand, redo) -- the slots' key indices (0 in empty slots), which slots hold
+    candidates (B, N, KC), and which rows need the float64 sweep (B, N)."""
     B, N, D = queries.shape
     M = keys.shape[1]
     kc = idx.shape[-1]
-    if B * N == 0:
-        return torch.empty((B, N, k), device=queries.device), torch.empty((B, N, k), dtype=torch.long, device=queries.device)
     mu = centering_shift(keys).double()                        # the kernel's shift
     a = (queries.double() - mu[:, None, :]).norm(dim=-1)       # (B, N)
     # the kernel's E uses the largest key norm of each tile of BLOCK_M keys
@@ -101,16 +100,26 @@ def _rerank(queries, keys, lower, idx, k, coef, slack, den, exclude_self):
         e = e / torch.gather(den, 1, safe.view(B, -1)).view(B, N, kc)
     low = lower.double()
     upper = torch.where(valid, low + 2 * e * (1 + 1e-4), torch.inf)
-    u_k = upper.kthvalue(k, dim=-1, keepdim=True).values if kc >= k else upper.max(-1, keepdim=True).values
+    u_k = upper.kthvalue(k, dim=-1, keepdim=True).values
     cand = valid & (low <= u_k)
     # a full row (every slot holds a key) whose largest kept bound is still <= U may have
     # dropped keys below U; a non-finite U (overflowing inputs) is not trusted either
     full = valid.all(-1)
     redo = (full & (low.masked_fill(~valid, -torch.inf).max(-1).values <= u_k[..., 0])) | ~torch.isfinite(u_k[..., 0])
+    return safe, cand, redo
 
+
+def _rerank(queries, keys, lower, idx, k, coef, slack, den, exclude_self):
+    """Steps 2 and 3 of the module's docstring: (dist float32, idx) (B, N, k), exact; for
+    weighted screens (den given: score d_ij / den_j) dist is the float64 score, rounded."""
+    B, N, D = queries.shape
+    M = keys.shape[1]
+    if B * N == 0:
+        return torch.empty((B, N, k), device=queries.device), torch.empty((B, N, k), dtype=torch.long, device=queries.device)
+    safe, cand, redo = candidates(queries, keys, lower, idx, k, coef, slack, den)
     score = _exact_sqdist(queries, keys, safe)
     if den is not None:
-        score = score / torch.gather(den, 1, safe.view(B, -1)).view(B, N, kc)
+        score = score / torch.gather(den, 1, safe.view(B, -1)).view(safe.shape)
     score = score.masked_fill(~cand, torch.inf)
     # rank by (score, index): index order first, then a stable sort by score
     order = safe.masked_fill(~cand, M).argsort(-1)
