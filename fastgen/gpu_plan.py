@@ -53,7 +53,7 @@ def configs():
     """Every (kernel, configuration) the launchers can choose."""
     from fastgen.ops import certified
     from fastgen.ops.triton.screen import screen_blocks
-    from fastgen.ops.triton._common import BF16_DOT, DISTANCE_WARPS, DOT_PRECISION, blocks
+    from fastgen.ops.triton._common import BF16_DOT, DISTANCE_WARPS, DOT_PRECISION, FP32_DOT, blocks
     out = []
     knn = _import("fastgen.ops.triton.knn:_knn_kernel")
     cmin = _import("fastgen.ops.triton.patch_nn:_column_min_kernel")
@@ -84,11 +84,16 @@ def configs():
                 # weighted screens are patch_nn's (k = 1) only
                 for excl, weighted in ((False, False), (True, False)) + (((False, True),) if kc == certified.slots(1) else ()):
                     bn, bm, bd = screen_blocks(D, kc)
-                    out.append(Config("fastgen.ops.triton.screen:_screen_kernel",
-                                      f"screen {dt} KC={kc}{' exclude_self' if excl else ''}{' weighted' if weighted else ''}",
-                                      _sig(screen, {**data, "val_ptr": "*fp32", "idx_ptr": "*i64"}, floats=("coef", "slack")),
-                                      dict(KC=kc, EXCLUDE_SELF=excl, WEIGHTED=weighted, BLOCK_N=bn, BLOCK_M=bm,
-                                           BLOCK_D=bd, DOT_PRECISION=DOT_PRECISION, SCREEN=BF16_DOT), W))
+                    # the bf16 first stage and the fp32 second stage (never with exclude_self)
+                    for mode, tag in ((BF16_DOT, "bf16 dot"), (FP32_DOT.value, "fp32 dot")):
+                        if excl and mode != BF16_DOT:
+                            continue
+                        out.append(Config("fastgen.ops.triton.screen:_screen_kernel",
+                                          f"screen {dt} KC={kc} {tag}{' exclude_self' if excl else ''}"
+                                          f"{' weighted' if weighted else ''}",
+                                          _sig(screen, {**data, "val_ptr": "*fp32", "idx_ptr": "*i64"}, floats=("coef", "slack")),
+                                          dict(KC=kc, EXCLUDE_SELF=excl, WEIGHTED=weighted, BLOCK_N=bn, BLOCK_M=bm,
+                                               BLOCK_D=bd, DOT_PRECISION=DOT_PRECISION, SCREEN=mode), W))
             bn, bm, bd = blocks(D)
             tag = dt
             out.append(Config("fastgen.ops.triton.patch_nn:_column_min_kernel", f"column_min {tag}",

@@ -78,13 +78,41 @@ def test_near_ties_need_the_window(monkeypatch):
 def test_mutant_without_window_fails(monkeypatch):
     q, keys = sparse_near_ties()
     want = reference.knn_exact(q, keys, 3)[1]
-    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False: (0.0, 0.0))
+    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False, fp32=False: (0.0, 0.0))
     got = knn(q, keys, 3, backend="triton", precision="bf16").idx
     assert not torch.equal(got, want)
 
 
+def two_tied(n=48, m=40, d=40):
+    """Per query two keys whose squared distances differ by 1e-6 (below what fp32 dots
+    resolve at these norms) and 38 more within bf16's window but outside fp32's: the bf16
+    screen overflows its 16 slots, the fp32 stage decides -- by its window."""
+    q = torch.randn(n, d) * 3
+    dirs = torch.nn.functional.normalize(torch.randn(n, m, d), dim=-1)
+    sq = 25 + 0.005 + 0.095 * torch.rand(n, m)
+    sq[:, 0], sq[:, 1] = 25.0, 25.0 + 1e-6
+    sq = torch.gather(sq, 1, torch.stack([torch.randperm(m) for _ in range(n)]))
+    return q[:, None, :], q[:, None, :] + sq.sqrt()[..., None] * dirs
+
+
+def test_fp32_stage_answers_what_bf16_cannot(monkeypatch):
+    q, keys = two_tied()
+    certified.reset_stats()
+    check(q, keys, 1)
+    assert certified.STATS == {"rows": 48, "fp32_rows": 48, "swept_rows": 0}
+
+
+def test_fp32_stage_mutant_without_window_fails(monkeypatch):
+    q, keys = two_tied()
+    want = reference.knn_exact(q, keys, 1)[1]
+    real = certified.bound
+    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False, fp32=False:
+                        (0.0, 0.0) if fp32 else real(dim, weighted=weighted))
+    assert not torch.equal(knn(q, keys, 1, backend="triton", precision="bf16").idx, want)
+
+
 def test_dense_near_ties_take_the_fallback(monkeypatch):
-    # 600 keys inside the window of every row: more than the slots, so every row is swept
+    # 600 keys inside the window of every row, at bf16 and at fp32: every row is swept
     n, m, d = 8, 600, 40
     q = torch.randn(n, d) * 3 + 50
     dirs = torch.nn.functional.normalize(torch.randn(n, m, d), dim=-1)
@@ -137,7 +165,7 @@ def test_patch_nn_mutant_without_window_fails(monkeypatch):
     keys = image_patches((20, 26))
     queries = keys + 0.05 * torch.randn_like(keys)
     want = reference.patch_nn_exact(queries, keys, 0.005 * 147)[0]
-    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False: (0.0, 0.0))
+    monkeypatch.setattr(certified, "bound", lambda dim, weighted=False, fp32=False: (0.0, 0.0))
     got = patch_nn(queries, keys, 0.005 * 147, backend="triton", precision="bf16")
     assert not torch.equal(got, want)
 
@@ -148,7 +176,7 @@ def test_the_kernel_rounds_to_bf16():
     from fastgen.ops.triton.screen import screen_triton
     q = torch.tensor([[[1 + 2.0 ** -9, 0.0]]])
     k = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])   # centred: shift (0, 0)
-    lower, idx = screen_triton(q, k, None, 16, False, 0.0, 0.0)
+    lower, idx = screen_triton(q, k, None, 16, False, 0.0, 0.0, False)
     got = dict(zip(idx[0, 0].tolist(), lower[0, 0].tolist()))
     assert got[0] == 1.0 - 2.0 and got[1] == 1.0 + 2.0   # ||k||^2 - 2 q^.k^ with q^ = (1, 0)
 
@@ -170,6 +198,6 @@ def test_opcheck_screen():
     from fastgen.ops.triton.screen import screen_triton  # noqa: F401  (registers the op)
     q, k = torch.randn(2, 9, 5), torch.randn(2, 20, 5)
     coef, slack = certified.bound(5)
-    torch.library.opcheck(torch.ops.fastgen.screen_triton.default, (q, k, None, 16, False, coef, slack))
+    torch.library.opcheck(torch.ops.fastgen.screen_triton.default, (q, k, None, 16, False, coef, slack, False))
     w = torch.rand(2, 20)
-    torch.library.opcheck(torch.ops.fastgen.screen_triton.default, (q, k, w, 16, False, *certified.bound(5, weighted=True)))
+    torch.library.opcheck(torch.ops.fastgen.screen_triton.default, (q, k, w, 16, False, *certified.bound(5, weighted=True), True))

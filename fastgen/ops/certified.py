@@ -10,7 +10,8 @@ tensor cores.
    score from above, so only keys with L_j <= U can be among the k best: those are
    re-ranked in float64 on direct differences (ties to the lowest index).
 3. A row whose KC kept bounds are all <= U may have dropped a candidate (near-duplicate
-   keys, everything tied): it is answered by a float64 sweep over all its keys, chunked.
+   keys, everything tied): it is screened again with fp32 dots (a window ~2^-16 of
+   bf16's), and what still overflows is answered by a float64 sweep over all its keys.
 The result is the float64 reference's, bit for bit in the indices; a window smaller than
 the bound's is caught by the tests (tests/test_certified.py, a mutant).
 """
@@ -31,11 +32,15 @@ def slots(k):
     return triton.next_power_of_2(max(MIN_SLOTS, 2 * k))
 
 
-def bound(dim, *, weighted=False):
-    """(coef, slack) of the screen's E: bf16 inputs, tensor-core sums (fastgen.ops.error_bound)."""
-    return (error_bound.coefficient(dim, error_bound.BF16, accumulation_roundoff=error_bound.TENSOR_CORE_ACC,
-                                    full_distance=weighted, weighted=weighted),
-            error_bound.slack(dim))
+def bound(dim, *, weighted=False, fp32=False):
+    """(coef, slack) of the screen's E (fastgen.ops.error_bound): bf16 inputs and
+    tensor-core sums, or (fp32=True, the second stage) fp32 inputs and "ieee" fp32 sums."""
+    if fp32:
+        coef = error_bound.coefficient(dim, 0.0, full_distance=weighted, weighted=weighted)
+    else:
+        coef = error_bound.coefficient(dim, error_bound.BF16, accumulation_roundoff=error_bound.TENSOR_CORE_ACC,
+                                       full_distance=weighted, weighted=weighted)
+    return coef, error_bound.slack(dim)
 
 
 def knn_screened(queries, keys, k, exclude_self):
@@ -43,9 +48,7 @@ def knn_screened(queries, keys, k, exclude_self):
     dist float32 of the float64 squared distance, ascending; ties to the lowest index."""
     if k > MAX_K:
         raise ValueError(f"precision='bf16' on the triton backend supports k <= {MAX_K}, got k={k}")
-    coef, slack = bound(queries.shape[-1])
-    lower, idx = screen_triton(queries, keys, None, slots(k), exclude_self, coef, slack)
-    return _rerank(queries, keys, lower, idx, k, coef, slack, None, exclude_self)
+    return _search(queries, keys, k, None, exclude_self)
 
 
 def patch_nn_screened(queries, keys, alpha):
@@ -59,9 +62,49 @@ def patch_nn_screened(queries, keys, alpha):
         return knn_screened(queries, keys, 1, False)[1][..., 0]
     colmin = _exact_sqdist(keys, queries, knn_screened(keys, queries, 1, False)[1])[..., 0]   # (B, M) float64
     den = alpha + colmin           # the score is d_ij / den_j, as the float64 reference divides
-    coef, slack = bound(D, weighted=True)
-    lower, idx = screen_triton(queries, keys, den.reciprocal().float().contiguous(), slots(1), False, coef, slack)
-    return _rerank(queries, keys, lower, idx, 1, coef, slack, den, False)[1][..., 0]
+    return _search(queries, keys, 1, den, False)[1][..., 0]
+
+
+# Rows answered by each stage since the process started (or reset_stats()): how much the
+# bf16 screen left to the fp32 screen and to the float64 sweep (benchmarks/screen_stats.py).
+STATS = {"rows": 0, "fp32_rows": 0, "swept_rows": 0}
+
+
+def reset_stats():
+    for key in STATS:
+        STATS[key] = 0
+
+
+def _search(queries, keys, k, den, exclude_self):
+    """The three stages: the bf16 screen for every row; the rows whose slots overflowed
+    (near-duplicate keys: bf16's window holds hundreds of keys on image patches) again
+    with fp32 dots, whose window is ~2^-16 of bf16's; the float64 sweep for what is left.
+    Each stage is exact where it answers, so the result is the float64 reference's."""
+    B, N, D = queries.shape
+    if B * N == 0:
+        return torch.empty((B, N, k), device=queries.device), torch.empty((B, N, k), dtype=torch.long, device=queries.device)
+    w = None if den is None else den.reciprocal().float().contiguous()
+    kc = slots(k)
+    coef, slack = bound(D, weighted=den is not None)
+    lower, idx = screen_triton(queries, keys, w, kc, exclude_self, coef, slack, False)
+    out_d, out_i, redo = _rerank(queries, keys, lower, idx, k, coef, slack, den)
+    STATS["rows"] += B * N
+    if bool(redo.any()) and not exclude_self:   # (the kernel excludes self by row position)
+        coef, slack = bound(D, weighted=den is not None, fp32=True)
+        for b in range(B):
+            rows = redo[b].nonzero()[:, 0]
+            if rows.numel() == 0:
+                continue
+            q_b, k_b = queries[b, rows][None], keys[b:b + 1]
+            d_b = None if den is None else den[b:b + 1]
+            lower, idx = screen_triton(q_b, k_b, None if w is None else w[b:b + 1], kc, False, coef, slack, True)
+            d2, i2, r2 = _rerank(q_b, k_b, lower, idx, k, coef, slack, d_b)
+            out_d[b, rows], out_i[b, rows], redo[b, rows] = d2[0], i2[0], r2[0]
+            STATS["fp32_rows"] += rows.numel()
+    if bool(redo.any()):
+        STATS["swept_rows"] += int(redo.sum())
+        _sweep_rows(queries, keys, k, den, exclude_self, redo, out_d, out_i)
+    return out_d.float(), out_i
 
 
 def _exact_sqdist(queries, keys, idx):
@@ -109,13 +152,12 @@ def candidates(queries, keys, lower, idx, k, coef, slack, den=None):
     return safe, cand, redo
 
 
-def _rerank(queries, keys, lower, idx, k, coef, slack, den, exclude_self):
-    """Steps 2 and 3 of the module's docstring: (dist float32, idx) (B, N, k), exact; for
-    weighted screens (den given: score d_ij / den_j) dist is the float64 score, rounded."""
+def _rerank(queries, keys, lower, idx, k, coef, slack, den):
+    """Step 2 of the module's docstring: (dist float64, idx) (B, N, k) from the candidates,
+    exact except in the rows of `redo` (B, N), which the caller answers otherwise; for
+    weighted screens (den given: score d_ij / den_j) dist is the float64 score."""
     B, N, D = queries.shape
     M = keys.shape[1]
-    if B * N == 0:
-        return torch.empty((B, N, k), device=queries.device), torch.empty((B, N, k), dtype=torch.long, device=queries.device)
     safe, cand, redo = candidates(queries, keys, lower, idx, k, coef, slack, den)
     score = _exact_sqdist(queries, keys, safe)
     if den is not None:
@@ -125,11 +167,7 @@ def _rerank(queries, keys, lower, idx, k, coef, slack, den, exclude_self):
     order = safe.masked_fill(~cand, M).argsort(-1)
     safe, score = torch.gather(safe, -1, order), torch.gather(score, -1, order)
     score, order = torch.sort(score, dim=-1, stable=True)
-    out_i = torch.gather(safe, -1, order)[..., :k].contiguous()
-    out_d = score[..., :k].contiguous()
-    if bool(redo.any()):
-        _sweep_rows(queries, keys, k, den, exclude_self, redo, out_d, out_i)
-    return out_d.float(), out_i
+    return score[..., :k].contiguous(), torch.gather(safe, -1, order)[..., :k].contiguous(), redo
 
 
 def _sweep_rows(queries, keys, k, den, exclude_self, rows, out_d, out_i):

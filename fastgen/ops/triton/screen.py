@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, batch_bases, blocks, centering_shift,
+from fastgen.ops.triton._common import (DISTANCE_WARPS, DOT_PRECISION, FP32_DOT, batch_bases, blocks, centering_shift,
                                         merge_smallest, on_device, register_for_interpreter, screen_mode,
                                         sqdist_tile)
 
@@ -74,7 +74,7 @@ def screen_blocks(dim, kc):
 
 @triton_op("fastgen::screen_triton", mutates_args=())
 def screen_triton(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None, kc: int,
-                  exclude_self: bool, coef: float, slack: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  exclude_self: bool, coef: float, slack: float, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The `kc` (a power of two) smallest lower bounds of bf16-screened scores per query row.
 
     Args:
@@ -83,6 +83,7 @@ def screen_triton(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
         weights: None (plain score) or float32 (B, M) key weights (weighted score).
         kc: slots per row, a power of two. exclude_self: drop key i for query i (N == M).
         coef, slack: the error bound E (fastgen.ops.error_bound) the lower bounds subtract.
+        fp32: cross terms from fp32 "ieee" dots instead of bf16 ones (the second stage).
         Validation is the caller's (fastgen.ops.certified).
 
     Returns:
@@ -106,11 +107,12 @@ def screen_triton(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tens
                 idx.stride(0), idx.stride(1), idx.stride(2),
                 KC=kc, EXCLUDE_SELF=exclude_self, WEIGHTED=weights is not None,
                 BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-                DOT_PRECISION=DOT_PRECISION, SCREEN=screen_mode(queries), num_warps=DISTANCE_WARPS)
+                DOT_PRECISION=DOT_PRECISION, SCREEN=FP32_DOT.value if fp32 else screen_mode(queries),
+                num_warps=DISTANCE_WARPS)
     return vals, idx
 
 
-def _screen_triton_fake(queries, keys, weights, kc, exclude_self, coef, slack):
+def _screen_triton_fake(queries, keys, weights, kc, exclude_self, coef, slack, fp32):
     B, N, _ = queries.shape
     return (queries.new_empty((B, N, kc), dtype=torch.float32),
             queries.new_empty((B, N, kc), dtype=torch.long))
