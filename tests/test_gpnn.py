@@ -119,12 +119,24 @@ def test_the_start_is_the_documented_recipe(china, diversity):
 
 def test_alpha_is_in_mean_squared_difference_units(china):
     alphas = []
-    record = lambda lvl, it, q, idx, index: alphas.append(index.alpha)   # noqa: E731
-    GPNN(iterations=2, alpha=0.01, on_search=record).sample(china, seed=0, progress=False)
-    assert alphas and all(a == pytest.approx(0.01 * 3 * 7 * 7) for a in alphas)
+    record = lambda lvl, it, q, idx, index: alphas.append((lvl, index.alpha))   # noqa: E731
+    g = GPNN(iterations=2, alpha=0.01, coarse_alpha=None, on_search=record)
+    g.sample(china, seed=0, progress=False)
+    assert alphas and all(a == pytest.approx(0.01 * 3 * 7 * 7) for _, a in alphas)
     alphas.clear()
-    GPNN(iterations=2, alpha=None, on_search=record).sample(china, seed=0, progress=False)
-    assert alphas and all(a is None for a in alphas)
+    GPNN(iterations=2, alpha=None, coarse_alpha=None, on_search=record).sample(china, seed=0, progress=False)
+    assert alphas and all(a is None for _, a in alphas)
+    # the default: the public code's alpha at the coarsest level of a sample, alpha elsewhere
+    alphas.clear()
+    g = GPNN(iterations=2, alpha=0.01, on_search=record)
+    g.sample(china, seed=0, progress=False)
+    top = len(g._source_pyramid(china)) - 1
+    assert any(lvl == top for lvl, _ in alphas) and any(lvl != top for lvl, _ in alphas)
+    assert all(a == pytest.approx((0.00125 if lvl == top else 0.01) * 3 * 7 * 7) for lvl, a in alphas)
+    # tasks whose start is not noise use alpha everywhere
+    alphas.clear()
+    g.retarget(china, (40, 70), progress=False)
+    assert alphas and all(a == pytest.approx(0.01 * 3 * 7 * 7) for _, a in alphas)
 
 
 # ---------------------------------------------------------------- other tasks
@@ -162,8 +174,10 @@ def test_sharp_key_searches_reach_the_optimum(china, task, incremental):
     def record(lvl, it, queries, idx, index):
         calls.append((it, queries.clone(), index.keys, index.alpha, idx))
 
+    # (coarse_alpha=None: alpha at every level; with the public code's small alpha at the
+    # top, this sample's iterations move too many queries for any update to be incremental)
     model = GPNN(iterations=6, coarse_iterations=6, incremental=incremental,  # a small hole changes most
-                 on_search=record)
+                 on_search=record, coarse_alpha=None)
     if task == "sample":                                                  # of its queries early on
         model.sample(china, num_samples=2, seed=3, progress=False)
     else:
@@ -236,6 +250,8 @@ def test_bad_inputs_name_the_argument(china, call, exc, match):
     ({"patch_size": 0}, "patch_size"), ({"pyramid_ratio": 1.0}, "pyramid_ratio"),
     ({"coarsest_side": 5}, "coarsest_side"), ({"iterations": 0}, "iterations"),
     ({"alpha": -1}, "alpha"), ({"noise_std": float("nan")}, "noise_std"),
+    ({"coarse_alpha": 0.0}, "coarse_alpha"), ({"coarse_alpha": float("inf")}, "coarse_alpha"),
+    ({"coarse_alpha": True}, "coarse_alpha"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -73,6 +73,9 @@ def _common(p):
                         "to the source (start from its faded coarse image); default 1")
     p.add_argument("--coarse-iterations", type=int, default=1,
                    help="samples: patch-NN iterations at the coarsest level (more = closer to the source; default 1)")
+    p.add_argument("--coarse-alpha", type=float, default=0.00125,
+                   help="samples: alpha at the coarsest level, where the layout is chosen (default 0.00125, the "
+                        "public code's value in these units; larger = layouts closer to the source)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -104,7 +107,7 @@ def _model(args, alpha=0.005):
         raise ValueError(f"--max-side must be >= 0, got {args.max_side}")
     return GPNN(patch_size=args.patch_size, iterations=args.iterations,
                 alpha=alpha if args.alpha is None else args.alpha, noise_std=args.noise_std,
-                diversity=args.diversity, coarse_iterations=args.coarse_iterations,
+                diversity=args.diversity, coarse_iterations=args.coarse_iterations, coarse_alpha=args.coarse_alpha,
                 backend=args.backend, precision=args.precision)
 
 

@@ -33,6 +33,15 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   gives copies. The square spreads that range over diversity in [0, 1]. Not clamped (it
   only steers the first matches; every output pixel is a mean of source pixels, so
   outputs stay in [0, 1]). No noise at finer levels.
+- alpha of a sample's coarsest level: coarse_alpha = 0.00125, the public code's 0.005 in
+  this package's units (its distances are mean squared differences of [-1, 1] images,
+  4x ours), where the choice of patches lays out the sample: the small alpha makes every
+  source patch about equally attractive to a start of grey + noise, so the noise decides.
+  Finer levels keep alpha = 0.005 (fidelity). Measured on 9 seeds at 128 px beside the
+  public code (benchmarks/RESULTS.md): with alpha 0.005 everywhere china.jpg's samples
+  were ~10 % less diverse than the public code's (pairwise 0.224 vs 0.250); with
+  coarse_alpha 0.00125 0.254, and patch fidelity better on both images. retarget,
+  inpaint, analogy and edit use alpha on every level (their start is not noise).
 - Iterations of a sample: coarse_iterations (1) at the coarsest level, `iterations` (10)
   at every other: more coarse iterations pull the invented layout back towards the
   source's (the public code's help warns of copying). retarget, inpaint and analogy run
@@ -116,6 +125,8 @@ class GPNN:
             layouts, the public code's start), 0 from the source's coarse image at 15 %
             contrast (variations close to the source); see the module docstring.
         coarse_iterations: patch-NN iterations at the coarsest level (1).
+        coarse_alpha: alpha at the coarsest level of `sample` (0.00125, the public code's
+            value in these units; see the module docstring); None = alpha there too.
         backend, precision: passed to fastgen.ops.PatchIndex.
         incremental: iterations 2+ of a level update the last search instead of searching
             from scratch (None: where the backend can; same answers up to the rounding of
@@ -131,7 +142,7 @@ class GPNN:
 
     def __init__(self, patch_size=7, pyramid_ratio=4 / 3, coarsest_side=14, iterations=10,
                  alpha=0.005, noise_std=0.375, backend="auto", precision="fp32", incremental=None,
-                 on_search=None, diversity=1.0, coarse_iterations=1):
+                 on_search=None, diversity=1.0, coarse_iterations=1, coarse_alpha=0.00125):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         if not pyramid_ratio > 1:
@@ -142,6 +153,9 @@ class GPNN:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         if alpha is not None and not (0 < float(alpha) < float("inf")):
             raise ValueError(f"alpha must be a positive finite number or None, got {alpha!r}")
+        if coarse_alpha is not None and (isinstance(coarse_alpha, bool) or not (0 < float(coarse_alpha) < float("inf"))):
+            raise ValueError(f"coarse_alpha must be a positive finite number or None, got {coarse_alpha!r}")
+        self.coarse_alpha = None if coarse_alpha is None else float(coarse_alpha)
         if not (0 <= float(noise_std) < float("inf")):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         if not (0.0 <= float(diversity) <= 1.0):
@@ -169,6 +183,7 @@ class GPNN:
         return (f"GPNN(patch_size={self.patch_size}, pyramid_ratio={self.pyramid_ratio:.4g}, "
                 f"coarsest_side={self.coarsest_side}, iterations={self.iterations}, alpha={self.alpha}, "
                 f"noise_std={self.noise_std}, diversity={self.diversity}, coarse_iterations={self.coarse_iterations}, "
+                f"coarse_alpha={self.coarse_alpha}, "
                 f"backend={self.backend!r}, precision={self.precision!r})")
 
     # ------------------------------------------------------------------ public API
@@ -210,7 +225,8 @@ class GPNN:
         if w > 0:
             init = init + w * (_resize(src[-1], out_shapes[-1]) - 0.5)
         return self._synthesize(src, out_shapes, init, progress=progress, desc="gpnn sample",
-                                coarse_iterations=self.coarse_iterations)
+                                coarse_iterations=self.coarse_iterations,
+                                coarse_alpha=self.alpha if self.coarse_alpha is None else self.coarse_alpha)
 
     @torch.no_grad()
     def retarget(self, image, size, progress=True):
@@ -307,7 +323,7 @@ class GPNN:
         assert len(scales) == levels
         return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
 
-    def _index(self, keys_img, valid_keys, incremental):
+    def _index(self, keys_img, valid_keys, incremental, alpha="default"):
         """A PatchIndex over the stride-1 patches of keys_img (those in valid_keys):
         built once per key image and level, searched by all its iterations and samples.
         alpha is per patch entry (mean squared difference); the index works on sums of
@@ -315,7 +331,8 @@ class GPNN:
         keys = _patches(keys_img, self.patch_size)[0]
         if valid_keys is not None:
             keys = keys[valid_keys]
-        alpha = None if self.alpha is None else self.alpha * keys.shape[1]
+        alpha = self.alpha if alpha == "default" else alpha
+        alpha = None if alpha is None else alpha * keys.shape[1]
         return PatchIndex(keys, alpha, backend=self.backend, precision=self.precision, incremental=incremental)
 
     def _match(self, x, index, valid_keys=None, query_pos=None, hint=None, where=(0, 0)):
@@ -340,7 +357,8 @@ class GPNN:
             idx = full
         return idx.view(bsz, hq, wq), raw
 
-    def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn", coarse_iterations=None):
+    def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn", coarse_iterations=None,
+                    coarse_alpha="default"):
         from tqdm.auto import tqdm
         p = self.patch_size
         levels = len(src)
@@ -373,9 +391,10 @@ class GPNN:
                 # iteration 0 searches the blurred keys once; from iteration 1 on the keys
                 # are the sharp source and only part of the image changes per iteration,
                 # which the incremental index exploits
-                index0 = self._index(blurred, valid_keys, incremental=False)
+                alpha = coarse_alpha if lvl == levels - 1 else "default"
+                index0 = self._index(blurred, valid_keys, incremental=False, alpha=alpha)
                 iterations = coarse_iterations if lvl == levels - 1 else self.iterations
-                index = self._index(s, valid_keys, self.incremental) if iterations > 1 else None
+                index = self._index(s, valid_keys, self.incremental, alpha=alpha) if iterations > 1 else None
                 raw = None
                 for it in range(iterations):
                     # the last iteration's matches are most queries' answers again: as a
