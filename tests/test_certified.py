@@ -102,6 +102,17 @@ def test_fp32_stage_answers_what_bf16_cannot(monkeypatch):
     assert certified.STATS == {"rows": 48, "fp32_rows": 48, "swept_rows": 0}
 
 
+def test_fp32_stage_with_several_rows_per_batch():
+    # image patches: many rows of each batch element take the fp32 stage (rows gathered
+    # per element), k = 5
+    keys = image_patches((20, 26))
+    q2 = torch.stack([keys[:60] + 0.05 * torch.randn(60, keys.shape[1]), keys[60:120] + 0.05 * torch.randn(60, keys.shape[1])])
+    k2 = torch.stack([keys[:150], keys[100:250]])
+    certified.reset_stats()
+    check(q2, k2, 5)
+    assert certified.STATS["fp32_rows"] >= 10
+
+
 def test_fp32_stage_mutant_without_window_fails(monkeypatch):
     q, keys = two_tied()
     want = reference.knn_exact(q, keys, 1)[1]
@@ -109,6 +120,19 @@ def test_fp32_stage_mutant_without_window_fails(monkeypatch):
     monkeypatch.setattr(certified, "bound", lambda dim, weighted=False, fp32=False:
                         (0.0, 0.0) if fp32 else real(dim, weighted=weighted))
     assert not torch.equal(knn(q, keys, 1, backend="triton", precision="bf16").idx, want)
+
+
+def test_window_uses_the_kernels_key_tiles(monkeypatch):
+    # the kernel's E takes the largest key norm of each tile of keys; one far key per query
+    # makes that E large for its tile. Python must rebuild the same E: a mutant that uses
+    # one-column tiles (a smaller E than the kernel subtracted) must fail (found in review)
+    q, keys = sparse_near_ties(n=12, m=40, near=6, offset=0.0)
+    far = q + 100 * torch.nn.functional.normalize(torch.randn_like(q), dim=-1)
+    keys = torch.cat([far, keys], 1)
+    check(q, keys, 3)
+    want = reference.knn_exact(q, keys, 3)[1]
+    monkeypatch.setattr(certified, "screen_blocks", lambda dim, kc: (32, 1, 16))
+    assert not torch.equal(knn(q, keys, 3, backend="triton", precision="bf16").idx, want)
 
 
 def test_dense_near_ties_take_the_fallback(monkeypatch):
@@ -179,6 +203,25 @@ def test_the_kernel_rounds_to_bf16():
     lower, idx = screen_triton(q, k, None, 16, False, 0.0, 0.0, False)
     got = dict(zip(idx[0, 0].tolist(), lower[0, 0].tolist()))
     assert got[0] == 1.0 - 2.0 and got[1] == 1.0 + 2.0   # ||k||^2 - 2 q^.k^ with q^ = (1, 0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # the interpreter's numpy
+def test_overflowing_bounds_go_to_the_sweep():
+    # found in review: with a tiny alpha the weighted bound (s - E) w overflowed to -inf
+    # (the key looked like an empty slot) or +inf (it never entered one), and the row was
+    # answered without that key; likewise huge coordinates (valid inputs) overflow the
+    # fp32 distance. Such rows must reach the float64 sweep.
+    z = torch.tensor([1e6, 0.0])
+    e = certified.bound(2, weighted=True)[0] * (1e6 + 1e6) ** 2
+    p = torch.stack([torch.zeros(2), torch.tensor([0.0, e ** 0.5]), z])
+    want = reference.patch_nn_exact(p, p, 1e-30)[0]
+    assert_equal_idx(patch_nn(p, p, 1e-30, backend="triton", precision="bf16"), want)
+    c, x4 = 128.52 * 2.0 ** 55, 252.6 * 2.0 ** 54
+    x = torch.tensor([c, c, c, x4], dtype=torch.float64).float()
+    keys = torch.stack([x, -x + torch.tensor([0, 0, 0, 1e13])])
+    for alpha in (1.0, 0.005):
+        want = reference.patch_nn_exact((-x)[None], keys, alpha)[0]
+        assert_equal_idx(patch_nn((-x)[None], keys, alpha, backend="triton", precision="bf16"), want)
 
 
 @pytest.mark.parametrize("call,exc,msg", [

@@ -26,6 +26,7 @@ from fastgen.ops.triton.screen import screen_blocks, screen_triton   # only impo
 MIN_SLOTS = 16
 MAX_K = 128     # slots up to 256: what fastgen/gpu_plan.py compiles
 BUDGET = 1 << 24   # float64 elements per chunk of the exact re-rank and of the fallback sweep
+FP32_SAFE = 2.0 ** 126   # half of fp32's range: what a row's intermediates must stay below
 
 
 def slots(k):
@@ -149,6 +150,16 @@ def candidates(queries, keys, lower, idx, k, coef, slack, den=None):
     # dropped keys below U; a non-finite U (overflowing inputs) is not trusted either
     full = valid.all(-1)
     redo = (full & (low.masked_fill(~valid, -torch.inf).max(-1).values <= u_k[..., 0])) | ~torch.isfinite(u_k[..., 0])
+    # fp32 overflow in the kernel: a key whose bound became -inf looks like an empty slot,
+    # one whose bound became +inf never enters a slot. Every intermediate of a row is at
+    # most 4 (||q|| + max ||k||)^2 max(1, w) in size: rows where that can pass fp32's range
+    # go to the float64 sweep, as do rows holding a non-finite bound of a real key; weights
+    # below fp32's normal range (den > 1e37) could be flushed to zero on a GPU.
+    reach = 4 * (a + bk.amax(-1, keepdim=True)) ** 2
+    if den is not None:
+        reach = reach * den.reciprocal().amax(-1, keepdim=True).clamp(min=1.0)
+        redo = redo | (den.amax(-1, keepdim=True) > 1e37)
+    redo = redo | (reach >= FP32_SAFE) | ((idx < M) & ~torch.isfinite(lower)).any(-1)
     return safe, cand, redo
 
 

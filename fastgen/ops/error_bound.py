@@ -15,8 +15,10 @@ TENSOR_CORE_ACC = 2.0 ** -22
 
 
 def _gamma(dim, u):
+    # D u / (1 - D u) bounds a sum of D terms only while D u < 1; past 1/2 no finite
+    # bound is claimed (inf: every pair is then "unsure" and decided in float64)
     du = dim * u
-    return du / (1.0 - du) if du < 0.5 else 1.0
+    return du / (1.0 - du) if du < 0.5 else float("inf")
 
 
 def coefficient(dim, input_roundoff=0.0, *, accumulation_roundoff=U, output_roundoff=0.0,
