@@ -126,10 +126,14 @@ def test_window_uses_the_kernels_key_tiles(monkeypatch):
     # the kernel's E takes the largest key norm of each tile of keys; one far key per query
     # makes that E large for its tile. Python must rebuild the same E: a mutant that uses
     # one-column tiles (a smaller E than the kernel subtracted) must fail (found in review)
-    q, keys = sparse_near_ties(n=12, m=40, near=6, offset=0.0)
-    far = q + 100 * torch.nn.functional.normalize(torch.randn_like(q), dim=-1)
-    keys = torch.cat([far, keys], 1)
-    check(q, keys, 3)
+    def data():
+        q, keys = sparse_near_ties(n=12, m=40, near=6, offset=0.0)
+        far = q + 100 * torch.nn.functional.normalize(torch.randn_like(q), dim=-1)
+        return q, torch.cat([far, keys], 1)
+    check(*data(), 3)                      # fresh data
+    # the mutant on a fixed draw: on about 1 draw in 8 no row of this data catches it
+    torch.manual_seed(1)
+    q, keys = data()
     want = reference.knn_exact(q, keys, 3)[1]
     monkeypatch.setattr(certified, "screen_blocks", lambda dim, kc: (32, 1, 16))
     assert not torch.equal(knn(q, keys, 3, backend="triton", precision="bf16").idx, want)
@@ -186,12 +190,13 @@ def test_patch_nn_is_the_float64_optimum(alpha):
 
 
 def test_patch_nn_mutant_without_window_fails(monkeypatch):
+    # 1-8 of 280 queries go wrong per noise draw (8 draws seen): three draws together
     keys = image_patches((20, 26))
-    queries = keys + 0.05 * torch.randn_like(keys)
-    want = reference.patch_nn_exact(queries, keys, 0.005 * 147)[0]
+    draws = [keys + 0.05 * torch.randn_like(keys) for _ in range(3)]
+    want = [reference.patch_nn_exact(q, keys, 0.005 * 147)[0] for q in draws]
     monkeypatch.setattr(certified, "bound", lambda dim, weighted=False, fp32=False: (0.0, 0.0))
-    got = patch_nn(queries, keys, 0.005 * 147, backend="triton", precision="bf16")
-    assert not torch.equal(got, want)
+    got = [patch_nn(q, keys, 0.005 * 147, backend="triton", precision="bf16") for q in draws]
+    assert sum(int((g != w).sum()) for g, w in zip(got, want)) > 0
 
 
 def test_the_kernel_rounds_to_bf16():
