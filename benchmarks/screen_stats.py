@@ -70,7 +70,7 @@ def main():
     for d in (64, 256):
         q, k = torch.randn(4096, d), torch.randn(16384, d)
         for kk in (1, 10):
-            lines.append(case(f"Gaussian", q, k, kk))
+            lines.append(case("Gaussian", q, k, kk))
     china = image_patches("china.jpg", (96, 144))
     flower = image_patches("flower.jpg", (96, 144))
     for kk in (1, 10):
