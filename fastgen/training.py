@@ -291,20 +291,38 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
         row["train_loss"] = train_loss
         if not lead:
             history.append(row)
+            _rank0_outcome(None, size, epoch)
             continue
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-            if evaluate is not None:
-                row.update(evaluate())
-            if write_pngs is not None:
-                write_pngs()
-        row["seconds"] = round(time.time() - t0, 3)
-        history.append(row)
-        write_jsonl(history, os.path.join(out, "metrics.jsonl"))
-        save_checkpoint({
-            "format": CHECKPOINT_FORMAT, "kind": kind, "config": config,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
-            "epoch": epoch + 1, "history": history, "rng": rng_state(data_gen),
-            "flags": (ckpt or {}).get("flags") or flags or {}, **(extra or {}),
-        }, ckpt_path)
+        try:
+            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+                if evaluate is not None:
+                    row.update(evaluate())
+                if write_pngs is not None:
+                    write_pngs()
+            row["seconds"] = round(time.time() - t0, 3)
+            history.append(row)
+            write_jsonl(history, os.path.join(out, "metrics.jsonl"))
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "kind": kind, "config": config,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
+                "epoch": epoch + 1, "history": history, "rng": rng_state(data_gen),
+                "flags": (ckpt or {}).get("flags") or flags or {}, **(extra or {}),
+            }, ckpt_path)
+        except Exception as exc:       # noqa: BLE001 -- the other ranks learn of it, then it is re-raised
+            _rank0_outcome(exc, size, epoch)
+            raise
+        _rank0_outcome(None, size, epoch)
         print(format_row(row), flush=True)
     return history
+
+
+def _rank0_outcome(error, size, epoch):
+    """Under torchrun rank 0 alone evaluates and saves; the others would meet its failure
+    only as a broken connection in their next collective (gloo's "Connection closed by
+    peer"). One all-reduce per epoch tells every rank; the others then raise saying so."""
+    if size == 1:
+        return
+    from fastgen.distributed import all_sum
+    if all_sum(int(error is not None)) and error is None:
+        raise RuntimeError(f"rank 0 failed while evaluating or saving epoch {epoch + 1} (its error is in its "
+                           "own output); this rank stops too")

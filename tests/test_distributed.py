@@ -175,3 +175,56 @@ def test_a_rank_failing_in_the_imle_search_fails_every_rank_clearly():
         got = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
     assert got[0].startswith("RuntimeError: 1 other rank(s) failed"), got
     assert "NaN" in got[1] or "finite" in got[1], got
+
+
+class _TinySharded(torch.nn.Module):
+    trains_sharded = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x, shard=None):
+        if shard is not None:
+            x = x[shard[0]::shard[1]]
+        return {"loss": (x - self.w).square().mean()}
+
+
+def _rank0_fails_worker(rank, port, folder):
+    import torch.distributed as dist
+
+    from fastgen.training import fit
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        def evaluate():        # only rank 0 evaluates; its disk is full
+            raise OSError("No space left on device")
+        try:
+            fit(_TinySharded(), torch.rand(16, 4), kind="tiny", out=folder, epochs=3, config={},
+                evaluate=evaluate, show_progress=False, batch_size=8)
+            msg = "no error"
+        except (OSError, RuntimeError) as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+        torch.save(msg, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_failing_in_evaluate_or_save_fails_every_rank_clearly():
+    """Before, the other ranks met rank 0's failure as gloo's "Connection closed by peer"
+    in their next epoch's gradient all-reduce."""
+    import time
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(_rank0_fails_worker, args=(_free_port(), folder), nprocs=2,
+                                 start_method="spawn", join=False)
+        deadline = time.time() + 120
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("a rank hung after rank 0 failed")
+        got = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+    assert got[0] == "OSError: No space left on device", got
+    assert got[1].startswith("RuntimeError: rank 0 failed while evaluating or saving epoch 1"), got
