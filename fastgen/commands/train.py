@@ -75,6 +75,24 @@ def data_arguments(p):
                    help="held-out share (default: 0.2 for digits, 0.1 for folders)")
 
 
+def codebook_arguments(p, num_codes, code_dim, hidden, levels=""):
+    """The VQ models' shared flags (train vqvae, train vqvae2), with the model's defaults."""
+    p.add_argument("--num-codes", type=int, default=num_codes, help=f"codebook size{levels}")
+    p.add_argument("--code-dim", type=int, default=code_dim, help="code dimension")
+    p.add_argument("--hidden", type=int, default=hidden, help="encoder/decoder channels")
+    p.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
+    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta")
+    p.add_argument("--dead-code-threshold", type=int, default=20,
+                   help="re-seed codes unused for this many steps (0: never)")
+
+
+def save_reconstructions(x, rec, path):
+    """Rows of 8 inputs, each above its 8 reconstructions, as one PNG grid."""
+    from fastgen.images import save_grid
+    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], rec[i:i + 8])]
+    return save_grid(torch.cat(rows).cpu(), path, nrow=8)
+
+
 def positive(args, *names):
     """Each named option, when given, is >= 1 (a ValueError naming the flag)."""
     for name in names:

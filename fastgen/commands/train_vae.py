@@ -73,10 +73,7 @@ def write_pngs(model, test, out, seed, device):
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed + 3)
     x = test[:32].to(device)
-    rec = model.reconstruct(x)
-    n = x.shape[0]
-    rows = [t for i in range(0, n, 8) for t in (x[i:i + 8], rec[i:i + 8])]  # inputs above reconstructions
-    save_grid(torch.cat(rows), os.path.join(out, "reconstructions.png"), nrow=8)
+    train_cmd.save_reconstructions(x, model.reconstruct(x), os.path.join(out, "reconstructions.png"))
     save_grid(model.sample(64, generator=gen, device=device), os.path.join(out, "samples.png"), nrow=8)
     k = min(8, max(1, test.shape[0] // 2))
     a = test[:k].to(device)

@@ -14,26 +14,17 @@ from fastgen.commands import train as train_cmd
 def add_parser(families):
     p = train_cmd.family_parser(families, "vqvae", "VQ-VAE (EMA codebook, dead-code reset)", __doc__)
     train_cmd.data_arguments(p)
-    p.add_argument("--num-codes", type=int, default=64, help="codebook size")
-    p.add_argument("--code-dim", type=int, default=16, help="code dimension")
+    train_cmd.codebook_arguments(p, num_codes=64, code_dim=16, hidden=64)
     p.add_argument("--downsample", type=int, default=None,
                    help="image side / code-map side (power of 2; default 2 up to 16 px, else 4)")
-    p.add_argument("--hidden", type=int, default=64, help="encoder/decoder channels")
-    p.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
-    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta")
     p.add_argument("--no-ema", action="store_true", help="train the codes by the codebook loss, not EMA")
-    p.add_argument("--dead-code-threshold", type=int, default=20,
-                   help="re-seed codes unused for this many steps (0: never)")
     p.set_defaults(func=run)
 
 
 @torch.no_grad()
 def write_reconstructions(model, test, path, device):
-    from fastgen.images import save_grid
     x = test[:32].to(device)
-    rec = model.reconstruct(x)
-    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], rec[i:i + 8])]  # inputs above reconstructions
-    return save_grid(torch.cat(rows).cpu(), path, nrow=8)
+    return train_cmd.save_reconstructions(x, model.reconstruct(x), path)
 
 
 @torch.no_grad()

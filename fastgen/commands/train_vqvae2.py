@@ -15,23 +15,14 @@ from fastgen.commands import train as train_cmd
 def add_parser(families):
     p = train_cmd.family_parser(families, "vqvae2", "VQ-VAE-2 (top and bottom code maps, EMA codebooks)", __doc__)
     train_cmd.data_arguments(p)
-    p.add_argument("--num-codes", type=int, default=512, help="codebook size (each level)")
-    p.add_argument("--code-dim", type=int, default=64, help="code dimension")
-    p.add_argument("--hidden", type=int, default=128, help="encoder/decoder channels")
-    p.add_argument("--res-blocks", type=int, default=2, help="residual blocks per encoder/decoder")
-    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta")
-    p.add_argument("--dead-code-threshold", type=int, default=20,
-                   help="re-seed codes unused for this many steps (0: never)")
+    train_cmd.codebook_arguments(p, num_codes=512, code_dim=64, hidden=128, levels=" (each level)")
     p.set_defaults(func=run)
 
 
 @torch.no_grad()
 def write_reconstructions(model, test, path, device):
-    from fastgen.images import save_grid
     x = test[:24].to(device)
-    both = model.reconstruct(x)
-    rows = [t for i in range(0, x.shape[0], 8) for t in (x[i:i + 8], both[i:i + 8])]
-    return save_grid(torch.cat(rows).cpu(), path, nrow=8)
+    return train_cmd.save_reconstructions(x, model.reconstruct(x), path)
 
 
 @torch.no_grad()
