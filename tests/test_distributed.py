@@ -136,6 +136,23 @@ def test_imle_trains_under_torchrun_like_one_process(tmp_path):
     assert len(ra) == 2 and ra == pytest.approx(rb, rel=1e-4)
 
 
+def _two_ranks_outcome(worker, timeout=120):
+    """Spawn worker(rank, port, folder) on 2 gloo ranks; each saves what happened to it
+    (folder/rank{r}.pt). A rank still running after `timeout` s fails the test as a hang."""
+    import time
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(worker, args=(_free_port(), folder), nprocs=2, start_method="spawn", join=False)
+        deadline = time.time() + timeout
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                pytest.fail("a rank hung waiting for the failed one")
+        return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+
+
 def _failing_rank_worker(rank, port, folder):
     import torch.distributed as dist
     from fastgen.models import IMLE
@@ -160,19 +177,7 @@ def _failing_rank_worker(rank, port, folder):
 def test_a_rank_failing_in_the_imle_search_fails_every_rank_clearly():
     """Before, the healthy rank waited in the merge for the failed one: it hung while that
     process lived and got gloo's "Read error ... connection closed" once it exited."""
-    import time
-
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(_failing_rank_worker, args=(_free_port(), folder), nprocs=2,
-                                 start_method="spawn", join=False)
-        deadline = time.time() + 120
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("the healthy rank hung waiting for the failed one")
-        got = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+    got = _two_ranks_outcome(_failing_rank_worker)
     assert got[0].startswith("RuntimeError: 1 other rank(s) failed"), got
     assert "NaN" in got[1] or "finite" in got[1], got
 
@@ -213,18 +218,6 @@ def _rank0_fails_worker(rank, port, folder):
 def test_rank0_failing_in_evaluate_or_save_fails_every_rank_clearly():
     """Before, the other ranks met rank 0's failure as gloo's "Connection closed by peer"
     in their next epoch's gradient all-reduce."""
-    import time
-
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(_rank0_fails_worker, args=(_free_port(), folder), nprocs=2,
-                                 start_method="spawn", join=False)
-        deadline = time.time() + 120
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.terminate()
-                pytest.fail("a rank hung after rank 0 failed")
-        got = [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
+    got = _two_ranks_outcome(_rank0_fails_worker)
     assert got[0] == "OSError: No space left on device", got
     assert got[1].startswith("RuntimeError: rank 0 failed while evaluating or saving epoch 1"), got
