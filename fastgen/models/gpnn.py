@@ -87,6 +87,8 @@ import torch.nn.functional as F
 from fastgen.ops import PatchIndex, _validate, fold_patches
 
 
+# _synthesize's coarse_alpha when the coarsest level uses alpha too (None means plain NN)
+_ALPHA = object()
 # the largest share of the source's coarse image in a sample's start (diversity=0)
 SOURCE_WEIGHT = 0.15
 
@@ -323,7 +325,7 @@ class GPNN:
         assert len(scales) == levels
         return [(max(p, round(out_size[0] * s)), max(p, round(out_size[1] * s))) for s in scales]
 
-    def _index(self, keys_img, valid_keys, incremental, alpha="default"):
+    def _index(self, keys_img, valid_keys, incremental, alpha):
         """A PatchIndex over the stride-1 patches of keys_img (those in valid_keys):
         built once per key image and level, searched by all its iterations and samples.
         alpha is per patch entry (mean squared difference); the index works on sums of
@@ -331,7 +333,6 @@ class GPNN:
         keys = _patches(keys_img, self.patch_size)[0]
         if valid_keys is not None:
             keys = keys[valid_keys]
-        alpha = self.alpha if alpha == "default" else alpha
         alpha = None if alpha is None else alpha * keys.shape[1]
         return PatchIndex(keys, alpha, backend=self.backend, precision=self.precision, incremental=incremental)
 
@@ -358,7 +359,7 @@ class GPNN:
         return idx.view(bsz, hq, wq), raw
 
     def _synthesize(self, src, out_shapes, init, masks=None, progress=True, desc="gpnn", coarse_iterations=None,
-                    coarse_alpha="default"):
+                    coarse_alpha=_ALPHA):
         from tqdm.auto import tqdm
         p = self.patch_size
         levels = len(src)
@@ -391,7 +392,7 @@ class GPNN:
                 # iteration 0 searches the blurred keys once; from iteration 1 on the keys
                 # are the sharp source and only part of the image changes per iteration,
                 # which the incremental index exploits
-                alpha = coarse_alpha if lvl == levels - 1 else "default"
+                alpha = self.alpha if lvl < levels - 1 or coarse_alpha is _ALPHA else coarse_alpha
                 index0 = self._index(blurred, valid_keys, incremental=False, alpha=alpha)
                 iterations = coarse_iterations if lvl == levels - 1 else self.iterations
                 index = self._index(s, valid_keys, self.incremental, alpha=alpha) if iterations > 1 else None

@@ -49,7 +49,8 @@ def knn_screened(queries, keys, k, exclude_self):
     dist float32 of the float64 squared distance, ascending; ties to the lowest index."""
     if k > MAX_K:
         raise ValueError(f"precision='bf16' on the triton backend supports k <= {MAX_K}, got k={k}")
-    return _search(queries, keys, k, None, exclude_self)
+    dist, idx = _search(queries, keys, k, None, exclude_self)
+    return dist.float(), idx
 
 
 def patch_nn_screened(queries, keys, alpha):
@@ -61,7 +62,7 @@ def patch_nn_screened(queries, keys, alpha):
         return torch.zeros((B, N), dtype=torch.long, device=queries.device)
     if alpha is None:
         return knn_screened(queries, keys, 1, False)[1][..., 0]
-    colmin = _exact_sqdist(keys, queries, knn_screened(keys, queries, 1, False)[1])[..., 0]   # (B, M) float64
+    colmin = _search(keys, queries, 1, None, False)[0][..., 0]   # (B, M) float64: the keys' nearest queries
     den = alpha + colmin           # the score is d_ij / den_j, as the float64 reference divides
     return _search(queries, keys, 1, den, False)[1][..., 0]
 
@@ -80,7 +81,8 @@ def _search(queries, keys, k, den, exclude_self):
     """The three stages: the bf16 screen for every row; the rows whose slots overflowed
     (near-duplicate keys: bf16's window holds hundreds of keys on image patches) again
     with fp32 dots, whose window is ~2^-16 of bf16's; the float64 sweep for what is left.
-    Each stage is exact where it answers, so the result is the float64 reference's."""
+    Each stage is exact where it answers, so the result is the float64 reference's:
+    (float64 scores, idx), (B, N, k) each."""
     B, N, D = queries.shape
     if B * N == 0:
         return torch.empty((B, N, k), device=queries.device), torch.empty((B, N, k), dtype=torch.long, device=queries.device)
@@ -105,7 +107,7 @@ def _search(queries, keys, k, den, exclude_self):
     if bool(redo.any()):
         STATS["swept_rows"] += int(redo.sum())
         _sweep_rows(queries, keys, k, den, exclude_self, redo, out_d, out_i)
-    return out_d.float(), out_i
+    return out_d, out_i
 
 
 def _exact_sqdist(queries, keys, idx):
