@@ -102,14 +102,15 @@ def speed(lines, results):
             row["faiss_gpu_ms"] = f"skipped ({type(e).__name__})"
         rows.append(row)
     x, cb = torch.randn(32768 if DEVICE == "cuda" else 512, 64, device=dev), torch.randn(512, 64, device=dev)
-    rows.append(dict(op="nearest_code", shape="32768x512x64", fastgen_ms=timed(lambda: nearest_code(x, cb)) * 1e3,
+    rows.append(dict(op="nearest_code", shape=f"{x.shape[0]}x{cb.shape[0]}x64", fastgen_ms=timed(lambda: nearest_code(x, cb)) * 1e3,
                      torch_ms=timed(lambda: torch.cdist(x, cb).argmin(1)) * 1e3))
     keys = torch.rand(62500 if DEVICE == "cuda" else 500, 147, device=dev)
     qs = keys + 0.05 * torch.randn_like(keys)
     t_two_pass = timed(lambda: patch_nn_two_pass(qs, keys, 0.735), 3) * 1e3
-    rows.append(dict(op="patch_nn", shape="62500x62500x147", fastgen_ms=timed(lambda: patch_nn(qs, keys, 0.735), 3) * 1e3,
+    pn_shape = f"{keys.shape[0]}x{keys.shape[0]}x147"
+    rows.append(dict(op="patch_nn", shape=pn_shape, fastgen_ms=timed(lambda: patch_nn(qs, keys, 0.735), 3) * 1e3,
                      torch_ms=t_two_pass))
-    rows.append(dict(op="patch_nn bf16 (exact)", shape="62500x62500x147",
+    rows.append(dict(op="patch_nn bf16 (exact)", shape=pn_shape,
                      fastgen_ms=timed(lambda: patch_nn(qs, keys, 0.735, precision="bf16"), 3) * 1e3, torch_ms=t_two_pass))
     # the other ops against their plain-torch forms on the GPU
     from fastgen.nn import VectorQuantizer
@@ -154,7 +155,7 @@ def gpnn(lines, out_dir):
     sync()
     dt = time.perf_counter() - t
     save_image(y.cpu(), os.path.join(out_dir, "gpnn_china_full.png"))
-    lines += ["## GPNN, one full-size sample of china.jpg (427 x 640)", "", f"{dt:.1f} s; gpnn_china_full.png", ""]
+    lines += [f"## GPNN, one sample of china.jpg ({x.shape[1]} x {x.shape[2]})", "", f"{dt:.1f} s; gpnn_china_full.png", ""]
 
 
 def main(out_dir):

@@ -155,10 +155,14 @@ def test_vector_quantizer_layer():
 
 
 def test_gpnn_sample():
+    from fastgen.metrics import patch_fidelity
     from fastgen.models import GPNN
-    x = torch.rand(3, 24, 30, device=DEVICE)
-    y = GPNN(coarsest_side=12, iterations=2, backend=BACKEND).sample(x, 2, seed=0, progress=False)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 24), torch.linspace(0, 1, 30), indexing="ij")
+    x = torch.stack([yy, xx, ((yy * 4).floor() + (xx * 5).floor()) % 2])     # ramps and a checkerboard
+    y = GPNN(coarsest_side=12, iterations=2, backend=BACKEND).sample(x.to(DEVICE), 2, seed=0, progress=False)
     assert y.shape == (2, 3, 24, 30) and y.device.type == DEVICE
     assert bool(((y >= 0) & (y <= 1)).all())
-    # every output pixel is an average of source pixels: close to some source colour
-    assert float((y - x.mean()).abs().mean()) < 0.5
+    # made of the source's patches: each output patch near some source patch (about 0.01
+    # under the interpreter; uniform noise scores ~0.15, the mirrored source ~0.015)
+    noise = patch_fidelity(torch.rand_like(x), x)
+    assert all(patch_fidelity(t.cpu(), x) < 0.2 * noise for t in y)
