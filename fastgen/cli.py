@@ -81,6 +81,17 @@ def main(argv=None):
         print(f"fastgen {args.command}: error: {exc}" + ("" if args.debug else " (--debug shows the traceback)"),
               file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
+
+
+def leave_process_group():
+    """Under torchrun a command that joined the group leaves it before the interpreter
+    exits, which joins gloo's worker threads (see fastgen.distributed.import_dynamo_first):
+    one still running at shutdown could abort a finished run with SIGABRT."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -36,9 +36,21 @@ def init_from_env(backend=None):
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    import_dynamo_first()
     # long timeout: a final barrier waits for the slowest rank's share of a large run
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
     return dist.get_rank(), dist.get_world_size(), True
+
+
+def import_dynamo_first():
+    """Imports torch._dynamo before a process group exists. torch 2.13's dynamo, imported
+    later (the first torch.optim optimizer does it), keeps references to the live group, so
+    destroy_process_group() cannot free it and gloo's worker threads outlive the command;
+    one of them may then drop a collective's tensor during interpreter shutdown and abort
+    the process (SIGABRT, "terminate called without an active exception") after all its
+    work was done -- about one 2-process torchrun run in twenty. Imported first, dynamo
+    never sees the group, and fastgen.cli's leave_process_group joins those threads."""
+    import torch._dynamo  # noqa: F401
 
 
 def world(group=None):

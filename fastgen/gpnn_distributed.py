@@ -103,7 +103,9 @@ def _spawned_worker(rank, world, port, kwargs, result_dir):
     import torch.distributed as dist
     from fastgen.images import load_source_image
     from fastgen.models.gpnn import GPNN
+    from fastgen.distributed import import_dynamo_first
     torch.set_num_threads(1)
+    import_dynamo_first()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(minutes=5))
     try:

@@ -21,6 +21,8 @@ def _worker(rank, port, folder, cases):
     import torch.distributed as dist
     from fastgen.distributed import sharded_knn
     torch.set_num_threads(1)
+    from fastgen.distributed import import_dynamo_first
+    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         out = []
@@ -77,6 +79,8 @@ def _imle_search_worker(rank, port, folder, variant):
     import torch.distributed as dist
     from fastgen.models import IMLE
     torch.set_num_threads(1)
+    from fastgen.distributed import import_dynamo_first
+    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
@@ -157,6 +161,8 @@ def _failing_rank_worker(rank, port, folder):
     import torch.distributed as dist
     from fastgen.models import IMLE
     torch.set_num_threads(1)
+    from fastgen.distributed import import_dynamo_first
+    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
@@ -200,6 +206,8 @@ def _rank0_fails_worker(rank, port, folder):
 
     from fastgen.training import fit
     torch.set_num_threads(1)
+    from fastgen.distributed import import_dynamo_first
+    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         def evaluate():        # only rank 0 evaluates; its disk is full
@@ -221,3 +229,38 @@ def test_rank0_failing_in_evaluate_or_save_fails_every_rank_clearly():
     got = _two_ranks_outcome(_rank0_fails_worker)
     assert got[0] == "OSError: No space left on device", got
     assert got[1].startswith("RuntimeError: rank 0 failed while evaluating or saving epoch 1"), got
+
+
+def _leaves_group_worker(rank, port, folder):
+    """A torchrun-launched command's life: join from the environment, build an optimizer
+    (which imports torch._dynamo), one collective, leave as fastgen.cli does. Records the
+    gloo threads still alive afterwards."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from fastgen.cli import leave_process_group
+    from fastgen.distributed import init_from_env
+    torch.set_num_threads(1)
+    assert init_from_env(backend="gloo")[2]
+    torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    t = torch.ones(3)
+    torch.distributed.all_reduce(t)
+    leave_process_group()
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:        # a thread that ended meanwhile
+            pass
+    torch.save((t.tolist(), [n for n in names if "gloo" in n]), os.path.join(folder, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux's /proc")
+def test_leaving_the_group_joins_gloos_threads():
+    """With torch 2.13 the group outlived destroy_process_group once an optimizer had
+    imported torch._dynamo; a gloo thread alive at interpreter shutdown then aborted about
+    one 2-process `torchrun ... train imle` in twenty after its work was done (SIGABRT)."""
+    got = _two_ranks_outcome(_leaves_group_worker)
+    for total, gloo_threads in got:
+        assert total == [2.0, 2.0, 2.0]
+        assert gloo_threads == [], gloo_threads

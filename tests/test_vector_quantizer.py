@@ -315,6 +315,8 @@ def _batches(seed, steps, n, d):
 
 def _ddp_worker(rank, port, folder, seed, steps, n, d, k):
     torch.set_num_threads(1)
+    from fastgen.distributed import import_dynamo_first
+    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         results = {}
