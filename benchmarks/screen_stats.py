@@ -3,9 +3,10 @@ leaves to the float64 re-rank, at realistic sizes, on the CPU: the screen's arit
 emulated in torch (inputs rounded to bf16, products summed in float64 -- the kernel sums
 in fp32, which the bound covers; its E per row and key tile), its slots (the KC smallest
 lower bounds), run through the package's own stages (`certified.knn_screened` with the
-kernel swapped for this emulation). Per case: the rows the bf16 screen could not settle
-(sent to the fp32 stage), the rows left to the float64 sweep, and whether the answer
-equals the cpp backend's exact one. This predicts the GPU cost without a GPU: screen
+kernel swapped for this emulation). Per case and precision: the rows the bf16 screen could
+not settle (sent to the fp32 stage), the rows left to the float64 sweep, the keys re-ranked
+in float64 per row, and whether the answer equals the cpp backend's exact one;
+precision="fp32" (knn's default on the triton backend) is the fp32 screen alone. This predicts the GPU cost without a GPU: screen
 flops at the bf16 tensor-core rate, the fp32 rows again at the fp32 rate, KC x D float64
 multiply-adds per row, M x D per swept row.
 
@@ -46,13 +47,17 @@ def emulated_screen(queries, keys, weights, kc, exclude_self, coef, slack, fp32,
 
 
 def case(name, q, k, kk):
-    certified.reset_stats()
-    _, got = certified.knn_screened(q[None], k[None], kk, False)
     want = knn(q, k, kk, backend="cpp").idx
-    st = certified.STATS
-    pct = lambda key: f"{100 * st[key] / st['rows']:.2f} %"   # noqa: E731
+    cells, same = [], True
+    for fp32 in (False, True):
+        certified.reset_stats()
+        _, got = certified.knn_screened(q[None], k[None], kk, False, fp32=fp32)
+        same = same and torch.equal(got[0], want)
+        st = certified.STATS
+        pct = lambda key: f"{100 * st[key] / st['rows']:.2f} %"   # noqa: E731
+        cells += ([] if fp32 else [pct("fp32_rows")]) + [pct("swept_rows"), f"{st['candidates'] / st['rows']:.1f}"]
     return (f"| {name} | {q.shape[0]} x {k.shape[0]} x {q.shape[1]} | {kk} | {certified.slots(kk)} | "
-            f"{pct('fp32_rows')} | {pct('swept_rows')} | {'yes' if torch.equal(got[0], want) else 'NO'} |")
+            + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
 
 
 def image_patches(name, size, patch=7):
@@ -65,8 +70,9 @@ def image_patches(name, size, patch=7):
 def main():
     torch.manual_seed(0)
     certified.screen_triton = emulated_screen      # the package's stages, with this screen
-    lines = ["| data | N x M x D | k | slots | rows to the fp32 stage | rows swept in float64 | = cpp exact |",
-             "|---|---|--:|--:|--:|--:|---|"]
+    lines = ["| data | N x M x D | k | slots | bf16: rows to the fp32 stage | bf16: rows swept in float64 | "
+             "bf16: keys re-ranked per row | fp32: rows swept | fp32: keys re-ranked per row | = cpp exact (both) |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for d in (64, 256):
         q, k = torch.randn(4096, d), torch.randn(16384, d)
         for kk in (1, 10):

@@ -79,15 +79,14 @@ def configs():
                                       _sig(knn, {**data, "idx_ptr": "*i64"}),
                                       dict(KP=kp, EXCLUDE_SELF=excl, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd,
                                            DOT_PRECISION=DOT_PRECISION), W))
-            # precision="bf16": the screen (fastgen/ops/certified.py), slots 16 .. 256, bf16 tensor-core dots
+            # the screen (fastgen/ops/certified.py), slots 16 .. 256: knn with k <= 128 in both precisions
             for kc in sorted({certified.slots(k) for k in (1, 8, 16, 32, 64, certified.MAX_K)}):
                 # weighted screens are patch_nn's (k = 1) only
                 for excl, weighted in ((False, False), (True, False)) + (((False, True),) if kc == certified.slots(1) else ()):
                     bn, bm, bd = screen_blocks(D, kc)
-                    # the bf16 first stage and the fp32 second stage (never with exclude_self)
+                    # the bf16 screen and the fp32 one (precision="bf16"'s second stage, and
+                    # precision="fp32"'s only stage, with exclude_self too)
                     for mode, tag in ((BF16_DOT, "bf16 dot"), (FP32_DOT.value, "fp32 dot")):
-                        if excl and mode != BF16_DOT:
-                            continue
                         out.append(Config("fastgen.ops.triton.screen:_screen_kernel",
                                           f"screen {dt} KC={kc} {tag}{' exclude_self' if excl else ''}"
                                           f"{' weighted' if weighted else ''}",

@@ -1,6 +1,7 @@
-"""precision="bf16" on the triton backend (fastgen/ops/certified.py): a bf16 screen
-(explicitly rounded inputs; tensor cores on a GPU, the same arithmetic through an fp32
-dot under the interpreter) whose candidates are re-ranked in float64. Held to what the
+"""The triton backend's exact searches (fastgen/ops/certified.py): precision="bf16" is a
+bf16 screen (explicitly rounded inputs; tensor cores on a GPU, the same arithmetic through
+an fp32 dot under the interpreter) whose candidates are re-ranked in float64, then an fp32
+screen for the rows bf16 cannot settle; precision="fp32" (knn, k <= 128) starts there. Held to what the
 CPU's certified mode is held to: the float64 reference's indices, bit for bit, on data
 built to defeat bf16 (near-ties far below its resolution) -- and a mutant with no error
 window must fail the same data.
@@ -15,8 +16,11 @@ from helpers import assert_close, assert_equal_idx, image_patches
 pytestmark = pytest.mark.skipif("triton" not in backends(), reason="triton cannot run here (no GPU, no TRITON_INTERPRET)")
 
 
-def check(q, k, kk, exclude_self=False):
-    dist, idx = knn(q, k, kk, exclude_self=exclude_self, backend="triton", precision="bf16")
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
+
+
+def check(q, k, kk, exclude_self=False, precision="bf16"):
+    dist, idx = knn(q, k, kk, exclude_self=exclude_self, backend="triton", precision=precision)
     ref_d, ref_i = reference.knn_exact(q, k, kk, exclude_self=exclude_self)
     assert dist.dtype == torch.float32 and idx.dtype == torch.long
     assert_equal_idx(idx, ref_i)
@@ -39,18 +43,20 @@ def spy_fallback(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 3), (33, 70, 17), (20, 130, 40)])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("kk", [1, 4, 20])
-def test_knn_matches_float64_reference(shape, dtype, tol, kk):
+@PRECISIONS
+def test_knn_matches_float64_reference(shape, dtype, tol, kk, precision):
     n, m, d = shape
     q = torch.randn(n, d).to(dtype)
     k = torch.randn(m, d).to(dtype)
-    check(q, k, min(kk, m))
+    check(q, k, min(kk, m), precision=precision)
 
 
 @pytest.mark.parametrize("kk", [1, 3])
-def test_knn_exclude_self_and_batches(kk):
+@PRECISIONS
+def test_knn_exclude_self_and_batches(kk, precision):
     x = torch.randn(3, 37, 9)
-    check(x, x, kk, exclude_self=True)
-    check(torch.randn(2, 11, 6), torch.randn(2, 50, 6), kk)
+    check(x, x, kk, exclude_self=True, precision=precision)
+    check(torch.randn(2, 11, 6), torch.randn(2, 50, 6), kk, precision=precision)
 
 
 def sparse_near_ties(n=12, m=300, d=40, near=6, offset=50.0):
@@ -65,22 +71,39 @@ def sparse_near_ties(n=12, m=300, d=40, near=6, offset=50.0):
     return q[:, None, :], q[:, None, :] + radii[..., None] * dirs
 
 
-def test_near_ties_need_the_window(monkeypatch):
-    q, keys = sparse_near_ties()
+# the data that defeats each precision's screen without its window: bf16's (near-ties
+# ~1e-5 relative) is resolved by an fp32 screen, fp32's needs gaps of 1e-6 at 25
+HARD = pytest.mark.parametrize("precision,data,kk", [("bf16", "sparse_near_ties", 3), ("fp32", "two_tied", 1)])
+
+
+@HARD
+def test_near_ties_need_the_window(monkeypatch, precision, data, kk):
+    q, keys = globals()[data]()
     rows = spy_fallback(monkeypatch)
-    check(q, keys, 3)
+    check(q, keys, kk, precision=precision)
     assert rows == [], "these rows were meant to be decided by the window, not the fallback"
-    # the fp32 Triton kernel ranks on the expansion: it gets these wrong, so the data is hard
-    fp32 = knn(q, keys, 3, backend="triton").idx
-    assert not torch.equal(fp32, reference.knn_exact(q, keys, 3)[1])
+    # the plain fp32 Triton kernel (k > 128) ranks on the expansion: it gets these wrong,
+    # so the data is hard
+    from fastgen.ops.triton.knn import knn_triton
+    assert not torch.equal(knn_triton(q, keys, kk, False)[1], reference.knn_exact(q, keys, kk)[1])
 
 
-def test_mutant_without_window_fails(monkeypatch):
-    q, keys = sparse_near_ties()
-    want = reference.knn_exact(q, keys, 3)[1]
+@HARD
+def test_mutant_without_window_fails(monkeypatch, precision, data, kk):
+    q, keys = globals()[data]()
+    want = reference.knn_exact(q, keys, kk)[1]
     monkeypatch.setattr(certified, "bound", lambda dim, weighted=False, fp32=False: (0.0, 0.0))
-    got = knn(q, keys, 3, backend="triton", precision="bf16").idx
+    got = knn(q, keys, kk, backend="triton", precision=precision).idx
     assert not torch.equal(got, want)
+
+
+def test_fp32_precision_is_one_fp32_stage():
+    q, keys = sparse_near_ties()
+    certified.reset_stats()
+    check(q, keys, 3, precision="fp32")
+    st = certified.STATS
+    assert (st["rows"], st["fp32_rows"], st["swept_rows"]) == (12, 12, 0)
+    assert 12 * 3 <= st["candidates"] <= 12 * 6       # the 6 near keys at most, never the far ones
 
 
 def two_tied(n=48, m=40, d=40):
@@ -99,7 +122,7 @@ def test_fp32_stage_answers_what_bf16_cannot(monkeypatch):
     q, keys = two_tied()
     certified.reset_stats()
     check(q, keys, 1)
-    assert certified.STATS == {"rows": 48, "fp32_rows": 48, "swept_rows": 0}
+    assert {key: certified.STATS[key] for key in ("rows", "fp32_rows", "swept_rows")} == {"rows": 48, "fp32_rows": 48, "swept_rows": 0}
 
 
 def test_fp32_stage_with_several_rows_per_batch():
@@ -139,34 +162,38 @@ def test_window_uses_the_kernels_key_tiles(monkeypatch):
     assert not torch.equal(knn(q, keys, 3, backend="triton", precision="bf16").idx, want)
 
 
-def test_dense_near_ties_take_the_fallback(monkeypatch):
+@PRECISIONS
+def test_dense_near_ties_take_the_fallback(monkeypatch, precision):
     # 600 keys inside the window of every row, at bf16 and at fp32: every row is swept
     n, m, d = 8, 600, 40
     q = torch.randn(n, d) * 3 + 50
     dirs = torch.nn.functional.normalize(torch.randn(n, m, d), dim=-1)
     keys = q[:, None, :] + (5 + 1e-5 * torch.rand(n, m))[..., None] * dirs
     rows = spy_fallback(monkeypatch)
-    check(q[:, None, :], keys, 5)
+    check(q[:, None, :], keys, 5, precision=precision)
     assert rows == [n]
 
 
-def test_everything_tied_goes_to_lowest_index(monkeypatch):
+@PRECISIONS
+def test_everything_tied_goes_to_lowest_index(monkeypatch, precision):
     rows = spy_fallback(monkeypatch)
-    dist, idx = knn(torch.zeros(3, 2), torch.zeros(500, 2), 4, backend="triton", precision="bf16")
+    dist, idx = knn(torch.zeros(3, 2), torch.zeros(500, 2), 4, backend="triton", precision=precision)
     assert_equal_idx(idx, torch.arange(4).expand(3, 4))
     assert (dist == 0).all() and rows == [3]
 
 
-def test_integer_ties_and_far_from_origin():
+@PRECISIONS
+def test_integer_ties_and_far_from_origin(precision):
     x = torch.randint(0, 3, (45, 3)).float()
-    check(x, x, 6, exclude_self=True)
-    check(torch.randn(30, 9) + 1000, torch.randn(70, 9) + 1000, 3)
+    check(x, x, 6, exclude_self=True, precision=precision)
+    check(torch.randn(30, 9) + 1000, torch.randn(70, 9) + 1000, 3, precision=precision)
 
 
-def test_nearest_code_and_gradients():
+@PRECISIONS
+def test_nearest_code_and_gradients(precision):
     x = torch.randn(40, 16, requires_grad=True)
     cb = torch.randn(33, 16, requires_grad=True)
-    dist, idx = nearest_code(x, cb, backend="triton", precision="bf16")
+    dist, idx = nearest_code(x, cb, backend="triton", precision=precision)
     ref_i, ref_d = reference.nearest_code_exact(x.detach(), cb.detach())
     assert_equal_idx(idx, ref_i)
     gx, gc = torch.autograd.grad(dist.sum(), [x, cb])

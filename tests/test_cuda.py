@@ -40,11 +40,16 @@ def test_knn(shape, dtype, tol, kk, precision):
     dist, idx = knn(*dev(q, k), kk, backend=BACKEND, precision=precision)
     assert dist.device.type == DEVICE and idx.device.type == DEVICE
     ref_d, ref_i = reference.knn_exact(q, k, kk)
-    if precision == "bf16":   # certified: the float64 answer
-        assert_equal_idx(idx.cpu(), ref_i)
-        assert_close(dist.cpu(), ref_d, 1e-6, 1e-6)
-    else:
-        assert_knn_equivalent(q, k, dist.cpu(), idx.cpu(), ref_d, rtol=1e-4)
+    # certified in both precisions (k <= 128): the float64 answer
+    assert_equal_idx(idx.cpu(), ref_i)
+    assert_close(dist.cpu(), ref_d, 1e-6, 1e-6)
+
+
+def test_knn_above_the_screens_k():
+    from fastgen.ops.knn import SCREEN_MAX_K       # above it: the plain kernel, fp32 ranking
+    q, k = torch.randn(9, 6), torch.randn(140, 6)
+    dist, idx = knn(*dev(q, k), SCREEN_MAX_K + 3, backend=BACKEND)
+    assert_knn_equivalent(q, k, dist.cpu(), idx.cpu(), reference.knn_exact(q, k, SCREEN_MAX_K + 3)[0], rtol=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -53,8 +58,7 @@ def test_knn_exclude_self_batches_far_from_origin(precision):
     dist, idx = knn(*dev(x, x), 3, exclude_self=True, backend=BACKEND, precision=precision)
     ref_d, ref_i = reference.knn_exact(x, x, 3, exclude_self=True)
     assert_knn_equivalent(x, x, dist.cpu(), idx.cpu(), ref_d, rtol=1e-4)
-    if precision == "bf16":
-        assert_equal_idx(idx.cpu(), ref_i)
+    assert_equal_idx(idx.cpu(), ref_i)
 
 
 def test_knn_ties_and_gradients():
@@ -79,8 +83,7 @@ def test_nearest_code(dtype, tol, precision):
     res = nearest_code(*dev(x, cb), backend=BACKEND, precision=precision)
     ref_i, ref_d = reference.nearest_code_exact(x, cb)
     assert_close(res.dist.cpu(), ref_d, tol, tol)
-    if precision == "bf16":
-        assert_equal_idx(res.idx.cpu(), ref_i)
+    assert_equal_idx(res.idx.cpu(), ref_i)
 
 
 @pytest.mark.parametrize("alpha", [0.005 * 147, None])
@@ -90,7 +93,7 @@ def test_patch_nn(alpha, precision):
     queries = keys + 0.05 * torch.randn_like(keys)
     got = patch_nn(*dev(queries, keys), alpha, backend=BACKEND, precision=precision).cpu()
     want, scores, best = reference.patch_nn_exact(queries, keys, alpha)
-    if precision == "bf16":     # screened and re-ranked in float64: the optimum itself
+    if precision == "bf16" or alpha is None:     # screened and re-ranked in float64: the optimum itself
         assert_equal_idx(got, want)
     else:                       # fp32 scores: within fp32's reach of the optimum
         from helpers import fp32_allowance

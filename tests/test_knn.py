@@ -1,9 +1,10 @@
 """fastgen.ops.knn on every backend against the float64 ground truth (reference.knn_exact).
 
 The cpp backend is exact by construction (certified candidates re-ranked in float64),
-so its indices must equal the ground truth's everywhere, in both precisions. The
-torch and triton backends rank in fp32, so they are held to the distances rank by
-rank and to exact indices only where the arithmetic is exact (small integers).
+so its indices must equal the ground truth's everywhere, in both precisions; so must
+triton's for k <= 128 (an fp32 or bf16 screen re-ranked in float64, fastgen/ops/certified.py).
+The torch backend (and triton above k = 128) ranks in fp32, so it is held to the
+distances rank by rank and to exact indices only where the arithmetic is exact.
 """
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import fastgen
 from fastgen.ops import baselines, knn, reference
+from fastgen.ops.knn import SCREEN_MAX_K
 from conftest import DTYPES, backends
 from helpers import assert_close, assert_equal_idx, assert_knn_equivalent
 
@@ -26,7 +28,7 @@ def check(q, k, kk, backend, precision="fp32", exclude_self=False):
     dist, idx = knn(q, k, kk, exclude_self=exclude_self, backend=backend, precision=precision)
     ref_d, ref_i = reference.knn_exact(q, k, kk, exclude_self=exclude_self)
     assert dist.dtype == torch.float32 and idx.dtype == torch.long
-    if backend == "cpp":
+    if backend == "cpp" or (backend == "triton" and kk <= SCREEN_MAX_K):
         assert_equal_idx(idx, ref_i)
         assert_close(dist, ref_d, rtol=1e-6, atol=1e-6)
     else:
@@ -43,6 +45,35 @@ def test_matches_float64_reference(backend, shape, dtype, tol, kk):
     q = torch.randn(n, d).to(dtype)
     k = torch.randn(m, d).to(dtype)
     check(q, k, kk, backend)
+
+
+TRITON = pytest.mark.skipif("triton" not in backends(), reason="needs triton (interpreter or GPU)")
+
+
+@TRITON
+def test_triton_above_the_screens_k_ranks_in_fp32():
+    # k > SCREEN_MAX_K takes the plain fp32 kernel: held to the distances rank by rank
+    q, k = torch.randn(9, 6), torch.randn(140, 6) * 2
+    check(q, k, SCREEN_MAX_K + 3, "triton")
+
+
+@TRITON
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("kk", [1, 4])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_plain_triton_kernel(shape, dtype, tol, kk, exclude_self):
+    """The fp32-ranking Triton kernel itself (knn above SCREEN_MAX_K) on every small shape."""
+    from fastgen.ops.triton.knn import knn_triton
+    n, m, d = shape
+    if exclude_self:
+        n = m = max(n, 2)
+    kk = min(kk, m - exclude_self)
+    q = torch.randn(n, d).to(dtype)
+    k = q if exclude_self else torch.randn(m, d).to(dtype)
+    dist, idx = knn_triton(q[None], k[None], kk, exclude_self)
+    ref_d, _ = reference.knn_exact(q, k, kk, exclude_self=exclude_self)
+    assert_knn_equivalent(q, k, dist[0], idx[0], ref_d, rtol=max(tol, 1e-4))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

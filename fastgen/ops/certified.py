@@ -1,5 +1,6 @@
 """Exact answers from a bf16 screen on the Triton backend (knn, nearest_code and
-patch_nn with precision="bf16"): what the CPU's certified mode does
+patch_nn with precision="bf16"; knn and nearest_code with precision="fp32" and k <= 128
+start at the fp32 screen of step 3): what the CPU's certified mode does
 (csrc/engine/reductions.h, CertifiedTopK), for tiles whose cross term runs on bf16
 tensor cores.
 
@@ -20,11 +21,12 @@ import triton
 
 from fastgen.ops import error_bound
 from fastgen.ops.baselines import centering_shift
+from fastgen.ops.knn import SCREEN_MAX_K
 from fastgen.ops.triton.screen import screen_blocks, screen_triton   # only imported where triton is
 
 # candidate slots per row: at least this many, and twice k
 MIN_SLOTS = 16
-MAX_K = 128     # slots up to 256: what fastgen/gpu_plan.py compiles
+MAX_K = SCREEN_MAX_K     # slots up to 256: what fastgen/gpu_plan.py compiles
 BUDGET = 1 << 24   # float64 elements per chunk of the exact re-rank and of the fallback sweep
 FP32_SAFE = 2.0 ** 126   # half of fp32's range: what a row's intermediates must stay below
 
@@ -44,12 +46,13 @@ def bound(dim, *, weighted=False, fp32=False):
     return coef, error_bound.slack(dim)
 
 
-def knn_screened(queries, keys, k, exclude_self):
-    """Exact (dist, idx) (B, N, k) of knn on (B, N, D) / (B, M, D) from the bf16 screen:
-    dist float32 of the float64 squared distance, ascending; ties to the lowest index."""
+def knn_screened(queries, keys, k, exclude_self, fp32=False):
+    """Exact (dist, idx) (B, N, k) of knn on (B, N, D) / (B, M, D) from the bf16 screen
+    (fp32=True: from the fp32 screen alone, precision="fp32"): dist float32 of the float64
+    squared distance, ascending; ties to the lowest index."""
     if k > MAX_K:
         raise ValueError(f"precision='bf16' on the triton backend supports k <= {MAX_K}, got k={k}")
-    dist, idx = _search(queries, keys, k, None, exclude_self)
+    dist, idx = _search(queries, keys, k, None, exclude_self, fp32)
     return dist.float(), idx
 
 
@@ -68,8 +71,9 @@ def patch_nn_screened(queries, keys, alpha):
 
 
 # Rows answered by each stage since the process started (or reset_stats()): how much the
-# bf16 screen left to the fp32 screen and to the float64 sweep (benchmarks/screen_stats.py).
-STATS = {"rows": 0, "fp32_rows": 0, "swept_rows": 0}
+# bf16 screen left to the fp32 screen and to the float64 sweep, and the keys re-ranked in
+# float64 (benchmarks/screen_stats.py).
+STATS = {"rows": 0, "fp32_rows": 0, "swept_rows": 0, "candidates": 0}
 
 
 def reset_stats():
@@ -77,22 +81,24 @@ def reset_stats():
         STATS[key] = 0
 
 
-def _search(queries, keys, k, den, exclude_self):
+def _search(queries, keys, k, den, exclude_self, fp32=False):
     """The three stages: the bf16 screen for every row; the rows whose slots overflowed
     (near-duplicate keys: bf16's window holds hundreds of keys on image patches) again
     with fp32 dots, whose window is ~2^-16 of bf16's; the float64 sweep for what is left.
-    Each stage is exact where it answers, so the result is the float64 reference's:
-    (float64 scores, idx), (B, N, k) each."""
+    fp32=True (precision="fp32") starts at the fp32 screen. Each stage is exact where it
+    answers, so the result is the float64 reference's: (float64 scores, idx), (B, N, k) each."""
     B, N, D = queries.shape
     if B * N == 0:
         return torch.empty((B, N, k), device=queries.device), torch.empty((B, N, k), dtype=torch.long, device=queries.device)
     w = None if den is None else den.reciprocal().float().contiguous()
     kc = slots(k)
-    coef, slack = bound(D, weighted=den is not None)
-    lower, idx = screen_triton(queries, keys, w, kc, exclude_self, coef, slack, False)
+    coef, slack = bound(D, weighted=den is not None, fp32=fp32)
+    lower, idx = screen_triton(queries, keys, w, kc, exclude_self, coef, slack, fp32)
     out_d, out_i, redo = _rerank(queries, keys, lower, idx, k, coef, slack, den)
     STATS["rows"] += B * N
-    if bool(redo.any()) and not exclude_self:   # (the kernel excludes self by row position)
+    if fp32:
+        STATS["fp32_rows"] += B * N
+    elif bool(redo.any()) and not exclude_self:   # (the kernel excludes self by row position)
         coef, slack = bound(D, weighted=den is not None, fp32=True)
         for b in range(B):
             rows = redo[b].nonzero()[:, 0]
@@ -172,6 +178,7 @@ def _rerank(queries, keys, lower, idx, k, coef, slack, den):
     B, N, D = queries.shape
     M = keys.shape[1]
     safe, cand, redo = candidates(queries, keys, lower, idx, k, coef, slack, den)
+    STATS["candidates"] += int(cand.sum())
     score = _exact_sqdist(queries, keys, safe)
     if den is not None:
         score = score / torch.gather(den, 1, safe.view(B, -1)).view(safe.shape)

@@ -31,8 +31,9 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             triton backends; torch raises rather than ignore it). bf16 is exact on both:
             candidates within a proven error bound of the k-th best are re-ranked in
             float64, so it returns the float64 ranking (on triton: bf16 tensor cores on
-            a GPU, k <= 128, fastgen/ops/certified.py). The cpp backend is exact in fp32
-            too; triton and torch in fp32 rank in fp32.
+            a GPU, k <= 128, fastgen/ops/certified.py). fp32 is exact on cpp, and on
+            triton for k <= 128 (an fp32 screen, re-ranked in float64; larger k ranks
+            in fp32); torch ranks in fp32.
         prune: skip keys that provably cannot be among a query's k nearest (keys grouped
             into balls, triangle-inequality bounds: fastgen/ops/pruned_knn.py). Same
             answer, bit for bit. None (default) decides by a cheap measure: large 2-D
@@ -99,7 +100,10 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         if be == "triton" and precision == "bf16":
             from fastgen.ops.certified import knn_screened
             dist, idx = knn_screened(q3, k3, k, exclude_self)
-        elif be == "triton":
+        elif be == "triton" and k <= SCREEN_MAX_K:   # the fp32 screen, re-ranked in float64: exact
+            from fastgen.ops.certified import knn_screened
+            dist, idx = knn_screened(q3, k3, k, exclude_self, fp32=True)
+        elif be == "triton":                            # larger k: ranked in fp32
             from fastgen.ops.triton.knn import knn_triton
             dist, idx = knn_triton(q3, k3, k, exclude_self)
         else:
@@ -116,6 +120,10 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
 # one, which costs more than the faster GEMM saves (measured: flower.jpg vs china.jpg 6x6x3
 # patches, k=5, bf16 1.8x slower than fp32 before this check).
 _BF16_SAMPLE = 64
+
+# the largest k the Triton screen serves (slots up to 256: what fastgen/gpu_plan.py compiles);
+# here rather than in fastgen/ops/certified.py, which imports triton
+SCREEN_MAX_K = 128
 
 
 def _bf16_window(a, b, d):
