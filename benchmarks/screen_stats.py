@@ -55,7 +55,8 @@ def case(name, q, k, kk):
         same = same and torch.equal(got[0], want)
         st = certified.STATS
         pct = lambda key: f"{100 * st[key] / st['rows']:.2f} %"   # noqa: E731
-        cells += ([] if fp32 else [pct("fp32_rows")]) + [pct("swept_rows"), f"{st['candidates'] / st['rows']:.1f}"]
+        cells += ([] if fp32 else [pct("fp32_rows")]) + [pct("wide_rows"), pct("swept_rows"),
+                                                          f"{st['candidates'] / st['rows']:.1f}"]
     return (f"| {name} | {q.shape[0]} x {k.shape[0]} x {q.shape[1]} | {kk} | {certified.slots(kk)} | "
             + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
 
@@ -70,9 +71,10 @@ def image_patches(name, size, patch=7):
 def main():
     torch.manual_seed(0)
     certified.screen_triton = emulated_screen      # the package's stages, with this screen
-    lines = ["| data | N x M x D | k | slots | bf16: rows to the fp32 stage | bf16: rows swept in float64 | "
-             "bf16: keys re-ranked per row | fp32: rows swept | fp32: keys re-ranked per row | = cpp exact (both) |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    lines = ["| data | N x M x D | k | slots | bf16: rows to the fp32 stage | bf16: rows to 256 slots | "
+             "bf16: rows swept in float64 | bf16: keys re-ranked per row | fp32: rows to 256 slots | fp32: rows swept | "
+             "fp32: keys re-ranked per row | = cpp exact (both) |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for d in (64, 256):
         q, k = torch.randn(4096, d), torch.randn(16384, d)
         for kk in (1, 10):

@@ -163,6 +163,20 @@ def test_window_uses_the_kernels_key_tiles(monkeypatch):
 
 
 @PRECISIONS
+def test_wide_stage_answers_rows_with_tens_of_near_keys(monkeypatch, precision):
+    # 40 keys per row inside fp32's window: 16 slots overflow, the 256-slot stage settles
+    # them (no sweep); with that stage taken away the same rows are swept
+    q, keys = sparse_near_ties(near=40)
+    rows = spy_fallback(monkeypatch)
+    certified.reset_stats()
+    check(q, keys, 3, precision=precision)
+    assert rows == [] and certified.STATS["wide_rows"] == 12
+    monkeypatch.setattr(certified, "WIDE_SLOTS", certified.slots(3))
+    check(q, keys, 3, precision=precision)
+    assert rows == [12]
+
+
+@PRECISIONS
 def test_dense_near_ties_take_the_fallback(monkeypatch, precision):
     # 600 keys inside the window of every row, at bf16 and at fp32: every row is swept
     n, m, d = 8, 600, 40

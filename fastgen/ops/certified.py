@@ -12,7 +12,8 @@ tensor cores.
    re-ranked in float64 on direct differences (ties to the lowest index).
 3. A row whose KC kept bounds are all <= U may have dropped a candidate (near-duplicate
    keys, everything tied): it is screened again with fp32 dots (a window ~2^-16 of
-   bf16's), and what still overflows is answered by a float64 sweep over all its keys.
+   bf16's), then (unweighted screens) with fp32 dots and 256 slots, and what still
+   overflows is answered by a float64 sweep over all its keys.
 The result is the float64 reference's, bit for bit in the indices; a window smaller than
 the bound's is caught by the tests (tests/test_certified.py, a mutant).
 """
@@ -27,6 +28,10 @@ from fastgen.ops.triton.screen import screen_blocks, screen_triton   # only impo
 # candidate slots per row: at least this many, and twice k
 MIN_SLOTS = 16
 MAX_K = SCREEN_MAX_K     # slots up to 256: what fastgen/gpu_plan.py compiles
+# slots of the last screen before the sweep (the largest compiled, fastgen/gpu_plan.py):
+# on noisy copies of a photo's own patches 7.8 % of rows overflow 16 fp32 slots, 0.02 % 64,
+# none 256 (benchmarks/screen_stats.py's emulation)
+WIDE_SLOTS = 256
 BUDGET = 1 << 24   # float64 elements per chunk of the exact re-rank and of the fallback sweep
 FP32_SAFE = 2.0 ** 126   # half of fp32's range: what a row's intermediates must stay below
 
@@ -73,7 +78,7 @@ def patch_nn_screened(queries, keys, alpha):
 # Rows answered by each stage since the process started (or reset_stats()): how much the
 # bf16 screen left to the fp32 screen and to the float64 sweep, and the keys re-ranked in
 # float64 (benchmarks/screen_stats.py).
-STATS = {"rows": 0, "fp32_rows": 0, "swept_rows": 0, "candidates": 0}
+STATS = {"rows": 0, "fp32_rows": 0, "wide_rows": 0, "swept_rows": 0, "candidates": 0}
 
 
 def reset_stats():
@@ -82,9 +87,11 @@ def reset_stats():
 
 
 def _search(queries, keys, k, den, exclude_self, fp32=False):
-    """The three stages: the bf16 screen for every row; the rows whose slots overflowed
+    """The stages: the bf16 screen for every row; the rows whose slots overflowed
     (near-duplicate keys: bf16's window holds hundreds of keys on image patches) again
-    with fp32 dots, whose window is ~2^-16 of bf16's; the float64 sweep for what is left.
+    with fp32 dots, whose window is ~2^-16 of bf16's; what still overflows once more with
+    fp32 dots and WIDE_SLOTS slots (unweighted screens: flat image regions hold tens of
+    near-identical keys even in fp32's window); the float64 sweep for what is left.
     fp32=True (precision="fp32") starts at the fp32 screen. Each stage is exact where it
     answers, so the result is the float64 reference's: (float64 scores, idx), (B, N, k) each."""
     B, N, D = queries.shape
@@ -98,22 +105,34 @@ def _search(queries, keys, k, den, exclude_self, fp32=False):
     STATS["rows"] += B * N
     if fp32:
         STATS["fp32_rows"] += B * N
-    elif bool(redo.any()) and not exclude_self:   # (the kernel excludes self by row position)
-        coef, slack = bound(D, weighted=den is not None, fp32=True)
-        for b in range(B):
-            rows = redo[b].nonzero()[:, 0]
-            if rows.numel() == 0:
-                continue
-            q_b, k_b = queries[b, rows][None], keys[b:b + 1]
-            d_b = None if den is None else den[b:b + 1]
-            lower, idx = screen_triton(q_b, k_b, None if w is None else w[b:b + 1], kc, False, coef, slack, True)
-            d2, i2, r2 = _rerank(q_b, k_b, lower, idx, k, coef, slack, d_b)
-            out_d[b, rows], out_i[b, rows], redo[b, rows] = d2[0], i2[0], r2[0]
-            STATS["fp32_rows"] += rows.numel()
+    # later stages screen subsets of rows: the kernel excludes self by row position, so
+    # exclude_self rows go straight to the sweep
+    elif not exclude_self:
+        _rescreen(queries, keys, k, den, w, kc, redo, out_d, out_i, "fp32_rows")
+    if not exclude_self and den is None and kc < WIDE_SLOTS:
+        _rescreen(queries, keys, k, den, w, WIDE_SLOTS, redo, out_d, out_i, "wide_rows")
     if bool(redo.any()):
         STATS["swept_rows"] += int(redo.sum())
         _sweep_rows(queries, keys, k, den, exclude_self, redo, out_d, out_i)
     return out_d, out_i
+
+
+def _rescreen(queries, keys, k, den, w, kc, redo, out_d, out_i, stat):
+    """The rows flagged in `redo` screened again with fp32 dots and kc slots, per batch
+    element; what they settle is written into out_d / out_i and cleared from redo."""
+    if not bool(redo.any()):
+        return
+    coef, slack = bound(queries.shape[-1], weighted=den is not None, fp32=True)
+    for b in range(queries.shape[0]):
+        rows = redo[b].nonzero()[:, 0]
+        if rows.numel() == 0:
+            continue
+        q_b, k_b = queries[b, rows][None], keys[b:b + 1]
+        d_b = None if den is None else den[b:b + 1]
+        lower, idx = screen_triton(q_b, k_b, None if w is None else w[b:b + 1], kc, False, coef, slack, True)
+        d2, i2, r2 = _rerank(q_b, k_b, lower, idx, k, coef, slack, d_b)
+        out_d[b, rows], out_i[b, rows], redo[b, rows] = d2[0], i2[0], r2[0]
+        STATS[stat] += rows.numel()
 
 
 def _exact_sqdist(queries, keys, idx):
