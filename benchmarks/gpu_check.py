@@ -45,6 +45,7 @@ def correctness(lines):
         dist, idx = knn(q.to(dev), x.to(dev), k)
         ref_d, ref_i = reference.knn_exact(q, x, k)
         checks.append((f"knn {n}x{m}x{d} k={k}", float((dist.cpu().double() - ref_d).abs().max()), 1e-3))
+        checks.append((f"knn fp32 {n}x{m}x{d} k={k} (indices differing from float64)", float((idx.cpu() != ref_i).sum()), 0))
         _, idx16 = knn(q.to(dev), x.to(dev), k, precision="bf16")
         checks.append((f"knn bf16 {n}x{m}x{d} k={k} (indices differing from float64)", float((idx16.cpu() != ref_i).sum()), 0))
         res = nearest_code(q.to(dev), x.to(dev))
@@ -87,7 +88,11 @@ def speed(lines, results):
         q, x = torch.randn(n, d, device=dev), torch.randn(m, d, device=dev)
         t_fast = timed(lambda: knn(q, x, k))
         t_torch = timed(lambda: knn_cdist(q, x, k))
-        row = dict(op="knn", shape=f"{n}x{m}x{d} k={k}", fastgen_ms=t_fast * 1e3, torch_ms=t_torch * 1e3)
+        row = dict(op="knn (exact fp32)", shape=f"{n}x{m}x{d} k={k}", fastgen_ms=t_fast * 1e3, torch_ms=t_torch * 1e3)
+        if DEVICE == "cuda":   # what exactness costs: the plain fp32-ranking kernel (knn's path for k > 128)
+            from fastgen.ops.triton.knn import knn_triton
+            rows.append(dict(op="knn fp32 plain kernel (fp32 ranking)", shape=row["shape"],
+                             fastgen_ms=timed(lambda: knn_triton(q[None], x[None], k, False)) * 1e3, torch_ms=t_torch * 1e3))
         # precision="bf16": the tensor-core screen plus the float64 re-rank (exact)
         rows.append(dict(op="knn bf16 (exact)", shape=row["shape"], fastgen_ms=timed(lambda: knn(q, x, k, precision="bf16")) * 1e3,
                          torch_ms=t_torch * 1e3))
