@@ -106,6 +106,11 @@ def speed(lines, results):
         except Exception as e:  # noqa: BLE001 -- faiss-gpu is optional
             row["faiss_gpu_ms"] = f"skipped ({type(e).__name__})"
         rows.append(row)
+    # batched, one query per element (conditional IMLE's search: B in the hundreds, N = 1)
+    bsz = 512 if DEVICE == "cuda" else 16
+    qb, xb = torch.randn(bsz, 1, 64, device=dev), torch.randn(bsz, 300, 64, device=dev)
+    rows.append(dict(op="knn batched", shape=f"{bsz}x(1x300x64) k=1", fastgen_ms=timed(lambda: knn(qb, xb, 1)) * 1e3,
+                     torch_ms=timed(lambda: torch.cdist(qb, xb).argmin(-1)) * 1e3))
     x, cb = torch.randn(32768 if DEVICE == "cuda" else 512, 64, device=dev), torch.randn(512, 64, device=dev)
     rows.append(dict(op="nearest_code", shape=f"{x.shape[0]}x{cb.shape[0]}x64", fastgen_ms=timed(lambda: nearest_code(x, cb)) * 1e3,
                      torch_ms=timed(lambda: torch.cdist(x, cb).argmin(1)) * 1e3))

@@ -88,10 +88,15 @@ def main(argv=None):
 def leave_process_group():
     """Under torchrun a command that joined the group leaves it before the interpreter
     exits, which joins gloo's worker threads (see fastgen.distributed.import_dynamo_first):
-    one still running at shutdown could abort a finished run with SIGABRT."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    one still running at shutdown could abort a finished run with SIGABRT. Only the group
+    fastgen made; a failure here is reported without hiding the command's outcome."""
+    mod = sys.modules.get("fastgen.distributed")
+    if mod is None:
+        return
+    try:
+        mod.leave_group()
+    except Exception as exc:  # noqa: BLE001 -- the command's own result or error matters more
+        print(f"fastgen: warning: leaving the process group failed: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

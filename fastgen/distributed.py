@@ -39,7 +39,21 @@ def init_from_env(backend=None):
     import_dynamo_first()
     # long timeout: a final barrier waits for the slowest rank's share of a large run
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=24))
+    global _MADE_HERE
+    _MADE_HERE = True
     return dist.get_rank(), dist.get_world_size(), True
+
+
+_MADE_HERE = False     # whether init_from_env made the current group (leave_group ends only that)
+
+
+def leave_group():
+    """Destroys the group init_from_env made, if it is still alive; a group the caller
+    made is left alone. Joins gloo's worker threads (see import_dynamo_first)."""
+    global _MADE_HERE
+    if _MADE_HERE and dist.is_initialized():
+        dist.destroy_process_group()
+    _MADE_HERE = False
 
 
 def import_dynamo_first():

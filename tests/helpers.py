@@ -156,3 +156,21 @@ FINE = "8x16x1"
 def use_prune_shape(monkeypatch, shape):
     if shape is not None:
         monkeypatch.setenv("FASTGEN_PRUNE", shape)
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a spawned gloo group's rendezvous)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank, port, world=2):
+    """A spawned test worker joins a gloo group on 127.0.0.1:port. torch._dynamo is
+    imported first, or the group can outlive destroy_process_group and abort the worker
+    at exit (fastgen.distributed.import_dynamo_first)."""
+    import torch.distributed as dist
+    from fastgen.distributed import import_dynamo_first
+    import_dynamo_first()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -177,6 +177,31 @@ def test_wide_stage_answers_rows_with_tens_of_near_keys(monkeypatch, precision):
 
 
 @PRECISIONS
+def test_exclude_self_rows_that_overflow_are_rescreened(monkeypatch, precision):
+    # clusters of 30 near-identical points: every row's window holds its 29 mates, more
+    # than 16 slots; the 256-slot stage (k + 1 with self, self dropped) settles them
+    centres = torch.randn(10, 8) * 3
+    x = (centres[:, None, :] + 1e-5 * torch.randn(10, 30, 8)).reshape(300, 8)[torch.randperm(300)]
+    rows = spy_fallback(monkeypatch)
+    certified.reset_stats()
+    check(x, x, 3, exclude_self=True, precision=precision)
+    assert rows == [] and certified.STATS["wide_rows"] == 300
+
+
+@PRECISIONS
+def test_gradients_leave_the_distances_as_they_were(precision):
+    # dist is fl32 of the float64 distance, ascending; asking for gradients must not swap
+    # it for an fp32 recomputation (two keys 1e-6 apart would come out of order)
+    q, keys = two_tied()
+    plain = knn(q, keys, 2, backend="triton", precision=precision).dist
+    qg = q.clone().requires_grad_()
+    dist = knn(qg, keys, 2, backend="triton", precision=precision).dist
+    assert torch.equal(dist.detach(), plain) and bool((dist[..., 1] >= dist[..., 0]).all())
+    (g,) = torch.autograd.grad(dist.sum(), [qg])
+    assert g.abs().sum() > 0
+
+
+@PRECISIONS
 def test_dense_near_ties_take_the_fallback(monkeypatch, precision):
     # 600 keys inside the window of every row, at bf16 and at fp32: every row is swept
     n, m, d = 8, 600, 40

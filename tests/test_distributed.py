@@ -1,29 +1,21 @@
 """fastgen.distributed.sharded_knn with 2 gloo ranks spawned here: equal to one knn over
 the concatenated shards on every rank; disagreeing or non-finite ranks all raise."""
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 
 from fastgen.ops import reference
-from helpers import assert_equal_idx
+from helpers import assert_equal_idx, free_port, init_gloo
 
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, folder, cases):
     import torch.distributed as dist
     from fastgen.distributed import sharded_knn
     torch.set_num_threads(1)
-    from fastgen.distributed import import_dynamo_first
-    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, port)
     try:
         out = []
         for queries, shards, k in cases:
@@ -53,7 +45,7 @@ def test_two_gloo_ranks_equal_one_knn():
         (q, [keys[:5], torch.empty(0)], 1),                # a rank with a malformed shard: no hang
     ]
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(_free_port(), folder, cases), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), folder, cases), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(folder, f"rank{r}.pt")) for r in (0, 1))
     for (queries, shards, k), (a_d, a_i), (b_d, b_i) in list(zip(cases, r0, r1))[:4]:
         assert torch.equal(a_i, b_i) and torch.equal(a_d, b_d)
@@ -79,9 +71,7 @@ def _imle_search_worker(rank, port, folder, variant):
     import torch.distributed as dist
     from fastgen.models import IMLE
     torch.set_num_threads(1)
-    from fastgen.distributed import import_dynamo_first
-    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, port)
     try:
         torch.manual_seed(0)
         x = torch.rand(37, 1, 4, 4)
@@ -103,7 +93,7 @@ def test_imle_search_split_over_two_ranks_equals_one_process(variant):
     model = IMLE((1, 4, 4), z_dim=3, samples_per_point=5, chunk=16, **variant)
     info = model.search(x, generator=torch.Generator().manual_seed(7))
     with tempfile.TemporaryDirectory() as folder:
-        mp.start_processes(_imle_search_worker, args=(_free_port(), folder, variant), nprocs=2,
+        mp.start_processes(_imle_search_worker, args=(free_port(), folder, variant), nprocs=2,
                            start_method="spawn", join=True)
         for rank in range(2):
             chosen, got = torch.load(os.path.join(folder, f"rank{rank}.pt"))
@@ -147,7 +137,7 @@ def _two_ranks_outcome(worker, timeout=120):
 
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(worker, args=(_free_port(), folder), nprocs=2, start_method="spawn", join=False)
+        ctx = mp.start_processes(worker, args=(free_port(), folder), nprocs=2, start_method="spawn", join=False)
         deadline = time.time() + timeout
         while not ctx.join(timeout=5):
             if time.time() > deadline:
@@ -161,9 +151,7 @@ def _failing_rank_worker(rank, port, folder):
     import torch.distributed as dist
     from fastgen.models import IMLE
     torch.set_num_threads(1)
-    from fastgen.distributed import import_dynamo_first
-    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, port)
     try:
         torch.manual_seed(0)
         x = torch.rand(37, 1, 4, 4)
@@ -206,9 +194,7 @@ def _rank0_fails_worker(rank, port, folder):
 
     from fastgen.training import fit
     torch.set_num_threads(1)
-    from fastgen.distributed import import_dynamo_first
-    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, port)
     try:
         def evaluate():        # only rank 0 evaluates; its disk is full
             raise OSError("No space left on device")
@@ -264,3 +250,17 @@ def test_leaving_the_group_joins_gloos_threads():
     for total, gloo_threads in got:
         assert total == [2.0, 2.0, 2.0]
         assert gloo_threads == [], gloo_threads
+
+
+def test_leaving_spares_a_group_the_caller_made():
+    """fastgen.cli.main run inside a user's script must not end the script's own group."""
+    import torch.distributed as dist
+
+    from fastgen.cli import leave_process_group
+    import fastgen.distributed  # noqa: F401  (what leave_process_group consults)
+    init_gloo(0, free_port(), world=1)
+    try:
+        leave_process_group()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -4,7 +4,6 @@
 Fresh random inputs each run (conftest seeds from os.urandom and prints the seed).
 """
 import os
-import socket
 import tempfile
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 from fastgen.nn import ResidualVQ, VectorQuantizer
 from fastgen.ops import reference
-from helpers import assert_close, assert_equal_idx
+from helpers import assert_close, assert_equal_idx, free_port, init_gloo
 
 SHAPES = [(1, 1, 1), (7, 3, 5), (123, 16, 37), (300, 64, 512)]   # (N, D, K)
 
@@ -302,11 +301,6 @@ def test_bad_inputs_name_the_argument():
 
 # ---- torch.distributed: 2 gloo ranks on 127.0.0.1 --------------------------------------
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _batches(seed, steps, n, d):
     g = torch.Generator().manual_seed(seed)
@@ -315,9 +309,7 @@ def _batches(seed, steps, n, d):
 
 def _ddp_worker(rank, port, folder, seed, steps, n, d, k):
     torch.set_num_threads(1)
-    from fastgen.distributed import import_dynamo_first
-    import_dynamo_first()      # else the group can outlive destroy_process_group (see there)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    init_gloo(rank, port)
     try:
         results = {}
         for name, kw in (("ema", dict(ema=True)), ("all", dict(ema=True, kmeans_init=True, dead_code_threshold=1)),
@@ -337,7 +329,7 @@ def test_ddp_statistics_give_the_same_codebook_on_every_rank():
     import torch.multiprocessing as mp
     seed, steps, n, d, k = int(torch.randint(1 << 30, ())), 3, 200, 6, 32
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_ddp_worker, args=(_free_port(), folder, seed, steps, n, d, k), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(free_port(), folder, seed, steps, n, d, k), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(folder, f"rank{r}.pt")) for r in (0, 1))
     for name in r0:
         for key in r0[name]:

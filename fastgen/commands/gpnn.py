@@ -124,7 +124,7 @@ def run_sample(args):
     model = _model(args)
     size = parse_size(args.size) if args.size else None
     paths = gd.image_files(args.images) if args.images else [args.image]
-    rank, world, created = gd.init_from_env()
+    rank, world, _ = gd.init_from_env()
     device = _device(args, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -138,9 +138,8 @@ def run_sample(args):
                                  overwrite=args.overwrite, progress=not args.no_progress,
                                  rank=rank, world=world, barrier=barrier)
     finally:
-        if created:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        from fastgen.distributed import leave_group
+        leave_group()
     where = f" (rank {rank} of {world})" if world > 1 else ""
     print(f"wrote {len(written)} samples to {args.out}{where}")
     return 0

@@ -1,6 +1,6 @@
 """Exact answers from a bf16 screen on the Triton backend (knn, nearest_code and
-patch_nn with precision="bf16"; knn and nearest_code with precision="fp32" and k <= 128
-start at the fp32 screen of step 3): what the CPU's certified mode does
+patch_nn with precision="bf16"; knn and nearest_code with precision="fp32" and k <= 128,
+and patch_nn without alpha, start at the fp32 screen of step 3): what the CPU's certified mode does
 (csrc/engine/reductions.h, CertifiedTopK), for tiles whose cross term runs on bf16
 tensor cores.
 
@@ -29,8 +29,8 @@ from fastgen.ops.triton.screen import screen_blocks, screen_triton   # only impo
 MIN_SLOTS = 16
 MAX_K = SCREEN_MAX_K     # slots up to 256: what fastgen/gpu_plan.py compiles
 # slots of the last screen before the sweep (the largest compiled, fastgen/gpu_plan.py):
-# on noisy copies of a photo's own patches 7.8 % of rows overflow 16 fp32 slots, 0.02 % 64,
-# none 256 (benchmarks/screen_stats.py's emulation)
+# on noisy copies of a photo's own patches ~7-8 % of rows overflow 16 fp32 slots, 0.02 %
+# 64, none 256 (benchmarks/screen_stats.py's emulation; one draw of the noise)
 WIDE_SLOTS = 256
 BUDGET = 1 << 24   # float64 elements per chunk of the exact re-rank and of the fallback sweep
 FP32_SAFE = 2.0 ** 126   # half of fp32's range: what a row's intermediates must stay below
@@ -56,28 +56,31 @@ def knn_screened(queries, keys, k, exclude_self, fp32=False):
     (fp32=True: from the fp32 screen alone, precision="fp32"): dist float32 of the float64
     squared distance, ascending; ties to the lowest index."""
     if k > MAX_K:
-        raise ValueError(f"precision='bf16' on the triton backend supports k <= {MAX_K}, got k={k}")
+        raise ValueError(f"precision={'fp32' if fp32 else 'bf16'!r} screens on the triton backend support "
+                         f"k <= {MAX_K}, got k={k}")
     dist, idx = _search(queries, keys, k, None, exclude_self, fp32)
     return dist.float(), idx
 
 
-def patch_nn_screened(queries, keys, alpha):
-    """patch_nn's exact float64 answer (B, N) on (B, N, D) / (B, M, D) from bf16 screens:
-    the column minima are knn of the keys among the queries (k = 1, screened), then the
-    normalised argmin d_ij / (alpha + colmin_j) is screened with weights."""
+def patch_nn_screened(queries, keys, alpha, fp32=False):
+    """patch_nn's exact float64 answer (B, N) on (B, N, D) / (B, M, D) from bf16 screens
+    (alpha=None and fp32=True: the fp32 screen of knn): the column minima are knn of the
+    keys among the queries (k = 1, screened), then the normalised argmin
+    d_ij / (alpha + colmin_j) is screened with weights."""
     B, N, D = queries.shape
     if B * N == 0:
         return torch.zeros((B, N), dtype=torch.long, device=queries.device)
     if alpha is None:
-        return knn_screened(queries, keys, 1, False)[1][..., 0]
+        return knn_screened(queries, keys, 1, False, fp32)[1][..., 0]
     colmin = _search(keys, queries, 1, None, False)[0][..., 0]   # (B, M) float64: the keys' nearest queries
     den = alpha + colmin           # the score is d_ij / den_j, as the float64 reference divides
     return _search(queries, keys, 1, den, False)[1][..., 0]
 
 
-# Rows answered by each stage since the process started (or reset_stats()): how much the
-# bf16 screen left to the fp32 screen and to the float64 sweep, and the keys re-ranked in
-# float64 (benchmarks/screen_stats.py).
+# Rows answered by each stage since the process started (or reset_stats()), and the keys
+# re-ranked in float64 (benchmarks/screen_stats.py). fp32_rows: rows screened with fp32
+# dots -- with precision="bf16" the rows its screen left over, with "fp32" every row;
+# wide_rows: rows screened again with WIDE_SLOTS slots; swept_rows: rows swept in float64.
 STATS = {"rows": 0, "fp32_rows": 0, "wide_rows": 0, "swept_rows": 0, "candidates": 0}
 
 
@@ -101,28 +104,32 @@ def _search(queries, keys, k, den, exclude_self, fp32=False):
     kc = slots(k)
     coef, slack = bound(D, weighted=den is not None, fp32=fp32)
     lower, idx = screen_triton(queries, keys, w, kc, exclude_self, coef, slack, fp32)
-    out_d, out_i, redo = _rerank(queries, keys, lower, idx, k, coef, slack, den)
+    out_d, out_i, redo, pending = _rerank(queries, keys, lower, idx, k, coef, slack, den)
     STATS["rows"] += B * N
     if fp32:
         STATS["fp32_rows"] += B * N
-    # later stages screen subsets of rows: the kernel excludes self by row position, so
-    # exclude_self rows go straight to the sweep
-    elif not exclude_self:
-        _rescreen(queries, keys, k, den, w, kc, redo, out_d, out_i, "fp32_rows")
-    if not exclude_self and den is None and kc < WIDE_SLOTS:
-        _rescreen(queries, keys, k, den, w, WIDE_SLOTS, redo, out_d, out_i, "wide_rows")
-    if bool(redo.any()):
-        STATS["swept_rows"] += int(redo.sum())
+    elif pending:
+        pending = _rescreen(queries, keys, k, den, w, kc, exclude_self, redo, out_d, out_i, "fp32_rows")
+    if pending and den is None and kc < WIDE_SLOTS:
+        pending = _rescreen(queries, keys, k, den, w, WIDE_SLOTS, exclude_self, redo, out_d, out_i, "wide_rows")
+    if pending:
+        STATS["swept_rows"] += pending
         _sweep_rows(queries, keys, k, den, exclude_self, redo, out_d, out_i)
     return out_d, out_i
 
 
-def _rescreen(queries, keys, k, den, w, kc, redo, out_d, out_i, stat):
+def _rescreen(queries, keys, k, den, w, kc, exclude_self, redo, out_d, out_i, stat):
     """The rows flagged in `redo` screened again with fp32 dots and kc slots, per batch
-    element; what they settle is written into out_d / out_i and cleared from redo."""
-    if not bool(redo.any()):
-        return
+    element; what they settle is written into out_d / out_i and cleared from redo.
+    Returns the rows still flagged. With exclude_self (the kernel excludes by row position,
+    which a subset of rows breaks) the rows are screened for k + 1 neighbours with self
+    included and self dropped after: the k best others are among the k + 1 best of all."""
+    kk = k + 1 if exclude_self else k
+    kc = max(kc, slots(kk))
+    if kc > WIDE_SLOTS:
+        return int(redo.sum())
     coef, slack = bound(queries.shape[-1], weighted=den is not None, fp32=True)
+    pending = 0
     for b in range(queries.shape[0]):
         rows = redo[b].nonzero()[:, 0]
         if rows.numel() == 0:
@@ -130,24 +137,31 @@ def _rescreen(queries, keys, k, den, w, kc, redo, out_d, out_i, stat):
         q_b, k_b = queries[b, rows][None], keys[b:b + 1]
         d_b = None if den is None else den[b:b + 1]
         lower, idx = screen_triton(q_b, k_b, None if w is None else w[b:b + 1], kc, False, coef, slack, True)
-        d2, i2, r2 = _rerank(q_b, k_b, lower, idx, k, coef, slack, d_b)
+        d2, i2, r2, left = _rerank(q_b, k_b, lower, idx, kk, coef, slack, d_b)
+        if exclude_self:
+            # self moved behind the others (a stable sort keeps their order), then cut
+            order = (i2[0] == rows[:, None]).to(torch.int8).argsort(dim=-1, stable=True)[:, :k]
+            d2, i2 = torch.gather(d2[0], -1, order)[None], torch.gather(i2[0], -1, order)[None]
         out_d[b, rows], out_i[b, rows], redo[b, rows] = d2[0], i2[0], r2[0]
         STATS[stat] += rows.numel()
+        pending += left
+    return pending
 
 
 def _exact_sqdist(queries, keys, idx):
-    """float64 sum((q - k_idx)^2) (B, N, S) for key indices idx (B, N, S), in chunks of rows."""
+    """float64 sum((q - k_idx)^2) (B, N, S) for key indices idx (B, N, S), in chunks of
+    rows of all batch elements at once (IMLE's batched searches: B in the hundreds, N = 1)."""
     B, N, S = idx.shape
     D = queries.shape[-1]
-    out = torch.empty((B, N, S), dtype=torch.float64, device=queries.device)
+    out = torch.empty((B * N, S), dtype=torch.float64, device=queries.device)
+    q_all, i_all = queries.reshape(B * N, D), idx.reshape(B * N, S)
+    b_all = torch.arange(B, device=queries.device).repeat_interleave(N)
     step = max(1, BUDGET // max(1, S * D))
-    for b in range(B):
-        kb = keys[b]
-        for r in range(0, N, step):
-            q = queries[b, r:r + step].double()
-            kk = kb[idx[b, r:r + step]].double()
-            out[b, r:r + step] = (q[:, None, :] - kk).square().sum(-1)
-    return out
+    for r in range(0, B * N, step):
+        q = q_all[r:r + step].double()
+        kk = keys[b_all[r:r + step, None], i_all[r:r + step]].double()     # (rows, S, D)
+        out[r:r + step] = (q[:, None, :] - kk).square().sum(-1)
+    return out.view(B, N, S)
 
 
 def candidates(queries, keys, lower, idx, k, coef, slack, den=None):
@@ -192,12 +206,15 @@ def candidates(queries, keys, lower, idx, k, coef, slack, den=None):
 
 def _rerank(queries, keys, lower, idx, k, coef, slack, den):
     """Step 2 of the module's docstring: (dist float64, idx) (B, N, k) from the candidates,
-    exact except in the rows of `redo` (B, N), which the caller answers otherwise; for
-    weighted screens (den given: score d_ij / den_j) dist is the float64 score."""
+    exact except in the rows of `redo` (B, N), which the caller answers otherwise, and
+    how many those are; for weighted screens (den given: score d_ij / den_j) dist is the
+    float64 score."""
     B, N, D = queries.shape
     M = keys.shape[1]
     safe, cand, redo = candidates(queries, keys, lower, idx, k, coef, slack, den)
-    STATS["candidates"] += int(cand.sum())
+    # one device-to-host copy for both counts (the caller needs the rows left anyway)
+    n_cand, pending = torch.stack([cand.sum(), redo.sum()]).tolist()
+    STATS["candidates"] += n_cand
     score = _exact_sqdist(queries, keys, safe)
     if den is not None:
         score = score / torch.gather(den, 1, safe.view(B, -1)).view(safe.shape)
@@ -206,7 +223,7 @@ def _rerank(queries, keys, lower, idx, k, coef, slack, den):
     order = safe.masked_fill(~cand, M).argsort(-1)
     safe, score = torch.gather(safe, -1, order), torch.gather(score, -1, order)
     score, order = torch.sort(score, dim=-1, stable=True)
-    return score[..., :k].contiguous(), torch.gather(safe, -1, order)[..., :k].contiguous(), redo
+    return score[..., :k].contiguous(), torch.gather(safe, -1, order)[..., :k].contiguous(), redo, pending
 
 
 def _sweep_rows(queries, keys, k, den, exclude_self, rows, out_d, out_i):

@@ -97,19 +97,22 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
     if be == "cpp":
         dist, idx = torch.ops.fastgen.knn(q3.contiguous(), k3.contiguous(), k, exclude_self, precision)
     else:
-        if be == "triton" and precision == "bf16":
+        # bf16, and fp32 with k <= SCREEN_MAX_K: screens re-ranked in float64 (exact)
+        screened = be == "triton" and (precision == "bf16" or k <= SCREEN_MAX_K)
+        if screened:
             from fastgen.ops.certified import knn_screened
-            dist, idx = knn_screened(q3, k3, k, exclude_self)
-        elif be == "triton" and k <= SCREEN_MAX_K:   # the fp32 screen, re-ranked in float64: exact
-            from fastgen.ops.certified import knn_screened
-            dist, idx = knn_screened(q3, k3, k, exclude_self, fp32=True)
+            with torch.no_grad():        # the gradient comes from gather_sqdist below
+                dist, idx = knn_screened(q3, k3, k, exclude_self, fp32=precision == "fp32")
         elif be == "triton":                            # larger k: ranked in fp32
             from fastgen.ops.triton.knn import knn_triton
             dist, idx = knn_triton(q3, k3, k, exclude_self)
         else:
             dist, idx = baselines.knn_addmm(q3, k3, k, exclude_self, stable_ties=True)
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
-            dist = baselines.gather_sqdist(q3, k3, idx)
+            g = baselines.gather_sqdist(q3, k3, idx)
+            # the screens' values are fl32 of the float64 distances, in order: keep them
+            # (g - g is exactly 0) and take the gradient of sum((q - k)^2)
+            dist = dist.detach() + (g - g.detach()) if screened else g
     if squeeze:
         return Neighbours(dist[0], idx[0])
     return Neighbours(dist, idx)
