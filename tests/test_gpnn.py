@@ -251,11 +251,17 @@ def test_bad_inputs_name_the_argument(china, call, exc, match):
     ({"coarsest_side": 5}, "coarsest_side"), ({"iterations": 0}, "iterations"),
     ({"alpha": -1}, "alpha"), ({"noise_std": float("nan")}, "noise_std"),
     ({"coarse_alpha": 0.0}, "coarse_alpha"), ({"coarse_alpha": float("inf")}, "coarse_alpha"),
-    ({"coarse_alpha": True}, "coarse_alpha"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GPNN(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["alpha", "coarse_alpha"])
+@pytest.mark.parametrize("value", [True, "0.1", [0.1]])
+def test_alpha_of_the_wrong_type_names_the_argument(name, value):
+    with pytest.raises(TypeError, match=f"^{name} must be a number or None"):
+        GPNN(**{name: value})
 
 
 @pytest.mark.parametrize("kwargs, match", [({"incremental": 1}, "incremental"), ({"on_search": 3}, "on_search")])

@@ -153,11 +153,8 @@ class GPNN:
             raise ValueError(f"coarsest_side must be an int >= patch_size ({patch_size}), got {coarsest_side!r}")
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-        if alpha is not None and not (0 < float(alpha) < float("inf")):
-            raise ValueError(f"alpha must be a positive finite number or None, got {alpha!r}")
-        if coarse_alpha is not None and (isinstance(coarse_alpha, bool) or not (0 < float(coarse_alpha) < float("inf"))):
-            raise ValueError(f"coarse_alpha must be a positive finite number or None, got {coarse_alpha!r}")
-        self.coarse_alpha = None if coarse_alpha is None else float(coarse_alpha)
+        self.alpha = _validate.alpha(alpha)     # a number (not bool or str) in [1e-30, 1e30], or None
+        self.coarse_alpha = _validate.alpha(coarse_alpha, "coarse_alpha")
         if not (0 <= float(noise_std) < float("inf")):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         if not (0.0 <= float(diversity) <= 1.0):
@@ -170,7 +167,6 @@ class GPNN:
         self.pyramid_ratio = float(pyramid_ratio)
         self.coarsest_side = coarsest_side
         self.iterations = iterations
-        self.alpha = None if alpha is None else float(alpha)
         self.noise_std = float(noise_std)
         _validate.flag(incremental, "incremental")
         if on_search is not None and not callable(on_search):

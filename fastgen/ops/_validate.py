@@ -78,19 +78,19 @@ def flag(v, name):
         raise TypeError(f"{name} must be True, False or None, got {type(v).__name__}")
 
 
-def alpha(a):
+def alpha(a, name="alpha"):
     """patch_nn's alpha as a float, or None: float32 weights 1 / (alpha + colmin) must
-    neither overflow nor vanish."""
+    neither overflow nor vanish. name: the argument's name in the message."""
     if a is None:
         return None
     if isinstance(a, (bool, str, bytes)):
-        raise TypeError(f"alpha must be a number or None, got {type(a).__name__}")
+        raise TypeError(f"{name} must be a number or None, got {type(a).__name__}")
     try:
         a = float(a)
     except (TypeError, ValueError):
-        raise TypeError(f"alpha must be a number or None, got {type(a).__name__}") from None
+        raise TypeError(f"{name} must be a number or None, got {type(a).__name__}") from None
     if not (1e-30 <= a <= 1e30):
-        raise ValueError(f"alpha must be in [1e-30, 1e30] or None, got {a}")
+        raise ValueError(f"{name} must be in [1e-30, 1e30] or None, got {a}")
     return a
 
 
