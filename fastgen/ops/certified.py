@@ -28,16 +28,18 @@ from fastgen.ops.triton.screen import screen_blocks, screen_triton   # only impo
 # candidate slots per row: at least this many, and twice k
 MIN_SLOTS = 16
 MAX_K = SCREEN_MAX_K     # slots up to 256: what fastgen/gpu_plan.py compiles
-# slots of the last screen before the sweep (the largest compiled, fastgen/gpu_plan.py):
-# on noisy copies of a photo's own patches ~7-8 % of rows overflow 16 fp32 slots, 0.02 %
-# 64, none 256 (benchmarks/screen_stats.py's emulation; one draw of the noise)
-WIDE_SLOTS = 256
 BUDGET = 1 << 24   # float64 elements per chunk of the exact re-rank and of the fallback sweep
 FP32_SAFE = 2.0 ** 126   # half of fp32's range: what a row's intermediates must stay below
 
 
 def slots(k):
     return triton.next_power_of_2(max(MIN_SLOTS, 2 * k))
+
+
+# slots of the last screen before the sweep, the most compiled (256): on noisy copies of a
+# photo's own patches ~7-8 % of rows overflow 16 fp32 slots, 0.02 % 64, none 256
+# (benchmarks/screen_stats.py's emulation; one draw of the noise)
+WIDE_SLOTS = slots(MAX_K)
 
 
 def bound(dim, *, weighted=False, fp32=False):
@@ -62,16 +64,15 @@ def knn_screened(queries, keys, k, exclude_self, fp32=False):
     return dist.float(), idx
 
 
-def patch_nn_screened(queries, keys, alpha, fp32=False):
-    """patch_nn's exact float64 answer (B, N) on (B, N, D) / (B, M, D) from bf16 screens
-    (alpha=None and fp32=True: the fp32 screen of knn): the column minima are knn of the
-    keys among the queries (k = 1, screened), then the normalised argmin
-    d_ij / (alpha + colmin_j) is screened with weights."""
+def patch_nn_screened(queries, keys, alpha):
+    """patch_nn's exact float64 answer (B, N) on (B, N, D) / (B, M, D) from bf16 screens:
+    the column minima are knn of the keys among the queries (k = 1, screened), then the
+    normalised argmin d_ij / (alpha + colmin_j) is screened with weights."""
     B, N, D = queries.shape
     if B * N == 0:
         return torch.zeros((B, N), dtype=torch.long, device=queries.device)
     if alpha is None:
-        return knn_screened(queries, keys, 1, False, fp32)[1][..., 0]
+        return knn_screened(queries, keys, 1, False)[1][..., 0]
     colmin = _search(keys, queries, 1, None, False)[0][..., 0]   # (B, M) float64: the keys' nearest queries
     den = alpha + colmin           # the score is d_ij / den_j, as the float64 reference divides
     return _search(queries, keys, 1, den, False)[1][..., 0]

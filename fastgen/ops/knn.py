@@ -112,7 +112,7 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             g = baselines.gather_sqdist(q3, k3, idx)
             # the screens' values are fl32 of the float64 distances, in order: keep them
             # (g - g is exactly 0) and take the gradient of sum((q - k)^2)
-            dist = dist.detach() + (g - g.detach()) if screened else g
+            dist = dist + (g - g.detach()) if screened else g
     if squeeze:
         return Neighbours(dist[0], idx[0])
     return Neighbours(dist, idx)

@@ -74,8 +74,8 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     elif be == "triton":  # fp32 tiles; plain NN = exact kNN with k=1 (the fp32 screen)
         _validate.distance_inputs(queries, "queries", keys, "keys")
         if alpha is None:
-            from fastgen.ops.certified import patch_nn_screened
-            idx = patch_nn_screened(q3, k3, None, fp32=True)
+            from fastgen.ops.certified import knn_screened
+            idx = knn_screened(q3, k3, 1, False, fp32=True)[1][..., 0]
         else:
             from fastgen.ops.triton.patch_nn import patch_nn_triton
             idx = patch_nn_triton(q3, k3, alpha)
