@@ -56,6 +56,15 @@ def leave_group():
     _MADE_HERE = False
 
 
+def init_tcp(rank, world_size, port, timeout_s=300):
+    """Joins a gloo group on 127.0.0.1:port (processes spawned here, not by torchrun:
+    tests, local multi-process runs), dynamo imported first (import_dynamo_first)."""
+    import datetime
+    import_dynamo_first()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def import_dynamo_first():
     """Imports torch._dynamo before a process group exists. torch 2.13's dynamo, imported
     later (the first torch.optim optimizer does it), keeps references to the live group, so

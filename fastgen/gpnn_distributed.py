@@ -12,7 +12,6 @@ Launch (CPU, gloo; on GPUs each rank takes cuda:LOCAL_RANK):
     torchrun --nproc-per-node 4 -m fastgen.cli gpnn sample --images DIR -n 100 --out OUT
 Without torchrun (WORLD_SIZE unset) the same code runs every job in one process.
 """
-import datetime
 import os
 
 import torch
@@ -103,11 +102,9 @@ def _spawned_worker(rank, world, port, kwargs, result_dir):
     import torch.distributed as dist
     from fastgen.images import load_source_image
     from fastgen.models.gpnn import GPNN
-    from fastgen.distributed import import_dynamo_first
+    from fastgen.distributed import init_tcp
     torch.set_num_threads(1)
-    import_dynamo_first()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=5))
+    init_tcp(rank, world, port)
     try:
         kwargs = dict(kwargs)
         model = GPNN(**kwargs.pop("model"))

@@ -167,10 +167,7 @@ def free_port():
 
 
 def init_gloo(rank, port, world=2):
-    """A spawned test worker joins a gloo group on 127.0.0.1:port. torch._dynamo is
-    imported first, or the group can outlive destroy_process_group and abort the worker
-    at exit (fastgen.distributed.import_dynamo_first)."""
-    import torch.distributed as dist
-    from fastgen.distributed import import_dynamo_first
-    import_dynamo_first()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    """A spawned test worker joins a gloo group on 127.0.0.1:port (dynamo imported first:
+    fastgen.distributed.import_dynamo_first)."""
+    from fastgen.distributed import init_tcp
+    init_tcp(rank, world, port)

@@ -130,14 +130,15 @@ def test_imle_trains_under_torchrun_like_one_process(tmp_path):
     assert len(ra) == 2 and ra == pytest.approx(rb, rel=1e-4)
 
 
-def _two_ranks_outcome(worker, timeout=120):
-    """Spawn worker(rank, port, folder) on 2 gloo ranks; each saves what happened to it
-    (folder/rank{r}.pt). A rank still running after `timeout` s fails the test as a hang."""
+def _two_ranks_outcome(worker, *args, timeout=120):
+    """Spawn worker(rank, port, folder, *args) on 2 gloo ranks; each saves what happened to
+    it (folder/rank{r}.pt). A rank still running after `timeout` s fails the test as a hang."""
     import time
 
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as folder:
-        ctx = mp.start_processes(worker, args=(free_port(), folder), nprocs=2, start_method="spawn", join=False)
+        ctx = mp.start_processes(worker, args=(free_port(), folder, *args), nprocs=2, start_method="spawn",
+                                 join=False)
         deadline = time.time() + timeout
         while not ctx.join(timeout=5):
             if time.time() > deadline:
@@ -147,31 +148,37 @@ def _two_ranks_outcome(worker, timeout=120):
         return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(2)]
 
 
-def _failing_rank_worker(rank, port, folder):
+def _outcome_worker(rank, port, folder, attempt):
+    """Joins the group, runs attempt(rank, folder) and saves what came of it: "no error" or
+    "Type: message" of the exception it raised."""
     import torch.distributed as dist
-    from fastgen.models import IMLE
     torch.set_num_threads(1)
     init_gloo(rank, port)
     try:
-        torch.manual_seed(0)
-        x = torch.rand(37, 1, 4, 4)
-        model = IMLE((1, 4, 4), z_dim=3, samples_per_point=5, chunk=16)
-        if rank == 1:          # this rank's generator diverged: its samples are NaN
-            model.generate = lambda z, cond=None: torch.full((z.shape[0], 1, 4, 4), float("nan"))
         try:
-            model.search(x, generator=torch.Generator().manual_seed(7))
+            attempt(rank, folder)
             msg = "no error"
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, OSError) as exc:
             msg = f"{type(exc).__name__}: {exc}"
         torch.save(msg, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def _imle_search_with_a_nan_rank(rank, folder):
+    from fastgen.models import IMLE
+    torch.manual_seed(0)
+    x = torch.rand(37, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=3, samples_per_point=5, chunk=16)
+    if rank == 1:          # this rank's generator diverged: its samples are NaN
+        model.generate = lambda z, cond=None: torch.full((z.shape[0], 1, 4, 4), float("nan"))
+    model.search(x, generator=torch.Generator().manual_seed(7))
+
+
 def test_a_rank_failing_in_the_imle_search_fails_every_rank_clearly():
     """Before, the healthy rank waited in the merge for the failed one: it hung while that
     process lived and got gloo's "Read error ... connection closed" once it exited."""
-    got = _two_ranks_outcome(_failing_rank_worker)
+    got = _two_ranks_outcome(_outcome_worker, _imle_search_with_a_nan_rank)
     assert got[0].startswith("RuntimeError: 1 other rank(s) failed"), got
     assert "NaN" in got[1] or "finite" in got[1], got
 
@@ -189,30 +196,19 @@ class _TinySharded(torch.nn.Module):
         return {"loss": (x - self.w).square().mean()}
 
 
-def _rank0_fails_worker(rank, port, folder):
-    import torch.distributed as dist
-
+def _fit_with_rank0_disk_full(rank, folder):
     from fastgen.training import fit
-    torch.set_num_threads(1)
-    init_gloo(rank, port)
-    try:
-        def evaluate():        # only rank 0 evaluates; its disk is full
-            raise OSError("No space left on device")
-        try:
-            fit(_TinySharded(), torch.rand(16, 4), kind="tiny", out=folder, epochs=3, config={},
-                evaluate=evaluate, show_progress=False, batch_size=8)
-            msg = "no error"
-        except (OSError, RuntimeError) as exc:
-            msg = f"{type(exc).__name__}: {exc}"
-        torch.save(msg, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+
+    def evaluate():        # only rank 0 evaluates; its disk is full
+        raise OSError("No space left on device")
+    fit(_TinySharded(), torch.rand(16, 4), kind="tiny", out=folder, epochs=3, config={},
+        evaluate=evaluate, show_progress=False, batch_size=8)
 
 
 def test_rank0_failing_in_evaluate_or_save_fails_every_rank_clearly():
     """Before, the other ranks met rank 0's failure as gloo's "Connection closed by peer"
     in their next epoch's gradient all-reduce."""
-    got = _two_ranks_outcome(_rank0_fails_worker)
+    got = _two_ranks_outcome(_outcome_worker, _fit_with_rank0_disk_full)
     assert got[0] == "OSError: No space left on device", got
     assert got[1].startswith("RuntimeError: rank 0 failed while evaluating or saving epoch 1"), got
 
