@@ -9,17 +9,33 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 # chooses the CPU-only build instead.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-STAMPS = build/stamps
+# Stamps are kept per Python environment (a hash of sys.prefix): a new venv starts with
+# none, so everything it lacks is installed, whatever an earlier environment did here.
+PY_ENV := $(shell $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
+STAMPS = build/stamps/$(PY_ENV)
 EXT_SO := fastgen/_C$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 # Where `import fastgen` leads from outside this folder: when it is not this checkout
-# (another clone was installed since), the pip stamps below do not hold here.
+# (another clone was installed since, or nothing is), the pip stamps below do not hold, and
+# FORCE remakes them. (Not .PHONY: make searches no pattern rule for a phony target, so
+# deps-% would never run.)
 INSTALLED_AT := $(shell cd / && $(PY) -c "import importlib.util as u, os; s = u.find_spec('fastgen'); print(os.path.dirname(os.path.dirname(s.origin)) if s else '')" 2>/dev/null)
 ifneq ($(INSTALLED_AT),$(CURDIR))
-.PHONY: $(STAMPS)/deps-test $(STAMPS)/deps-bench
+$(STAMPS)/deps-test $(STAMPS)/deps-bench: FORCE
+endif
+FORCE:
+# The extension is rebuilt when the torch it was built against (build/ext-torch) is not the
+# one this Python has (a venv with another torch); read from the package metadata, which
+# is quick, not by importing torch.
+EXT_TORCH := $(shell cat build/ext-torch 2>/dev/null)
+TORCH_NOW := $(shell $(PY) -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null)
+ifneq ($(TORCH_NOW),)
+ifneq ($(TORCH_NOW),$(EXT_TORCH))
+$(EXT_SO): FORCE
+endif
 endif
 
-.PHONY: install install-bench test test-cpp test-py demo bench clean
+.PHONY: install install-bench test test-cpp test-py demo bench clean FORCE
 
 # A second `make` reuses everything: pip runs only when pyproject.toml/setup.py changed
 # (stamps under build/), and the extension is rebuilt by make's own timestamps, then by
@@ -37,7 +53,7 @@ $(STAMPS)/torch:
 		echo "fastgen: no torch found, installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
 		$(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
 	fi
-	$(PIP) "setuptools>=64" wheel ninja
+	$(PIP) "setuptools>=77" wheel ninja
 	@touch $@
 
 # the package and an extra's dependencies; the extension is built apart (below).
@@ -52,6 +68,7 @@ $(STAMPS)/deps-%: pyproject.toml setup.py Makefile | $(STAMPS)/torch
 $(EXT_SO): $(CSRC) setup.py | $(STAMPS)/torch
 	@echo "fastgen: building the C++ extension (ninja; only what changed since the last build)"
 	$(PY) setup.py build_ext --inplace
+	@$(PY) -c "import importlib.metadata as m; print(m.version('torch'))" > build/ext-torch
 	@touch $@
 
 test-cpp:
@@ -68,23 +85,11 @@ test-py:
 test: install test-cpp test-py
 
 # The main job on built-in data (sklearn's china.jpg and digits, no download), a few
-# minutes on 2 cores; every PNG lands under $(DEMO_OUT).
+# minutes on 2 cores; every PNG lands under $(DEMO_OUT). The stages are listed in
+# fastgen/demo.py, which prints the seconds each took.
 DEMO_OUT ?= demo-out
 demo: install-bench
-	rm -rf $(DEMO_OUT)
-	$(PY) -m fastgen.cli doctor
-	$(PY) -m fastgen.cli gpnn sample -n 4 --max-side 96 --out $(DEMO_OUT)/gpnn
-	$(PY) -m fastgen.cli train ae --data digits --epochs 20 --out $(DEMO_OUT)/ae
-	$(PY) -m fastgen.cli train vae --data digits --epochs 20 --out $(DEMO_OUT)/vae
-	$(PY) -m fastgen.cli train vqvae --data digits --epochs 6 --out $(DEMO_OUT)/vqvae
-	$(PY) -m fastgen.cli train pixelcnn --vqvae $(DEMO_OUT)/vqvae/checkpoint.pt --epochs 6 --out $(DEMO_OUT)/pixelcnn
-	$(PY) -m fastgen.cli sample vqvae --checkpoint $(DEMO_OUT)/vqvae/checkpoint.pt --prior $(DEMO_OUT)/pixelcnn/checkpoint.pt --out $(DEMO_OUT)/vqvae-samples -n 64
-	$(PY) -m fastgen.cli train imle --data digits --epochs 60 --eval-every 20 --out $(DEMO_OUT)/imle
-	$(PY) -m fastgen.cli train imle --data digits --conditional top-half --epochs 60 --eval-every 20 --out $(DEMO_OUT)/imle-conditional
-	$(PY) -m fastgen.cli sample imle --checkpoint $(DEMO_OUT)/imle-conditional/checkpoint.pt --out $(DEMO_OUT)/imle-completions -n 12
-	$(PY) -m fastgen.cli eval --table $(DEMO_OUT)
-	$(PY) -m fastgen.cli bench --quick --repeats 3
-	@echo "demo images: $(DEMO_OUT)/*/*.png"
+	$(PY) -m fastgen.demo --out $(DEMO_OUT)
 
 # Every suite through the harness (long on 2 cores), then RESULTS.md sections and plots.
 BENCH_JSON ?= benchmarks/last-run.json

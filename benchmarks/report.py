@@ -82,7 +82,7 @@ def main(argv=None):
         except ImportError:
             png = None
             print("matplotlib is not installed: no plot", file=sys.stderr)
-        write_section(md, op, markdown_section(op, op_rows, png))
+        write_section(md, op, markdown_section(op, op_rows, png, [os.path.relpath(j) for j in args.json]))
         print(f"wrote the {op} section of {md}" + (f" and {png}" if png else ""))
     return 0
 

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ def run_benchmark(suite, benchmark, config, case, mode, provider):
     rounds = config.getoption("benchmark_rounds", None) or suite.rounds[0 if case.quick else 1]
     info = {"op": suite.op, "case": case.id, "params": case.p, "mode": mode, "provider": provider,
             "check": verdict, "baselines": list(suite.baselines), "rounds": rounds,
-            "command": "pytest " + " ".join(sys.argv[1:]), **machine_info()}
+            "command": shlex.join(["pytest", *sys.argv[1:]]), **machine_info()}
     work = suite.providers[provider].work or suite.work
     if work is not None:
         info.update(work(case.p, mode))
@@ -464,12 +465,14 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def markdown_section(op, rows, plot_name=None):
-    """The RESULTS.md section of one op, between <!-- op:begin --> and <!-- op:end -->."""
+def markdown_section(op, rows, plot_name=None, json_paths=()):
+    """The RESULTS.md section of one op, between <!-- op:begin --> and <!-- op:end -->;
+    json_paths: the pytest-benchmark files the report was made from (named in the text)."""
     head, body = table(rows)
     r0 = rows[0]
     lines = [f"<!-- {op}:begin -->", f"## {op}", "",
-             f"Command: `{r0.get('command', '?')}` (then `python benchmarks/report.py`)  ",
+             f"Command: `{r0.get('command', '?')}` (then "
+             f"`{shlex.join(['python', 'benchmarks/report.py', *json_paths])}`)  ",
              f"Machine: {r0['cpu']}, {r0['cores']} cores, torch threads {r0['threads']}, torch {r0['torch']}, "
              f"fastgen {r0['fastgen']}, load average {r0['loadavg']} at start  ",
              f"Date: {r0['date']}  ",

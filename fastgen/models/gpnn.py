@@ -38,8 +38,9 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   4x ours), where the choice of patches lays out the sample: the small alpha makes every
   source patch about equally attractive to a start of grey + noise, so the noise decides.
   Finer levels keep alpha = 0.005 (fidelity). Measured on 9 seeds at 128 px beside the
-  public code (benchmarks/RESULTS.md): with alpha 0.005 everywhere china.jpg's samples
-  were ~10 % less diverse than the public code's (pairwise 0.224 vs 0.250); with
+  public code (git: commit 534ef5e; the comparison script was not kept, so the figures
+  are no longer in benchmarks/RESULTS.md): with alpha 0.005 everywhere china.jpg's
+  samples were ~10 % less diverse than the public code's (pairwise 0.224 vs 0.250); with
   coarse_alpha 0.00125 0.254, and patch fidelity better on both images. retarget,
   inpaint, analogy and edit use alpha on every level (their start is not noise).
 - Iterations of a sample: coarse_iterations (1) at the coarsest level, `iterations` (10)
