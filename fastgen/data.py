@@ -63,25 +63,53 @@ def digits_labels(test_fraction=0.2):
     return y[tr], y[te]
 
 
-def folder_captions(folder, path, test_fraction=0.1):
-    """Captions of the images of an image folder from a text file of lines
-    'relative/path<TAB>caption' (every image needs one), ordered as load_image_folder's
-    (train, test) split: two lists of str."""
-    files = list_images(folder)
+def read_captions(path, max_bytes=None):
+    """{normalised relative path: caption} from a text file of lines
+    'relative/path<TAB>caption': UTF-8 (a byte-order mark is dropped), lines ending in LF,
+    CRLF or CR (none of them kept in the caption), blank lines skipped. Each problem is a
+    ValueError naming the file and the line: no tab, an empty path or caption, a caption
+    longer than `max_bytes` UTF-8 bytes, an image captioned twice, text that is not UTF-8."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--captions {path!r}: no such file (lines 'relative/path<TAB>caption')")
-    caps = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(f"--captions {path!r} line {n}: expected 'relative/path<TAB>caption'")
-                name, cap = line.rstrip("\n").split("\t", 1)
-                caps[os.path.normpath(name)] = cap
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--captions {path!r} is not UTF-8 text: {e}") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    # bytes split first, so a line that is not UTF-8 is reported with its number
+    lines = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    caps, where = {}, {}
+    for n, b in enumerate(lines, 1):
+        at = f"--captions {path!r} line {n}"
+        try:
+            line = b.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{at} is not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)") from None
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise ValueError(f"{at}: expected 'relative/path<TAB>caption', got {line[:60]!r}")
+        name, cap = line.split("\t", 1)
+        if not name.strip():
+            raise ValueError(f"{at}: the image path before the tab is empty")
+        if not cap.strip():
+            raise ValueError(f"{at}: the caption of {name!r} is empty")
+        size = len(cap.encode("utf-8"))
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"{at}: the caption of {name!r} is {size} bytes, longer than the {max_bytes} of "
+                             "--text-tokens")
+        key = os.path.normpath(name)
+        if key in caps:
+            raise ValueError(f"{at}: {name!r} already has a caption (line {where[key]})")
+        caps[key], where[key] = cap, n
+    return caps
+
+
+def folder_captions(folder, path, test_fraction=0.1, max_bytes=None):
+    """Captions of the images of an image folder from a text file of lines
+    'relative/path<TAB>caption' (read_captions; every image needs one), ordered as
+    load_image_folder's (train, test) split: two lists of str."""
+    files = list_images(folder)
+    caps = read_captions(path, max_bytes)
     missing = [os.path.relpath(f, folder) for f in files if os.path.normpath(os.path.relpath(f, folder)) not in caps]
     if missing:
         raise ValueError(f"--captions {path!r} has no caption for {len(missing)} image(s) of {folder!r}, "

@@ -223,6 +223,86 @@ def load_model(path, kind, device="cpu", name="--checkpoint"):
     return model_from_checkpoint(ckpt, device), ckpt
 
 
+def codebook_fingerprint(state_dict):
+    """A short sha1 (hex) of a VQ model's codebook(s) -- the state-dict entries named
+    `codebook`, in name order, shapes and float32 bytes --, or None for a model without one.
+    A prior stores the fingerprint of the VQ model it was trained on: a VQ model of the
+    same shapes but other codes (another run, another seed) then fails the check instead
+    of decoding the prior's codes into garbage."""
+    import hashlib
+    keys = sorted(k for k in state_dict if k.split(".")[-1] == "codebook")
+    if not keys:
+        return None
+    h = hashlib.sha1()
+    for k in keys:
+        t = state_dict[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{k}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# where a prior's checkpoint records the VQ model it was trained on
+FINGERPRINT = "vq_fingerprint"
+
+
+def check_codebook(prior_ckpt, prior_what, vq_ckpt, vq_what):
+    """Refuse (ValueError, one line naming both checkpoints, e.g. prior_what = "--prior
+    PATH") a VQ model whose codebook is not the one the prior was trained on. A prior
+    written before fingerprints were stored is accepted with a warning on stderr."""
+    import sys
+    stored = prior_ckpt.get(FINGERPRINT)
+    if stored is None:
+        print(f"fastgen: warning: {prior_what} records no codebook fingerprint (written by an older fastgen): "
+              f"cannot check that it was trained on {vq_what}", file=sys.stderr)
+        return
+    actual = codebook_fingerprint(vq_ckpt["model"])
+    if actual != stored:
+        raise ValueError(f"{prior_what} was trained on another VQ model's codes than {vq_what} (codebook "
+                         f"fingerprint {stored}, this one {actual}): its codes would decode to garbage; use the VQ "
+                         "checkpoint it was trained on")
+
+
+def run_relative(path, run_dir):
+    """`path` relative to the run folder `run_dir` (None where there is no such path, as
+    across Windows drives): stored next to the absolute path, so a folder of runs moved
+    or copied elsewhere still finds the checkpoints its runs depend on."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(run_dir))
+    except ValueError:
+        return None
+
+
+def link_entries(key, path, run_dir):
+    """The checkpoint entries that record a checkpoint a run depends on: key (absolute)
+    and key + "_relative" (to the run folder)."""
+    return {key: os.path.abspath(path), key + "_relative": run_relative(path, run_dir)}
+
+
+def linked_checkpoint(ckpt, key, run_dir, what):
+    """The path of the checkpoint that `ckpt` (in the folder `run_dir`) depends on, as
+    link_entries recorded it: the path relative to the run folder first (the folders were
+    moved together), else the absolute one; among those that exist, the first whose
+    codebook matches the fingerprint `ckpt` records. A FileNotFoundError names both."""
+    found = []
+    rel = ckpt.get(key + "_relative")
+    for p in ([os.path.normpath(os.path.join(run_dir, rel))] if rel else []) + [ckpt.get(key)]:
+        if p and p not in found:
+            found.append(p)
+    existing = [p for p in found if os.path.isfile(p)]
+    if not existing:
+        raise FileNotFoundError(f"{what} depends on the VQ checkpoint {' or '.join(map(repr, found))}, "
+                                "which no longer exists (moved or deleted?)")
+    stored = ckpt.get(FINGERPRINT)
+    if stored is not None and len(existing) > 1:
+        for p in existing:
+            try:
+                if codebook_fingerprint(load_checkpoint(p)["model"]) == stored:
+                    return p
+            except (ValueError, KeyError):
+                continue
+    return existing[0]
+
+
 def is_checkpoint(obj):
     """Whether a loaded object is a checkpoint `fit` wrote."""
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT

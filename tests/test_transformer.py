@@ -139,7 +139,8 @@ def test_captions_file_for_an_image_folder(tmp_path, capsys):
         Image.fromarray(arr).save(folder / f"{i:02d}.png")
         lines.append(f"{i:02d}.png\ta {colour} square")
     caps = tmp_path / "caps.tsv"
-    caps.write_text("\n".join(lines) + "\n")
+    # as a Windows editor saves it: a UTF-8 byte-order mark, CRLF line ends
+    caps.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n").encode())
     fast = ["--epochs", "1", "--batches-per-epoch", "2", "--quiet"]
     vq = str(tmp_path / "vq")
     assert main(["train", "vqvae", "--data", str(folder), "--out", vq, *fast]) == 0
@@ -153,3 +154,29 @@ def test_captions_file_for_an_image_folder(tmp_path, capsys):
     assert main(["train", "transformer", "--vqvae", vq + "/checkpoint.pt", "--captions", str(caps),
                  "--out", str(tmp_path / "tr2"), *fast]) == 2
     assert "has no caption for 1 image" in capsys.readouterr().err
+    caps.write_text("\n".join(lines[:5] + ["05.png\ta red square that is far too long"] + lines[6:]) + "\n")
+    assert main(["train", "transformer", "--vqvae", vq + "/checkpoint.pt", "--captions", str(caps),
+                 "--text-tokens", "16", "--out", str(tmp_path / "tr3"), *fast]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(caps)!r} line 6" in err and "longer than the 16" in err
+
+
+def test_caption_files_bom_line_ends_and_errors_naming_file_and_line(tmp_path):
+    import os
+    from fastgen.data import read_captions
+    f = tmp_path / "caps.tsv"
+    f.write_bytes(b"\xef\xbb\xbfa.png\ta red square\r\nsub/b.png\tthe digit 7\r\n\r\nc.png\tcaf\xc3\xa9\rd.png\tx")
+    assert read_captions(str(f)) == {"a.png": "a red square", os.path.join("sub", "b.png"): "the digit 7",
+                                     "c.png": "caf\u00e9", "d.png": "x"}
+    for content, line, message in [
+        (b"a.png\tok\r\nb.png\t\xff\xfe\r\n", 2, "is not UTF-8 text"),
+        (b"a.png\tok\n\nb.png no tab\n", 3, "expected 'relative/path<TAB>caption'"),
+        (b"a.png\tok\n\tcaption\n", 2, "image path before the tab is empty"),
+        (b"a.png\t  \r\n", 1, "the caption of 'a.png' is empty"),
+        (b"a.png\tx\r\n./a.png\ty\r\n", 2, "already has a caption (line 1)"),
+        (b"a.png\t0123456789abc\n", 1, "longer than the 12"),
+    ]:
+        f.write_bytes(content)
+        with pytest.raises(ValueError) as e:
+            read_captions(str(f), max_bytes=12)
+        assert f"--captions {str(f)!r} line {line}" in str(e.value) and message in str(e.value), str(e.value)

@@ -25,7 +25,8 @@ def add_parser(sub):
     src = s.add_mutually_exclusive_group()
     src.add_argument("image", nargs="?", default=None, help="image file (default: sklearn's china.jpg)")
     src.add_argument("--images", default=None, help="folder of images: -n samples of each (works under torchrun)")
-    s.add_argument("-n", type=int, default=8, help="samples per image (default 8)")
+    s.add_argument("-n", type=int, default=8,
+                   help=f"samples per image (default 8; at most {MAX_SAMPLES:,} samples in all per run)")
     s.add_argument("--size", default=None, help="output size HxW (default: the (shrunk) input's size)")
     s.add_argument("--batch", type=int, default=4, help="samples of one image matched together (default 4)")
     s.add_argument("--overwrite", action="store_true", help="redo samples whose PNG exists (default: skip them)")
@@ -96,6 +97,57 @@ def parse_size(text, name="--size"):
 # an output side past this is a typo or a resource exhaustion, not a GPNN job
 MAX_OUTPUT_SIDE = 8192
 
+# `gpnn sample` draws at most this many samples (-n x images) per run: each is seconds of
+# work and a PNG, and the job list alone of -n 1000000000 took 13 GB. Split larger runs
+# (--images folders, or the same command again with another --seed).
+MAX_SAMPLES = 1_000_000
+
+
+def _source_hw(path, max_side):
+    """(H, W) an input will have after load_source_image's shrink, from the file's header
+    alone (None when it cannot be read: the loader then says why)."""
+    if path is None:
+        h, w = 427, 640                              # sklearn's china.jpg
+    else:
+        import warnings
+        from PIL import Image
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as im:
+                    w, h = im.size
+        except Exception:       # noqa: BLE001 -- the loader reports unreadable files with their name
+            return None
+    if max_side and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        h, w = max(1, round(h * s)), max(1, round(w * s))
+    return h, w
+
+
+def gpnn_bytes(model, source_hw, output_hw, batch, channels=3):
+    """An estimate of what GPNN takes at its finest pyramid level: the query patches of
+    `batch` outputs (unfolded, copied for the search), the patches of the source's two key
+    images (blurred and sharp indexes) and the images themselves; float32."""
+    p = model.patch_size
+    d = channels * p * p
+    patches = lambda h, w: max(1, h - p + 1) * max(1, w - p + 1)     # noqa: E731
+    return 4 * (d * (3 * batch * patches(*output_hw) + 3 * patches(*source_hw))
+                + 4 * channels * batch * output_hw[0] * output_hw[1])
+
+
+def _check_fits(args, model, task, source_hw, output_hw, batch, device):
+    """Refuse, before anything is allocated, an output size (or batch) whose patches
+    cannot fit in the memory of `device`: one line naming the flags."""
+    from fastgen.commands.train import refuse_unless_fits
+    if source_hw is None:
+        return
+    flags = f"--size {args.size}" if getattr(args, "size", None) else f"--max-side {args.max_side}"
+    if batch > 1:
+        flags += f", --batch {batch}"
+    refuse_unless_fits(f"gpnn {task} at {output_hw[0]}x{output_hw[1]} ({flags})", 0, str(device),
+                       gpnn_bytes(model, source_hw, output_hw, batch),
+                       hint="use a smaller --size or --max-side" + (" or --batch" if batch > 1 else ""))
+
 
 def _stem(path):
     return os.path.splitext(os.path.basename(path))[0]
@@ -112,10 +164,15 @@ def _model(args, alpha=0.005):
 
 
 def _device(args, rank_local=0):
+    """--device checked as every command checks it (train.device_of: a ValueError naming
+    the flag for a CPU-only torch, no GPU, a GPU index past the last, a typo); by default
+    cuda:LOCAL_RANK when CUDA is available, else the CPU."""
     import torch
-    if args.device:
-        return torch.device(args.device)
-    return torch.device(f"cuda:{rank_local}" if torch.cuda.is_available() else "cpu")
+    from fastgen.commands.train import device_of
+    name = device_of(args.device)
+    if args.device is None and name == "cuda":
+        name = f"cuda:{rank_local}"
+    return torch.device(name)
 
 
 def run_sample(args):
@@ -123,9 +180,20 @@ def run_sample(args):
     from fastgen import gpnn_distributed as gd
     model = _model(args)
     size = parse_size(args.size) if args.size else None
-    paths = gd.image_files(args.images) if args.images else [args.image]
-    rank, world, _ = gd.init_from_env()
     device = _device(args, int(os.environ.get("LOCAL_RANK", "0")))
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    paths = gd.image_files(args.images) if args.images else [args.image]
+    if args.n * len(paths) > MAX_SAMPLES:
+        raise ValueError(f"-n {args.n}" + (f" x {len(paths)} images" if len(paths) > 1 else "") +
+                         f" is more than the {MAX_SAMPLES:,} samples one `gpnn sample` run draws; "
+                         "split it into several runs (another --seed each)")
+    for p in paths:
+        src = _source_hw(p, args.max_side)
+        _check_fits(args, model, "sample", src, size or src, min(args.batch, args.n), device)
+    rank, world, _ = gd.init_from_env()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     barrier = None
@@ -149,7 +217,9 @@ def run_retarget(args):
     from fastgen.images import save_contact_sheet, save_image
     model = _model(args)
     size = parse_size(args.size)
-    x = load_source_image(args.image, args.max_side).to(_device(args))
+    device = _device(args)
+    _check_fits(args, model, "retarget", _source_hw(args.image, args.max_side), size, 1, device)
+    x = load_source_image(args.image, args.max_side).to(device)
     y = model.retarget(x, size, progress=not args.no_progress)[0].cpu()
     name = f"{_stem(args.image)}_retarget_{size[0]}x{size[1]}"
     png = save_image(y, os.path.join(args.out, name + ".png"))
@@ -163,6 +233,9 @@ def run_inpaint(args):
     import torch.nn.functional as F
     from fastgen.images import load_image, save_contact_sheet, save_image
     model = _model(args, alpha=0.05)   # the paper's editing setting: a weaker push to use every patch
+    device = _device(args)
+    src = _source_hw(args.image, args.max_side)
+    _check_fits(args, model, "inpaint", src, src, 1, device)
     full = load_image(args.image)
     mask = load_image(args.mask, mode="L")[0]
     if tuple(mask.shape) != tuple(full.shape[-2:]):
@@ -172,7 +245,6 @@ def run_inpaint(args):
     x = load_source_image(args.image, args.max_side)
     if tuple(x.shape[-2:]) != tuple(full.shape[-2:]):   # shrink the mask like the image: any touch = masked
         mask = (F.interpolate(mask[None, None], size=x.shape[-2:], mode="area")[0, 0] > 0).float()
-    device = _device(args)
     y = model.inpaint(x.to(device), mask.to(device), seed=args.seed, progress=not args.no_progress)[0].cpu()
     name = f"{_stem(args.image)}_inpaint"
     png = save_image(y, os.path.join(args.out, name + ".png"))
@@ -188,6 +260,8 @@ def _structure_task(args, patches_path, structure_path, name, alpha, call):
     from fastgen.images import save_contact_sheet, save_image
     model = _model(args, alpha=alpha)
     device = _device(args)
+    _check_fits(args, model, name.rsplit("_", 1)[-1], _source_hw(patches_path, args.max_side),
+                _source_hw(structure_path, args.max_side) or (1, 1), 1, device)
     a = load_source_image(patches_path, args.max_side).to(device)
     b = load_source_image(structure_path, args.max_side).to(device)
     y = call(model, a, b)[0].cpu()

@@ -21,18 +21,20 @@ def add_parser(sub):
         m = models.add_parser(name, help=help, description=help)
         m.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `fastgen train`")
         m.add_argument("--out", required=True, help="output folder (samples.png, samples.pt)")
-        m.add_argument("-n", type=int, default=64, help="number of samples")
+        m.add_argument("-n", type=int, default=64,
+                       help="number of samples (refused when they would not fit in the available memory)")
         m.add_argument("--seed", type=int, default=0)
-        m.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+        m.add_argument("--nrow", type=int, default=None, help="images per row of the grid (>= 1)")
         m.add_argument("--device", default=None)
         if name == "transformer":
             m.add_argument("--prompt", action="append", required=True,
                            help="caption to draw (repeat the flag for several; -n images each)")
-            m.add_argument("--temperature", type=float, default=1.0)
+            m.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
             m.add_argument("--top-k", type=int, default=None, help="keep the k most likely codes at each step")
             m.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability")
             m.add_argument("--guidance", type=float, default=1.0,
-                           help="classifier-free guidance scale (0: the conditional logits alone)")
+                           help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}] (0: the conditional "
+                                "logits alone)")
             m.add_argument("--rerank", type=int, default=1, metavar="K",
                            help="draw K candidates per image and keep the one the digits classifier finds most "
                                 "like the prompted digit (digits prompts only)")
@@ -56,17 +58,106 @@ def add_parser(sub):
             m.set_defaults(func=sample_latent)
 
 
-def _start(args):
-    from fastgen.commands.train import device_of
+# the largest --guidance: far past any useful scale; (1 + guidance) * (cond - uncond) stays finite
+MAX_GUIDANCE = 1000.0
+
+
+def check_flags(args):
+    """The sampling flags, checked as `fastgen train` checks its own (train.finite_floats,
+    train.positive) before any checkpoint is read: a ValueError naming the flag (the CLI's
+    exit code 2), instead of torch's "probability tensor contains inf/nan" at the first
+    draw, a negative-dimension error from the grid, or a flag silently ignored."""
+    from fastgen.commands.train import finite_floats, positive
+    finite_floats(args)                               # --temperature nan, --guidance inf, --top-p nan
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
+    positive(args, "nrow", "top_k", "rerank")
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    t = getattr(args, "temperature", None)
+    if t is not None and t <= 0:
+        raise ValueError(f"--temperature must be > 0, got {t}")
+    tp = getattr(args, "top_p", None)
+    if tp is not None and not 0 < tp <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {tp}")
+    g = getattr(args, "guidance", None)
+    if g is not None and not 0 <= g <= MAX_GUIDANCE:
+        raise ValueError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {g}")
+    r = getattr(args, "reconstruct", None)
+    if r is not None and r < 0:
+        raise ValueError(f"--reconstruct must be >= 0 (0: skip), got {r}")
+
+
+def _start(args):
+    from fastgen.commands.train import device_of
+    check_flags(args)
     return device_of(args.device)
+
+
+# --- memory estimates: a sample count that cannot fit is refused before anything is drawn ---
+
+def _numel(shape):
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def grid_bytes(n, image_shape, nrow=None):
+    """What fastgen.images.save_grid takes for n images (C, H, W): the float grid, its
+    uint8 copies and the upscaled tiles (small images are enlarged to 48-pixel tiles)."""
+    import math
+    c, h, w = image_shape
+    s = max(1, math.ceil(48 / max(h, w)))
+    hs, ws = h * s, w * s
+    pad = max(2, max(hs, ws) // 12)
+    ncol = min(nrow or math.isqrt(n - 1) + 1, n)
+    nrows = -(-n // ncol)
+    cells = c * (nrows * (hs + pad) + pad) * (ncol * (ws + pad) + pad)
+    return 11 * cells + 8 * n * c * hs * ws
+
+
+def per_sample_activation_bytes(model, run_one):
+    """A module's working set per sample: three times its largest activation, measured by
+    forward hooks while run_one() draws one sample (with its own generator)."""
+    sizes = [0]
+
+    def hook(module, inputs, output):
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                sizes.append(t.numel() * t.element_size())
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        run_one()
+    finally:
+        for h in handles:
+            h.remove()
+    return 3 * max(sizes)
+
+
+def check_fits(args, count, image_shape, device, per_sample_work=0, extra_device=0, what=None):
+    """Refuse (one line naming -n, train.refuse_unless_fits) `count` samples of
+    `image_shape` whose outputs (tensor, samples.pt, grid) and working set
+    (per_sample_work bytes each, plus extra_device) would not fit in memory."""
+    from fastgen.commands.train import refuse_unless_fits
+    image = 4 * _numel(image_shape)
+    host = 2 * count * image + grid_bytes(count, image_shape, args.nrow)
+    work = count * (per_sample_work + image) + extra_device
+    refuse_unless_fits(what or f"-n {args.n}", host, device, work,
+                       hint="draw fewer samples per run (several runs with different --seed)")
+
+
+def pixelcnn_sample_bytes(prior):
+    """What GatedPixelCNN.sample keeps per map: every layer's rows (and the attention's cache)."""
+    layers = len(prior.layers) + 4 + (2 if prior.attention is not None else 0)
+    return 4 * layers * prior.embed.embedding_dim * _numel(prior.code_shape)
 
 
 def _write(args, images, extra=None):
     from fastgen.images import save_grid
     os.makedirs(args.out, exist_ok=True)
-    png = save_grid(images, os.path.join(args.out, "samples.png"), nrow=args.nrow)
+    nrow = min(args.nrow, images.shape[0]) if args.nrow else None     # no empty columns
+    png = save_grid(images, os.path.join(args.out, "samples.png"), nrow=nrow)
     torch.save(images if extra is None else {"images": images, **extra}, os.path.join(args.out, "samples.pt"))
     return png
 
@@ -82,6 +173,9 @@ def sample_latent(args):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     if args.model == "imle" and ckpt.get("conditional"):
         return _sample_conditional(args, model, ckpt, gen, device)
+    probe = torch.Generator(device=device).manual_seed(0)
+    check_fits(args, args.n, model.image_shape, device, per_sample_activation_bytes(
+        model, lambda: model.sample(1, generator=probe, device=device)))
     png = _write(args, model.sample(args.n, generator=gen, device=device).cpu())
     print(f"wrote {args.n} samples (epoch {ckpt['epoch']} model) to {png} and samples.pt")
     return 0
@@ -97,6 +191,10 @@ def _sample_conditional(args, model, ckpt, gen, device):
     x = held[:args.n].to(device)
     c = make_conditions(ckpt["conditional"], x)
     args.nrow = max(3, args.nrow or 10)
+    probe = torch.Generator(device=device).manual_seed(0)
+    check_fits(args, x.shape[0] * args.nrow, model.image_shape, device, per_sample_activation_bytes(
+        model, lambda: model.sample(1, generator=probe, device=device, cond=c[:1])),
+        what=f"-n {args.n} (here {x.shape[0]} inputs) x --nrow {args.nrow}")
     rows = [model.sample(x.shape[0], generator=gen, device=device, cond=c) for _ in range(args.nrow - 2)]
     grid = torch.stack([c, *rows, x], 1).flatten(0, 1).cpu()       # per input: a row
     png = _write(args, grid, {"conditions": c.cpu(), "targets": x.cpu()})
@@ -105,13 +203,16 @@ def _sample_conditional(args, model, ckpt, gen, device):
     return 0
 
 
-def load_vqvae_prior(vqvae, path, device):
-    """The pixelcnn checkpoint at `path` (--prior), checked against the vqvae it samples for."""
-    from fastgen.training import load_model
+def load_vqvae_prior(vqvae, path, device, vq_ckpt=None, vq_path=None):
+    """The pixelcnn checkpoint at `path` (--prior), checked against the vqvae it samples for
+    (shapes; with vq_ckpt, also that its codebook is the one the prior was trained on)."""
+    from fastgen.training import check_codebook, load_model
     prior, ckpt = load_model(path, "pixelcnn", device, name="--prior")
     if prior.num_codes != vqvae.num_codes or tuple(prior.code_shape) != tuple(vqvae.code_shape):
         raise ValueError(f"--prior models {prior.num_codes} codes on {prior.code_shape} maps but the vqvae has "
                          f"{vqvae.num_codes} codes on {vqvae.code_shape} maps")
+    if vq_ckpt is not None:
+        check_codebook(ckpt, f"--prior {path}", vq_ckpt, f"--checkpoint {vq_path}")
     return prior, ckpt
 
 
@@ -123,7 +224,10 @@ def sample_vqvae(args):
     if args.prior is None:
         raise ValueError("--prior CKPT is required to sample a vqvae (train one with `fastgen train pixelcnn`)")
     vqvae, vq_ckpt = load_model(args.checkpoint, "vqvae", device)
-    prior, pc = load_vqvae_prior(vqvae, args.prior, device)
+    prior, pc = load_vqvae_prior(vqvae, args.prior, device, vq_ckpt, args.checkpoint)
+    decode = per_sample_activation_bytes(vqvae, lambda: vqvae.decode(
+        torch.zeros((1,) + tuple(vqvae.code_shape), dtype=torch.long, device=device)))
+    check_fits(args, args.n, vqvae.image_shape, device, max(pixelcnn_sample_bytes(prior), decode))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     codes = prior.sample(args.n, generator=gen, device=device, temperature=args.temperature)
     png = _write(args, vqvae.decode(codes).cpu(), {"codes": codes.cpu()})
@@ -132,15 +236,19 @@ def sample_vqvae(args):
     return 0
 
 
-def load_vqvae2_priors(vq, top_path, bottom_path, device):
-    """The two prior checkpoints of a vqvae2, checked against it (codebook size, map shapes)."""
-    from fastgen.training import load_model
-    top, _ = load_model(top_path, "vqvae2_top_prior", device, name="--top-prior")
-    bottom, _ = load_model(bottom_path, "vqvae2_bottom_prior", device, name="--bottom-prior")
+def load_vqvae2_priors(vq, top_path, bottom_path, device, vq_ckpt=None, vq_path=None):
+    """The two prior checkpoints of a vqvae2, checked against it (codebook size, map shapes;
+    with vq_ckpt, that its codebooks are the ones the priors were trained on)."""
+    from fastgen.training import check_codebook, load_model
+    top, top_ck = load_model(top_path, "vqvae2_top_prior", device, name="--top-prior")
+    bottom, bottom_ck = load_model(bottom_path, "vqvae2_bottom_prior", device, name="--bottom-prior")
     for name, p, shape in (("--top-prior", top, vq.top_shape), ("--bottom-prior", bottom, vq.bottom_shape)):
         if p.num_codes != vq.num_codes or tuple(p.code_shape) != tuple(shape):
             raise ValueError(f"{name} models {p.num_codes} codes on {tuple(p.code_shape)} maps but the vqvae2 has "
                              f"{vq.num_codes} codes on {tuple(shape)} maps")
+    if vq_ckpt is not None:
+        for name, path, ck in (("--top-prior", top_path, top_ck), ("--bottom-prior", bottom_path, bottom_ck)):
+            check_codebook(ck, f"{name} {path}", vq_ckpt, f"--checkpoint {vq_path}")
     return top, bottom
 
 
@@ -160,10 +268,14 @@ def sample_vqvae2(args):
     """vqvae2: top codes from the top prior, bottom codes given them, decoded."""
     from fastgen.training import load_model
     device = _start(args)
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     vq, ck = load_model(args.checkpoint, "vqvae2", device)
-    top, bottom = load_vqvae2_priors(vq, args.top_prior, args.bottom_prior, device)
+    top, bottom = load_vqvae2_priors(vq, args.top_prior, args.bottom_prior, device, ck, args.checkpoint)
+    # drawn 64 at a time (sample_vqvae2_images): the working set is one batch's
+    decode = per_sample_activation_bytes(vq, lambda: vq.decode(
+        torch.zeros((1,) + tuple(vq.top_shape), dtype=torch.long, device=device),
+        torch.zeros((1,) + tuple(vq.bottom_shape), dtype=torch.long, device=device)))
+    batch = min(args.n, 64) * max(pixelcnn_sample_bytes(top), pixelcnn_sample_bytes(bottom.pixelcnn), decode)
+    check_fits(args, args.n, vq.image_shape, device, extra_device=batch)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     images = sample_vqvae2_images(vq, top, bottom, args.n, gen, device, args.temperature)
     png = _write(args, images.cpu())
@@ -186,17 +298,18 @@ def sample_transformer(args):
     """transformer: codes drawn for each --prompt, decoded by its VQ model; optional re-ranking."""
     from fastgen.commands.train_transformer import CodeSource, digit_of
     from fastgen.models.transformer import encode_captions
-    from fastgen.training import load_model
+    from fastgen.training import check_codebook, linked_checkpoint, load_model
     device = _start(args)
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    if args.rerank < 1:
-        raise ValueError(f"--rerank must be >= 1, got {args.rerank}")
     model, ck = load_model(args.checkpoint, "transformer", device)
-    source = CodeSource(ck["vq_kind"], ck["vq_checkpoint"], device)
+    # the VQ model: found relative to the transformer's folder (moved together), else at its absolute path
+    vq_path = linked_checkpoint(ck, "vq_checkpoint", os.path.dirname(os.path.abspath(args.checkpoint)),
+                                f"--checkpoint {args.checkpoint}")
+    source = CodeSource(ck["vq_kind"], vq_path, device)
     if source.num_codes != model.num_codes or source.length != model.image_tokens:
         raise ValueError(f"the transformer models {model.image_tokens} codes of {model.num_codes} but its VQ model "
-                         f"{ck['vq_checkpoint']} has {source.length} of {source.num_codes}")
+                         f"{vq_path} has {source.length} of {source.num_codes}")
+    check_codebook(ck, f"--checkpoint {args.checkpoint}", source.ckpt, f"its VQ model {vq_path}")
+    _check_transformer_fits(args, model, source, device)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     text = encode_captions(prompts, model.text_tokens).to(device)     # empty / too long / bad UTF-8: ValueError
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -218,3 +331,20 @@ def sample_transformer(args):
     print(f"wrote {len(prompts)} samples ({len(args.prompt)} prompts x {args.n}; transformer epoch {ck['epoch']}) "
           f"to {png} and samples.pt")
     return 0
+
+
+def _check_transformer_fits(args, model, source, device):
+    """-n images for each --prompt, drawn in one batch: the KV caches of both guidance
+    streams, the logits, the codes, the K candidates of --rerank and the outputs."""
+    b = len(args.prompt) * args.n
+    rows = b * (2 if args.guidance > 0 else 1)
+    dim = model.pos.shape[1]
+    seq = model.text_tokens + model.image_tokens
+    per_row = 4 * 2 * len(model.blocks) * seq * dim + 4 * 4 * model.num_codes + 16 * seq + 100
+    image_shape = source.model.image_shape
+    decode = per_sample_activation_bytes(source.model, lambda: source.decode(
+        torch.zeros(1, source.length, dtype=torch.long, device=device)))
+    work = max(rows * per_row, b * decode) + 2 * b * args.rerank * 4 * _numel(image_shape)
+    what = f"-n {args.n}" + (f" x {len(args.prompt)} prompts" if len(args.prompt) > 1 else "") + \
+        (f" x --rerank {args.rerank}" if args.rerank > 1 else "")
+    check_fits(args, b, image_shape, device, extra_device=work, what=what)

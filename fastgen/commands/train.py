@@ -174,7 +174,55 @@ def device_of(name):
         raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return name
+
+
+def available_memory(device="cpu"):
+    """Bytes that new allocations on `device` can take now: CUDA's free memory on a GPU;
+    on the CPU the kernel's MemAvailable (Linux), else the free physical pages; None when
+    this system does not say."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except Exception:      # noqa: BLE001 -- unknown: no check rather than a wrong one
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gib(nbytes):
+    return f"{nbytes / 2 ** 30:.3g} GiB"
+
+
+def refuse_unless_fits(what, host_bytes, device="cpu", device_bytes=0, hint=""):
+    """A ValueError (one line, starting with `what`: the flags and values that ask for it)
+    when an estimate of the memory a command is about to take exceeds what is available:
+    checked before anything is allocated, so -n 1000000000 is refused at once instead of
+    ending in a MemoryError (or the OOM killer) minutes later. host_bytes: CPU memory;
+    device_bytes: the working set on `device` (added to host_bytes on the CPU)."""
+    dev = torch.device(device)
+    checks = [("", host_bytes + (device_bytes if dev.type == "cpu" else 0), "cpu")]
+    if dev.type == "cuda" and device_bytes:
+        checks.append((f" on {device}", device_bytes, device))
+    for where, need, d in checks:
+        free = available_memory(d)
+        if free is not None and need > free:
+            raise ValueError(f"{what} needs about {gib(need)} of memory{where} but {gib(free)} is available"
+                             + (f"; {hint}" if hint else ""))
 
 
 def load_data(args, ckpt):

@@ -36,10 +36,13 @@ def run(args):
     device = train_cmd.setup(args)
     train_cmd.positive(args, "prior_dim", "prior_layers")
     ckpt = train_cmd.open_run(args, "pixelcnn")
-    vq_path = ckpt["vqvae_checkpoint"] if ckpt else args.vqvae
+    vq_path = training.linked_checkpoint(ckpt, "vqvae_checkpoint", args.out, f"the run in {args.out}") if ckpt \
+        else args.vqvae
     if vq_path is None:
         raise ValueError("--vqvae CKPT is required for pixelcnn (a checkpoint written by `fastgen train vqvae`)")
     vqvae, vq_ckpt, ds = train_cmd.load_code_model(args, vq_path, "vqvae", device, "--vqvae")
+    if ckpt:
+        training.check_codebook(ckpt, f"the run in {args.out}", vq_ckpt, f"--vqvae {vq_path}")
     test_images = ds.test[:args.max_test] if args.max_test else ds.test
     train_codes = train_cmd.encode_all(vqvae, ds.train, device)
     test_codes = train_cmd.encode_all(vqvae, test_images, device)
@@ -66,5 +69,7 @@ def run(args):
                  **train_cmd.fit_args(args, device), evaluate=train_cmd.with_sample_metrics(
                      args, lambda: evaluate(prior, test_codes, device),
                      lambda n, g: vqvae.decode(prior.eval().sample(n, generator=g, device=device)), test_images.to(device)),
-                 write_pngs=write_samples, extra={"vqvae_checkpoint": os.path.abspath(vq_path)}, describe=describe)
+                 write_pngs=write_samples, describe=describe,
+                 extra={**training.link_entries("vqvae_checkpoint", vq_path, args.out),
+                        training.FINGERPRINT: training.codebook_fingerprint(vq_ckpt["model"])})
     return 0

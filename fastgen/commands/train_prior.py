@@ -37,10 +37,13 @@ def run(args):
         raise ValueError("--level top|bottom is required")
     kind = f"vqvae2_{level}_prior"
     ckpt = train_cmd.open_run(args, kind)
-    vq_path = ckpt["vqvae2_checkpoint"] if ckpt else args.vqvae2
+    vq_path = training.linked_checkpoint(ckpt, "vqvae2_checkpoint", args.out, f"the run in {args.out}") if ckpt \
+        else args.vqvae2
     if vq_path is None:
         raise ValueError("--vqvae2 CKPT is required (a checkpoint written by `fastgen train vqvae2`)")
-    vq, _, ds = train_cmd.load_code_model(args, vq_path, "vqvae2", device, "--vqvae2")
+    vq, vq_ckpt, ds = train_cmd.load_code_model(args, vq_path, "vqvae2", device, "--vqvae2")
+    if ckpt:
+        training.check_codebook(ckpt, f"the run in {args.out}", vq_ckpt, f"--vqvae2 {vq_path}")
     test_images = ds.test[:args.max_test] if args.max_test else ds.test
     tr_t, tr_b = train_cmd.encode_all(vq, ds.train, device)
     te_t, te_b = train_cmd.encode_all(vq, test_images, device)
@@ -71,5 +74,7 @@ def run(args):
     torch.manual_seed(args.seed)
     training.fit(prior, train_data, kind=kind, config=config, ckpt=ckpt,
                  **train_cmd.fit_args(args, device), evaluate=evaluate, write_pngs=write_samples,
-                 extra={"vqvae2_checkpoint": os.path.abspath(vq_path), "level": level}, describe=describe)
+                 extra={**training.link_entries("vqvae2_checkpoint", vq_path, args.out), "level": level,
+                        training.FINGERPRINT: training.codebook_fingerprint(vq_ckpt["model"])},
+                 describe=describe)
     return 0

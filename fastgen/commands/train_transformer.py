@@ -95,12 +95,15 @@ def run(args):
     device = train_cmd.setup(args)
     train_cmd.positive(args, "text_tokens", "dim", "layers", "heads")
     ckpt = train_cmd.open_run(args, "transformer")
-    kind, path = (ckpt["vq_kind"], ckpt["vq_checkpoint"]) if ckpt else \
+    kind, path = (ckpt["vq_kind"], training.linked_checkpoint(ckpt, "vq_checkpoint", args.out,
+                                                              f"the run in {args.out}")) if ckpt else \
         (("vqvae", args.vqvae) if args.vqvae else ("vqvae2", args.vqvae2))
     if path is None:
         raise ValueError("--vqvae CKPT or --vqvae2 CKPT is required (the codes the transformer models)")
     captions = ckpt["captions"] if ckpt else args.captions
     source = CodeSource(kind, path, device, args)
+    if ckpt:
+        training.check_codebook(ckpt, f"the run in {args.out}", source.ckpt, f"--{kind} {path}")
     da = source.ckpt["data_args"]
     if captions == "digits":
         if da["data"] != "digits":
@@ -114,7 +117,8 @@ def run(args):
             raise ValueError(f"--captions FILE needs a VQ model trained on an image folder; {path} was trained on "
                              f"{da['data']!r}")
         tf = 0.1 if da["test_fraction"] is None else da["test_fraction"]
-        tr, te = datasets.folder_captions(da["data"], captions, tf)
+        text_tokens = ckpt["config"]["text_tokens"] if ckpt else args.text_tokens
+        tr, te = datasets.folder_captions(da["data"], captions, tf, max_bytes=text_tokens)
         caps_train, caps_test = [[c] for c in tr], [[c] for c in te]
     ds = source.data
     config = ckpt["config"] if ckpt else dict(
@@ -153,6 +157,8 @@ def run(args):
     torch.manual_seed(args.seed)
     training.fit(model, train_rows, kind="transformer", config=config, ckpt=ckpt,
                  **train_cmd.fit_args(args, device), evaluate=evaluate, write_pngs=write_samples,
-                 extra={"vq_kind": kind, "vq_checkpoint": os.path.abspath(path), "captions": captions},
+                 extra={"vq_kind": kind, **training.link_entries("vq_checkpoint", path, args.out),
+                        training.FINGERPRINT: training.codebook_fingerprint(source.ckpt["model"]),
+                        "captions": captions},
                  describe=describe)
     return 0

@@ -203,8 +203,8 @@ class GatedPixelCNN(nn.Module):
     def _sample_args(self, n, labels, cond, temperature, shape, device):
         device = device or self.embed.weight.device
         H, W = shape or self.code_shape
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if labels is not None:
             self._check(torch.zeros(n, 1, 1, dtype=torch.long, device=device), labels)
         elif self.num_classes is not None:
@@ -214,7 +214,9 @@ class GatedPixelCNN(nn.Module):
 
     @staticmethod
     def _draw(logits, temperature, generator):
-        probs = torch.softmax(logits.float() / temperature, dim=1)
+        # minus the largest logit first: a tiny temperature is a greedy draw, not inf - inf = nan
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.amax(1, keepdim=True)) / temperature, dim=1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     @torch.no_grad()

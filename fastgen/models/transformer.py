@@ -174,7 +174,10 @@ class CodeTransformer(nn.Module):
 
     @staticmethod
     def _filter(logits, temperature, top_k, top_p):
-        logits = logits.float() / temperature
+        # the largest logit is subtracted before dividing: a tiny temperature (1e-40) then
+        # gives -inf for the others and 0 for the best, a greedy draw, instead of inf - inf = nan
+        logits = logits.float()
+        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -191,14 +194,14 @@ class CodeTransformer(nn.Module):
     def sample(self, text, generator=None, temperature=1.0, top_k=None, top_p=None, guidance=0.0, cache=True):
         """Image codes (B, L) for captions `text` (B, T) (encode_captions)."""
         self._check(text, None)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        if not 0 <= guidance < float("inf"):     # nan too: it would silently mean no guidance
+            raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
         b = text.shape[0]
         if guidance > 0:   # both streams in one batch: rows b.. are the unconditional ones
             text = torch.cat([text, null_captions(b, self.text_tokens).to(text.device)])
