@@ -31,13 +31,52 @@ def is_internal(exc):
     return not isinstance(exc, USER_ERRORS) or "internal error" in text or "please report" in text
 
 
+# the commands that may run under torchrun: each of their subcommands takes --timeout
+TIMEOUT_COMMANDS = ("train", "gpnn sample")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in COMMANDS:
         importlib.import_module(mod).add_parser(sub)
+    add_timeout_option(parser)
     return parser
+
+
+def add_timeout_option(parser):
+    """--timeout MINUTES on every subcommand of TIMEOUT_COMMANDS (fastgen.distributed)."""
+    def leaves(p, path):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, p
+        for a in subs:
+            seen = set()
+            for name, child in a.choices.items():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    yield from leaves(child, f"{path} {name}".strip())
+    for path, p in leaves(parser, ""):
+        if any(path == c or path.startswith(c + " ") for c in TIMEOUT_COMMANDS):
+            p.add_argument("--timeout", type=float, default=None, metavar="MINUTES",
+                           help="under torchrun: how long a rank waits for the others in a collective before "
+                                "failing with an error naming the rank(s) that stopped answering "
+                                "(default: $FASTGEN_TIMEOUT_MIN or 10)")
+
+
+def apply_timeout(args):
+    """Hands --timeout to fastgen.distributed (not kept in args: a resumed run may change it)."""
+    minutes = vars(args).pop("timeout", None)
+    if minutes is not None:
+        from fastgen.distributed import set_timeout
+        set_timeout(minutes)
+
+
+def explained(exc):
+    """A collective's timeout as fastgen.distributed says it (the rank(s) that stopped)."""
+    mod = sys.modules.get("fastgen.distributed")
+    return exc if mod is None else mod.explain_timeout(exc)
 
 
 def explicit_flags(parser, argv):
@@ -63,6 +102,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args._explicit = explicit_flags(parser, argv)
     try:
+        apply_timeout(args)
         return args.func(args) or 0
     except KeyboardInterrupt:
         # one line, no traceback; checkpoints are written atomically (a write in progress
@@ -71,6 +111,7 @@ def main(argv=None):
         print(f"fastgen {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 -- sorted into user errors and bugs below
+        exc = explained(exc)
         if is_internal(exc):
             traceback.print_exc()
             print(f"fastgen {args.command}: internal error ({type(exc).__name__}); please report it "

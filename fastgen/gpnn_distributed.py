@@ -82,9 +82,20 @@ def run_samples(model, paths, load, num_samples, out, seed=0, output_size=None, 
                 for i, xi in zip(group, x):
                     written.append(save_image(xi, sample_path(out, names[k], i)))
                 bar.update(len(group))
+    except BaseException:
+        if barrier is not None and world > 1:
+            _tell_the_others_this_rank_failed()
+        raise
     finally:
         bar.close()
     if barrier is not None:
+        # ranks finish their shares at different times (a resumed run may leave one rank
+        # nothing to do and another hours of work): wait without a deadline while the
+        # others are alive (the group's --timeout applies to a rank that stopped), then
+        # the barrier itself, which all ranks reach together
+        if world > 1:
+            from fastgen.distributed import wait_for_ranks
+            wait_for_ranks("gpnn-jobs")
         barrier()
     if rank == 0:
         for k, name in enumerate(names):
@@ -93,6 +104,16 @@ def run_samples(model, paths, load, num_samples, out, seed=0, output_size=None, 
                 from fastgen.images import load_image, save_contact_sheet
                 save_contact_sheet([load(paths[k])] + [load_image(p) for p in shown], sheet_path(out, name))
     return written
+
+
+def _tell_the_others_this_rank_failed():
+    """A rank whose jobs failed tells the ranks waiting at the end (they raise saying so
+    instead of waiting for its heartbeat to stop); never hides the rank's own error."""
+    try:
+        from fastgen.distributed import wait_for_ranks
+        wait_for_ranks("gpnn-jobs", failed=True)
+    except Exception:  # noqa: BLE001 -- the rank's own error is what gets raised
+        pass
 
 
 def _spawned_worker(rank, world, port, kwargs, result_dir):

@@ -402,7 +402,9 @@ def _rank0_outcome(error, size, epoch):
     peer"). One all-reduce per epoch tells every rank; the others then raise saying so."""
     if size == 1:
         return
-    from fastgen.distributed import all_sum
+    from fastgen.distributed import all_sum, wait_for_ranks
+    # rank 0's evaluation may outlast the collective timeout: wait (as long as it lives)
+    wait_for_ranks("epoch")
     if all_sum(int(error is not None)) and error is None:
         raise RuntimeError(f"rank 0 failed while evaluating or saving epoch {epoch + 1} (its error is in its "
                            "own output); this rank stops too")

@@ -260,3 +260,155 @@ def test_leaving_spares_a_group_the_caller_made():
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+# ---- timeouts: a frozen rank fails the run in bounded time, named ---------------------------
+
+
+def test_the_timeout_reaches_init_process_group(monkeypatch, tmp_path):
+    """The group's timeout was torch's default (24 h): a frozen rank left the others waiting
+    for a day. It is bounded (10 min), and --timeout, $FASTGEN_TIMEOUT_MIN or timeout_s set it."""
+    import datetime
+
+    import fastgen.distributed as fd
+    from fastgen.cli import main
+    seen = []
+
+    def fake_init(*args, **kwargs):
+        seen.append(kwargs.get("timeout"))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(fd.dist, "init_process_group", fake_init)
+    monkeypatch.setattr(fd, "_timeout_min", None)
+    monkeypatch.setattr(fd, "import_dynamo_first", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("FASTGEN_TIMEOUT_MIN", raising=False)
+    for call, want in ((lambda: fd.init_from_env("gloo"), 600), (lambda: fd.init_from_env("gloo", timeout_s=7), 7),
+                       (lambda: fd.init_tcp(0, 2, 1, timeout_s=3), 3)):
+        with pytest.raises(RuntimeError, match="stop here"):
+            call()
+        assert seen[-1] == datetime.timedelta(seconds=want)
+    monkeypatch.setenv("FASTGEN_TIMEOUT_MIN", "0.5")
+    with pytest.raises(RuntimeError, match="stop here"):
+        fd.init_tcp(0, 2, 1)
+    assert seen[-1] == datetime.timedelta(seconds=30)
+    monkeypatch.setenv("FASTGEN_TIMEOUT_MIN", "never")
+    with pytest.raises(ValueError, match=r"\$FASTGEN_TIMEOUT_MIN must be a positive number of minutes"):
+        fd.init_from_env("gloo")
+    monkeypatch.delenv("FASTGEN_TIMEOUT_MIN")
+    quick = ["--data", "digits", "--epochs", "1", "--threads", "1", "--quiet"]
+    assert main(["train", "imle", *quick, "--out", str(tmp_path / "a"), "--timeout", "2.5"]) == 2
+    assert seen[-1] == datetime.timedelta(minutes=2.5)
+    n = len(seen)
+    assert main(["train", "vae", *quick, "--out", str(tmp_path / "b"), "--timeout", "0"]) == 2
+    assert len(seen) == n                               # refused before any group is made
+
+
+def _run_until_rank0_reports(worker, *args, timeout=90):
+    """Spawn worker(rank, port, folder, *args) on 2 ranks; once rank 0 has saved its
+    outcome (folder/rank0.pt), kill whatever still runs (a frozen rank) and return it."""
+    import signal
+    import time
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(worker, args=(free_port(), folder, *args), nprocs=2, start_method="spawn",
+                                 join=False)
+        path = os.path.join(folder, "rank0.pt")
+        deadline = time.time() + timeout
+        try:
+            while not os.path.exists(path) and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(0.5)    # the save is complete once the file stays
+            got = torch.load(path) if os.path.exists(path) else None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGKILL)
+                p.join(10)
+        if got is None:
+            pytest.fail(f"rank 0 reported nothing within {timeout} s: it hung waiting for the frozen rank")
+        return got
+
+
+def _frozen_rank_worker(rank, port, folder, how):
+    """Rank 1 freezes (SIGSTOP) or sleeps past the 2 s timeout; rank 0 meets it in an
+    all-reduce (as fastgen.training's steps do) and records the error, as the CLI shows it."""
+    import signal
+    import time
+
+    import torch.distributed as dist
+    from fastgen.distributed import explain_timeout, init_tcp
+    torch.set_num_threads(1)
+    init_tcp(rank, 2, port, timeout_s=2)
+    if rank == 1:
+        time.sleep(0.5)                               # a few heartbeats first
+        if how == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            time.sleep(8)
+    t0 = time.time()
+    try:
+        dist.all_reduce(torch.ones(3))
+        msg = "no error"
+    except RuntimeError as exc:
+        exc = explain_timeout(exc)
+        msg = f"{type(exc).__name__}: {exc}"
+    torch.save((msg, time.time() - t0), os.path.join(folder, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("how", ["stop", "sleep"])
+def test_a_frozen_rank_fails_the_others_within_the_timeout_named(how):
+    """SIGSTOP on one rank left torchrun silent for minutes (a 24 h timeout). Now the
+    waiting rank fails after --timeout, saying which rank stopped answering (its heartbeat
+    stopped) -- or that the others are alive but did not come."""
+    msg, seconds = _run_until_rank0_reports(_frozen_rank_worker, how)
+    assert msg.startswith("CollectiveTimeout: rank 0: no answer from the other ranks within 2 s (--timeout"), msg
+    if how == "stop":
+        assert "rank(s) [1] stopped answering" in msg, msg
+    else:
+        assert "every other rank is alive" in msg, msg
+    assert seconds < 30
+
+
+def _wait_worker(rank, port, folder, how):
+    """wait_for_ranks: rank 1 takes longer than the timeout (alive: no error), then freezes
+    or fails before the second wait."""
+    import signal
+    import time
+
+    import torch.distributed as dist
+    from fastgen.distributed import init_tcp, wait_for_ranks
+    torch.set_num_threads(1)
+    init_tcp(rank, 2, port, timeout_s=2)
+    out = []
+    try:
+        if rank == 1:
+            time.sleep(4)                            # a long share: twice the timeout, heartbeat alive
+        wait_for_ranks("share")
+        out.append("no error")
+        if rank == 1:
+            if how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            else:
+                wait_for_ranks("share", failed=True)
+                out.append("told")
+        else:
+            wait_for_ranks("share")
+            out.append("no error")
+    except RuntimeError as exc:
+        out.append(f"{type(exc).__name__}: {exc}")
+    torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    if how == "fail":
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("how", ["stop", "fail"])
+def test_waiting_for_ranks_outlasts_the_timeout_while_they_live(how):
+    """A GPNN run's final wait: the slowest rank's share may take far longer than
+    --timeout (no error while it lives); a rank that froze or failed ends the wait."""
+    got = _run_until_rank0_reports(_wait_worker, how)
+    assert got[0] == "no error", got
+    if how == "stop":
+        assert got[1].startswith("CollectiveTimeout: rank 0: no answer from rank(s) [1] within 2 s"), got
+    else:
+        assert got[1].startswith("RuntimeError: rank(s) [1] failed before finishing their share"), got

@@ -115,3 +115,52 @@ def test_bad_stats_file(tmp_path):
     np.savez(q, something=np.zeros(3))
     with pytest.raises(ValueError, match="not a statistics .npz"):
         frechet_distance(str(q), torch.randn(5, 3))
+
+
+def test_npy_features_path_is_accepted(tmp_path):
+    """A .npy path gave a TypeError (np.load returns an array, not an .npz archive)."""
+    a, b = features(200, 6, 11).numpy(), features(150, 6, 12)
+    path = str(tmp_path / "real.npy")
+    np.save(path, a)
+    assert frechet_distance(path, b) == pytest.approx(frechet_distance(a, b), rel=1e-12)
+    assert frechet_distance(b, tmp_path / "real.npy") == pytest.approx(frechet_distance(b, a), rel=1e-12)
+    np.save(tmp_path / "img.npy", np.zeros((4, 1, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"fake .*img.npy.* must be \(N, D\) features"):
+        frechet_distance(b, str(tmp_path / "img.npy"))
+    np.save(tmp_path / "nan.npy", np.full((9, 6), np.nan))
+    with pytest.raises(ValueError, match="nan.npy.*contains NaN"):
+        frechet_distance(str(tmp_path / "nan.npy"), b)
+    (tmp_path / "junk.npy").write_text("not numpy")
+    with pytest.raises(ValueError, match="junk.npy.* is neither a statistics .npz"):
+        frechet_distance(str(tmp_path / "junk.npy"), b)
+
+
+@pytest.mark.parametrize("mu, sigma, extra, msg", [
+    (np.array([np.nan, 0, 0]), np.eye(3), {}, "mu contains NaN or infinite"),
+    (np.zeros(3), np.diag([1.0, np.inf, 1.0]), {}, "sigma contains NaN or infinite"),
+    (np.zeros(3), -np.eye(3), {}, "sigma is not positive semi-definite"),
+    (np.zeros(3), np.diag([1.0, 1.0, -0.01]), {}, "sigma is not positive semi-definite"),
+    (np.zeros(3), np.triu(np.ones((3, 3))), {}, "sigma is not symmetric"),
+    (np.zeros(0), np.zeros((0, 0)), {}, "mu is empty"),
+    (np.zeros(3), np.eye(3), {"n": np.int64(-4)}, "n must be a non-negative integer"),
+])
+def test_loaded_statistics_are_validated(tmp_path, mu, sigma, extra, msg):
+    """NaN mu returned nan and sigma = -I a number: each field is checked, the error names
+    the file and the field."""
+    path = str(tmp_path / "stats.npz")
+    np.savez(path, mu=mu, sigma=sigma, **extra)
+    with pytest.raises(ValueError, match="stats.npz'?: " + msg):
+        frechet_distance(path, torch.randn(20, 3))
+
+
+def test_statistics_within_rounding_are_accepted(tmp_path):
+    """A singular covariance (fewer vectors than D) stored in float32, with eigenvalues a
+    rounding below zero and a rounding of asymmetry, is still a covariance."""
+    x = features(5, 16, 13).double()
+    sigma = np.cov(x.numpy(), rowvar=False).astype(np.float32)
+    sigma[0, 1] += 1e-9
+    path = str(tmp_path / "s.npz")
+    np.savez(path, mu=x.mean(0).numpy().astype(np.float32), sigma=sigma, n=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # 5 vectors for D=16: the singular-covariance warning
+        assert np.isfinite(frechet_distance(path, features(40, 16, 14)))

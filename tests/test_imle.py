@@ -95,6 +95,32 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6), k
 
 
+def test_resumed_at_an_epoch_without_a_search_logs_what_the_full_run_logs(tmp_path):
+    """last_search was not in the checkpoint: a run resumed at an epoch without a search
+    round logged "last_mean_nearest_dist": null where the uninterrupted run logged the
+    last round's value. Same keys, same non-null values now (seconds aside)."""
+    args = ["train", "imle", "--data", "digits", "--batches-per-epoch", "2", "--staleness", "2",
+            "--samples-per-point", "2", "--eval-every", "1", *QUICK]
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    assert main([*args, "--epochs", "4", "--out", full]) == 0
+    assert main([*args, "--epochs", "3", "--out", split]) == 0
+    assert main([*args, "--epochs", "4", "--out", split, "--resume"]) == 0   # epoch 4: no search
+
+    def rows(out):
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+    a, b = rows(full), rows(split)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2, 3, 4]
+    assert "searched" not in a[3] and "searched" in a[2]     # epoch 4 has no search round
+    for ra, rb in zip(a, b):
+        assert sorted(ra) == sorted(rb), (ra, rb)
+        assert [k for k, v in rb.items() if v is None] == [k for k, v in ra.items() if v is None] == []
+        for k, v in ra.items():
+            if not k.startswith("seconds"):
+                assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert b[3]["last_mean_nearest_dist"] == b[2]["mean_nearest_dist"]
+
+
 @pytest.mark.parametrize("call, exc, msg", [
     (lambda: IMLE((1, 8, 8), samples_per_point=0), ValueError, "samples_per_point"),
     (lambda: IMLE((1, 8, 8), z_dim=1.5), ValueError, "z_dim"),

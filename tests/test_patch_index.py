@@ -1078,3 +1078,50 @@ def test_keys_edited_in_place_after_building_are_refused(prune):
         index.search(torch.rand(50, 12))
     fresh = PatchIndex(keys.clone(), 0.01, prune=prune, backend="cpp")    # a new index is fine
     assert torch.equal(fresh.search(keys[:40]), patch_nn(keys[:40], keys, 0.01, backend="cpp", prune=prune))
+
+
+@pytest.mark.parametrize("prune", [True, False])
+@pytest.mark.parametrize("how", ["data", "data-other-shape", "numpy-element", "numpy-row-swap", "numpy-offsample"])
+def test_keys_changed_behind_the_version_counter_are_refused(prune, how):
+    """Writes through keys.data or keys.numpy() do not bump the version counter: the index
+    answered every query for the old keys (hostile review); its fingerprint now refuses."""
+    torch.manual_seed(0)
+    keys = torch.rand(2000, 12)
+    index = PatchIndex(keys, 0.01, prune=prune, backend="cpp")
+    q = torch.rand(200, 12)
+    index.search(q)
+    version = keys._version
+    if how == "data":
+        keys.data = torch.rand(2000, 12)
+    elif how == "data-other-shape":
+        keys.data = torch.rand(1500, 12)
+    elif how == "numpy-element":
+        keys.numpy()[1234, 5] += 0.25
+    elif how == "numpy-row-swap":
+        a = keys.numpy()
+        a[[10, 1900]] = a[[1900, 10]]
+    else:   # one element the strided sample does not cover: the checksums see it
+        fp = index._keys_print
+        sampled = set((fp._rows * 12 + fp._cols).tolist())
+        pos = next(p for p in range(1, keys.numel()) if p not in sampled)
+        keys.numpy().reshape(-1)[pos] += 1e-3
+    assert keys._version == version          # the version counter saw none of it
+    with pytest.raises(RuntimeError, match="keys of this PatchIndex changed after it was built"):
+        index.search(q)
+
+
+def test_unchanged_keys_pass_the_fingerprint_at_any_thread_count():
+    """No false alarm: the checksums are compared within rounding, so a reduction order
+    that changes with the thread count does not refuse unchanged keys."""
+    keys = torch.randn(3000, 27) * 1e3 + 5e3
+    index = PatchIndex(keys, 0.01, prune=True, backend="cpp")
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, before):
+            torch.set_num_threads(threads)
+            assert not index._keys_print.changed(keys)
+    finally:
+        torch.set_num_threads(before)
+    index.search(torch.randn(30, 27) * 1e3 + 5e3)
+    t = torch.randn(40, 9)[:, ::2]                  # a strided (non-contiguous) tensor
+    assert not type(index._keys_print)(t).changed(t.clone())

@@ -69,3 +69,26 @@ def test_far_from_origin_and_near_ties():
 def test_bad_inputs(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call()
+
+
+@pytest.mark.parametrize("edit", ["add_", "numpy", "data"])
+def test_queries_edited_between_adds_do_not_change_the_answer(edit):
+    """The queries were kept by reference: `q.add_(5)` between two add() calls searched the
+    second chunk for other queries (hostile review: 50 of 50 rows matched neither set).
+    StreamingKNN owns a copy: the answer is that of the queries it was given."""
+    torch.manual_seed(0)
+    q, keys = torch.randn(50, 6), torch.randn(90, 6)
+    ref_d, ref_i = reference.knn_exact(q.clone(), keys, 3)
+    s = StreamingKNN(q, 3)
+    s.add(keys[:40])
+    if edit == "add_":
+        q.add_(5)
+    elif edit == "numpy":
+        q.numpy()[:] = 9.0
+    else:
+        q.data = torch.randn(50, 6)
+    s.add(keys[40:])
+    got = s.result()
+    assert_equal_idx(got.idx, ref_i)
+    assert torch.allclose(got.dist.double(), ref_d, rtol=1e-5, atol=1e-5)
+    assert s.queries.data_ptr() != q.data_ptr()

@@ -76,6 +76,8 @@ def run(args):
     model = build_model("imle", config).to(device)
     train = ds.train.to(device)
     model.attach(train, make_conditions(conditional, train) if conditional else None)
+    if ckpt:       # the last search round's numbers, which evaluate() reports until the next round
+        model.restore_last_search(ckpt.get("history"))
 
     def describe(n_params):
         return (f"imle ({'conditional on the ' + conditional + ', ' if conditional else ''}{config['arch']} generator, z {config['z_dim']}, {n_params:,} parameters, "

@@ -77,17 +77,31 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, name=None):
+        """Statistics from a file: an .npz of mu (D,), sigma (D, D) and optionally n
+        (FeatureStats.save, pytorch-fid's files), or an .npy (N, D) array of features (their
+        statistics are computed). An .npz is checked: shapes, finite values, sigma symmetric
+        and positive semi-definite within rounding; errors name the file and the field."""
+        label = f"{name} {path!r}" if name else repr(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no statistics file at {path!r}")
+            raise FileNotFoundError(f"no statistics file at {path!r}" + (f" ({name})" if name else ""))
         try:
-            with np.load(path) as z:
+            obj = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            why = "not a NumPy .npy/.npz file" if "pickle" in str(e) else str(e)
+            raise ValueError(f"{label} is neither a statistics .npz (mu, sigma) nor a .npy array of (N, D) "
+                             f"features ({why})") from None
+        if isinstance(obj, np.ndarray):           # .npy: the features themselves
+            if obj.dtype.kind not in "fiu":
+                raise TypeError(f"{label}: a .npy of features must hold numbers, got dtype {obj.dtype}")
+            return cls.of(np.ascontiguousarray(obj, np.float64), f"{label} (.npy features)")
+        try:
+            with obj as z:
                 mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-                n = int(z["n"]) if "n" in z else 0
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{path!r} is not a statistics .npz with 'mu' and 'sigma' ({e})") from None
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path!r}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+                n = np.asarray(z["n"]) if "n" in z else None
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise ValueError(f"{label} is not a statistics .npz with 'mu' and 'sigma' ({e})") from None
+        n = _check_stats(label, mu, sigma, n)
         s = cls(mu.shape[0])
         s._mu, s._sigma, s.n = torch.from_numpy(mu), torch.from_numpy(sigma), n
         return s
@@ -95,6 +109,37 @@ class FeatureStats:
     @classmethod
     def of(cls, feats, name="features"):
         return cls().update(feats, name)
+
+
+# loaded statistics: sigma may be asymmetric, or have negative eigenvalues, by this much
+# relative to its largest entry / eigenvalue (rounding of float32-stored files included)
+STATS_RTOL = 1e-5
+
+
+def _check_stats(label, mu, sigma, n):
+    """Validated (mu, sigma, n) of a statistics file: n as an int (0: not recorded)."""
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{label}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if mu.shape[0] == 0:
+        raise ValueError(f"{label}: mu is empty (D = 0 features)")
+    for field, v in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(v).all():
+            raise ValueError(f"{label}: {field} contains NaN or infinite values")
+    scale = float(np.abs(sigma).max())
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > STATS_RTOL * scale:
+        raise ValueError(f"{label}: sigma is not symmetric (max |sigma - sigma.T| = {asym:.3g}, "
+                         f"max |sigma| = {scale:.3g}): not a covariance matrix")
+    w = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if w.size and w[0] < -STATS_RTOL * max(float(np.abs(w).max()), 1e-300):
+        raise ValueError(f"{label}: sigma is not positive semi-definite (smallest eigenvalue {w[0]:.3g}, "
+                         f"largest {w[-1]:.3g}): not a covariance matrix")
+    if n is None:
+        return 0
+    if n.ndim != 0 or n.dtype.kind not in "iuf" or not np.isfinite(n) or float(n) < 0 or float(n) != int(n):
+        raise ValueError(f"{label}: n must be a non-negative integer (the number of feature vectors), "
+                         f"got {n.tolist()!r}")
+    return int(n)
 
 
 def _as_matrix(feats, name):
@@ -116,7 +161,7 @@ def _stats(x, name):
     if isinstance(x, FeatureStats):
         return x
     if isinstance(x, (str, os.PathLike)):
-        return FeatureStats.load(os.fspath(x))
+        return FeatureStats.load(os.fspath(x), name)
     return FeatureStats.of(x, name)
 
 
@@ -130,7 +175,8 @@ def frechet_distance(real, fake):
 
     Args:
         real, fake: (N, D) features (tensors or numpy arrays), FeatureStats, or paths of
-            .npz statistics (FeatureStats.save; pytorch-fid's mu/sigma files too).
+            .npz statistics (FeatureStats.save; pytorch-fid's mu/sigma files too; checked
+            as FeatureStats.load says) or of .npy (N, D) feature arrays.
 
     Returns:
         float. Warns when a covariance is singular (fewer vectors than D + 1): the value

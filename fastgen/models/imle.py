@@ -409,6 +409,21 @@ class IMLE(nn.Module):
         self.data, self.conditions = data, conditions
         return self
 
+    # what search() returns (and keeps as last_search): the keys of a search round's info
+    SEARCH_INFO = ("samples", "searched", "rejected", "seconds_generate", "seconds_search", "mean_nearest_dist")
+
+    def restore_last_search(self, history):
+        """last_search as it was when a run's checkpoint was written: the info of the latest
+        search round in its metrics history (fit joins before_epoch's dict to its epoch's
+        row). last_search is not part of the state, so without this a run resumed at an
+        epoch without a search would report it as missing (null) where the uninterrupted
+        run reports the last round's values."""
+        for row in reversed(list(history or ())):
+            if isinstance(row, dict) and "searched" in row:
+                self.last_search = {k: row[k] for k in self.SEARCH_INFO if k in row}
+                break
+        return self
+
     def before_epoch(self, staleness):
         """fit's hook: a search round at every `staleness`-th epoch (and whenever no
         samples are chosen yet, e.g. a fresh run)."""

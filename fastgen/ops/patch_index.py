@@ -114,6 +114,11 @@ class PatchIndex:
 
     `search(queries, hint=None)` returns what `patch_nn(queries, keys, alpha)` returns;
     `stats` says what the searches did; `reset()` forgets the last queries.
+
+    The keys must not change once the index is built (it answers from copies prepared
+    from them): every search refuses keys edited since -- in place (the version counter)
+    or behind torch's back (keys.data, keys.numpy(): a KeysFingerprint, whose docstring
+    says what it can miss) -- with a RuntimeError naming the keys.
     """
 
     def __init__(self, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=None, incremental=None,
@@ -138,10 +143,12 @@ class PatchIndex:
             raise ValueError("incremental=True needs a pruned index (cpp backend with an alpha)")
         self.incremental = self.pruned if incremental is None else bool(incremental)
         self.keys, self.precision = keys, precision
-        # the index holds prepared copies of the keys: an in-place edit of `keys` after
-        # this point would leave it answering for the old keys, so every search checks
-        # the tensor's version counter (bumped by every in-place op) and refuses
+        # the index holds prepared copies of the keys: an edit of `keys` after this point
+        # would leave it answering for the old keys, so every search checks the tensor's
+        # version counter (bumped by every in-place torch op) and a fingerprint of its
+        # values (writes the counter does not see: keys.data, keys.numpy()) and refuses
         self._keys_version = keys._version
+        self._keys_print = KeysFingerprint(keys)
         self.full_above = float(full_above)
         self.max_key_bytes = int(max_key_bytes)
         self._c = None
@@ -179,10 +186,15 @@ class PatchIndex:
         passes the previous iteration's); the pruned search starts each query's threshold
         there, so less is computed. The answer does not depend on it."""
         _validate.points(queries, "queries")
-        _validate.same_kind(queries, "queries", self.keys, "keys")
         if self.keys._version != self._keys_version:
             raise RuntimeError("the keys of this PatchIndex were modified in place after it was built; "
                                "its prepared copy is stale: build a new PatchIndex (or pass keys.clone())")
+        why = self._keys_print.changed(self.keys)
+        if why:
+            raise RuntimeError(f"the keys of this PatchIndex changed after it was built ({why}; a write through "
+                               "keys.data, keys.numpy() or another alias that the version counter does not see); "
+                               "its prepared copy is stale: build a new PatchIndex (or pass keys.clone())")
+        _validate.same_kind(queries, "queries", self.keys, "keys")
         squeeze = queries.dim() == 2
         q3 = queries.unsqueeze(0) if squeeze else queries
         h2 = None if hint is None else _validate.hint(hint, q3, self.keys.shape[0], squeeze)
@@ -296,6 +308,75 @@ class PatchIndex:
     def _position(self, ids):
         """Original key ids -> sorted-key positions."""
         return self._positions[ids]
+
+
+class KeysFingerprint:
+    """A cheap check that a (M, D) tensor still holds the values it held when this was
+    made: its shape, dtype and device; `sample` elements at evenly spaced positions,
+    compared exactly; and four float64 sums -- of the elements, of their squares, and
+    weighted by row number and by column number -- compared within 1e-12 of the sums of
+    magnitudes (reduction order may differ from call to call).
+
+    What it can miss: a change that touches no sampled element and keeps all four sums
+    within that tolerance: an edit far below the values' scale (about 1e-12 relative to
+    the whole tensor's sum, e.g. a last-bit change of one element), or edits built to
+    cancel in every sum (say two rows swapped together with two columns, off the sample).
+    Any ordinary edit -- rows overwritten, scaled, shifted, swapped, one element changed by
+    a visible amount -- is caught. Cost: one float64 pass over the tensor per check (in
+    row blocks: no full float64 copy), 1-2 ms for 4096 x 147 keys on one CPU core: small
+    next to a search."""
+
+    def __init__(self, t, sample=4096):
+        self.shape, self.dtype, self.device = tuple(t.shape), t.dtype, t.device
+        n = t.numel()
+        pos = torch.unique(torch.linspace(0, max(n - 1, 0), min(n, int(sample))).round().long())
+        cols = max(1, t.shape[1]) if t.dim() == 2 else 1
+        self._flat = pos.to(t.device)
+        self._rows, self._cols = (pos // cols).to(t.device), (pos % cols).to(t.device)
+        self._sample = self._take(t).clone()
+        self._sums, scale = self._totals(t, with_scale=True)
+        self._tol = scale * 1e-12
+
+    def _take(self, t):
+        """The sampled elements' bits (compared exactly: NaN equals itself, -0.0 is not 0.0)."""
+        t = t.detach()
+        if t.is_contiguous():
+            x = t.view(-1).index_select(0, self._flat)
+        else:
+            x = t[self._rows, self._cols] if t.dim() == 2 else t.reshape(-1)[self._flat]
+        return x.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+    @staticmethod
+    def _totals(t, with_scale=False, block_elements=1 << 22):
+        t = t.detach()
+        t2 = t if t.dim() == 2 else t.reshape(-1, 1)
+        m, d = t2.shape
+        dev = t2.device
+        acc = torch.zeros(4, dtype=torch.float64, device=dev)
+        scale = torch.zeros(4, dtype=torch.float64, device=dev)
+        wc = torch.arange(1, d + 1, dtype=torch.float64, device=dev)
+        step = max(1, block_elements // max(1, d))
+        for s in range(0, m, step):
+            x = t2[s:s + step].double()          # a contiguous float64 block
+            wr = torch.arange(s + 1, s + x.shape[0] + 1, dtype=torch.float64, device=dev)
+            rows, flat = x.sum(1), x.view(-1)
+            sq = torch.dot(flat, flat)
+            acc += torch.stack([rows.sum(), sq, wr @ rows, x.sum(0) @ wc])
+            if with_scale:
+                ax = x.abs_()
+                scale += torch.stack([ax.sum(), sq, wr @ ax.sum(1), ax.sum(0) @ wc])
+        return acc, scale
+
+    def changed(self, t):
+        """'' when `t` passes the check, else a few words saying what differs."""
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype or t.device != self.device:
+            return (f"now {tuple(t.shape)} {t.dtype} on {t.device}, built from {self.shape} {self.dtype} "
+                    f"on {self.device}")
+        if not torch.equal(self._take(t), self._sample):
+            return "sampled values differ"
+        if bool(((self._totals(t)[0] - self._sums).abs() > self._tol).any()):
+            return "checksums differ"
+        return ""
 
 
 def _lift(arg, ids, fallback):

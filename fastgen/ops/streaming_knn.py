@@ -56,13 +56,21 @@ class StreamingKNN:
     passes the sample numbers that survived rejection, or a rank's share of them).
     `result()` returns Neighbours(dist (N, k) float32 ascending, idx (N, k) int64 global);
     `result64()` the float64 distances, padded with (inf, -1) while fewer than k keys came.
+
+    Ownership: the queries are copied (contiguous, N x D, detached) when the object is
+    built, so the k nearest are those of the queries as they were then: an in-place edit of
+    the caller's tensor afterwards (`q.add_(5)`, a write through `q.numpy()` or `q.data`)
+    cannot mix two query sets in one answer. `self.queries` is that copy.
     """
 
     def __init__(self, queries, k=1, *, backend="auto", precision="fp32", prune=None):
         _validate.points(queries, "queries", ndims=(2,))
         _validate.positive_int(k, "k")
         _validate.finite(queries, "queries")
-        self.queries, self.k = queries, int(k)
+        # an owned copy: every chunk is searched against the same queries, whatever the
+        # caller does to its tensor between two add() calls (O(N * D), like the state)
+        self.queries = queries.detach().clone(memory_format=torch.contiguous_format)
+        self.k = int(k)
         _validate.flag(prune, "prune")
         if prune and _backend.resolve(backend, queries.device, precision) != "cpp":
             raise ValueError("prune=True needs the cpp backend (CPU tensors, extension built); "
@@ -120,8 +128,10 @@ class StreamingKNN:
                                       prune=False).idx for q in self.queries.split(self.query_block)])
         _validate.finite(keys, "keys")
         bound = None
-        if self._dist.shape[1] == self.k:   # the running k-th best (float64), rounded up
-            bound = self._dist[:, -1].float() * (1 + 2.0 ** -20)
+        if self._dist.shape[1] == self.k:
+            # the running k-th best, widened to survive fp32 rounding; kept in float64 (an fp32
+            # bound of tiny-scale data underflows to 0: pruned_knn scales it with the data)
+            bound = self._dist[:, -1] * (1 + 2.0 ** -20)
         with bf16_decided():
             return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=self.precision)[0].idx
 
