@@ -168,3 +168,37 @@ def test_streaming_prune_true_needs_the_cpp_backend():
     from fastgen.ops import StreamingKNN
     with pytest.raises(ValueError, match="prune=True needs the cpp backend"):
         StreamingKNN(torch.rand(5, 3), 1, backend="torch", prune=True)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e-12, 1.0, 1e12, 1e17])
+def test_any_scale_gives_the_sweeps_answer(scale):
+    """fp32 bounds underflow (tiny data) or overflow (huge data) unless the search moves
+    the data to unit scale: before, 1e-25 data returned idx -1 / dist inf in every row."""
+    q, keys = data("clustered", 300, 900, 11, seed=3)
+    q, keys = q * scale, keys * scale
+    sweep = knn(q, keys, 3, prune=False)
+    got = knn(q, keys, 3, prune=True)
+    assert (got.idx >= 0).all()
+    assert torch.equal(got.idx, sweep.idx)
+    assert torch.equal(got.dist, sweep.dist)
+    stream = StreamingKNN(q, 3, prune=True)
+    for chunk in keys.split(400):
+        stream.add(chunk)
+    assert torch.equal(stream.result().idx, sweep.idx)
+
+
+def test_data_too_large_for_fp32_distances_is_refused_on_every_path():
+    q, keys = data("clustered", 100, 300, 5, seed=4)
+    q, keys = q * 1e30, keys * 1e30
+    for prune in (False, True):
+        with pytest.raises(ValueError, match="too large for float32"):
+            knn(q, keys, 2, prune=prune)
+
+
+def test_scale_that_would_round_coordinates_falls_back_to_the_sweep():
+    """Large data with a coordinate that would become subnormal at unit scale: not rescaled."""
+    q, keys = data("clustered", 100, 300, 5, seed=4)
+    q, keys = q * 1e17, keys * 1e17
+    keys[7, 0] = 1e-30
+    assert P.unit_scale(q, keys) is None
+    assert torch.equal(knn(q, keys, 2, prune=True).idx, knn(q, keys, 2, prune=False).idx)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen.ops import _validate
+
 
 # below this many multiply-adds a sweep is faster than any preparation (and the sample
 # that decides would cost a noticeable share)
@@ -188,6 +190,34 @@ def should_prune(queries, keys, k):
     return structure_ratio(queries, keys, k) < RATIO_LIMIT
 
 
+# data whose largest coordinate lies in [2^-SCALE_RANGE, 2^SCALE_RANGE] is searched as it
+# is: its squared distances and the bounds' fp32 terms (D (||q|| + ||c||)^2 2^-23) stay
+# far from fp32's underflow and overflow
+SCALE_RANGE = 24
+
+
+def unit_scale(queries, keys):
+    """1.0 when the data's scale is safe for the fp32 bounds, else the power of two s that
+    brings its largest |coordinate| into [0.5, 1); None when dividing by s would make a
+    non-zero coordinate subnormal (rounded: the winners could change)."""
+    top = max(float(queries.abs().amax()) if queries.numel() else 0.0,
+              float(keys.abs().amax()) if keys.numel() else 0.0)
+    if top == 0.0 or not math.isfinite(top) or 2.0 ** -SCALE_RANGE <= top <= 2.0 ** SCALE_RANGE:
+        return 1.0
+    scale = 2.0 ** math.frexp(top)[1]
+    if scale > 1.0:
+        tiny = min(_smallest_nonzero(queries), _smallest_nonzero(keys))
+        if tiny / scale < torch.finfo(torch.float32).tiny:
+            return None
+    return scale
+
+
+def _smallest_nonzero(x):
+    a = x.abs()
+    a = a[a > 0]
+    return float(a.amin()) if a.numel() else math.inf
+
+
 def _centre_ranges(balls, q):
     """[lo, hi] (float32, (rows, C)) holding the true ||q - c|| of shifted fp32 rows q
     to every cluster centre, from one fp32 GEMM: g = ||q||^2 + ||c||^2 - 2 q.c is within
@@ -227,6 +257,24 @@ def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=None, cluste
     Returns (Neighbours, pairs computed)."""
     from fastgen.ops.knn import Neighbours, knn
     from fastgen.ops.nearest_code import nearest_code
+    if balls is None:
+        scale = unit_scale(queries, keys)
+        if scale is None:
+            # scaling would round some coordinates (subnormal): the sweep is exact at any scale
+            out = knn(queries, keys, k, prune=False, precision=precision)
+            return out, queries.shape[0] * keys.shape[0]
+        if scale > 1.0:
+            # huge data: refused as the sweep refuses it, not answered with inf distances
+            _validate.distance_inputs(queries, "queries", keys, "keys")
+        if scale != 1.0:
+            # the bounds below are fp32 squares: far from unit scale they underflow to 0
+            # (every key ruled out) or overflow; a power of two moves the data to unit
+            # scale exactly, so the same keys win, and distances scale back exactly
+            b = None if bound is None else (bound.double() / scale ** 2).float()
+            (d, i), computed = pruned_knn(queries / scale, keys / scale, k, bound=b, block=block,
+                                          cluster_size=cluster_size, precision=precision)
+            d = (d.double() * scale ** 2).to(d.dtype)
+            return Neighbours(d, i), computed
     n, m = queries.shape[0], keys.shape[0]
     dist = torch.full((n, k), math.inf, device=queries.device)
     idx = torch.full((n, k), -1, dtype=torch.long, device=queries.device)
