@@ -77,7 +77,7 @@ test-cpp:
 	ctest --test-dir build-asan --output-on-failure
 
 test-py:
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=30
 	# tests/test_cuda.py skips without a GPU; here it runs once more through the Triton
 	# interpreter on CPU tensors so that the file itself is checked (not a GPU result)
 	FASTGEN_TEST_CUDA_DEVICE=cpu $(PY) -m pytest tests/test_cuda.py -q -p no:cacheprovider

@@ -34,6 +34,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -164,7 +165,7 @@ def run_benchmark(suite, benchmark, config, case, mode, provider):
     rounds = config.getoption("benchmark_rounds", None) or suite.rounds[0 if case.quick else 1]
     info = {"op": suite.op, "case": case.id, "params": case.p, "mode": mode, "provider": provider,
             "check": verdict, "baselines": list(suite.baselines), "rounds": rounds,
-            "command": shlex.join(["pytest", *sys.argv[1:]]), **machine_info()}
+            "command": shlex.join(["pytest", *sys.argv[1:]]), "busy_cores": _BUSY["n"], **machine_info()}
     work = suite.providers[provider].work or suite.work
     if work is not None:
         info.update(work(case.p, mode))
@@ -238,6 +239,45 @@ def pytest_addoption(parser):
                     help="timed calls per benchmark after the warm-up (default: the suite's)")
     group.addoption("--benchmark-no-peak-memory", action="store_true",
                     help="skip the fresh-process peak-memory measurement (halves the time)")
+    group.addoption("--benchmark-busy-cores", type=int, default=0,
+                    help="keep this many cores busy with spinning processes for the whole run (a shared "
+                         "machine's state); every row records it")
+
+
+@contextlib.contextmanager
+def busy_cores(n):
+    """n other processes spinning (one core each) while the block runs, stopped after it
+    (also on an error): the state of a shared workstation or a CI runner, reproducibly."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(int(n))]
+    try:
+        if procs:
+            time.sleep(0.2)   # let them reach the scheduler before anything is timed
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+_BUSY = {"n": 0, "cm": None}
+
+
+def pytest_configure(config):
+    """--benchmark-busy-cores N: the spinners start with the session."""
+    n = config.getoption("benchmark_busy_cores", 0) or 0
+    if n < 0:
+        raise ValueError(f"--benchmark-busy-cores must be >= 0, got {n}")
+    if n:
+        _BUSY["n"], _BUSY["cm"] = n, busy_cores(n)
+        _BUSY["cm"].__enter__()
+
+
+def pytest_unconfigure(config):
+    if _BUSY["cm"] is not None:
+        _BUSY["cm"].__exit__(None, None, None)
+        _BUSY["cm"] = None
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -474,7 +514,9 @@ def markdown_section(op, rows, plot_name=None, json_paths=()):
              f"Command: `{r0.get('command', '?')}` (then "
              f"`{shlex.join(['python', 'benchmarks/report.py', *json_paths])}`)  ",
              f"Machine: {r0['cpu']}, {r0['cores']} cores, torch threads {r0['threads']}, torch {r0['torch']}, "
-             f"fastgen {r0['fastgen']}, load average {r0['loadavg']} at start  ",
+             f"fastgen {r0['fastgen']}, load average {r0['loadavg']} at start"
+             + (f", {r0['busy_cores']} core(s) kept busy by a spinning process (--benchmark-busy-cores)"
+                if r0.get("busy_cores") else "") + "  ",
              f"Date: {r0['date']}  ",
              f"Timing: pytest-benchmark, one warm-up call then {r0.get('rounds', '?')} timed calls per row; "
              "median, p20, p80 of those. Peak MB: one call in a fresh process, RSS high-water mark above the "

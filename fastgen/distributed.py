@@ -308,7 +308,33 @@ def init_from_env(backend=None, timeout_s=None):
     global _MADE_HERE
     _MADE_HERE = True
     _start_heartbeat(t)
+    share_cores()
     return dist.get_rank(), dist.get_world_size(), True
+
+
+def rank_threads(threads, cores, local_ranks):
+    """The thread count of one of `local_ranks` processes on a machine of `cores` cores that
+    asked for `threads`: at most its share of the cores (at least 1), so that ranks x
+    threads does not exceed the cores -- threads waiting for a core make every parallel
+    region wait for its slowest thread."""
+    return max(1, min(int(threads), int(cores) // max(1, int(local_ranks))))
+
+
+def share_cores():
+    """Caps this rank's torch threads at its share of the machine's cores (torchrun's
+    LOCAL_WORLD_SIZE ranks on this machine) and says so on stderr; returns the count."""
+    import sys
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    n = rank_threads(before, cores, local)
+    if n != before:
+        torch.set_num_threads(n)
+    rank = os.environ.get("RANK", "0")
+    print(f"fastgen: rank {rank} of {os.environ.get('WORLD_SIZE', '1')}: {n} thread{'s' if n != 1 else ''} "
+          f"({cores} cores, {local} ranks on this machine" + (f"; capped from {before}" if n != before else "")
+          + ")", file=sys.stderr, flush=True)
+    return n
 
 
 _MADE_HERE = False     # whether init_from_env made the current group (leave_group ends only that)

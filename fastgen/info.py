@@ -48,10 +48,17 @@ def info():
         t["why_not"] = ("no CUDA device; Triton kernels run here only under TRITON_INTERPRET=1 "
                         "(correctness checks, not speed)")
     import fastgen
+    from fastgen.threads import fine_grained_thread_count, other_running_tasks
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
     return {
         "fastgen": fastgen.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load": {"loadavg_1_5_15": load, "other_running_tasks": other_running_tasks(),
+                 "fine_grained_threads": fine_grained_thread_count()},
         "cpu": cpu_features(),
         "cuda": torch.cuda.is_available(),
         "backends": backends,
@@ -65,6 +72,13 @@ def format_info(d=None):
              f"{d['cpu']['torch_cpu_capability']}",
              "CPU features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in d['cpu']['features'].items()),
              f"CUDA device: {'yes' if d['cuda'] else 'no'}"]
+    ld = d.get("load")
+    if ld:
+        avg = "unknown" if ld["loadavg_1_5_15"] is None else " ".join(map(str, ld["loadavg_1_5_15"]))
+        others = "unknown" if ld["other_running_tasks"] is None else ld["other_running_tasks"]
+        lines.append(f"load: average {avg} (1/5/15 min), other tasks running now {others}; threads: "
+                     f"{d['threads']} for large kernels, {ld['fine_grained_threads']} for the pruned "
+                     "searches' short regions (fastgen.threads)")
     for name, b in d["backends"].items():
         state = "live" if b["live"] else "not live"
         line = f"backend {name:7s} {state}"

@@ -120,6 +120,9 @@ def test_imle_trains_under_torchrun_like_one_process(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes" in two.stdout
+    # each rank says the thread count it ended up with: its share of the cores at most
+    for r in (0, 1):
+        assert f"fastgen: rank {r} of 2: 1 thread (" in two.stderr, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "checkpoint.pt")
     b = torch.load(tmp_path / "two" / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 4
@@ -412,3 +415,26 @@ def test_waiting_for_ranks_outlasts_the_timeout_while_they_live(how):
         assert got[1].startswith("CollectiveTimeout: rank 0: no answer from rank(s) [1] within 2 s"), got
     else:
         assert got[1].startswith("RuntimeError: rank(s) [1] failed before finishing their share"), got
+
+
+@pytest.mark.parametrize("threads,cores,local,expected", [
+    (2, 2, 2, 1), (2, 2, 1, 2), (8, 16, 2, 8), (16, 16, 4, 4), (4, 2, 3, 1), (1, 64, 1, 1)])
+def test_ranks_times_threads_never_exceed_the_cores(threads, cores, local, expected):
+    from fastgen.distributed import rank_threads
+    assert rank_threads(threads, cores, local) == expected
+    assert rank_threads(threads, cores, local) * local <= max(cores, local)
+
+
+def test_a_rank_caps_its_threads_and_says_so(monkeypatch, capsys):
+    from fastgen import distributed
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * len(os.sched_getaffinity(0))))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert distributed.share_cores() == 1
+        assert torch.get_num_threads() == 1
+        assert "rank 3 of 4: 1 thread" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default: the suite's)")
     p.add_argument("--json", default=None, help="keep the pytest-benchmark JSON here (for report.py / compare)")
     p.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    p.add_argument("--busy-cores", type=int, default=0,
+                   help="keep this many cores busy with spinning processes while the suites run (default 0)")
     p.set_defaults(func=run)
 
 
@@ -65,6 +67,10 @@ def run(args):
         cmd.append(f"--benchmark-providers={args.providers}")
     if args.no_peak_memory:
         cmd.append("--benchmark-no-peak-memory")
+    if args.busy_cores < 0:
+        raise ValueError(f"--busy-cores must be >= 0, got {args.busy_cores}")
+    if args.busy_cores:
+        cmd.append(f"--benchmark-busy-cores={args.busy_cores}")
     if args.repeats:
         cmd.append(f"--benchmark-rounds={args.repeats}")
     print("running: " + " ".join(cmd), file=sys.stderr, flush=True)

@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.ops import PatchIndex, _validate, fold_patches
+from fastgen.threads import fine_grained_threads
 
 
 # _synthesize's coarse_alpha when the coarsest level uses alpha too (None means plain NN)
@@ -367,46 +368,48 @@ class GPNN:
         bar = tqdm(total=(levels - 1) * self.iterations + coarse_iterations, desc=desc, disable=not progress,
                    leave=False)
         try:
-            for lvl in reversed(range(levels)):
-                s = src[lvl]
-                h, w = out_shapes[lvl]
-                bar.set_postfix_str(f"level {levels - lvl}/{levels} {h}x{w}")
-                if lvl == levels - 1:
-                    blurred = s
-                else:
-                    x = _resize(x, (h, w))
-                    blurred = _resize(src[lvl + 1], s.shape[-2:])
-                valid_keys = query_pos = None
-                if masks is not None:
-                    m = masks[lvl]
-                    touch = F.max_pool2d(m.float(), p, stride=1).flatten() > 0
-                    valid_keys = torch.nonzero(~touch).flatten()
-                    query_pos = torch.nonzero(touch).flatten()
-                    if query_pos.numel() == 0:                         # nothing to regenerate here
-                        x = s.expand(x.shape[0], -1, -1, -1).clone()
-                        bar.update(coarse_iterations if lvl == levels - 1 else self.iterations)
-                        continue
-                # iteration 0 searches the blurred keys once; from iteration 1 on the keys
-                # are the sharp source and only part of the image changes per iteration,
-                # which the incremental index exploits
-                alpha = self.alpha if lvl < levels - 1 or coarse_alpha is _ALPHA else coarse_alpha
-                index0 = self._index(blurred, valid_keys, incremental=False, alpha=alpha)
-                iterations = coarse_iterations if lvl == levels - 1 else self.iterations
-                index = self._index(s, valid_keys, self.incremental, alpha=alpha) if iterations > 1 else None
-                raw = None
-                for it in range(iterations):
-                    # the last iteration's matches are most queries' answers again: as a
-                    # hint they let the pruned search skip more (blurred and sharp keys
-                    # share one patch grid)
-                    idx, raw = self._match(x, index0 if it == 0 else index, valid_keys, query_pos,
-                                           hint=raw if it > 0 else None, where=(lvl, it))
-                    x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
+            # many short parallel regions: one thread while other processes hold cores (fastgen.threads)
+            with fine_grained_threads():
+                for lvl in reversed(range(levels)):
+                    s = src[lvl]
+                    h, w = out_shapes[lvl]
+                    bar.set_postfix_str(f"level {levels - lvl}/{levels} {h}x{w}")
+                    if lvl == levels - 1:
+                        blurred = s
+                    else:
+                        x = _resize(x, (h, w))
+                        blurred = _resize(src[lvl + 1], s.shape[-2:])
+                    valid_keys = query_pos = None
                     if masks is not None:
-                        x = torch.where(masks[lvl], x, s)
-                    bar.update(1)
-                self.search_stats.append((lvl, "blurred", index0.stats))
-                if index is not None:
-                    self.search_stats.append((lvl, "sharp", index.stats))
+                        m = masks[lvl]
+                        touch = F.max_pool2d(m.float(), p, stride=1).flatten() > 0
+                        valid_keys = torch.nonzero(~touch).flatten()
+                        query_pos = torch.nonzero(touch).flatten()
+                        if query_pos.numel() == 0:                         # nothing to regenerate here
+                            x = s.expand(x.shape[0], -1, -1, -1).clone()
+                            bar.update(coarse_iterations if lvl == levels - 1 else self.iterations)
+                            continue
+                    # iteration 0 searches the blurred keys once; from iteration 1 on the keys
+                    # are the sharp source and only part of the image changes per iteration,
+                    # which the incremental index exploits
+                    alpha = self.alpha if lvl < levels - 1 or coarse_alpha is _ALPHA else coarse_alpha
+                    index0 = self._index(blurred, valid_keys, incremental=False, alpha=alpha)
+                    iterations = coarse_iterations if lvl == levels - 1 else self.iterations
+                    index = self._index(s, valid_keys, self.incremental, alpha=alpha) if iterations > 1 else None
+                    raw = None
+                    for it in range(iterations):
+                        # the last iteration's matches are most queries' answers again: as a
+                        # hint they let the pruned search skip more (blurred and sharp keys
+                        # share one patch grid)
+                        idx, raw = self._match(x, index0 if it == 0 else index, valid_keys, query_pos,
+                                               hint=raw if it > 0 else None, where=(lvl, it))
+                        x = fold_patches(s.expand(x.shape[0], -1, -1, -1), idx, p, backend=backend)
+                        if masks is not None:
+                            x = torch.where(masks[lvl], x, s)
+                        bar.update(1)
+                    self.search_stats.append((lvl, "blurred", index0.stats))
+                    if index is not None:
+                        self.search_stats.append((lvl, "sharp", index.stats))
         finally:
             bar.close()
         return x

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.ops import _validate
+from fastgen.threads import fine_grained_threads
 
 
 # below this many multiply-adds a sweep is faster than any preparation (and the sample
@@ -275,6 +276,14 @@ def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=None, cluste
                                           cluster_size=cluster_size, precision=precision)
             d = (d.double() * scale ** 2).to(d.dtype)
             return Neighbours(d, i), computed
+    # a loop of short kernels and torch ops: one thread while other processes hold cores
+    with fine_grained_threads():
+        return _pruned_blocks(queries, keys, k, bound, balls, block, cluster_size, precision)
+
+
+def _pruned_blocks(queries, keys, k, bound, balls, block, cluster_size, precision):
+    from fastgen.ops.knn import Neighbours, knn
+    from fastgen.ops.nearest_code import nearest_code
     n, m = queries.shape[0], keys.shape[0]
     dist = torch.full((n, k), math.inf, device=queries.device)
     idx = torch.full((n, k), -1, dtype=torch.long, device=queries.device)
