@@ -100,15 +100,23 @@ def test_gradients_match_the_sweep():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
-def test_the_cheap_measure_decides():
+def test_the_measure_tells_structure_but_the_automatic_choice_sweeps(monkeypatch):
+    """structure_ratio separates noise from clusters; knn(prune=None) sweeps on both (the
+    zoo found the pruned path slower than the sweep on every case), without a sample."""
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(4096, 128, generator=g), torch.randn(4096, 128, generator=g)
     assert P.structure_ratio(*noise) > 0.75
-    assert not P.should_prune(*noise, 1)
     q, keys = data("clustered", 4096, 4096, 128, seed=6)
     assert P.structure_ratio(q, keys) < 0.3
-    assert P.should_prune(q, keys, 1)
-    assert not P.should_prune(q[:100], keys[:100], 1)          # too small to pay
+    for pair in (noise, (q, keys)):
+        assert not P.should_prune(*pair, 1)
+    calls = []
+    monkeypatch.setattr(P, "pruned_knn", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(P, "structure_ratio", lambda *a, **kw: calls.append(1))
+    knn(q, keys, 1)
+    s = StreamingKNN(q, 1)
+    s.add(keys)
+    assert calls == []
 
 
 def test_streaming_with_pruning_equals_one_knn():

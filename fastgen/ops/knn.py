@@ -36,11 +36,11 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             in fp32); torch ranks in fp32.
         prune: skip keys that provably cannot be among a query's k nearest (keys grouped
             into balls, triangle-inequality bounds: fastgen/ops/pruned_knn.py). Same
-            answer, bit for bit. None (default) decides by a cheap measure: large 2-D
-            problems on the cpp backend whose sampled neighbour distances are small
-            against the data's spread (image patches: yes; random Gaussians: no, they
-            then cost the sweep plus a ~1 % sample). True forces it where supported
-            (2-D, cpp, no exclude_self; elsewhere it raises), False never.
+            answer, bit for bit. None (default) is the automatic choice, which is the
+            sweep: on benchmarks/bench_knn_zoo.py's cases (patches, Gaussians,
+            mixtures, digits) the pruned path was slower than the sweep on every one.
+            True forces it where supported (2-D, cpp, no exclude_self; elsewhere it
+            raises), False never.
 
     Returns:
         Neighbours(dist, idx): float32 squared distances sorted ascending, computed directly

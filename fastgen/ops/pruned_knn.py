@@ -23,10 +23,12 @@ that are searched are ranked by the same certified kernel as a full `knn` (float
 ranking, lowest original index on ties, since a block's keys keep their original order).
 So the answer is the full search's, bit for bit.
 
-When it pays: `structure_ratio` compares a sample of queries' k-th distance with their
-distance to random keys; uniform high-dimensional data (random Gaussians) has a ratio
-near 0.9 and nothing to skip, 8x8 patches of natural images ~0.4. `knn(prune=None)`
-uses it to choose, so unstructured data costs the sweep plus the sample (~1 %).
+When it pays: on this project's 2-core machines, never against the certified sweep
+(benchmarks/bench_knn_zoo.py: 1.35-7.4x slower on every case of the zoo), so
+`knn(prune=None)` sweeps and pruning runs only when asked (`prune=True`).
+`structure_ratio` compares a sample of queries' k-th distance with their distance to
+random keys (random Gaussians ~0.9, patches of natural images 0.01-0.5): how much a
+pruning pass could skip.
 
 Headroom (measured on china.jpg vs flower.jpg patches, k=1): the block union computes
 ~12 % of the pairs, the rows' own annuli would need ~1.3 %; a C++ pass that filters per
@@ -184,11 +186,16 @@ def structure_ratio(queries, keys, k=1, sample=64, seed=0):
 
 
 def should_prune(queries, keys, k):
-    """The cheap measure `knn(prune=None)` decides by (2-D inputs on the CPU only)."""
-    n, m, d = queries.shape[0], keys.shape[0], queries.shape[1]
-    if n * m * d < MIN_WORK or k > m // 8:
-        return False
-    return structure_ratio(queries, keys, k) < RATIO_LIMIT
+    """Whether `knn(prune=None)` and `StreamingKNN(prune=None)` take the pruned path: never.
+
+    benchmarks/bench_knn_zoo.py (patches of two photos at patch sizes 5-9, strides 1-3,
+    across and within images; Gaussians; Gaussian mixtures; digits; IMLE-like samples;
+    k = 1, 5, 10; tuned on one half, reported on the other, RESULTS.md "knn's automatic
+    choice") found this pruned path 1.35-7.4x slower than the sweep on every case, on
+    structured data too (structure_ratio 0.01-0.2): its block loop computes a block's
+    union of key ranges through many short kernel calls. The measure (structure_ratio)
+    stays, for diagnostics and for a per-row C++ pruning pass that could pay."""
+    return False
 
 
 # data whose largest coordinate lies in [2^-SCALE_RANGE, 2^SCALE_RANGE] is searched as it

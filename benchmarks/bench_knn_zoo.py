@@ -1,0 +1,180 @@
+"""knn's prune-or-sweep choice judged on a zoo of data it was not written for.
+
+    python benchmarks/bench_knn_zoo.py                     # every case, both halves
+    python benchmarks/bench_knn_zoo.py --half tune         # the half the policy was tuned on
+    python benchmarks/bench_knn_zoo.py --json zoo.json     # keep the rows
+
+Cases: patches of sklearn's two photos (china.jpg, flower.jpg) at patch sizes 5-9 and
+strides 1-3, queries and keys from different images and from the same one; Gaussians;
+Gaussian mixtures; sklearn digits; IMLE-like (digits as data, a noisy generator's
+samples as keys); k = 1, 5, 10. Each case is in the "tune" or the "held-out" half (fixed,
+by its position), so a policy tuned on one half is reported on the other.
+
+For every case, in one process: the sweep (`prune=False`), the pruned path
+(`prune=True`), the automatic choice (`prune=None`: its sample included) and faiss's
+IndexFlatL2 when installed, each the median of `--repeats` calls after a warm-up; every
+answer's indices are checked against the sweep's (the pruned path is exact, bit for bit).
+The table gives auto / min(sweep, pruned): the policy's target is <= 1.10 on every case.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def _image(name):
+    from sklearn.datasets import load_sample_image
+    return torch.from_numpy(np.array(load_sample_image(name))).float().div(255).permute(2, 0, 1)
+
+
+def _patches(name, p, stride, limit, seed):
+    u = _image(name).unfold(1, p, stride).unfold(2, p, stride)
+    x = u.permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p)
+    g = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(x.shape[0], generator=g)[:limit]].contiguous()
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    return torch.from_numpy(load_digits().data).float().div(16)
+
+
+def make_case(c):
+    """(queries, keys) of one case description."""
+    kind = c["kind"]
+    g = torch.Generator().manual_seed(c.get("seed", 0))
+    if kind == "patches":
+        q = _patches(c["q_img"], c["p"], c["q_stride"], c["n"], 1)
+        k = _patches(c["k_img"], c["p"], c["k_stride"], c["m"], 2)
+        return q, k
+    if kind == "gaussian":
+        return torch.randn(c["n"], c["d"], generator=g), torch.randn(c["m"], c["d"], generator=g)
+    if kind == "mixture":
+        centres = torch.randn(c["clusters"], c["d"], generator=g) * 4
+        pick = lambda n: centres[torch.randint(c["clusters"], (n,), generator=g)]  # noqa: E731
+        return (pick(c["n"]) + torch.randn(c["n"], c["d"], generator=g),
+                pick(c["m"]) + torch.randn(c["m"], c["d"], generator=g))
+    if kind == "digits":
+        x = _digits()
+        reps = -(-c["m"] // x.shape[0])
+        keys = (x.repeat(reps, 1)[:c["m"]] + 0.05 * torch.randn(c["m"], 64, generator=g)).contiguous()
+        return x[:c["n"]].contiguous(), keys
+    if kind == "imle":
+        # data points vs the samples of a barely trained generator: near-identical keys
+        x = _digits()[:c["n"]].contiguous()
+        mean = x.mean(0, keepdim=True)
+        keys = mean + c["spread"] * torch.randn(c["m"], x.shape[1], generator=g)
+        return x, keys.contiguous()
+    raise ValueError(kind)
+
+
+def zoo():
+    cases = []
+    for (qi, ki) in (("china.jpg", "flower.jpg"), ("flower.jpg", "china.jpg"), ("china.jpg", "china.jpg"),
+                     ("flower.jpg", "flower.jpg")):
+        for p, qs, ks in ((5, 3, 2), (7, 3, 2), (9, 4, 3), (6, 2, 1)):
+            for k in (1, 5):
+                cases.append({"kind": "patches", "q_img": qi, "k_img": ki, "p": p, "q_stride": qs,
+                              "k_stride": ks, "n": 6000, "m": 30000, "k": k})
+    for d in (8, 32, 128):
+        for k in (1, 10):
+            cases.append({"kind": "gaussian", "d": d, "n": 5000, "m": 40000, "k": k})
+            cases.append({"kind": "mixture", "d": d, "clusters": 50, "n": 5000, "m": 40000, "k": k})
+    for k in (1, 5, 10):
+        cases.append({"kind": "digits", "n": 1797, "m": 40000, "k": k})
+        cases.append({"kind": "imle", "spread": 0.05, "n": 1797, "m": 40000, "k": k})
+    for i, c in enumerate(cases):
+        c["half"] = "tune" if i % 2 == 0 else "held-out"
+        c["id"] = (f"{c['kind']}-" + "-".join(f"{key}{c[key]}" for key in ("q_img", "k_img", "p", "q_stride",
+                                                                            "k_stride", "d", "clusters", "spread",
+                                                                            "n", "m", "k") if key in c))
+    return cases
+
+
+def _median_time(fn, repeats):
+    out = fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), out
+
+
+def run_case(c, repeats, with_faiss):
+    from fastgen.ops import knn
+    from fastgen.ops.pruned_knn import structure_ratio
+    q, keys = make_case(c)
+    k = c["k"]
+    row = {"id": c["id"], "half": c["half"], "n": q.shape[0], "m": keys.shape[0], "d": q.shape[1], "k": k,
+           "ratio": structure_ratio(q, keys, k)}
+    row["sweep_s"], ref = _median_time(lambda: knn(q, keys, k, prune=False), repeats)
+    row["pruned_s"], pruned = _median_time(lambda: knn(q, keys, k, prune=True), repeats)
+    row["auto_s"], auto = _median_time(lambda: knn(q, keys, k), repeats)
+    for name, got in (("pruned", pruned), ("auto", auto)):
+        if not torch.equal(got.idx, ref.idx):
+            raise AssertionError(f"{c['id']}: {name} differs from the sweep in "
+                                 f"{int((got.idx != ref.idx).any(1).sum())} rows")
+    row["faiss_s"] = None
+    if with_faiss:
+        from fastgen.benchmarking import faiss_flat
+        row["faiss_s"], _ = _median_time(lambda: faiss_flat(q, keys, k), repeats)
+    best = min(row["sweep_s"], row["pruned_s"])
+    row["auto_vs_best"] = row["auto_s"] / best
+    row["pruned_vs_sweep"] = row["pruned_s"] / row["sweep_s"]
+    return row
+
+
+def table(rows):
+    lines = ["| case | half | ratio | sweep s | pruned s | auto s | faiss s | pruned / sweep | auto / best |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        f = "-" if r["faiss_s"] is None else f"{r['faiss_s']:.3f}"
+        lines.append(f"| {r['id']} | {r['half']} | {r['ratio']:.2f} | {r['sweep_s']:.3f} | {r['pruned_s']:.3f} | "
+                     f"{r['auto_s']:.3f} | {f} | {r['pruned_vs_sweep']:.2f} | {r['auto_vs_best']:.2f} |")
+    for half in ("tune", "held-out"):
+        sel = [r["auto_vs_best"] for r in rows if r["half"] == half]
+        if sel:
+            lines.append(f"\n{half}: auto / best worst {max(sel):.2f}, median {statistics.median(sel):.2f}, "
+                         f"{sum(s <= 1.10 for s in sel)} of {len(sel)} cases within 10 %")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--half", choices=("tune", "held-out", "both"), default="both")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--only", default=None, help="a substring of the case ids to run")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    with_faiss = not args.no_faiss
+    if with_faiss:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            with_faiss = False
+    rows = []
+    for c in zoo():
+        if args.half != "both" and c["half"] != args.half:
+            continue
+        if args.only and args.only not in c["id"]:
+            continue
+        r = run_case(c, args.repeats, with_faiss)
+        rows.append(r)
+        print(f"{r['id']}: ratio {r['ratio']:.2f} sweep {r['sweep_s']:.3f} pruned {r['pruned_s']:.3f} "
+              f"auto {r['auto_s']:.3f} (auto/best {r['auto_vs_best']:.2f})", file=sys.stderr, flush=True)
+    from fastgen.benchmarking import machine_line
+    print(machine_line() + "\n\n" + table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
