@@ -29,10 +29,10 @@ FORCE:
 # is quick, not by importing torch.
 EXT_TORCH := $(shell cat build/ext-torch 2>/dev/null)
 TORCH_NOW := $(shell $(PY) -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null)
-ifneq ($(TORCH_NOW),)
+# (no torch yet: this run installs one, so an extension left by another environment is
+# rebuilt against it)
 ifneq ($(TORCH_NOW),$(EXT_TORCH))
 $(EXT_SO): FORCE
-endif
 endif
 
 .PHONY: install install-bench test test-cpp test-py demo bench clean FORCE

@@ -58,6 +58,10 @@ def main(argv=None):
                    help="comma-separated stage names to run (the others are skipped; for trying one stage)")
     args = p.parse_args(argv)
     out = args.out
+    chosen = None if args.only is None else {s.strip() for s in args.only.split(",")}
+    known = [name for name, _ in stages(out)]
+    if chosen is not None and not chosen <= set(known):
+        p.error(f"--only: unknown stage(s) {sorted(chosen - set(known))}; the stages: {', '.join(known)}")
     marker = os.path.join(out, MARKER)
     if os.path.exists(out):
         # emptied only when an earlier demo made it: never a folder of the user's own
@@ -68,7 +72,6 @@ def main(argv=None):
         shutil.rmtree(out)
     os.makedirs(out)
     open(marker, "w").close()
-    chosen = None if args.only is None else {s.strip() for s in args.only.split(",")}
     timings = []
     for name, cli_args in stages(out):
         if chosen is not None and name not in chosen:

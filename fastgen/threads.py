@@ -9,10 +9,11 @@ call. One thread then beats two (measured in benchmarks/RESULTS.md, "Threads on 
 machine"). Large single regions (the full sweep) balance their rows dynamically and keep
 the default thread count.
 
-`fine_grained_threads()` is the policy: one thread while other processes are running on
-the machine (its cores are not ours), the caller's thread count otherwise; decided when
-the block is entered, from /proc/stat's count of running tasks less this process's own.
-FASTGEN_FINE_THREADS=N fixes the count instead (0: the caller's).
+`fine_grained_threads()` is the policy: as many threads as cores no other process is
+running on (at least one; on a 2-core machine with one busy core, one thread), at most
+the caller's count; decided when the block is entered, from /proc/stat's count of
+running tasks less this process's own, against the cores this process may use (its CPU
+affinity). FASTGEN_FINE_THREADS=N fixes the count instead (0: the caller's).
 """
 import contextlib
 import os
@@ -70,7 +71,15 @@ def fine_grained_thread_count():
     if others is None:
         return threads
     # the cores other processes are not using, at least one
-    return max(1, min(threads, (os.cpu_count() or threads) - others))
+    return max(1, min(threads, usable_cores() - others))
+
+
+def usable_cores():
+    """The cores this process may run on (its affinity: a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

@@ -33,3 +33,10 @@ def test_every_stage_has_a_name_and_a_command():
     names = [n for n, _ in demo.stages("o")]
     assert len(names) == len(set(names)) >= 10
     assert any(args[:2] == ["gpnn", "sample"] for _, args in demo.stages("o"))
+
+
+def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "o"), "--only", "no such stage"])
+    assert e.value.code == 2
+    assert not (tmp_path / "o").exists()

@@ -333,6 +333,19 @@ def _run_until_rank0_reports(worker, *args, timeout=90):
         return got
 
 
+def _meet(folder, rank, timeout=120):
+    """Both spawned ranks reach this point before either joins a group with a 2 s timeout:
+    the timeout also bounds the join itself, and a rank still importing torch on a busy
+    machine would otherwise fail the other's rendezvous."""
+    import time
+    open(os.path.join(folder, f"ready{rank}"), "w").close()
+    deadline = time.time() + timeout
+    while not os.path.exists(os.path.join(folder, f"ready{1 - rank}")):
+        if time.time() > deadline:
+            raise RuntimeError(f"rank {1 - rank} never started")
+        time.sleep(0.01)
+
+
 def _frozen_rank_worker(rank, port, folder, how):
     """Rank 1 freezes (SIGSTOP) or sleeps past the 2 s timeout; rank 0 meets it in an
     all-reduce (as fastgen.training's steps do) and records the error, as the CLI shows it."""
@@ -342,6 +355,7 @@ def _frozen_rank_worker(rank, port, folder, how):
     import torch.distributed as dist
     from fastgen.distributed import explain_timeout, init_tcp
     torch.set_num_threads(1)
+    _meet(folder, rank)
     init_tcp(rank, 2, port, timeout_s=2)
     if rank == 1:
         time.sleep(0.5)                               # a few heartbeats first
@@ -382,6 +396,7 @@ def _wait_worker(rank, port, folder, how):
     import torch.distributed as dist
     from fastgen.distributed import init_tcp, wait_for_ranks
     torch.set_num_threads(1)
+    _meet(folder, rank)
     init_tcp(rank, 2, port, timeout_s=2)
     out = []
     try:

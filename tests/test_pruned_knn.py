@@ -178,7 +178,7 @@ def test_streaming_prune_true_needs_the_cpp_backend():
         StreamingKNN(torch.rand(5, 3), 1, backend="torch", prune=True)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e-12, 1.0, 1e12, 1e17])
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e-21, 1e-20, 1e-12, 1.0, 1e12, 1e17])
 def test_any_scale_gives_the_sweeps_answer(scale):
     """fp32 bounds underflow (tiny data) or overflow (huge data) unless the search moves
     the data to unit scale: before, 1e-25 data returned idx -1 / dist inf in every row."""

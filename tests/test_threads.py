@@ -1,10 +1,9 @@
 """fastgen.threads: the fine-grained paths drop to one thread while another process holds
 a core, restore the caller's count after, and can be fixed by the environment."""
-import os
-
 import pytest
 import torch
 
+from fastgen import threads
 from fastgen.benchmarking import busy_cores
 from fastgen.threads import ENV, fine_grained_thread_count, fine_grained_threads, other_running_tasks
 
@@ -12,7 +11,7 @@ from fastgen.threads import ENV, fine_grained_thread_count, fine_grained_threads
 @pytest.fixture
 def two_threads_on_two_cores(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

@@ -281,7 +281,14 @@ def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=None, cluste
             b = None if bound is None else (bound.double() / scale ** 2).float()
             (d, i), computed = pruned_knn(queries / scale, keys / scale, k, bound=b, block=block,
                                           cluster_size=cluster_size, precision=precision)
-            d = (d.double() * scale ** 2).to(d.dtype)
+            if scale < 1.0:
+                # tiny data: scaling the fp32 distances back would round twice where they
+                # are subnormal; recomputed from the inputs in float64, they round once, as
+                # the sweep's do
+                from fastgen.ops.streaming_knn import candidate_sqdist64
+                d = candidate_sqdist64(queries, keys, i).to(d.dtype)
+            else:
+                d = (d.double() * scale ** 2).to(d.dtype)
             return Neighbours(d, i), computed
     # a loop of short kernels and torch ops: one thread while other processes hold cores
     with fine_grained_threads():
