@@ -31,7 +31,8 @@ def _image(name):
     return torch.from_numpy(np.array(load_sample_image(name))).float().div(255).permute(2, 0, 1)
 
 
-def _patches(name, p, stride, limit, seed):
+def sample_patches(name, p, stride, limit, seed):
+    """`limit` random p x p x 3 patches (stride `stride`) of one of sklearn's photos, (n, 3 p p)."""
     u = _image(name).unfold(1, p, stride).unfold(2, p, stride)
     x = u.permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p)
     g = torch.Generator().manual_seed(seed)
@@ -48,8 +49,8 @@ def make_case(c):
     kind = c["kind"]
     g = torch.Generator().manual_seed(c.get("seed", 0))
     if kind == "patches":
-        q = _patches(c["q_img"], c["p"], c["q_stride"], c["n"], 1)
-        k = _patches(c["k_img"], c["p"], c["k_stride"], c["m"], 2)
+        q = sample_patches(c["q_img"], c["p"], c["q_stride"], c["n"], 1)
+        k = sample_patches(c["k_img"], c["p"], c["k_stride"], c["m"], 2)
         return q, k
     if kind == "gaussian":
         return torch.randn(c["n"], c["d"], generator=g), torch.randn(c["m"], c["d"], generator=g)

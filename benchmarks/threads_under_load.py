@@ -16,22 +16,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
+from bench_knn_zoo import sample_patches as patches  # noqa: E402 (benchmarks/, next to this script)
 from fastgen.benchmarking import busy_cores, machine_line
-
-
-def image(name):
-    from sklearn.datasets import load_sample_image
-    return torch.from_numpy(np.array(load_sample_image(name))).float().div(255).permute(2, 0, 1)
-
-
-def patches(name, p, stride, limit, seed):
-    u = image(name).unfold(1, p, stride).unfold(2, p, stride)
-    x = u.permute(1, 2, 0, 3, 4).reshape(-1, 3 * p * p)
-    g = torch.Generator().manual_seed(seed)
-    return x[torch.randperm(x.shape[0], generator=g)[:limit]].contiguous()
 
 
 def _knn_patches():
