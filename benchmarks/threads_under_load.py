@@ -68,6 +68,20 @@ def path_gpnn(max_side):
     return setup
 
 
+def path_patch_nn():
+    def setup():
+        # GPNN's search at one level: 7x7x3 patches of china.jpg at max side 200 against
+        # themselves plus noise (pruned passes, C++)
+        from fastgen.images import load_source_image
+        from fastgen.ops import patch_nn
+        img = load_source_image(None, 200)
+        u = img.unfold(1, 7, 1).unfold(2, 7, 1)
+        keys = u.permute(1, 2, 0, 3, 4).reshape(-1, 147).contiguous()
+        queries = keys + 0.02 * torch.randn(keys.shape, generator=torch.Generator().manual_seed(4))
+        return lambda: patch_nn(queries, keys, 0.005 * 147)
+    return setup
+
+
 def path_vq():
     def setup():
         from fastgen.nn import VectorQuantizer
@@ -97,7 +111,9 @@ PATHS = {
     "knn-auto": path_knn(None),
     "streaming-knn": path_streaming(),
     "knn-gaussians": path_gaussians(),
+    "patch-nn": path_patch_nn(),
     "gpnn-128": path_gpnn(128),
+    "gpnn-full": path_gpnn(None),
     "vq-layer": path_vq(),
     "ball-count": path_ball_count(),
 }

@@ -1,13 +1,13 @@
 """How many threads fastgen's fine-grained CPU work uses when it does not own the machine.
 
-The pruned searches (knn's pruned path, GPNN's PatchIndex iterations) are loops of many
-short parallel regions: small kernels and torch ops of a few milliseconds or less. When
+The pruned searches (knn's pruned path, GPNN's iterations at its small pyramid levels) are
+loops of many short parallel regions: small kernels and torch ops of a few milliseconds or less. When
 another process keeps a core busy, the OS gives each region's second thread only part of
 that core; a region ends when its last thread does, so every region waits for a thread
 that was preempted mid-work -- about a scheduler time slice each, thousands of times per
 call. One thread then beats two (measured in benchmarks/RESULTS.md, "Threads on a busy
-machine"). Large single regions (the full sweep) balance their rows dynamically and keep
-the default thread count.
+machine"). Large single regions (the full sweep, patch_nn's C++ passes on a large level)
+balance their rows dynamically and keep the default thread count.
 
 `fine_grained_threads()` is the policy: as many threads as cores no other process is
 running on (at least one; on a 2-core machine with one busy core, one thread), at most

@@ -80,6 +80,7 @@ Choices where public implementations differ (each is tested in tests/test_gpnn.p
   the mask; only query patches that touch the mask are matched (the others keep their
   own source patch), and keys are the source patches that do not touch the mask.
 """
+import contextlib
 import math
 
 import torch
@@ -87,6 +88,9 @@ import torch.nn.functional as F
 
 from fastgen.ops import PatchIndex, _validate, fold_patches
 from fastgen.threads import fine_grained_threads
+
+# levels with fewer output patches than this run under fastgen.threads' busy-machine policy
+FINE_LEVEL_PATCHES = 16384
 
 
 # _synthesize's coarse_alpha when the coarsest level uses alpha too (None means plain NN)
@@ -368,9 +372,13 @@ class GPNN:
         bar = tqdm(total=(levels - 1) * self.iterations + coarse_iterations, desc=desc, disable=not progress,
                    leave=False)
         try:
-            # many short parallel regions: one thread while other processes hold cores (fastgen.threads)
-            with fine_grained_threads():
-                for lvl in reversed(range(levels)):
+            for lvl in reversed(range(levels)):
+                # a small level's searches are many short parallel regions: on a busy
+                # machine only the free cores' threads (fastgen.threads); a large level's
+                # passes are long enough for every thread to pay
+                hq, wq = out_shapes[lvl]
+                small = (hq - p + 1) * (wq - p + 1) < FINE_LEVEL_PATCHES
+                with fine_grained_threads() if small else contextlib.nullcontext():
                     s = src[lvl]
                     h, w = out_shapes[lvl]
                     bar.set_postfix_str(f"level {levels - lvl}/{levels} {h}x{w}")

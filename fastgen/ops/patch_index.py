@@ -32,7 +32,6 @@ import torch
 
 from fastgen import _ext
 from fastgen.ops import _backend, _validate
-from fastgen.threads import fine_grained_threads
 
 
 @dataclass
@@ -204,14 +203,11 @@ class PatchIndex:
         if not self.pruned:
             idx = self._sweep(q3)
             changed = [None] * q3.shape[0]
+        elif not self.incremental:
+            idx = self._c.search(q3.contiguous(), self.alpha, h2)
+            changed = [None] * q3.shape[0]
         else:
-            # the pruned passes are many short parallel regions (fastgen.threads)
-            with fine_grained_threads():
-                if not self.incremental:
-                    idx = self._c.search(q3.contiguous(), self.alpha, h2)
-                    changed = [None] * q3.shape[0]
-                else:
-                    idx = self._incremental(q3, h2, changed)
+            idx = self._incremental(q3, h2, changed)
         self._count.searches += 1
         self._count.from_scratch += sum(c is None for c in changed)
         self._count.incremental += sum(c is not None for c in changed)
