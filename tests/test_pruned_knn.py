@@ -108,8 +108,6 @@ def test_the_measure_tells_structure_but_the_automatic_choice_sweeps(monkeypatch
     assert P.structure_ratio(*noise) > 0.75
     q, keys = data("clustered", 4096, 4096, 128, seed=6)
     assert P.structure_ratio(q, keys) < 0.3
-    for pair in (noise, (q, keys)):
-        assert not P.should_prune(*pair, 1)
     calls = []
     monkeypatch.setattr(P, "pruned_knn", lambda *a, **kw: calls.append(1))
     monkeypatch.setattr(P, "structure_ratio", lambda *a, **kw: calls.append(1))
@@ -157,8 +155,8 @@ def test_bad_prune_arguments():
 
 
 def test_fewer_queries_than_the_sample_on_a_large_problem():
-    """The cheap measure samples 64 queries: with fewer it must still decide, not crash."""
-    q, keys = data("clustered", 10, 200000, 16, seed=9)     # 10 x 200k x 16 > MIN_WORK
+    """structure_ratio samples 64 queries: with fewer it must still measure, not crash."""
+    q, keys = data("clustered", 10, 200000, 16, seed=9)
     assert P.structure_ratio(q, keys) < 0.6
     assert torch.equal(knn(q, keys, 3).idx, knn(q, keys, 3, prune=False).idx)
 

@@ -73,20 +73,19 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
         raise ValueError("prune=True needs 2-D queries and keys on the cpp backend without exclude_self "
                          f"(got {queries.dim()}-D on backend {be!r}, exclude_self={exclude_self}); "
                          "use prune=None or False")
-    if prune is not False and prunable:
+    if prune:
+        # prune=None is the sweep: the pruned path was slower on every case of
+        # benchmarks/bench_knn_zoo.py (fastgen/ops/pruned_knn.py)
         from fastgen.ops import pruned_knn
-        # the measure's sample goes through the C++ op, which checks the keys; the inputs
-        # are checked in full only when the pruned path (Python, gathers) is taken
-        if prune or pruned_knn.should_prune(queries, keys, k):
-            _validate.distance_inputs(queries, "queries", keys, "keys")
-            with torch.no_grad():
-                dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=precision)[0]
-            if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
-                # the gradient of sum((q - k)^2), the values of the certified kernel: g - g is
-                # exactly 0, so dist stays the sweep's bit for bit
-                g = baselines.gather_sqdist(queries[None], keys[None], idx[None])[0]
-                dist = dist + (g - g.detach())
-            return Neighbours(dist, idx)
+        _validate.distance_inputs(queries, "queries", keys, "keys")
+        with torch.no_grad():
+            dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=precision)[0]
+        if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
+            # the gradient of sum((q - k)^2), the values of the certified kernel: g - g is
+            # exactly 0, so dist stays the sweep's bit for bit
+            g = baselines.gather_sqdist(queries[None], keys[None], idx[None])[0]
+            dist = dist + (g - g.detach())
+        return Neighbours(dist, idx)
 
     if precision == "bf16" and be == "cpp" and not bf16_pays(queries, keys, k):
         precision = "fp32"

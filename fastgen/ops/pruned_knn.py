@@ -43,13 +43,6 @@ from fastgen.ops import _validate
 from fastgen.threads import fine_grained_threads
 
 
-# below this many multiply-adds a sweep is faster than any preparation (and the sample
-# that decides would cost a noticeable share)
-MIN_WORK = 1 << 31
-# prune when a sampled query's k-th distance is below this fraction of its typical
-# distance to a key (measured: 8x8x3 patches of china.jpg vs flower.jpg 0.37 at k=1 and
-# 0.40 at k=10, 12-14 % of the pairs computed; 256-D Gaussians 0.86-0.88)
-RATIO_LIMIT = 0.6
 _SLACK = 1e-5   # relative widening of every interval (float32 rounding of rho and of the bounds)
 
 
@@ -183,19 +176,6 @@ def structure_ratio(queries, keys, k=1, sample=64, seed=0):
     ks = keys[torch.randint(m, (qs.shape[0],), generator=g).to(keys.device)]
     typical = (qs.double() - ks.double()).square().sum(1)
     return float((near.median() / typical.median().clamp_min(1e-300)).sqrt())
-
-
-def should_prune(queries, keys, k):
-    """Whether `knn(prune=None)` and `StreamingKNN(prune=None)` take the pruned path: never.
-
-    benchmarks/bench_knn_zoo.py (patches of two photos at patch sizes 5-9, strides 1-3,
-    across and within images; Gaussians; Gaussian mixtures; digits; IMLE-like samples;
-    k = 1, 5, 10; tuned on one half, reported on the other, RESULTS.md "knn's automatic
-    choice") found this pruned path 1.35-7.4x slower than the sweep on every case, on
-    structured data too (structure_ratio 0.01-0.2): its block loop computes a block's
-    union of key ranges through many short kernel calls. The measure (structure_ratio)
-    stays, for diagnostics and for a per-row C++ pruning pass that could pay."""
-    return False
 
 
 # data whose largest coordinate lies in [2^-SCALE_RANGE, 2^SCALE_RANGE] is searched as it

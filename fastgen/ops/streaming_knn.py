@@ -111,9 +111,6 @@ class StreamingKNN:
 
     def _search(self, keys, kk):
         from fastgen.ops import pruned_knn
-        if self.prune is None and kk == self.k:
-            self.prune = (_backend.resolve(self.backend, keys.device, self.precision) == "cpp"
-                          and pruned_knn.should_prune(self.queries, keys, kk))
         if self.precision == "bf16" and self._bf16 is None and kk == self.k:
             # decided once, on the whole query set: knn's own check would sample every block
             # of every chunk again
