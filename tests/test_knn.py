@@ -169,6 +169,55 @@ def test_cpp_full_scan_fallback_when_everything_ties():
     assert fastgen._ext.build_info()["overflow_rows"] == before + 3
 
 
+def dense_rows():
+    return fastgen._ext.build_info()["dense_rows"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kk,exclude_self", [(1, False), (6, False), (3, True)])
+def test_cpp_near_identical_keys_take_the_blocked_scan(precision, kk, exclude_self):
+    # an untrained generator's samples: every key sits inside the best one's error window,
+    # so the rows are re-ranked by the blocked float64 scan over all keys; odd sizes reach
+    # partial groups of 4 rows, an odd last key and a dim % 8 tail
+    # (with exclude_self: three points repeated, each row a third of the keys at distance 0)
+    torch.manual_seed(11)
+    base = torch.rand(1, 203)
+    k = base + 1e-5 * torch.randn(301, 203)
+    if exclude_self:
+        k = k[torch.arange(301) % 3]
+    q = k.clone() if exclude_self else base + torch.rand(45, 203)
+    before = dense_rows()
+    check(q, k, kk, "cpp", precision, exclude_self=exclude_self)
+    assert dense_rows() > before
+
+
+def test_cpp_blocked_scan_keeps_ties_to_the_lowest_index():
+    # duplicates of a few points: the scan's answer must list equal distances by index
+    pts = torch.randn(3, 37)
+    k = pts[torch.arange(300) % 3] + 0.0
+    q = pts[[2, 0, 1]] + 1e-3 * torch.randn(3, 37)
+    before = dense_rows()
+    dist, idx = check(q, k, 9, "cpp")
+    assert dense_rows() > before
+    assert (idx[0] % 3 == 2).all() and (idx[0].diff() > 0).all()
+
+
+def test_cpp_dense_rows_over_several_key_chunks_and_crowded_rows():
+    # 1,500 deferred rows of dim 4 split the float64 screen's keys into chunks of ~2,800;
+    # rows 0-2 see 10,000 exact copies of their nearest key: past the float64 screen's
+    # candidate cap, the blocked scan answers them (ties listed by index)
+    torch.manual_seed(5)
+    base = torch.randn(1, 4)
+    k = base + 1e-7 * torch.randn(30000, 4)
+    k[::3] = k[0]
+    q = base + 0.3 * torch.randn(1500, 4)
+    q[:3] = k[0] + 1e-9
+    before = dense_rows()
+    dist, idx = check(q, k, 2, "cpp")
+    assert dense_rows() - before >= 1000
+    assert (idx[:3] == torch.tensor([0, 3])).all()
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 300), m=st.integers(1, 1100), d=st.integers(1, 70),
        kk=st.integers(1, 20), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),

@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ball_count_cpu(const at::Tensor& 
                                     p.kn.data_ptr<float>(), plen.data_ptr<float>(),
                                     bound.coef, bound.slack,
                                     p.q32.data_ptr<float>(), p.k32.data_ptr<float>(),
-                                    dist.data_ptr<float>(), idx.data_ptr<int64_t>(), nullptr};
+                                    dist.data_ptr<float>(), idx.data_ptr<int64_t>(), nullptr, nullptr, nullptr};
   engine::BallCountArgs args{N, M, D,
                              p.qn.data_ptr<float>(), plen.data_ptr<float>(),
                              p.kn.data_ptr<float>(), centre_len.data_ptr<float>(), rp,

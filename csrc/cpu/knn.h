@@ -26,6 +26,9 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
 // Rows answered by the full-scan fallback since the process started (near-duplicate
 // data); reported by fastgen.info() so a slow case is visible.
 int64_t overflow_row_count();
+// rows re-ranked by the blocked float64 scan over all keys (their window held a large
+// share of the keys, or passed the candidate cap)
+int64_t dense_row_count();
 
 }  // namespace cpu
 }  // namespace fastgen

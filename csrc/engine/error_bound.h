@@ -41,6 +41,18 @@ struct ErrorBound {
     // bf16 dot products flush denormals to zero: a tiny absolute slack covers that.
     slack = 1.25 * 1e-30 * static_cast<double>(dim + 1);
   }
+  // The same derivation for a float64 pipeline (centring, norms and GEMM in float64 on
+  // fp32 inputs, so no input rounding): u = 2^-53, doubled for the summation orders a
+  // BLAS may pick; no slack is needed (products of fp32 values cannot underflow double).
+  static ErrorBound float64(int64_t dim) {
+    ErrorBound e(dim, 0.0);
+    const double u = std::ldexp(1.0, -53);
+    const double du = static_cast<double>(dim + 2) * u;
+    const double gamma = du < 0.5 ? du / (1.0 - du) : 1.0;
+    e.coef = 2.0 * 1.25 * (3.0 * u + 1.01 * u + 1.5 * gamma);
+    e.slack = 0.0;
+    return e;
+  }
   double operator()(double a, double b) const { return coef * (a + b) * (a + b) + slack; }
 };
 

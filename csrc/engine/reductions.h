@@ -22,20 +22,11 @@
 #include <utility>
 #include <vector>
 
+#include "exact_sqdist.h"
 #include "simd_kernels.h"
 
 namespace fastgen {
 namespace engine {
-
-// float64 squared distance between two fp32 rows: the exact answer users read.
-inline double exact_sqdist(const float* a, const float* b, int64_t dim) {
-  double acc = 0.0;
-  for (int64_t d = 0; d < dim; ++d) {
-    const double diff = static_cast<double>(a[d]) - static_cast<double>(b[d]);
-    acc += diff * diff;
-  }
-  return acc;
-}
 
 struct CertifiedTopKArgs {
   int64_t batch, rows, cols, dim, k;
@@ -47,7 +38,11 @@ struct CertifiedTopKArgs {
   const float* keys;         // (B, M, D) original values, fp32, contiguous
   float* out_dist;           // (B, N, k)
   int64_t* out_idx;          // (B, N, k)
-  int64_t* overflow_rows;    // optional counter of rows that fell back to a full scan
+  int64_t* overflow_rows;    // optional counter of rows past the candidate cap
+  int64_t* dense_rows;       // optional counter of rows re-ranked over all keys
+  // optional: such rows (b * rows + r) are appended here for the caller to answer (a
+  // float64 GEMM screen, knn.cpp) instead of by the blocked scan below
+  std::vector<int64_t>* deferred;
 };
 
 class CertifiedTopK {
@@ -113,25 +108,64 @@ class CertifiedTopK {
     }
 
     void end(int64_t b, int64_t r0, int64_t nr) {
-      const int64_t k = a_.k, D = a_.dim;
+      const int64_t k = a_.k, D = a_.dim, M = a_.cols;
+      const float* keys = a_.keys + b * M * D;
+      dense_.clear();
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = b * a_.rows + r0 + r;
         const float* q = a_.queries + row * D;
-        const float* keys = a_.keys + b * a_.cols * D;
-        ranked_.clear();
-        if (overflow_[r]) {
-          full_scan(q, keys, r0 + r);
-        } else {
-          // only the candidates still inside the final window need the exact distance
-          for (const auto& c : cand_[r])
-            if (c.first <= thr_[r])
-              ranked_.emplace_back(exact_sqdist(q, keys + c.second * D, D), c.second);
-          const auto mid = ranked_.begin() + std::min<int64_t>(k, ranked_.size());
-          std::partial_sort(ranked_.begin(), mid, ranked_.end());
+        // A row whose window holds a large share of the keys (near-identical keys, or
+        // past the cap) is answered by the blocked scan over all keys below: one pass
+        // of vectorised float64 tiles costs less than the same keys one pair at a time.
+        int64_t inside = 0;
+        if (!overflow_[r])
+          for (const auto& c : cand_[r]) inside += c.first <= thr_[r];
+        if (overflow_[r] || inside * kDenseShare > M) {
+          dense_.push_back(r);
+          continue;
         }
+        ranked_.clear();
+        // only the candidates still inside the final window need the exact distance
+        for (const auto& c : cand_[r])
+          if (c.first <= thr_[r]) ranked_.emplace_back(exact_sqdist(q, keys + c.second * D, D), c.second);
+        const auto mid = ranked_.begin() + std::min<int64_t>(k, ranked_.size());
+        std::partial_sort(ranked_.begin(), mid, ranked_.end());
         for (int64_t j = 0; j < k; ++j) {
           a_.out_dist[row * k + j] = static_cast<float>(ranked_[j].first);
           a_.out_idx[row * k + j] = ranked_[j].second;
+        }
+      }
+      if (dense_.empty()) return;
+      const size_t nd = dense_.size();
+      for (size_t i = 0; i < nd; ++i)
+        if (overflow_[dense_[i]] && a_.overflow_rows) {
+#pragma omp atomic
+          *a_.overflow_rows += 1;
+        }
+      if (a_.dense_rows) {
+#pragma omp atomic
+        *a_.dense_rows += static_cast<int64_t>(nd);
+      }
+      if (a_.deferred) {
+#pragma omp critical(fastgen_certified_deferred)
+        for (size_t i = 0; i < nd; ++i) a_.deferred->push_back(b * a_.rows + r0 + dense_[i]);
+        return;
+      }
+      qptr_.resize(nd);
+      skip_.resize(nd);
+      best_d_.resize(nd * static_cast<size_t>(k));
+      best_i_.resize(nd * static_cast<size_t>(k));
+      for (size_t i = 0; i < nd; ++i) {
+        qptr_[i] = a_.queries + (b * a_.rows + r0 + dense_[i]) * D;
+        skip_[i] = a_.exclude_self ? r0 + dense_[i] : -1;
+      }
+      exact_topk_scan(qptr_.data(), skip_.data(), static_cast<int64_t>(nd), keys, M, D, k,
+                      best_d_.data(), best_i_.data(), scan_);
+      for (size_t i = 0; i < nd; ++i) {
+        const int64_t row = b * a_.rows + r0 + dense_[i];
+        for (int64_t j = 0; j < k; ++j) {
+          a_.out_dist[row * k + j] = static_cast<float>(best_d_[i * k + j]);
+          a_.out_idx[row * k + j] = best_i_[i * k + j];
         }
       }
     }
@@ -208,20 +242,9 @@ class CertifiedTopK {
       }
     }
 
-    void full_scan(const float* q, const float* keys, int64_t self_row) {
-      for (int64_t j = 0; j < a_.cols; ++j) {
-        if (a_.exclude_self && j == self_row) continue;
-        ranked_.emplace_back(exact_sqdist(q, keys + j * a_.dim, a_.dim), j);
-      }
-      const auto mid = ranked_.begin() + std::min<int64_t>(a_.k, ranked_.size());
-      std::partial_sort(ranked_.begin(), mid, ranked_.end());
-      if (a_.overflow_rows) {
-#pragma omp atomic
-        *a_.overflow_rows += 1;
-      }
-    }
-
     static constexpr int64_t kMaxCandidates = 8192;
+    // a row whose window holds more than 1/kDenseShare of the keys takes the blocked scan
+    static constexpr int64_t kDenseShare = 4;
 
     const CertifiedTopKArgs& a_;
     std::vector<std::vector<std::pair<float, int64_t>>> cand_;
@@ -235,6 +258,11 @@ class CertifiedTopK {
     std::vector<float> mc_;
     std::vector<float> cb_;  // per chunk of the tile: its longest key's ||k_c||
     std::vector<float> ce_;  // per chunk, for the current row: E(||q||, cb_)
+    // the block's rows for the blocked scan, and its buffers
+    std::vector<int64_t> dense_, skip_, best_i_;
+    std::vector<const float*> qptr_;
+    std::vector<double> best_d_;
+    ExactScanBuffers scan_;
   };
 
   Local make_local() const { return Local(a_); }

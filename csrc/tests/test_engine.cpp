@@ -104,7 +104,7 @@ void check_topk(std::mt19937& rng, int64_t B, int64_t N, int64_t M, int64_t D, i
   std::vector<int64_t> idx(B * N * K, -1);
   int64_t overflow = 0;
   CertifiedTopKArgs a{B, N, M, D, K, exclude_self, kn.data(), qlen.data(), bound.coef, bound.slack,
-                      p.q.data(), p.k.data(), dist.data(), idx.data(), &overflow};
+                      p.q.data(), p.k.data(), dist.data(), idx.data(), &overflow, nullptr, nullptr};
   NaiveCtx ctx{&p};
   for_each_row_block(Shape{B, N, M, D}, tiling, TileGemm{naive_gemm, &ctx}, CertifiedTopK(a));
 
@@ -618,7 +618,7 @@ void check_ball_count(std::mt19937& rng, int64_t N, int64_t M, int64_t D, float 
     std::vector<float> dist(N, -1.f);
     int64_t ambiguous = 0;
     CertifiedTopKArgs near{1, N, M, D, 1, false, cn.data(), plen.data(), bound.coef, bound.slack,
-                           p.q.data(), p.k.data(), dist.data(), idx.data(), nullptr};
+                           p.q.data(), p.k.data(), dist.data(), idx.data(), nullptr, nullptr, nullptr};
     std::vector<float> clen(M), rnext(M);
     ball_count_centre_terms(cn.data(), rad.data(), M, clen.data(), rnext.data());
     BallCountArgs a{N, M, D, pn.data(), plen.data(), cn.data(), clen.data(), rad.data(), rnext.data(),
@@ -638,6 +638,37 @@ void check_ball_count(std::mt19937& rng, int64_t N, int64_t M, int64_t D, float 
       EXPECT(idx[i] == best, "ball_count nearest: row %ld idx %ld want %ld", (long)i, (long)idx[i], (long)best);
     }
     EXPECT(ambiguous >= (below ? 0 : 1) || M == 0, "no pair was ambiguous: the boundary test tests nothing");
+  }
+}
+
+// The blocked float64 scan against exact_sqdist pair by pair: the same values bit for bit,
+// ascending, ties to the lowest index, the skipped key left out; partial groups of 4
+// rows, an odd last key, dims below and above 8 with tails, duplicate keys.
+void check_exact_scan(std::mt19937& rng, int64_t nq, int64_t m, int64_t dim, int64_t k) {
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::vector<float> q(nq * dim), keys(m * dim);
+  for (auto& x : q) x = float(small(rng));          // integers: many exact ties
+  for (auto& x : keys) x = float(small(rng)) * 0.5f;
+  std::vector<const float*> qp(nq);
+  std::vector<int64_t> skip(nq);
+  for (int64_t i = 0; i < nq; ++i) {
+    qp[i] = &q[i * dim];
+    skip[i] = (i % 3 == 0) ? -1 : int64_t(rng() % m);
+  }
+  std::vector<double> bd(nq * k);
+  std::vector<int64_t> bi(nq * k);
+  ExactScanBuffers buf;
+  exact_topk_scan(qp.data(), skip.data(), nq, keys.data(), m, dim, k, bd.data(), bi.data(), buf);
+  for (int64_t i = 0; i < nq; ++i) {
+    std::vector<std::pair<double, int64_t>> all;
+    for (int64_t j = 0; j < m; ++j)
+      if (j != skip[i]) all.emplace_back(exact_sqdist(qp[i], &keys[j * dim], dim), j);
+    std::sort(all.begin(), all.end());
+    for (int64_t r = 0; r < k && r < int64_t(all.size()); ++r)
+      EXPECT(bi[i * k + r] == all[r].second && bd[i * k + r] == all[r].first,
+             "exact scan nq=%ld m=%ld dim=%ld k=%ld: row %ld rank %ld got (%g, %ld) want (%g, %ld)",
+             (long)nq, (long)m, (long)dim, (long)k, (long)i, (long)r, bd[i * k + r],
+             (long)bi[i * k + r], all[r].first, (long)all[r].second);
   }
 }
 
@@ -669,6 +700,9 @@ int main() {
   // more candidates than the cap: the full-scan fallback answers these rows
   check_topk(rng, 1, 2, 9000, 1, 3, false, true, Tiling{64, 256, 0});
   check_pruned(rng);
+  for (int64_t nq : {1, 3, 4, 9})
+    for (int64_t m : {2, 7, 33, 70})
+      for (int64_t dim : {1, 8, 13, 37, 600}) check_exact_scan(rng, nq, m, dim, std::min<int64_t>(m - 1, 4));
   // empty problems return without touching anything
   for_each_row_block(Shape{0, 5, 5, 3}, Tiling{}, TileGemm{nullptr, nullptr}, ColumnMin({}));
   if (g_failures) {
