@@ -5,6 +5,8 @@ slower when fastgen does not own the machine.
     python benchmarks/threads_under_load.py                       # every path, both states
     python benchmarks/threads_under_load.py --paths knn-sweep,knn-pruned --repeats 5
     python benchmarks/threads_under_load.py --markdown out.md     # the table for RESULTS.md
+    python benchmarks/threads_under_load.py --paths gpnn-full --repeats 1 --no-warmup \
+        --cells idle:default,busy:1,busy:default                  # minutes per call: fewer cells
 
 The busy core is a second Python process spinning (`while True: pass`), started before
 and stopped after each busy measurement by this script (fastgen.benchmarking.busy_cores).
@@ -119,8 +121,9 @@ PATHS = {
 }
 
 
-def timed(fn, repeats):
-    fn()
+def timed(fn, repeats, warmup=True):
+    if warmup:
+        fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -135,8 +138,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default=None, help="the many-thread count (default: torch's default here)")
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up call (paths of minutes)")
+    ap.add_argument("--cells", default="idle:1,idle:default,busy:1,busy:default",
+                    help="which of state:threads to measure (state idle or busy; threads 1 or default)")
     args = ap.parse_args(argv)
     default = int(args.threads) if args.threads else torch.get_num_threads()
+    cells_wanted = []
+    for cell in args.cells.split(","):
+        state, _, threads = cell.strip().partition(":")
+        if state not in ("idle", "busy") or threads not in ("1", "default"):
+            ap.error(f"--cells: {cell!r} is not state:threads with state idle/busy and threads 1/default")
+        cells_wanted.append((int(state == "busy"), 1 if threads == "1" else default))
     names = [p.strip() for p in args.paths.split(",") if p.strip()]
     for n in names:
         if n not in PATHS:
@@ -145,20 +157,25 @@ def main(argv=None):
     for name in names:
         fn = PATHS[name]()
         cells = {}
-        for busy in (0, 1):
-            for threads in (1, default):
-                torch.set_num_threads(threads)
-                with busy_cores(busy):
-                    cells[busy, threads] = timed(fn, args.repeats)
-                print(f"{name}: busy={busy} threads={threads}: {cells[busy, threads]:.3f} s", file=sys.stderr, flush=True)
+        for busy, threads in cells_wanted:
+            torch.set_num_threads(threads)
+            with busy_cores(busy):
+                cells[busy, threads] = timed(fn, args.repeats, not args.no_warmup)
+            print(f"{name}: busy={busy} threads={threads}: {cells[busy, threads]:.3f} s", file=sys.stderr, flush=True)
         torch.set_num_threads(default)
         rows.append((name, cells))
     head = (f"| path | idle, 1 thread | idle, {default} threads | ratio | one core busy, 1 thread | "
             f"one core busy, {default} threads | ratio |")
     lines = [machine_line(), "", head, "|---|--:|--:|--:|--:|--:|--:|"]
+    def cell(c, key):
+        return f"{c[key]:.3f}" if key in c else "--"
+
+    def ratio(c, busy):
+        return f"{c[busy, default] / c[busy, 1]:.2f}" if (busy, default) in c and (busy, 1) in c else "--"
+
     for name, c in rows:
-        lines.append(f"| {name} | {c[0, 1]:.3f} | {c[0, default]:.3f} | {c[0, default] / c[0, 1]:.2f} | "
-                     f"{c[1, 1]:.3f} | {c[1, default]:.3f} | {c[1, default] / c[1, 1]:.2f} |")
+        lines.append(f"| {name} | {cell(c, (0, 1))} | {cell(c, (0, default))} | {ratio(c, 0)} | "
+                     f"{cell(c, (1, 1))} | {cell(c, (1, default))} | {ratio(c, 1)} |")
     text = "\n".join(lines) + "\n\nratio: seconds with the default thread count / with one thread (< 1: threads help)\n"
     print(text)
     if args.markdown:

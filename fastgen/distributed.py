@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from fastgen.ops import _backend, _validate
+from fastgen.ops import checks
 from fastgen.ops.knn import Neighbours, knn
 from fastgen.ops.streaming_knn import candidate_sqdist64, merge_candidates
 
@@ -422,16 +422,16 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
     # rank with bad input cannot leave the others waiting in a collective it never joins.
     error = None
     try:
-        _validate.points(queries, "queries", ndims=(2,))
-        _validate.points(local_keys, "local_keys", ndims=(2,))
-        _validate.positive_int(k, "k")
-        _validate.precision(precision)
-        _backend.resolve(backend, local_keys.device, precision)
+        checks.points(queries, "queries", ndims=(2,))
+        checks.points(local_keys, "local_keys", ndims=(2,))
+        checks.positive_int(k, "k")
+        checks.precision(precision)
+        checks.resolve_backend(backend, local_keys.device, precision)
         if not (bool(torch.isfinite(local_keys).all()) and bool(torch.isfinite(queries).all())):
             raise ValueError("queries or local_keys contain NaN or infinite values")
         mine = torch.tensor([local_keys.shape[0], local_keys.shape[1], queries.shape[0], queries.shape[1],
-                             _validate.FLOAT_DTYPES.index(local_keys.dtype),
-                             _validate.FLOAT_DTYPES.index(queries.dtype), k, 1], dtype=torch.long)
+                             checks.FLOAT_DTYPES.index(local_keys.dtype),
+                             checks.FLOAT_DTYPES.index(queries.dtype), k, 1], dtype=torch.long)
     except (ValueError, TypeError, RuntimeError) as exc:
         error = exc
         mine = torch.zeros(8, dtype=torch.long)        # column 7 = 0: this rank refused its input
@@ -446,7 +446,7 @@ def sharded_knn(queries, local_keys, k=1, group=None, *, backend="auto", precisi
                       (5, "queries' dtype"), (6, "k")):
         if not bool((table[:, col] == table[0, col]).all()):
             raise ValueError(f"ranks disagree on {what}: {table[:, col].tolist()} (rank {rank} of {world_size})")
-    _validate.same_kind(queries, "queries", local_keys, "local_keys")
+    checks.same_kind(queries, "queries", local_keys, "local_keys")
     sizes = table[:, 0].tolist()
     total = sum(sizes)
     if k > total:

@@ -5,7 +5,7 @@ import platform
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend
+from fastgen.ops import checks
 
 
 def cpu_features():
@@ -36,13 +36,13 @@ def info():
         "cpp": {"live": _ext.CPP_AVAILABLE,
                 "why_not": None if _ext.CPP_AVAILABLE else _ext.CPP_ERROR,
                 "build": _ext.build_info()},
-        "triton": {"live": _backend.triton_available() and torch.cuda.is_available(),
+        "triton": {"live": checks.triton_available() and torch.cuda.is_available(),
                    "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
                    "why_not": None},
         "torch": {"live": True, "why_not": None},
     }
     t = backends["triton"]
-    if not _backend.triton_available():
+    if not checks.triton_available():
         t["why_not"] = "triton is not installed (pip install triton)"
     elif not torch.cuda.is_available():
         t["why_not"] = ("no CUDA device; Triton kernels run here only under TRITON_INTERPRET=1 "

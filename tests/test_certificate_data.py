@@ -11,7 +11,7 @@ import torch
 import fastgen
 from fastgen.ops import knn
 import importlib
-knn_module = importlib.import_module("fastgen.ops.knn")
+knn_module = importlib.import_module("fastgen.ops.knn_plan")   # where knn plans (bf16 included)
 from fastgen.ops.reference import knn_exact
 
 

@@ -129,6 +129,8 @@ def test_resumed_at_an_epoch_without_a_search_logs_what_the_full_run_logs(tmp_pa
     (lambda: IMLE((1, 8, 8), feature_dim=0), ValueError, "feature_dim"),
     (lambda: IMLE((1, 8, 8), reject_eps=0.0), ValueError, "reject_eps"),
     (lambda: IMLE((1, 8, 8), adaptive_gamma=1.0), ValueError, "adaptive_gamma"),
+    (lambda: IMLE((1, 8, 8), adaptive_gamma=0.1, adaptive_wait=0), ValueError, "adaptive_wait"),
+    (lambda: IMLE((1, 8, 8), adaptive_gamma=0.1, adaptive_period=0), ValueError, "adaptive_period"),
     (lambda: IMLE((1, 8, 8)).search(torch.rand(0, 1, 8, 8)), ValueError, "data is empty"),
     (lambda: IMLE((1, 8, 8)).search(torch.full((4, 1, 8, 8), float("nan"))), ValueError, "data contains NaN"),
     (lambda: IMLE((1, 8, 8)).search(torch.rand(4, 1, 6, 6)), ValueError, r"data has images of shape \(1, 6, 6\)"),
@@ -185,6 +187,61 @@ def test_adaptive_thresholds_search_only_converged_points():
     second = model.search(x)
     assert second["searched"] == 15
     assert torch.equal(model.chosen_z[1::2], before[1::2])
+
+
+class _Identity(torch.nn.Module):
+    """A generator that returns its code as the image: samples land where the codes say."""
+
+    def forward(self, z):
+        return z.view(-1, 1, 4, 4)
+
+
+def test_adaptive_thresholds_only_shrink_from_the_distance_reached():
+    # put ten points' chosen codes exactly on their points and search again: the public
+    # training loop sets tau_i from the distance the generator had reached (0 here), so
+    # no threshold may rise -- before, tau came from the new match (8.99 -> 15.87)
+    torch.manual_seed(3)
+    x = torch.rand(30, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=16, samples_per_point=3, adaptive_gamma=0.1, generator=_Identity())
+    model.search(x, generator=torch.Generator().manual_seed(0))
+    before = model.threshold.clone()
+    with torch.no_grad():
+        model.chosen_z[:10] = x[:10].flatten(1)
+    info = model.search(x, generator=torch.Generator().manual_seed(1))
+    assert info["searched"] >= 10
+    assert (model.threshold <= before).all()
+    assert (model.threshold[:10] == 0).all()
+
+
+def test_adaptive_points_wait_and_are_forced_after_the_period():
+    torch.manual_seed(4)
+    x = torch.rand(20, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=16, samples_per_point=2, adaptive_gamma=0.5, generator=_Identity(),
+                 adaptive_wait=2, adaptive_period=3)
+    model.search(x)                                            # round 0: every point
+    with torch.no_grad():
+        model.chosen_z[:5] = x[:5].flatten(1)                  # five points reach their target
+    assert model.search(x)["searched"] == 0                    # round 1: they wait (adaptive_wait=2)
+    assert model.search(x)["searched"] == 5                    # round 2: those five
+    # round 3: the fifteen never within their threshold are forced (3 rounds since round 0)
+    info = model.search(x)
+    assert info["searched"] == 15
+    assert (model.last_searched[5:] == 3).all() and (model.last_searched[:5] == 2).all()
+
+
+def test_adaptive_state_survives_a_checkpoint(tmp_path):
+    x = torch.rand(12, 1, 4, 4)
+    model = IMLE((1, 4, 4), z_dim=16, samples_per_point=2, adaptive_gamma=0.5, generator=_Identity())
+    model.search(x)
+    model.search(x)
+    other = IMLE((1, 4, 4), z_dim=16, samples_per_point=2, adaptive_gamma=0.5, generator=_Identity())
+    other.load_state_dict(model.state_dict())
+    assert int(other.rounds) == 2 and torch.equal(other.last_searched, model.last_searched)
+    # a checkpoint from before the round counters: every point as searched in round 0
+    old = {k: v for k, v in model.state_dict().items() if k not in ("rounds", "last_searched")}
+    third = IMLE((1, 4, 4), z_dim=16, samples_per_point=2, adaptive_gamma=0.5, generator=_Identity())
+    third.load_state_dict(old)
+    assert int(third.rounds) == 0 and torch.equal(third.last_searched, torch.zeros(12, dtype=torch.long))
 
 
 @pytest.mark.parametrize("variant", [["--reject-eps", "2.0"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],

@@ -334,3 +334,56 @@ def test_raw_op_checks_never_crash(args, msg):
 def test_raw_op_with_a_meta_input_raises():
     with pytest.raises(ValueError, match="one device"):
         torch.ops.fastgen.knn(torch.randn(1, 5, 3), torch.randn(1, 6, 3, device="meta"), 2, False, "fp32")
+
+
+def _scale_paths():
+    from fastgen.ops import StreamingKNN, nearest_code, patch_nn
+
+    def stream(q, k, kk, **kw):
+        s = StreamingKNN(q, kk, **kw)
+        for chunk in k.split(170):
+            s.add(chunk)
+        return s.result().idx
+
+    paths = {
+        "knn auto": lambda q, k, kk: knn(q, k, kk).idx,
+        "knn prune=True": lambda q, k, kk: knn(q, k, kk, prune=True).idx,
+        "knn bf16": lambda q, k, kk: knn(q, k, kk, precision="bf16").idx,
+        "StreamingKNN": lambda q, k, kk: stream(q, k, kk),
+        "StreamingKNN prune=True": lambda q, k, kk: stream(q, k, kk, prune=True),
+    }
+    for be in backends():
+        paths[f"knn {be}"] = lambda q, k, kk, be=be: knn(q, k, kk, backend=be).idx
+        paths[f"nearest_code {be}"] = lambda q, k, kk, be=be: nearest_code(q, k, backend=be).idx[:, None]
+        paths[f"patch_nn alpha=None {be}"] = lambda q, k, kk, be=be: patch_nn(q, k, None, backend=be)[:, None]
+    return paths
+
+
+SCALE_PATHS = _scale_paths()
+
+
+SCALES = [1e-30, 1e-25, 1e-20, 1e-12, 1.0, 1e12, 1e17]
+
+
+# the Triton interpreter takes seconds a call: its paths run the two ends and the middle
+@pytest.mark.parametrize("path,scale", [(p, s) for p in sorted(SCALE_PATHS) for s in SCALES
+                                        if "triton" not in p or s in (1e-30, 1.0, 1e17)])
+def test_every_path_gives_the_sweeps_answer_at_any_scale(path, scale):
+    # fp32 squares of 1e-25 data underflow to 0 (every key ties) and bounds of 1e17 data
+    # overflow unless a path moves the data to unit scale; the answer must not depend on it
+    torch.manual_seed(7)
+    centres = torch.randn(12, 7) * 3
+    q = centres[torch.randint(12, (120,))] + torch.randn(120, 7)
+    k = centres[torch.randint(12, (400,))] + torch.randn(400, 7)
+    q, k = q * scale, k * scale
+    kk = 1 if path.startswith(("nearest_code", "patch_nn")) else 3
+    sweep = knn(q, k, kk, prune=False, backend="cpp")
+    assert torch.equal(sweep.idx, reference.knn_exact(q, k, kk)[1])
+    assert torch.equal(SCALE_PATHS[path](q, k, kk), sweep.idx)
+
+
+@pytest.mark.parametrize("path", sorted(SCALE_PATHS))
+def test_every_path_refuses_data_too_large_for_fp32_distances(path):
+    q, k = torch.randn(20, 5) * 1e30, torch.randn(60, 5) * 1e30
+    with pytest.raises(ValueError, match="too large"):
+        SCALE_PATHS[path](q, k, 1)

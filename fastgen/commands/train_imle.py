@@ -32,6 +32,10 @@ def add_parser(families):
     p.add_argument("--adaptive-gamma", type=float, default=None,
                    help="Adaptive IMLE: search a point again only once its sample is within its threshold, "
                         "then shrink the threshold by this factor")
+    p.add_argument("--adaptive-wait", type=int, default=1,
+                   help="Adaptive IMLE: search rounds a point waits after its search before another (default 1)")
+    p.add_argument("--adaptive-period", type=int, default=10,
+                   help="Adaptive IMLE: a point not searched for this many rounds is searched anyway (default 10)")
     p.add_argument("--conditional", choices=CONDITIONS, default=None,
                    help="conditional IMLE: each digit's top half is the input, the generator completes it "
                         "(completions.png shows several completions per input)")
@@ -61,7 +65,8 @@ def run(args):
     from fastgen.models import build_model
     from fastgen.models.imle import make_conditions
     device = train_cmd.setup(args)      # under torchrun: joins the group (data-parallel steps)
-    train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim")
+    train_cmd.positive(args, "z_dim", "samples_per_point", "staleness", "feature_dim", "adaptive_wait",
+                       "adaptive_period")
     if not args.noise >= 0:
         raise ValueError(f"--noise must be >= 0, got {args.noise}")
     ckpt = train_cmd.open_run(args, "imle")
@@ -69,7 +74,8 @@ def run(args):
     config = ckpt["config"] if ckpt else dict(
         image_shape=ds.image_shape, z_dim=args.z_dim, arch=args.arch, samples_per_point=args.samples_per_point,
         noise=args.noise, loss=args.loss, feature_dim=args.feature_dim, reject_eps=args.reject_eps,
-        adaptive_gamma=args.adaptive_gamma, condition_shape=ds.image_shape if args.conditional else None)
+        adaptive_gamma=args.adaptive_gamma, adaptive_wait=args.adaptive_wait, adaptive_period=args.adaptive_period,
+        condition_shape=ds.image_shape if args.conditional else None)
     conditional = ckpt.get("conditional") if ckpt else args.conditional
     staleness = ckpt["staleness"] if ckpt else args.staleness
     torch.manual_seed(args.seed)

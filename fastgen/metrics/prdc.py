@@ -16,7 +16,7 @@ boundary is inside it (<=, as in Kynkaanniemi et al.'s code; the `prdc` package 
 et al. uses a strict <, which differs only for points exactly on a boundary: duplicates,
 discrete data).
 """
-from fastgen.ops import _validate, ball_count, knn
+from fastgen.ops import ball_count, checks, knn
 
 
 
@@ -37,13 +37,13 @@ def precision_recall_density_coverage(real, fake, k=5, *, backend="auto", precis
         backend, precision: as in `fastgen.ops.knn` ("bf16": the cpp backend's certified
             bf16 sweep, the same answers about twice as fast at large D).
     """
-    _validate.points(real, "real", ndims=(2,))
-    _validate.points(fake, "fake", ndims=(2,))
-    _validate.same_kind(real, "real", fake, "fake")
+    checks.points(real, "real", ndims=(2,))
+    checks.points(fake, "fake", ndims=(2,))
+    checks.same_kind(real, "real", fake, "fake")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    _validate.finite(real, "real")
-    _validate.finite(fake, "fake")
+    checks.finite(real, "real")
+    checks.finite(fake, "fake")
     r_real = _radii(real, k, "real", backend, precision)
     r_fake = _radii(fake, k, "fake", backend, precision)
     in_real = ball_count(fake, real, r_real, backend=backend, precision=precision).count   # per fake: real balls

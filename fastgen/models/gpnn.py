@@ -86,7 +86,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops import PatchIndex, _validate, fold_patches
+from fastgen.ops import PatchIndex, checks, fold_patches
 from fastgen.threads import fine_grained_threads
 
 # levels with fewer output patches than this run under fastgen.threads' busy-machine policy
@@ -159,8 +159,8 @@ class GPNN:
             raise ValueError(f"coarsest_side must be an int >= patch_size ({patch_size}), got {coarsest_side!r}")
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-        self.alpha = _validate.alpha(alpha)     # a number (not bool or str) in [1e-30, 1e30], or None
-        self.coarse_alpha = _validate.alpha(coarse_alpha, "coarse_alpha")
+        self.alpha = checks.alpha(alpha)     # a number (not bool or str) in [1e-30, 1e30], or None
+        self.coarse_alpha = checks.alpha(coarse_alpha, "coarse_alpha")
         if not (0 <= float(noise_std) < float("inf")):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         if not (0.0 <= float(diversity) <= 1.0):
@@ -174,7 +174,7 @@ class GPNN:
         self.coarsest_side = coarsest_side
         self.iterations = iterations
         self.noise_std = float(noise_std)
-        _validate.flag(incremental, "incremental")
+        checks.flag(incremental, "incremental")
         if on_search is not None and not callable(on_search):
             raise TypeError(f"on_search must be callable or None, got {type(on_search).__name__}")
         self.backend = backend

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fastgen.models.networks import make_decoder
-from fastgen.ops import _validate
+from fastgen.ops import checks
 
 LOSSES = ("l2", "l1")
 CONDITIONS = ("top-half",)
@@ -72,9 +72,15 @@ class IMLE(nn.Module):
             in search features) to any data point are discarded before the search, so a
             point is never matched to a sample that already sits on the data. None: off.
         adaptive_gamma: Adaptive IMLE: each point keeps a threshold tau_i; in a search
-            round only points whose current sample G(z_i) is already within tau_i are
-            searched again, then tau_i = d_i * (1 - gamma) (d_i its new nearest
-            distance). None: every point is searched every round.
+            round only points whose current sample G(z_i) has come within tau_i are
+            searched again, and then tau_i = (1 - gamma) d_i with d_i the distance the
+            generator had reached (thresholds only shrink). A point's first threshold
+            comes from its first match. None: every point is searched every round.
+        adaptive_wait: Adaptive IMLE: rounds a point waits after a search before it may
+            be searched again (its staleness; 1: the next round).
+        adaptive_period: Adaptive IMLE: a point not searched for this many rounds is
+            searched anyway (forced re-sampling: a point whose sample never reaches its
+            threshold is not stuck with it). None: never forced.
         condition_shape: conditional IMLE: the shape of each point's input c_i (given to
             `attach` / `search` as `conditions`); the built-in generator then reads
             (z, c) concatenated, a custom one is called as generator(z, c).
@@ -82,20 +88,23 @@ class IMLE(nn.Module):
 
     def __init__(self, image_shape, z_dim=64, arch="mlp", samples_per_point=10, noise=0.01, loss="l2",
                  feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None, reject_eps=None,
-                 adaptive_gamma=None, condition_shape=None):
+                 adaptive_gamma=None, condition_shape=None, adaptive_wait=1, adaptive_period=10):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         for name, v in (("z_dim", z_dim), ("samples_per_point", samples_per_point), ("chunk", chunk)):
-            _validate.positive_int(v, name)
+            checks.positive_int(v, name)
         if not (0 <= float(noise) < math.inf):
             raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
         if feature_dim is not None:
-            _validate.positive_int(feature_dim, "feature_dim")
+            checks.positive_int(feature_dim, "feature_dim")
         if reject_eps is not None and not (0 < float(reject_eps) < math.inf):
             raise ValueError(f"reject_eps must be None or a positive finite number, got {reject_eps!r}")
         if adaptive_gamma is not None and not (0 <= float(adaptive_gamma) < 1):
             raise ValueError(f"adaptive_gamma must be None or in [0, 1), got {adaptive_gamma!r}")
+        checks.positive_int(adaptive_wait, "adaptive_wait")
+        if adaptive_period is not None:
+            checks.positive_int(adaptive_period, "adaptive_period")
         if condition_shape is not None:
             condition_shape = tuple(int(v) for v in condition_shape)
             if not condition_shape or min(condition_shape) < 1:
@@ -107,7 +116,9 @@ class IMLE(nn.Module):
                            samples_per_point=samples_per_point, noise=float(noise), loss=loss,
                            feature_dim=feature_dim, feature_seed=feature_seed, chunk=chunk,
                            reject_eps=None if reject_eps is None else float(reject_eps),
-                           adaptive_gamma=None if adaptive_gamma is None else float(adaptive_gamma))
+                           adaptive_gamma=None if adaptive_gamma is None else float(adaptive_gamma),
+                           adaptive_wait=int(adaptive_wait),
+                           adaptive_period=None if adaptive_period is None else int(adaptive_period))
         self.reject_eps, self.adaptive_gamma = self.config["reject_eps"], self.config["adaptive_gamma"]
         self.image_shape = tuple(image_shape)
         self.z_dim, self.samples_per_point, self.noise = z_dim, samples_per_point, float(noise)
@@ -128,12 +139,21 @@ class IMLE(nn.Module):
             self.projection = None
         self.register_buffer("chosen_z", torch.zeros(0, z_dim))
         self.register_buffer("threshold", torch.zeros(0))   # Adaptive IMLE's tau_i (squared)
+        # Adaptive IMLE: the round each point was last searched in, and rounds so far
+        self.register_buffer("last_searched", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("rounds", torch.zeros((), dtype=torch.long))
         self.data = self.conditions = None
         self.last_search = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # chosen_z's size is the data's, known only once a checkpoint or a search says it
-        for name in ("chosen_z", "threshold"):
+        n_key = prefix + "chosen_z"
+        if n_key in state_dict:
+            # checkpoints written before Adaptive IMLE kept its round counters: every point
+            # counts as searched in round 0
+            state_dict.setdefault(prefix + "last_searched", torch.zeros(state_dict[n_key].shape[0], dtype=torch.long))
+            state_dict.setdefault(prefix + "rounds", torch.zeros((), dtype=torch.long))
+        for name in ("chosen_z", "threshold", "last_searched"):
             key = prefix + name
             if key in state_dict:
                 cur = getattr(self, name)
@@ -212,6 +232,31 @@ class IMLE(nn.Module):
         dev = generator.device if generator is not None else "cpu"
         return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=dev))
 
+    def _adaptive_who(self, current, threshold, last, fresh):
+        """Adaptive IMLE: the points searched this round -- those whose current sample
+        (squared distance `current`) has come within their threshold and that have waited
+        adaptive_wait rounds, and those not searched for adaptive_period rounds."""
+        n = threshold.shape[0]
+        if self.adaptive_gamma is None or fresh:
+            return torch.arange(n, device=threshold.device)
+        age = int(self.rounds) - last
+        pick = (current <= threshold) & (age >= self.config["adaptive_wait"])
+        if self.config["adaptive_period"] is not None:
+            pick |= age >= self.config["adaptive_period"]
+        return torch.nonzero(pick).flatten()
+
+    def _adaptive_update(self, threshold, last, who, current, found, fresh):
+        """Thresholds of the points searched: (1 - gamma) times the distance the generator
+        had reached (squared: (1 - gamma)^2 d^2), never above the old one; a point's
+        first threshold comes from its first match (`found`)."""
+        if self.adaptive_gamma is not None:
+            shrink = (1 - self.adaptive_gamma) ** 2
+            if fresh:
+                threshold[who] = found.float() * shrink
+            else:
+                threshold[who] = torch.minimum(threshold[who], current[who] * shrink)
+        last[who] = int(self.rounds)
+
     def _search_round(self, data, generator):
         from fastgen import distributed
         from fastgen.ops import StreamingKNN
@@ -222,12 +267,14 @@ class IMLE(nn.Module):
         fresh = self.chosen_z.shape[0] != n
         chosen = torch.zeros(n, self.z_dim, device=device) if fresh else self.chosen_z.clone()
         threshold = torch.full((n,), math.inf, device=device) if fresh else self.threshold.clone()
-        who = torch.arange(n, device=device)
+        last = torch.zeros(n, dtype=torch.long, device=device) if fresh else self.last_searched.clone()
+        current = None
         if self.adaptive_gamma is not None and not fresh:
-            # only points whose current sample has come within their threshold
+            # how close each point's current sample has come
             current = torch.cat([self.features(self.generate(chosen[i:i + self.chunk]))
                                  for i in range(0, n, self.chunk)])
-            who = torch.nonzero((current - feats).square().sum(1) <= threshold).flatten()
+            current = (current - feats).square().sum(1)
+        who = self._adaptive_who(current, threshold, last, fresh)
         info = {"samples": 0, "searched": int(who.numel()), "rejected": 0}
         seed = self._round_seed(generator)
         if who.numel():
@@ -261,10 +308,10 @@ class IMLE(nn.Module):
                 raise RuntimeError(f"reject_eps={self.reject_eps} rejected every one of the {total} samples; "
                                    "use a smaller reject_eps or more samples_per_point")
             chosen[who] = self._codes_at(seed, idx[:, 0], total, device)
-            if self.adaptive_gamma is not None:
-                threshold[who] = dist[:, 0].float() * (1 - self.adaptive_gamma) ** 2
+            self._adaptive_update(threshold, last, who, current, dist[:, 0], fresh)
             info["mean_nearest_dist"] = float(dist.mean())
-        self.chosen_z, self.threshold = chosen, threshold
+        self.chosen_z, self.threshold, self.last_searched = chosen, threshold, last
+        self.rounds = self.rounds + 1
         return info
 
     def _search_chunks(self, search, seed, total, chunks, rank, size, data, feats, device):
@@ -316,12 +363,13 @@ class IMLE(nn.Module):
         fresh = self.chosen_z.shape[0] != n
         chosen = torch.zeros(n, self.z_dim, device=device) if fresh else self.chosen_z.clone()
         threshold = torch.full((n,), math.inf, device=device) if fresh else self.threshold.clone()
-        who = torch.arange(n, device=device)
+        last = torch.zeros(n, dtype=torch.long, device=device) if fresh else self.last_searched.clone()
+        cur = None
         if self.adaptive_gamma is not None and not fresh:
             cur = torch.cat([(self.features(self.generate(chosen[i:i + self.chunk], conditions[i:i + self.chunk]))
                               - self.features(data[i:i + self.chunk])).square().sum(1)
                              for i in range(0, n, self.chunk)])
-            who = torch.nonzero(cur <= threshold).flatten()
+        who = self._adaptive_who(cur, threshold, last, fresh)
         info = {"samples": int(who.numel()) * m, "searched": int(who.numel()), "rejected": 0}
         if who.numel():
             dists = []
@@ -335,10 +383,10 @@ class IMLE(nn.Module):
                 chosen[pts] = z[torch.arange(pts.numel(), device=device), i[:, 0, 0]]
                 dists.append(d[:, 0, 0])
             dist = torch.cat(dists)
-            if self.adaptive_gamma is not None:
-                threshold[who] = dist * (1 - self.adaptive_gamma) ** 2
+            self._adaptive_update(threshold, last, who, cur, dist, fresh)
             info["mean_nearest_dist"] = float(dist.mean())
-        self.chosen_z, self.threshold = chosen, threshold
+        self.chosen_z, self.threshold, self.last_searched = chosen, threshold, last
+        self.rounds = self.rounds + 1
         return info
 
     def _check_samples(self, x, data):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.ops import _backend, _validate
+from fastgen.ops import checks
 from fastgen.ops.nearest_code import nearest_code
 
 
@@ -75,7 +75,7 @@ def _to_rows(x, input_dim, channel_last):
     """x as (N, input_dim) rows plus the leading shape needed to undo it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _validate.FLOAT_DTYPES:
+    if x.dtype not in checks.FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if channel_last:
         if x.dim() < 1 or x.shape[-1] != input_dim:
@@ -169,9 +169,9 @@ class VectorQuantizer(nn.Module):
         _check_int(kmeans_iters, "kmeans_iters", 0)
         if dead_code_threshold is not None:
             _check_int(dead_code_threshold, "dead_code_threshold", 1)
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-        _validate.precision(precision)
+        if backend not in checks.BACKENDS:
+            raise ValueError(f"backend must be one of {checks.BACKENDS}, got {backend!r}")
+        checks.precision(precision)
         self.num_codes, self.dim = num_codes, dim
         self.input_dim = dim if input_dim is None else input_dim
         self.commitment, self.ema, self.decay, self.eps = float(commitment), bool(ema), float(decay), float(eps)
@@ -308,7 +308,7 @@ class VectorQuantizer(nn.Module):
     def decode_indices(self, indices):
         """Integer code indices (any shape) -> the quantized vectors, as forward returns them
         (projected out, channel-first when channel_last=False)."""
-        if not isinstance(indices, torch.Tensor) or indices.dtype in _validate.FLOAT_DTYPES + (torch.float64,):
+        if not isinstance(indices, torch.Tensor) or indices.dtype in checks.FLOAT_DTYPES + (torch.float64,):
             raise TypeError("indices must be an integer torch.Tensor")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
             raise ValueError(f"indices must be in [0, {self.num_codes}), got values in "

@@ -1,14 +1,14 @@
 """fastgen.ops.knn: exact k nearest neighbours (squared L2), no N x M matrix."""
-import contextlib
-import contextvars
 import numbers
 from typing import NamedTuple
 
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, baselines, error_bound
+from fastgen.ops import _validate, baselines, pruned_knn
 from fastgen.ops._sqdist_grad import sqdist_backward
+from fastgen.ops.knn_plan import SCREEN_MAX_K, KnnPlan, bf16_pays, plan_knn  # noqa: F401 (public names)
+from fastgen.ops.unit_scale import unit_scale
 
 
 class Neighbours(NamedTuple):
@@ -62,24 +62,19 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
     if k < 1 or k > available:
         raise ValueError(f"k must be in [1, {available}] (keys has M={m}"
                          f"{', self excluded' if exclude_self else ''}), got k={k}")
-    _validate.precision(precision)
-    be = _backend.resolve(backend, queries.device, precision)
-    if be != "cpp":  # the C++ op checks the same inside its first pass over the data
+    plan = plan_knn(queries, keys, k, exclude_self=exclude_self, backend=backend, precision=precision,
+                    prune=prune)
+    if plan.backend != "cpp" or plan.prune:  # the C++ sweep checks the same in its first pass
         _validate.distance_inputs(queries, "queries", keys, "keys")
+    return run_knn(queries, keys, k, exclude_self, plan)
 
-    _validate.flag(prune, "prune")
-    prunable = be == "cpp" and queries.dim() == 2 and not exclude_self
-    if prune and not prunable:
-        raise ValueError("prune=True needs 2-D queries and keys on the cpp backend without exclude_self "
-                         f"(got {queries.dim()}-D on backend {be!r}, exclude_self={exclude_self}); "
-                         "use prune=None or False")
-    if prune:
-        # prune=None is the sweep: the pruned path was slower on every case of
-        # benchmarks/bench_knn_zoo.py (fastgen/ops/pruned_knn.py)
-        from fastgen.ops import pruned_knn
-        _validate.distance_inputs(queries, "queries", keys, "keys")
+
+def run_knn(queries, keys, k, exclude_self, plan):
+    """knn by a plan from fastgen.ops.knn_plan, on inputs already validated (for callers
+    that plan once: StreamingKNN)."""
+    if plan.prune:
         with torch.no_grad():
-            dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=precision)[0]
+            dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=plan.precision)[0]
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
             # the gradient of sum((q - k)^2), the values of the certified kernel: g - g is
             # exactly 0, so dist stays the sweep's bit for bit
@@ -87,26 +82,31 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             dist = dist + (g - g.detach())
         return Neighbours(dist, idx)
 
-    if precision == "bf16" and be == "cpp" and not bf16_pays(queries, keys, k):
-        precision = "fp32"
-
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
     k3 = keys.unsqueeze(0) if squeeze else keys
-    if be == "cpp":
-        dist, idx = torch.ops.fastgen.knn(q3.contiguous(), k3.contiguous(), k, exclude_self, precision)
+    if plan.backend == "cpp":
+        dist, idx = torch.ops.fastgen.knn(q3.contiguous(), k3.contiguous(), k, exclude_self, plan.precision)
     else:
-        # bf16, and fp32 with k <= SCREEN_MAX_K: screens re-ranked in float64 (exact)
-        screened = be == "triton" and (precision == "bf16" or k <= SCREEN_MAX_K)
+        screened = plan.kernel == "screened"   # re-ranked in float64 (exact)
+        # Far from unit scale fp32 squares underflow (1e-25 data: every distance 0, every
+        # key a tie) or overflow: search data moved to unit scale by a power of two
+        # (exact, the same keys win). The C++ engine does the same inside.
+        scale = unit_scale(q3, k3)
+        sq, sk = (q3, k3) if scale in (None, 1.0) else (q3 / scale, k3 / scale)
         if screened:
-            from fastgen.ops.certified import knn_screened
+            from fastgen.ops.certified import knn_screened   # optional dependency: triton
             with torch.no_grad():        # the gradient comes from gather_sqdist below
-                dist, idx = knn_screened(q3, k3, k, exclude_self, fp32=precision == "fp32")
-        elif be == "triton":                            # larger k: ranked in fp32
-            from fastgen.ops.triton.knn import knn_triton
-            dist, idx = knn_triton(q3, k3, k, exclude_self)
+                dist, idx = knn_screened(sq, sk, k, exclude_self, fp32=plan.precision == "fp32")
+        elif plan.backend == "triton":                       # larger k: ranked in fp32
+            from fastgen.ops.triton.knn import knn_triton      # optional dependency: triton
+            dist, idx = knn_triton(sq, sk, k, exclude_self)
         else:
-            dist, idx = baselines.knn_addmm(q3, k3, k, exclude_self, stable_ties=True)
+            dist, idx = baselines.knn_addmm(sq, sk, k, exclude_self, stable_ties=True)
+        if sq is not q3:
+            # distances of the inputs themselves, in float64 and rounded once
+            with torch.no_grad():
+                dist = _sqdist64(q3, k3, idx)
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
             g = baselines.gather_sqdist(q3, k3, idx)
             # the screens' values are fl32 of the float64 distances, in order: keep them
@@ -117,78 +117,13 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
     return Neighbours(dist, idx)
 
 
-# bf16's error bound is ~2^-8 of the squared norms: on near-duplicate data (image
-# patches) hundreds of keys per row fall inside it and are re-ranked in float64 one by
-# one, which costs more than the faster GEMM saves (measured: flower.jpg vs china.jpg 6x6x3
-# patches, k=5, bf16 1.8x slower than fp32 before this check).
-_BF16_SAMPLE = 64
-
-# the largest k the Triton screen serves (slots up to 256: what fastgen/gpu_plan.py compiles);
-# here rather than in fastgen/ops/certified.py, which imports triton
-SCREEN_MAX_K = 128
-
-
-def _bf16_window(a, b, d):
-    """2 E(a, b) with bf16 inputs (fastgen/ops/error_bound.py): how far apart two keys'
-    bf16 tile values may be and still swap places (a decision, not a proof: the kernel
-    uses its own bound)."""
-    return 2 * error_bound.coefficient(d, error_bound.BF16) * (a + b) ** 2
-
-
-_BF16_WARNED = set()      # the reasons already warned about (once each per process)
-# set by bf16_decided(): a caller that ran bf16_pays once for a series of similar calls
-_BF16_DECIDED = contextvars.ContextVar("fastgen_bf16_decided", default=False)
-
-
-@contextlib.contextmanager
-def bf16_decided():
-    """Within this block knn runs precision="bf16" as asked, without its sample: for a
-    caller (StreamingKNN) that checked bf16_pays once for a series of similar searches."""
-    token = _BF16_DECIDED.set(True)
-    try:
-        yield
-    finally:
-        _BF16_DECIDED.reset(token)
-
-
-def bf16_pays(queries, keys, k):
-    """Whether precision="bf16" is worth it for this knn: a sample of 64 queries estimates
-    how many keys per row would fall inside bf16's error window of the k-th neighbour
-    (each is re-ranked in float64); past max(16, min(256, M / 200)) the fp32 sweep is
-    faster. Below D=96 the bf16 GEMM itself does not pay (measured). Small problems
-    (< 2^28 multiply-adds) keep bf16 as asked. When it says no, knn runs fp32 and warns
-    once per process and reason."""
-    n, m, d = queries.shape[-2], keys.shape[-2], queries.shape[-1]
-    batch = queries.shape[0] if queries.dim() == 3 else 1
-    if _BF16_DECIDED.get() or batch * n * m * d < (1 << 28) or m <= k + 1:
-        return True
-    if d < 96:
-        # measured (benchmarks/RESULTS.md, knn_data and knn): at D=64 the bf16 GEMM is not
-        # faster than fp32's on these machines, and its wider bound adds re-ranking
-        return _fall_back("shallow", f"D={d} is too shallow for the bf16 GEMM to pay")
-    q = queries.reshape(-1, d)
-    g = torch.Generator().manual_seed(0)
-    sample = q[torch.randint(q.shape[0], (_BF16_SAMPLE,), generator=g).to(q.device)]
-    kk = keys.reshape(-1, d) if keys.dim() == 3 else keys
-    limit = max(16, min(256, m // 200))
-    near = knn(sample, kk, min(m, k + limit), precision="fp32", prune=False)
-    mu = baselines.centering_shift(kk)
-    a = (sample.float() - mu).norm(dim=1, keepdim=True)
-    b = (kk[near.idx].float() - mu).norm(dim=-1)
-    kth = near.dist[:, k - 1:k]
-    inside = (near.dist - kth <= _bf16_window(a, b, d)).sum(1).float().mean()
-    if float(inside) - k <= limit / 2:
-        return True
-    return _fall_back("re-rank", f"it would re-rank ~{float(inside):.0f} keys per query in float64 on this data "
-                      "(near-duplicates inside bf16's error bound)")
-
-
-def _fall_back(kind, why):
-    if kind not in _BF16_WARNED:
-        import warnings
-        warnings.warn(f"knn: precision='bf16' runs fp32 instead: {why}; fp32 is faster here", stacklevel=4)
-        _BF16_WARNED.add(kind)
-    return False
+def _sqdist64(q3, k3, idx):
+    """(B, N, k) squared distances of rows q3[b, i] to keys k3[b, idx[b, i, j]], in float64,
+    returned as float32."""
+    B, N, k = idx.shape
+    picked = torch.gather(k3.double().unsqueeze(1).expand(B, N, -1, -1), 2,
+                          idx.unsqueeze(-1).expand(B, N, k, k3.shape[-1]))
+    return (q3.double().unsqueeze(2) - picked).square().sum(-1).float()
 
 
 if _ext.CPP_AVAILABLE:

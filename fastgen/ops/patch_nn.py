@@ -12,6 +12,7 @@ import torch
 from fastgen import _ext
 from fastgen.ops import _backend, _validate, baselines
 from fastgen.ops.patch_index import PatchIndex
+from fastgen.ops.unit_scale import unit_scale
 
 
 def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=True, hint=None):
@@ -65,14 +66,21 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
                              for b in range(q3.shape[0])])
         return idx[0] if squeeze else idx
     k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
+    if be != "cpp":
+        _validate.distance_inputs(queries, "queries", keys, "keys")
+        # fp32 squares of data far from unit scale underflow (every key ties) or overflow:
+        # move it to unit scale by a power of two (exact), alpha with it (the score
+        # d / (alpha + c) is unchanged when d, c and alpha scale alike)
+        scale = unit_scale(q3, k3)
+        a2 = None if alpha is None or scale is None else alpha / scale ** 2
+        if scale not in (None, 1.0) and (alpha is None or 1e-30 < a2 < 1e30):
+            q3, k3, alpha = q3 / scale, k3 / scale, a2
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
     elif be == "triton" and precision == "bf16":   # bf16 screens, exact float64 answer
-        _validate.distance_inputs(queries, "queries", keys, "keys")
         from fastgen.ops.certified import patch_nn_screened
         idx = patch_nn_screened(q3, k3, alpha)
     elif be == "triton":  # fp32 tiles; plain NN = exact kNN with k=1 (the fp32 screen)
-        _validate.distance_inputs(queries, "queries", keys, "keys")
         if alpha is None:
             from fastgen.ops.certified import knn_screened
             idx = knn_screened(q3, k3, 1, False, fp32=True)[1][..., 0]
@@ -80,7 +88,6 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
             from fastgen.ops.triton.patch_nn import patch_nn_triton
             idx = patch_nn_triton(q3, k3, alpha)
     else:
-        _validate.distance_inputs(queries, "queries", keys, "keys")
         idx = torch.stack([baselines.patch_nn_two_pass(q3[b], k3[b], alpha) for b in range(q3.shape[0])])
     return idx[0] if squeeze else idx
 

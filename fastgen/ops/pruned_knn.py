@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.ops import _validate
+from fastgen.ops.unit_scale import unit_scale  # noqa: F401 (also P.unit_scale in tests)
 from fastgen.threads import fine_grained_threads
 
 
@@ -176,34 +177,6 @@ def structure_ratio(queries, keys, k=1, sample=64, seed=0):
     ks = keys[torch.randint(m, (qs.shape[0],), generator=g).to(keys.device)]
     typical = (qs.double() - ks.double()).square().sum(1)
     return float((near.median() / typical.median().clamp_min(1e-300)).sqrt())
-
-
-# data whose largest coordinate lies in [2^-SCALE_RANGE, 2^SCALE_RANGE] is searched as it
-# is: its squared distances and the bounds' fp32 terms (D (||q|| + ||c||)^2 2^-23) stay
-# far from fp32's underflow and overflow
-SCALE_RANGE = 24
-
-
-def unit_scale(queries, keys):
-    """1.0 when the data's scale is safe for the fp32 bounds, else the power of two s that
-    brings its largest |coordinate| into [0.5, 1); None when dividing by s would make a
-    non-zero coordinate subnormal (rounded: the winners could change)."""
-    top = max(float(queries.abs().amax()) if queries.numel() else 0.0,
-              float(keys.abs().amax()) if keys.numel() else 0.0)
-    if top == 0.0 or not math.isfinite(top) or 2.0 ** -SCALE_RANGE <= top <= 2.0 ** SCALE_RANGE:
-        return 1.0
-    scale = 2.0 ** math.frexp(top)[1]
-    if scale > 1.0:
-        tiny = min(_smallest_nonzero(queries), _smallest_nonzero(keys))
-        if tiny / scale < torch.finfo(torch.float32).tiny:
-            return None
-    return scale
-
-
-def _smallest_nonzero(x):
-    a = x.abs()
-    a = a[a > 0]
-    return float(a.amin()) if a.numel() else math.inf
 
 
 def _centre_ranges(balls, q):

@@ -13,8 +13,9 @@ concatenated in the order they were added.
 """
 import torch
 
-from fastgen.ops import _backend, _validate
-from fastgen.ops.knn import Neighbours, bf16_decided, bf16_pays, knn
+from fastgen.ops import _backend, _validate, pruned_knn
+from fastgen.ops.knn import Neighbours, run_knn
+from fastgen.ops.knn_plan import plan_knn
 
 
 def candidate_sqdist64(queries, keys, idx, rows=1024):
@@ -72,12 +73,15 @@ class StreamingKNN:
         self.queries = queries.detach().clone(memory_format=torch.contiguous_format)
         self.k = int(k)
         _validate.flag(prune, "prune")
+        _validate.precision(precision)
         if prune and _backend.resolve(backend, queries.device, precision) != "cpp":
             raise ValueError("prune=True needs the cpp backend (CPU tensors, extension built); "
                              f"backend={backend!r} resolves to another: use prune=None or False")
         self.backend, self.precision, self.prune = backend, precision, prune
         self.query_block = 4096
-        self._bf16 = None         # precision="bf16": whether it pays, decided on the first chunk
+        # planned once (fastgen.ops.knn_plan), on the first chunk that has k keys, and kept:
+        # every chunk runs the same backend, path and precision
+        self.plan = None
         self.seen = 0
         self._next_id = 0
         n = queries.shape[0]
@@ -110,27 +114,25 @@ class StreamingKNN:
         return self
 
     def _search(self, keys, kk):
-        from fastgen.ops import pruned_knn
-        if self.precision == "bf16" and self._bf16 is None and kk == self.k:
-            # decided once, on the whole query set: knn's own check would sample every block
-            # of every chunk again
-            self._bf16 = bf16_pays(self.queries, keys, kk)
-            if not self._bf16:
-                self.precision = "fp32"
-        if not self.prune:
+        plan = self.plan
+        if plan is None:
+            plan = plan_knn(self.queries, keys, kk, backend=self.backend, precision=self.precision,
+                            prune=self.prune, streamed=True)
+            if kk == self.k:   # a short first chunk (M < k) plans again on the next one
+                self.plan = plan
+        if not plan.prune:
             # query rows in blocks: the kernel's prepared copy of the queries is one block's,
             # so the peak is O((block + chunk) * D) however many queries there are
-            with bf16_decided():
-                return torch.cat([knn(q, keys, kk, backend=self.backend, precision=self.precision,
-                                      prune=False).idx for q in self.queries.split(self.query_block)])
+            if plan.backend != "cpp":   # the C++ sweep checks the same in its first pass
+                _validate.distance_inputs(self.queries, "queries", keys, "keys")
+            return torch.cat([run_knn(q, keys, kk, False, plan).idx for q in self.queries.split(self.query_block)])
         _validate.finite(keys, "keys")
         bound = None
         if self._dist.shape[1] == self.k:
             # the running k-th best, widened to survive fp32 rounding; kept in float64 (an fp32
             # bound of tiny-scale data underflows to 0: pruned_knn scales it with the data)
             bound = self._dist[:, -1] * (1 + 2.0 ** -20)
-        with bf16_decided():
-            return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=self.precision)[0].idx
+        return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=plan.precision)[0].idx
 
     def result(self):
         if self.seen < self.k:

@@ -1,0 +1,112 @@
+"""fastgen.ops.knn_plan: one planner, the same choice through every entry point."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import backends
+from fastgen.ops import StreamingKNN, knn, knn_plan
+import importlib
+
+knn_module = importlib.import_module("fastgen.ops.knn")
+
+
+def plans_through_knn(monkeypatch, q, keys, k, **kw):
+    seen = []
+    real = knn_module.run_knn
+    monkeypatch.setattr(knn_module, "run_knn", lambda *a: seen.append(a[-1]) or real(*a))
+    out = knn(q, keys, k, **kw)
+    # the first plan is the call's own (the pruned path's clustering calls knn again)
+    assert seen
+    return seen[0], out
+
+
+def plan_of_stream(q, keys, k, **kw):
+    s = StreamingKNN(q, k, **kw)
+    for chunk in keys.split(2000):
+        s.add(chunk)
+    return s.plan, s.result()
+
+
+CASES = [  # (name, queries, keys, k, request, the precision that runs)
+    ("sweep", (300, 24), (2000, 24), 3, {}, "fp32"),
+    ("pruned", (300, 24), (2000, 24), 3, {"prune": True}, "fp32"),
+    ("bf16 kept", (2000, 128), (3000, 128), 2, {"precision": "bf16"}, "bf16"),
+    ("bf16 refused (shallow)", (3000, 64), (20000, 64), 2, {"precision": "bf16"}, "fp32"),
+    ("bf16 refused (near-duplicates)", "patches", None, 5, {"precision": "bf16"}, "fp32"),
+]
+
+
+def _patches(name, count):
+    import numpy as np
+    from sklearn.datasets import load_sample_image
+    img = torch.from_numpy(np.array(load_sample_image(name))).float().div(255).permute(2, 0, 1)
+    x = img.unfold(1, 6, 3).unfold(2, 6, 3).permute(1, 2, 0, 3, 4).reshape(-1, 108)
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:count]].contiguous()
+
+
+def _data(case):
+    name, qs, ks, k, request, _ = case
+    torch.manual_seed(2)
+    if qs == "patches":   # 6x6x3 patches of flower.jpg against china.jpg's
+        return _patches("flower.jpg", 4000), _patches("china.jpg", 8000), k, request
+    return torch.randn(*qs), torch.randn(*ks), k, request
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_knn_and_streaming_knn_run_the_same_plan(monkeypatch, case):
+    q, keys, k, request = _data(case)
+    monkeypatch.setattr(knn_plan, "_BF16_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = knn_plan.plan_knn(q, keys, k, **request)
+        via_knn, out = plans_through_knn(monkeypatch, q, keys, k, **request)
+        via_stream, streamed = plan_of_stream(q, keys, k, **request)
+    assert via_knn == direct
+    assert direct.precision == case[-1]
+    # the stream plans on its first chunk (2,000 keys), a part of the same data
+    assert via_stream == direct, (via_stream, direct)
+    assert torch.equal(streamed.idx, out.idx)
+
+
+def test_the_plan_names_what_runs():
+    q, keys = torch.randn(50, 8), torch.randn(400, 8)
+    assert knn_plan.plan_knn(q, keys, 2) == knn_plan.KnnPlan("cpp", False, "fp32", "certified-sweep")
+    assert knn_plan.plan_knn(q, keys, 2, prune=True).kernel == "pruned"
+    assert knn_plan.plan_knn(q, keys, 2, backend="torch") == knn_plan.KnnPlan("torch", False, "fp32", "addmm")
+    if "triton" in backends():
+        assert knn_plan.plan_knn(q, keys, 2, backend="triton").kernel == "screened"
+        assert knn_plan.plan_knn(q, keys, knn_plan.SCREEN_MAX_K + 1, backend="triton").kernel == "fp32-tiles"
+        assert knn_plan.plan_knn(q, keys, knn_plan.SCREEN_MAX_K + 1, backend="triton",
+                                 precision="bf16").kernel == "screened"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"prune": True, "backend": "torch"}, "prune=True needs"),
+    ({"prune": True, "exclude_self": True}, "prune=True needs"),
+    ({"precision": "fp16"}, "precision"),
+    ({"precision": "bf16", "backend": "torch"}, "precision='bf16' runs on"),
+    ({"backend": "gpu"}, "backend must be one of"),
+    ({"prune": "yes"}, "prune"),
+])
+def test_impossible_requests_are_refused_by_the_planner(bad, match):
+    q = torch.randn(30, 4)
+    kind = TypeError if bad.get("prune") == "yes" else ValueError
+    with pytest.raises(kind, match=match):
+        knn_plan.plan_knn(q, q, 2, **bad)
+    with pytest.raises(kind, match=match):
+        knn(q, q, 2, **bad)
+
+
+def test_streaming_plans_once(monkeypatch):
+    calls = []
+    real = knn_plan.plan_knn
+    monkeypatch.setattr(importlib.import_module("fastgen.ops.streaming_knn"), "plan_knn",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, keys = torch.randn(100, 6), torch.randn(3000, 6)
+    s = StreamingKNN(q, 4)
+    s.add(keys[:2])            # fewer keys than k: planned again on the next chunk
+    for chunk in keys[2:].split(500):
+        s.add(chunk)
+    assert len(calls) == 2
+    assert torch.equal(s.result().idx, knn(q, keys, 4).idx)
