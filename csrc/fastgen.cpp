@@ -48,6 +48,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   set("blas_bf16_gemm", PyBool_FromLong(fastgen::cpu::has_blas_bf16_gemm()));
   set("overflow_rows", PyLong_FromLongLong(fastgen::cpu::overflow_row_count()));
   set("dense_rows", PyLong_FromLongLong(fastgen::cpu::dense_row_count()));
+  set("scan_rows", PyLong_FromLongLong(fastgen::cpu::scan_row_count()));
   const auto tiles = fastgen::cpu::patch_nn_prune_stats();
   set("patch_nn_pairs_total", PyLong_FromLongLong(tiles.first));
   set("patch_nn_pairs_computed", PyLong_FromLongLong(tiles.second));

@@ -131,6 +131,7 @@ def test_resumed_at_an_epoch_without_a_search_logs_what_the_full_run_logs(tmp_pa
     (lambda: IMLE((1, 8, 8), adaptive_gamma=1.0), ValueError, "adaptive_gamma"),
     (lambda: IMLE((1, 8, 8), adaptive_gamma=0.1, adaptive_wait=0), ValueError, "adaptive_wait"),
     (lambda: IMLE((1, 8, 8), adaptive_gamma=0.1, adaptive_period=0), ValueError, "adaptive_period"),
+    (lambda: IMLE((1, 8, 8), adaptive_gamma=0.1, adaptive_wait=3, adaptive_period=2), ValueError, "adaptive_period"),
     (lambda: IMLE((1, 8, 8)).search(torch.rand(0, 1, 8, 8)), ValueError, "data is empty"),
     (lambda: IMLE((1, 8, 8)).search(torch.full((4, 1, 8, 8), float("nan"))), ValueError, "data contains NaN"),
     (lambda: IMLE((1, 8, 8)).search(torch.rand(4, 1, 6, 6)), ValueError, r"data has images of shape \(1, 6, 6\)"),
@@ -237,11 +238,15 @@ def test_adaptive_state_survives_a_checkpoint(tmp_path):
     other = IMLE((1, 4, 4), z_dim=16, samples_per_point=2, adaptive_gamma=0.5, generator=_Identity())
     other.load_state_dict(model.state_dict())
     assert int(other.rounds) == 2 and torch.equal(other.last_searched, model.last_searched)
-    # a checkpoint from before the round counters: every point as searched in round 0
+    # a checkpoint from before the round counters: every point as searched adaptive_wait
+    # rounds before round 0, so the first round after resuming searches converged points
     old = {k: v for k, v in model.state_dict().items() if k not in ("rounds", "last_searched")}
     third = IMLE((1, 4, 4), z_dim=16, samples_per_point=2, adaptive_gamma=0.5, generator=_Identity())
     third.load_state_dict(old)
-    assert int(third.rounds) == 0 and torch.equal(third.last_searched, torch.zeros(12, dtype=torch.long))
+    assert int(third.rounds) == 0 and torch.equal(third.last_searched, torch.full((12,), -1))
+    with torch.no_grad():
+        third.chosen_z[:6] = x[:6].flatten(1)
+    assert third.search(x)["searched"] >= 6
 
 
 @pytest.mark.parametrize("variant", [["--reject-eps", "2.0"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],

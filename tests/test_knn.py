@@ -173,32 +173,47 @@ def dense_rows():
     return fastgen._ext.build_info()["dense_rows"]
 
 
+def scan_rows():
+    return fastgen._ext.build_info()["scan_rows"]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kk,exclude_self", [(1, False), (6, False), (3, True)])
-def test_cpp_near_identical_keys_take_the_blocked_scan(precision, kk, exclude_self):
-    # an untrained generator's samples: every key sits inside the best one's error window,
-    # so the rows are re-ranked by the blocked float64 scan over all keys; odd sizes reach
-    # partial groups of 4 rows, an odd last key and a dim % 8 tail
-    # (with exclude_self: three points repeated, each row a third of the keys at distance 0)
+def test_cpp_near_identical_keys_take_the_float64_screen(precision, kk, exclude_self):
+    # an untrained generator's samples: every key sits inside the best one's fp32 error
+    # window, so the rows are screened again by float64 GEMMs and re-ranked exactly; odd
+    # sizes (with exclude_self: three points repeated, each row a third of the keys at
+    # distance 0)
     torch.manual_seed(11)
     base = torch.rand(1, 203)
-    k = base + 1e-5 * torch.randn(301, 203)
+    k = base + 1e-5 * torch.randn(1201, 203)
     if exclude_self:
-        k = k[torch.arange(301) % 3]
+        k = k[torch.arange(1201) % 3]
     q = k.clone() if exclude_self else base + torch.rand(45, 203)
     before = dense_rows()
     check(q, k, kk, "cpp", precision, exclude_self=exclude_self)
     assert dense_rows() > before
 
 
-def test_cpp_blocked_scan_keeps_ties_to_the_lowest_index():
-    # duplicates of a few points: the scan's answer must list equal distances by index
-    pts = torch.randn(3, 37)
-    k = pts[torch.arange(300) % 3] + 0.0
-    q = pts[[2, 0, 1]] + 1e-3 * torch.randn(3, 37)
+def test_cpp_few_keys_in_the_window_stay_on_the_pairwise_path():
+    # k * 4 > M: every key is inside a row's window, but a handful of keys is cheaper pair
+    # by pair than through the dense path
+    torch.manual_seed(12)
     before = dense_rows()
+    check(torch.randn(5000, 8), torch.randn(10, 8), 3, "cpp")
+    assert dense_rows() == before
+
+
+def test_cpp_blocked_scan_keeps_ties_to_the_lowest_index():
+    # 10,000 exact copies of each of three points: past the float64 screen's cap, the
+    # blocked scan answers, listing equal distances by index; odd dim (a % 8 tail)
+    torch.manual_seed(13)
+    pts = torch.randn(3, 37)
+    k = pts[torch.arange(30000) % 3] + 0.0
+    q = pts[[2, 0, 1]] + 1e-3 * torch.randn(3, 37)
+    before = scan_rows()
     dist, idx = check(q, k, 9, "cpp")
-    assert dense_rows() > before
+    assert scan_rows() - before == 3
     assert (idx[0] % 3 == 2).all() and (idx[0].diff() > 0).all()
 
 
@@ -212,10 +227,22 @@ def test_cpp_dense_rows_over_several_key_chunks_and_crowded_rows():
     k[::3] = k[0]
     q = base + 0.3 * torch.randn(1500, 4)
     q[:3] = k[0] + 1e-9
-    before = dense_rows()
+    before, scanned = dense_rows(), scan_rows()
     dist, idx = check(q, k, 2, "cpp")
     assert dense_rows() - before >= 1000
+    assert scan_rows() - scanned >= 3
     assert (idx[:3] == torch.tensor([0, 3])).all()
+
+
+def test_cpp_dense_rows_in_several_row_blocks():
+    # 5,000 rows of a fresh codebook (every code in every row's fp32 window): the float64
+    # screen takes them 2,048 rows at a time
+    torch.manual_seed(6)
+    codes = 1e-7 * torch.randn(700, 16)
+    x = torch.randn(5000, 16)
+    before = dense_rows()
+    check(x, codes, 2, "cpp")
+    assert dense_rows() - before == 5000
 
 
 @settings(max_examples=30, deadline=None)

@@ -144,3 +144,25 @@ def test_triton_ties_and_batches(backend):
     d = ((q[:, :, None, :] - keys[None, None]) ** 2).sum(-1)
     w = (d.min(1).values + 0.5).reciprocal()
     assert_equal_idx(idx, (d * w[:, None, :]).argmin(-1))   # first index on ties
+
+
+@pytest.mark.parametrize("backend,prune", [(b, True) for b in backends()] + [("cpp", False)])
+@pytest.mark.parametrize("scale", [2.0 ** -40, 2.0 ** -30, 2.0 ** 40])
+def test_alpha_scaled_with_the_data_gives_the_same_choice(backend, prune, scale):
+    # d / (alpha + c) does not change when d, c and alpha scale alike: a power of two
+    # (exact) must give the same keys at any scale alpha's range [1e-30, 1e30] allows
+    torch.manual_seed(8)
+    keys = torch.rand(300, 27)
+    q = keys[torch.randint(300, (90,))] + 0.05 * torch.randn(90, 27)
+    want = patch_nn(q, keys, 0.01, backend=backend, prune=prune)
+    got = patch_nn(q * scale, keys * scale, 0.01 * scale ** 2, backend=backend, prune=prune)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_alpha_that_dominates_tiny_data_gives_the_plain_nearest(backend):
+    # 1e-25 data with alpha = 0.005: alpha dwarfs every coverage term, the score is d / alpha
+    torch.manual_seed(9)
+    q, keys = torch.randn(80, 12) * 1e-25, torch.randn(200, 12) * 1e-25
+    from fastgen.ops import knn
+    assert torch.equal(patch_nn(q, keys, 0.005, backend=backend), knn(q, keys, 1).idx[:, 0])

@@ -26,9 +26,12 @@ std::tuple<at::Tensor, at::Tensor> certified_topk(const at::Tensor& queries,
 // Rows answered by the full-scan fallback since the process started (near-duplicate
 // data); reported by fastgen.info() so a slow case is visible.
 int64_t overflow_row_count();
-// rows re-ranked by the blocked float64 scan over all keys (their window held a large
-// share of the keys, or passed the candidate cap)
+// rows whose fp32 window held a large share of the keys, or passed the candidate cap:
+// screened again by float64 GEMMs and re-ranked exactly (knn.cpp rerank_deferred_rows)
 int64_t dense_row_count();
+// rows of those whose float64 screen still held > 4,096 candidates (exact duplicates):
+// answered by the blocked float64 scan over all keys
+int64_t scan_row_count();
 
 }  // namespace cpu
 }  // namespace fastgen

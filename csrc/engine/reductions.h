@@ -115,12 +115,13 @@ class CertifiedTopK {
         const int64_t row = b * a_.rows + r0 + r;
         const float* q = a_.queries + row * D;
         // A row whose window holds a large share of the keys (near-identical keys, or
-        // past the cap) is answered by the blocked scan over all keys below: one pass
-        // of vectorised float64 tiles costs less than the same keys one pair at a time.
+        // past the cap) goes to the dense path (the caller's float64 GEMM screen, or the
+        // blocked scan over all keys below): one pass of vectorised float64 tiles costs
+        // less than the same keys one pair at a time.
         int64_t inside = 0;
         if (!overflow_[r])
           for (const auto& c : cand_[r]) inside += c.first <= thr_[r];
-        if (overflow_[r] || inside * kDenseShare > M) {
+        if (overflow_[r] || (inside * kDenseShare > M && inside > kDenseMin)) {
           dense_.push_back(r);
           continue;
         }
@@ -243,8 +244,10 @@ class CertifiedTopK {
     }
 
     static constexpr int64_t kMaxCandidates = 8192;
-    // a row whose window holds more than 1/kDenseShare of the keys takes the blocked scan
+    // a row whose window holds more than 1/kDenseShare of the keys, and more than
+    // kDenseMin of them (a few keys are cheaper pair by pair), goes to the dense path
     static constexpr int64_t kDenseShare = 4;
+    static constexpr int64_t kDenseMin = 256;
 
     const CertifiedTopKArgs& a_;
     std::vector<std::vector<std::pair<float, int64_t>>> cand_;

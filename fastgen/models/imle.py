@@ -105,6 +105,8 @@ class IMLE(nn.Module):
         checks.positive_int(adaptive_wait, "adaptive_wait")
         if adaptive_period is not None:
             checks.positive_int(adaptive_period, "adaptive_period")
+            if adaptive_period < adaptive_wait:
+                raise ValueError(f"adaptive_period ({adaptive_period}) must be >= adaptive_wait ({adaptive_wait})")
         if condition_shape is not None:
             condition_shape = tuple(int(v) for v in condition_shape)
             if not condition_shape or min(condition_shape) < 1:
@@ -150,8 +152,10 @@ class IMLE(nn.Module):
         n_key = prefix + "chosen_z"
         if n_key in state_dict:
             # checkpoints written before Adaptive IMLE kept its round counters: every point
-            # counts as searched in round 0
-            state_dict.setdefault(prefix + "last_searched", torch.zeros(state_dict[n_key].shape[0], dtype=torch.long))
+            # counts as searched adaptive_wait rounds before round 0, so the first round
+            # after resuming searches the points that have converged, as before
+            state_dict.setdefault(prefix + "last_searched", torch.full((state_dict[n_key].shape[0],),
+                                                                       -self.config["adaptive_wait"], dtype=torch.long))
             state_dict.setdefault(prefix + "rounds", torch.zeros((), dtype=torch.long))
         for name in ("chosen_z", "threshold", "last_searched"):
             key = prefix + name

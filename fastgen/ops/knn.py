@@ -117,13 +117,17 @@ def run_knn(queries, keys, k, exclude_self, plan):
     return Neighbours(dist, idx)
 
 
-def _sqdist64(q3, k3, idx):
+def _sqdist64(q3, k3, idx, rows=1024):
     """(B, N, k) squared distances of rows q3[b, i] to keys k3[b, idx[b, i, j]], in float64,
-    returned as float32."""
+    returned as float32; row blocks, so the float64 gather is (rows, k, D) at a time."""
     B, N, k = idx.shape
-    picked = torch.gather(k3.double().unsqueeze(1).expand(B, N, -1, -1), 2,
-                          idx.unsqueeze(-1).expand(B, N, k, k3.shape[-1]))
-    return (q3.double().unsqueeze(2) - picked).square().sum(-1).float()
+    out = torch.empty(B, N, k, dtype=torch.float32, device=q3.device)
+    for b in range(B):
+        for s in range(0, N, rows):
+            i = idx[b, s:s + rows]
+            picked = k3[b][i.reshape(-1)].double().view(i.shape[0], k, -1)
+            out[b, s:s + rows] = (q3[b, s:s + rows].double().unsqueeze(1) - picked).square().sum(-1).float()
+    return out
 
 
 if _ext.CPP_AVAILABLE:

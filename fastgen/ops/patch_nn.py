@@ -57,6 +57,19 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
     h2 = None if hint is None else _validate.hint(hint, q3, keys.shape[-2], squeeze)
+    # fp32 squares of data far from unit scale underflow (every key ties) or overflow:
+    # move it to unit scale by a power of two (exact), alpha with it (the score
+    # d / (alpha + c) is unchanged when d, c and alpha scale alike). An alpha that would
+    # leave fp32's range dominates (tiny data: the score is d / alpha, plain nearest
+    # neighbour) or vanishes (huge data: d / c) beside the scaled distances.
+    k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
+    scale = unit_scale(q3, k3)
+    if scale not in (None, 1.0):
+        _validate.distance_inputs(queries, "queries", keys, "keys")
+        if alpha is not None:
+            alpha = alpha / scale ** 2
+            alpha = None if alpha > 1e30 else max(alpha, 1e-30)
+        queries, keys, q3, k3 = queries / scale, keys / scale, q3 / scale, k3 / scale
     if be == "cpp" and prune and alpha is not None:
         if keys.dim() == 2:
             idx = PatchIndex(keys, alpha, backend=be, precision=precision, incremental=False).search(q3, h2)
@@ -65,16 +78,8 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
                              .search(q3[b:b + 1], None if h2 is None else h2[b:b + 1])
                              for b in range(q3.shape[0])])
         return idx[0] if squeeze else idx
-    k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
     if be != "cpp":
         _validate.distance_inputs(queries, "queries", keys, "keys")
-        # fp32 squares of data far from unit scale underflow (every key ties) or overflow:
-        # move it to unit scale by a power of two (exact), alpha with it (the score
-        # d / (alpha + c) is unchanged when d, c and alpha scale alike)
-        scale = unit_scale(q3, k3)
-        a2 = None if alpha is None or scale is None else alpha / scale ** 2
-        if scale not in (None, 1.0) and (alpha is None or 1e-30 < a2 < 1e30):
-            q3, k3, alpha = q3 / scale, k3 / scale, a2
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
     elif be == "triton" and precision == "bf16":   # bf16 screens, exact float64 answer
