@@ -110,3 +110,14 @@ def test_streaming_plans_once(monkeypatch):
         s.add(chunk)
     assert len(calls) == 2
     assert torch.equal(s.result().idx, knn(q, keys, 4).idx)
+
+
+def test_streaming_bf16_is_not_decided_on_a_chunk_too_small_to_sample():
+    q = torch.randn(50, 8)
+    s = StreamingKNN(q, 2, precision="bf16")
+    s.add(torch.randn(3, 8))            # k + 1 keys: bf16 kept as asked, not yet judged
+    assert s.plan is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.add(torch.randn(400, 8))
+    assert s.plan is not None

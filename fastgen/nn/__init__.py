@@ -6,3 +6,7 @@ __all__ = ["GaussianLatent", "LatentSample"]
 from fastgen.nn.vector_quantizer import ResidualVQ, VectorQuantizer, VQOutput  # noqa: E402
 
 __all__ += ["VectorQuantizer", "ResidualVQ", "VQOutput"]
+
+from fastgen.nn.fsq import FSQ  # noqa: E402
+
+__all__ += ["FSQ"]

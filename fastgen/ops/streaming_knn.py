@@ -118,7 +118,9 @@ class StreamingKNN:
         if plan is None:
             plan = plan_knn(self.queries, keys, kk, backend=self.backend, precision=self.precision,
                             prune=self.prune, streamed=True)
-            if kk == self.k:   # a short first chunk (M < k) plans again on the next one
+            # kept once a chunk can judge: a short chunk (M < k) plans again on the next
+            # one, and so does one too small for bf16's sample (M <= k + 1 keeps bf16 as asked)
+            if kk == self.k and (self.precision != "bf16" or keys.shape[0] > self.k + 1):
                 self.plan = plan
         if not plan.prune:
             # query rows in blocks: the kernel's prepared copy of the queries is one block's,
