@@ -41,6 +41,20 @@ def gather_sqdist(queries, keys, idx):
     return (queries.unsqueeze(2).float() - gathered.float()).square().sum(-1)
 
 
+def candidate_sqdist64(queries, keys, idx, rows=1024):
+    """float64 sum((q_i - keys[idx[i, j]])^2), (N, k), straight from the inputs: what the
+    merges below rank by (float32 distances can tie where float64 ones do not). idx -1
+    (no candidate) gives +inf. Row blocks: no float64 copy of all the queries."""
+    out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
+    for s in range(0, idx.shape[0], rows):
+        q = queries[s:s + rows].double()
+        for j in range(idx.shape[1]):
+            col = idx[s:s + rows, j]
+            d = (q - keys[col.clamp_min(0)].double()).square().sum(1)
+            out[s:s + rows, j] = d.masked_fill_(col < 0, float("inf"))
+    return out
+
+
 def knn_addmm(queries, keys, k=1, exclude_self=False, chunk=256, stable_ties=False):
     """What a user writes without fastgen: ||q||^2 + ||k||^2 - 2 q.k by chunked addmm, then topk.
 

@@ -106,7 +106,8 @@ def run_knn(queries, keys, k, exclude_self, plan):
         if sq is not q3:
             # distances of the inputs themselves, in float64 and rounded once
             with torch.no_grad():
-                dist = _sqdist64(q3, k3, idx)
+                dist = torch.stack([baselines.candidate_sqdist64(q3[b], k3[b], idx[b])
+                                    for b in range(idx.shape[0])]).float()
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
             g = baselines.gather_sqdist(q3, k3, idx)
             # the screens' values are fl32 of the float64 distances, in order: keep them
@@ -115,19 +116,6 @@ def run_knn(queries, keys, k, exclude_self, plan):
     if squeeze:
         return Neighbours(dist[0], idx[0])
     return Neighbours(dist, idx)
-
-
-def _sqdist64(q3, k3, idx, rows=1024):
-    """(B, N, k) squared distances of rows q3[b, i] to keys k3[b, idx[b, i, j]], in float64,
-    returned as float32; row blocks, so the float64 gather is (rows, k, D) at a time."""
-    B, N, k = idx.shape
-    out = torch.empty(B, N, k, dtype=torch.float32, device=q3.device)
-    for b in range(B):
-        for s in range(0, N, rows):
-            i = idx[b, s:s + rows]
-            picked = k3[b][i.reshape(-1)].double().view(i.shape[0], k, -1)
-            out[b, s:s + rows] = (q3[b, s:s + rows].double().unsqueeze(1) - picked).square().sum(-1).float()
-    return out
 
 
 if _ext.CPP_AVAILABLE:

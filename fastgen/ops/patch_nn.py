@@ -64,8 +64,9 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     # neighbour) or vanishes (huge data: d / c) beside the scaled distances.
     k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
     scale = unit_scale(q3, k3)
-    if scale not in (None, 1.0):
+    if be != "cpp" or scale not in (None, 1.0):   # the C++ op checks the same in its first pass
         _validate.distance_inputs(queries, "queries", keys, "keys")
+    if scale not in (None, 1.0):
         if alpha is not None:
             alpha = alpha / scale ** 2
             alpha = None if alpha > 1e30 else max(alpha, 1e-30)
@@ -78,8 +79,6 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
                              .search(q3[b:b + 1], None if h2 is None else h2[b:b + 1])
                              for b in range(q3.shape[0])])
         return idx[0] if squeeze else idx
-    if be != "cpp":
-        _validate.distance_inputs(queries, "queries", keys, "keys")
     if be == "cpp":
         idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
     elif be == "triton" and precision == "bf16":   # bf16 screens, exact float64 answer

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.ops import _validate
-from fastgen.ops.unit_scale import unit_scale  # noqa: F401 (also P.unit_scale in tests)
+from fastgen.ops import _validate, baselines
+from fastgen.ops.unit_scale import unit_scale
 from fastgen.threads import fine_grained_threads
 
 
@@ -93,7 +93,6 @@ def key_balls(keys, cluster_size=64, iterations=1, seed=0):
     """KeyBalls of (M, D) keys: k-means clusters of ~cluster_size keys (their means,
     rounded to fp32, as centres), members by distance to the centre, cut into pieces of
     at most 2 * cluster_size. The clustering decides only how much is skipped."""
-    from fastgen.ops.baselines import centering_shift
     from fastgen.ops.patch_index import cluster_keys
     _, offsets, order = cluster_keys(keys, cluster_size, iterations, seed)
     order = order.to(keys.device)
@@ -102,7 +101,7 @@ def key_balls(keys, cluster_size=64, iterations=1, seed=0):
     sizes = offsets.diff()
     c = sizes.numel()
     ball = torch.repeat_interleave(torch.arange(c), sizes).to(keys.device)
-    shift = centering_shift(keys.float()).double()
+    shift = baselines.centering_shift(keys.float()).double()
     # float64 in row chunks: a float64 copy of all keys would be twice their fp32 size
     step = 8192
     centres = torch.zeros(c, keys.shape[1], dtype=torch.float64, device=keys.device)
@@ -238,8 +237,7 @@ def pruned_knn(queries, keys, k=1, *, bound=None, balls=None, block=None, cluste
                 # tiny data: scaling the fp32 distances back would round twice where they
                 # are subnormal; recomputed from the inputs in float64, they round once, as
                 # the sweep's do
-                from fastgen.ops.streaming_knn import candidate_sqdist64
-                d = candidate_sqdist64(queries, keys, i).to(d.dtype)
+                d = baselines.candidate_sqdist64(queries, keys, i).to(d.dtype)
             else:
                 d = (d.double() * scale ** 2).to(d.dtype)
             return Neighbours(d, i), computed

@@ -14,22 +14,9 @@ concatenated in the order they were added.
 import torch
 
 from fastgen.ops import _backend, _validate, pruned_knn
+from fastgen.ops.baselines import candidate_sqdist64  # noqa: F401 (also imported from here)
 from fastgen.ops.knn import Neighbours, run_knn
 from fastgen.ops.knn_plan import plan_knn
-
-
-def candidate_sqdist64(queries, keys, idx, rows=1024):
-    """float64 sum((q_i - keys[idx[i, j]])^2), (N, k), straight from the inputs: what the
-    merges below rank by (float32 distances can tie where float64 ones do not). idx -1
-    (no candidate) gives +inf. Row blocks: no float64 copy of all the queries."""
-    out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
-    for s in range(0, idx.shape[0], rows):
-        q = queries[s:s + rows].double()
-        for j in range(idx.shape[1]):
-            col = idx[s:s + rows, j]
-            d = (q - keys[col.clamp_min(0)].double()).square().sum(1)
-            out[s:s + rows, j] = d.masked_fill_(col < 0, float("inf"))
-    return out
 
 
 def merge_candidates(dists, idxs, k):
