@@ -5,7 +5,9 @@
     python benchmarks/bench_knn_zoo.py --json zoo.json     # keep the rows
 
 Cases: patches of sklearn's two photos (china.jpg, flower.jpg) at patch sizes 5-9 and
-strides 1-3, queries and keys from different images and from the same one; Gaussians;
+strides 1-4, 6,000 x 30,000, and of scikit-image's astronaut, coffee, chelsea, rocket and
+camera at 5x5 and 8x8, 15,000 x 40,000, queries and keys from different images and from
+the same one; Gaussians;
 Gaussian mixtures; sklearn digits; IMLE-like (digits as data, a noisy generator's
 samples as keys); k = 1, 5, 10. Each case is in the "tune" or the "held-out" half (fixed,
 by its position), so a policy tuned on one half is reported on the other.
@@ -26,9 +28,21 @@ import numpy as np
 import torch
 
 
+SKIMAGE = ("astronaut", "coffee", "chelsea", "camera", "rocket")
+
+
 def _image(name):
-    from sklearn.datasets import load_sample_image
-    return torch.from_numpy(np.array(load_sample_image(name))).float().div(255).permute(2, 0, 1)
+    """(3, H, W) in [0, 1]: sklearn's china.jpg / flower.jpg, or one of scikit-image's
+    bundled photos (grey ones repeated over three channels)."""
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
+        x = np.array(load_sample_image(name))
+    else:
+        import skimage.data
+        x = np.array(getattr(skimage.data, name)())
+        if x.ndim == 2:
+            x = np.repeat(x[:, :, None], 3, axis=2)
+    return torch.from_numpy(x[:, :, :3].copy()).float().div(255).permute(2, 0, 1)
 
 
 def sample_patches(name, p, stride, limit, seed):
@@ -81,6 +95,14 @@ def zoo():
             for k in (1, 5):
                 cases.append({"kind": "patches", "q_img": qi, "k_img": ki, "p": p, "q_stride": qs,
                               "k_stride": ks, "n": 6000, "m": 30000, "k": k})
+    # scikit-image's photos, more queries (the pruned path's index is built once per call:
+    # it pays only when the queries are many against the keys)
+    for (qi, ki) in (("astronaut", "coffee"), ("coffee", "coffee"), ("chelsea", "rocket"), ("rocket", "astronaut"),
+                     ("camera", "camera")):
+        for p, qs, ks in ((5, 2, 1), (8, 2, 2)):
+            for k in (1, 10):
+                cases.append({"kind": "patches", "q_img": qi, "k_img": ki, "p": p, "q_stride": qs,
+                              "k_stride": ks, "n": 15000, "m": 40000, "k": k})
     for d in (8, 32, 128):
         for k in (1, 10):
             cases.append({"kind": "gaussian", "d": d, "n": 5000, "m": 40000, "k": k})
@@ -108,7 +130,7 @@ def _median_time(fn, repeats):
 
 def run_case(c, repeats, with_faiss):
     from fastgen.ops import knn
-    from fastgen.ops.pruned_knn import structure_ratio
+    from fastgen.ops.knn_plan import structure_ratio
     q, keys = make_case(c)
     k = c["k"]
     row = {"id": c["id"], "half": c["half"], "n": q.shape[0], "m": keys.shape[0], "d": q.shape[1], "k": k,

@@ -23,7 +23,7 @@ def plans_through_knn(monkeypatch, q, keys, k, **kw):
 
 def plan_of_stream(q, keys, k, **kw):
     s = StreamingKNN(q, k, **kw)
-    for chunk in keys.split(2000):
+    for chunk in keys.split(4096):
         s.add(chunk)
     return s.plan, s.result()
 
@@ -64,7 +64,7 @@ def test_knn_and_streaming_knn_run_the_same_plan(monkeypatch, case):
         via_stream, streamed = plan_of_stream(q, keys, k, **request)
     assert via_knn == direct
     assert direct.precision == case[-1]
-    # the stream plans on its first chunk (2,000 keys), a part of the same data
+    # the stream plans on its first chunk (4,096 keys), a part of the same data
     assert via_stream == direct, (via_stream, direct)
     assert torch.equal(streamed.idx, out.idx)
 
@@ -121,3 +121,16 @@ def test_streaming_bf16_is_not_decided_on_a_chunk_too_small_to_sample():
         warnings.simplefilter("ignore")
         s.add(torch.randn(400, 8))
     assert s.plan is not None
+
+
+def test_patch_index_without_alpha_plans_through_knn(monkeypatch):
+    """PatchIndex's plain nearest-neighbour searches go through knn's planner."""
+    from fastgen.ops import PatchIndex
+    torch.manual_seed(3)
+    q, keys = torch.randn(300, 24), torch.randn(2000, 24)
+    seen = []
+    real = knn_module.run_knn
+    monkeypatch.setattr(knn_module, "run_knn", lambda *a: seen.append(a[-1]) or real(*a))
+    idx = PatchIndex(keys, alpha=None).search(q)
+    assert seen == [knn_plan.plan_knn(q, keys, 1)]
+    assert torch.equal(idx, knn(q, keys, 1, prune=False).idx[:, 0])

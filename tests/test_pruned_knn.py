@@ -59,23 +59,28 @@ def test_pruning_skips_work_on_clustered_data():
     assert torch.equal(i, knn(q, keys, 5, prune=False).idx)
 
 
-@pytest.mark.parametrize("mutation", ["centre window", "reach"])
-def test_mutated_bounds_fail(monkeypatch, mutation):
-    """Bounds tightened past what is proven must change some answers: the checks above
-    would notice a wrong bound."""
-    q, keys = data("clustered", 800, 3000, 16, seed=2)
-    ref = knn(q, keys, 3, prune=False).idx
-    assert torch.equal(knn(q, keys, 3, prune=True).idx, ref)
-    if mutation == "reach":
-        monkeypatch.setattr(P, "_SLACK", -0.3)          # thresholds 30 % too small
-    else:
-        true_ranges = P._centre_ranges
+def test_near_identical_keys_go_to_the_dense_path():
+    """Keys within fp32's error window of each other (an untrained generator's samples):
+    the pruned pass hands such rows to the sweep's float64 screen; same answer."""
+    g = torch.Generator().manual_seed(11)
+    centre = torch.randn(1, 48, generator=g)
+    keys = centre + 1e-4 * torch.randn(3000, 48, generator=g)
+    q = centre + 1e-4 * torch.randn(40, 48, generator=g)
+    before = P.prune_count().pairs_computed
+    (d, i), computed = P.pruned_knn(q, keys, 3)
+    ref = knn(q, keys, 3, prune=False)
+    assert torch.equal(i, ref.idx) and torch.equal(d, ref.dist)
+    assert computed >= q.shape[0] * keys.shape[0]       # the deferred rows swept every key
+    assert P.prune_count().pairs_computed - before == computed
 
-        def too_tight(balls, rows):     # ||q - c|| ranges moved in by ~ a neighbour distance
-            lo, hi = true_ranges(balls, rows)
-            return lo + 0.2, hi - 0.2
-        monkeypatch.setattr(P, "_centre_ranges", too_tight)
-    assert not torch.equal(knn(q, keys, 3, prune=True).idx, ref)
+
+def test_one_index_serves_several_query_sets():
+    q, keys = data("clustered", 600, 2500, 14, seed=12)
+    index = P.key_index(keys)
+    for part in q.split(250):
+        (d, i), _ = P.pruned_knn(part, keys, 4, index=index)
+        ref = knn(part, keys, 4, prune=False)
+        assert torch.equal(i, ref.idx) and torch.equal(d, ref.dist)
 
 
 def test_bound_skips_what_cannot_improve():
@@ -100,21 +105,25 @@ def test_gradients_match_the_sweep():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
-def test_the_measure_tells_structure_but_the_automatic_choice_sweeps(monkeypatch):
-    """structure_ratio separates noise from clusters; knn(prune=None) sweeps on both (the
-    zoo found the pruned path slower than the sweep on every case), without a sample."""
+def test_the_automatic_choice_prunes_many_queries_on_structured_data(monkeypatch):
+    """structure_ratio separates noise from clusters; knn(prune=None) prunes clustered
+    data with N >= M / 4 queries, and sweeps noise, few queries and small problems."""
+    from fastgen.ops import knn_plan
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(4096, 128, generator=g), torch.randn(4096, 128, generator=g)
     assert P.structure_ratio(*noise) > 0.75
     q, keys = data("clustered", 4096, 4096, 128, seed=6)
     assert P.structure_ratio(q, keys) < 0.3
+    assert knn_plan.plan_knn(q, keys, 1).prune
+    assert not knn_plan.plan_knn(*noise, 1).prune
+    assert not knn_plan.plan_knn(q[:512], keys, 1).prune             # N < M / 4
+    assert not knn_plan.plan_knn(q[:, :12].contiguous(), keys[:, :12].contiguous(), 1).prune   # D < 16
+    assert not knn_plan.plan_knn(q, keys, 1, prune=False).prune
+    assert torch.equal(knn(q, keys, 3).idx, knn(q, keys, 3, prune=False).idx)
+    small = data("clustered", 300, 1000, 16, seed=6)
     calls = []
-    monkeypatch.setattr(P, "pruned_knn", lambda *a, **kw: calls.append(1))
-    monkeypatch.setattr(P, "structure_ratio", lambda *a, **kw: calls.append(1))
-    knn(q, keys, 1)
-    s = StreamingKNN(q, 1)
-    s.add(keys)
-    assert calls == []
+    monkeypatch.setattr(knn_plan, "structure_ratio", lambda *a, **kw: calls.append(1))
+    assert not knn_plan.plan_knn(*small, 1).prune and calls == []    # no sample for a small problem
 
 
 def test_streaming_with_pruning_equals_one_knn():
@@ -157,6 +166,8 @@ def test_bad_prune_arguments():
 def test_fewer_queries_than_the_sample_on_a_large_problem():
     """structure_ratio samples 64 queries: with fewer it must still measure, not crash."""
     q, keys = data("clustered", 10, 200000, 16, seed=9)
+    assert P.structure_ratio(q, keys) < 0.6
+    q, keys = data("clustered", 40, 100, 16, seed=9)
     assert P.structure_ratio(q, keys) < 0.6
     assert torch.equal(knn(q, keys, 3).idx, knn(q, keys, 3, prune=False).idx)
 

@@ -207,6 +207,46 @@ struct PrunedProblem {
     }
   }
 
+  // knn's pruned pass (engine::pruned_topk) for k nearest keys: dist/idx (N, k) in
+  // original query order, original key ids; deferred (N) bool: rows left to the caller's
+  // dense path (their entries are inf / -1). bound: (N) float32 or null.
+  void topk(int64_t k, const at::Tensor& key_order, const at::Tensor& keys32, const float* bound, float* out_dist,
+            int64_t* out_idx, bool* out_deferred) {
+    const int64_t N = p.N, D = p.D;
+    const int64_t* pp = perm.data_ptr<int64_t>();
+    const engine::ErrorBound eb(D, p.input_roundoff(), p.output_roundoff());
+    const at::Tensor qlen = p.qn[0].sqrt().mul(1.0 + 1e-6).contiguous();
+    const at::Tensor klen = p.kn[0].sqrt().mul(1.0 + 1e-6).contiguous();
+    std::vector<float> bound_sorted;
+    if (bound != nullptr) {
+      bound_sorted.resize(N);
+      for (int64_t i = 0; i < N; ++i) bound_sorted[i] = bound[pp[i]];
+    }
+    std::vector<float> dist(N * k);
+    std::vector<int64_t> idx(N * k);
+    std::vector<unsigned char> deferred(N);
+    engine::PrunedTopKArgs t;
+    t.k = k;
+    t.err_coef = eb.coef;
+    t.err_slack = eb.slack;
+    t.query_len = qlen.data_ptr<float>();
+    t.key_len = klen.data_ptr<float>();
+    t.queries = p.q32.data_ptr<float>();
+    t.query_row = pp;
+    t.keys = keys32.data_ptr<float>();
+    t.key_order = key_order.data_ptr<int64_t>();
+    t.bound = bound ? bound_sorted.data() : nullptr;
+    t.out_dist = dist.data();
+    t.out_idx = idx.data();
+    t.deferred = deferred.data();
+    engine::pruned_topk(args, t);
+    for (int64_t i = 0; i < N; ++i) {
+      std::copy(dist.begin() + i * k, dist.begin() + (i + 1) * k, out_dist + pp[i] * k);
+      std::copy(idx.begin() + i * k, idx.begin() + (i + 1) * k, out_idx + pp[i] * k);
+      out_deferred[pp[i]] = deferred[i] != 0;
+    }
+  }
+
   PreparedOperands p;
   const engine::Balls& kb;
   at::Tensor perm;
@@ -292,6 +332,35 @@ struct PatchIndex : torch::CustomClassHolder {
                            idx.data_ptr<int64_t>() + b * N, nullptr);
     }
     return idx;
+  }
+
+  // The k nearest keys of each of (N, D) queries, exact (the certified sweep's answer,
+  // bit for bit): dist (N, k) float32 squared distances, idx (N, k) original key ids,
+  // deferred (N,) bool -- rows whose error window held too many keys (near-duplicates),
+  // left with (inf, -1) for the caller's dense path. bound (N,) float32 (optional):
+  // distances above bound[i] do not matter to the caller; such entries are (inf, -1).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> knn(const at::Tensor& queries, int64_t k,
+                                                     const std::optional<at::Tensor>& bound) {
+    check_queries(queries, 2);
+    const int64_t N = queries.size(0);
+    TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+    TORCH_CHECK_VALUE(k <= size(), "k=", k, " exceeds the number of keys available (", size(), ")");
+    check_bound_table(N, clusters());
+    at::Tensor b0;
+    if (bound.has_value()) {
+      b0 = checked_vector(*bound, "bound", N, at::kFloat);
+      TORCH_CHECK_VALUE(!at::isnan(b0).any().item<bool>(), "bound must not contain NaN");
+    }
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor dist = at::empty({N, k}, opts);
+    at::Tensor idx = at::empty({N, k}, opts.dtype(at::kLong));
+    at::Tensor deferred = at::empty({N}, opts.dtype(at::kBool));
+    if (N == 0) return {dist, idx, deferred};
+    CallStats cs(stats_);
+    PrunedProblem prob(queries.contiguous(), *keys_, &cs.call);
+    prob.topk(k, keys_->key_order, keys_->keys.k32[0], b0.defined() ? b0.data_ptr<float>() : nullptr,
+              dist.data_ptr<float>(), idx.data_ptr<int64_t>(), deferred.data_ptr<bool>());
+    return {dist, idx, deferred};
   }
 
   // Pass 1 on one (N, D) query set: colmin (M,) float32 = min(init, min_i d_ij) with
@@ -427,6 +496,7 @@ TORCH_LIBRARY_FRAGMENT(fastgen, m) {
       .def("positions", &fastgen::cpu::PatchIndex::positions)
       .def("pairs", &fastgen::cpu::PatchIndex::pairs)
       .def("search", &fastgen::cpu::PatchIndex::search)
+      .def("knn", &fastgen::cpu::PatchIndex::knn)
       .def("column_min", &fastgen::cpu::PatchIndex::column_min)
       .def("weighted_argmin", &fastgen::cpu::PatchIndex::weighted_argmin);
 }

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "error_bound.h"
+#include "exact_sqdist.h"
 #include "gemm.h"
 #include "simd_kernels.h"
 #include "sqdist_engine.h"
@@ -540,6 +541,222 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
       for (int64_t r = 0; r < nr; ++r) out_idx[r0 + r] = arg[r];
       if (out_best)
         for (int64_t r = 0; r < nr; ++r) out_best[r0 + r] = best[r];
+    }
+  }
+  detail::count_pairs(a, computed);
+}
+
+
+// knn's pruned pass: per query the k keys of smallest float64 distance, exactly the
+// certified sweep's answer (CertifiedTopK in reductions.h), computing only the keys the
+// row's own bounds leave. Per query block the balls are visited by increasing bound as
+// in pass 2 (weight 1); a key joins the block's next GEMM if some row's threshold lets
+// it through, and each row then screens every gathered value against its own threshold.
+//
+// Per row, in distance space: each fp32 value d~ = ||q||^2 + t + ||k||^2 is within
+// e = 2 E(||q_c||, ||k_c||) of the true distance (E bounds the cross term, the key norm,
+// the centring and one add; doubling it covers the query's fp32 norm and the second
+// add), so U, the k-th smallest d~ + e seen, bounds the true k-th distance from above;
+// keys with d~ - e <= U are kept as candidates and re-ranked by exact_sqdist on the
+// original inputs, ties to the lowest original id. A key skipped by the ball bound has
+// a true distance above U (the bound's window covers the centre GEMM and the centring).
+// So the answer is the sweep's, bit for bit. Rows whose window holds too many keys
+// (near-duplicates) are flagged in `deferred` for the caller's dense path.
+struct PrunedTopKArgs {
+  int64_t k = 1;
+  double err_coef = 0.0, err_slack = 0.0;  // ErrorBound of the gathered-row GEMM
+  const float* query_len = nullptr;    // (N) ||q_c||, rounded up (sorted query positions)
+  const float* key_len = nullptr;      // (M) ||k_c||, rounded up (key positions)
+  const float* queries = nullptr;      // (n_orig, D) original fp32 query rows
+  const int64_t* query_row = nullptr;  // (N) sorted query position -> row of `queries`
+  const float* keys = nullptr;         // (M, D) original fp32 keys (key positions)
+  const int64_t* key_order = nullptr;  // (M) key position -> original key id
+  const float* bound = nullptr;        // optional (N): distances above it do not matter
+  float* out_dist = nullptr;           // (N, k) by sorted query position
+  int64_t* out_idx = nullptr;          // (N, k) original ids, -1 where nothing within bound
+  unsigned char* deferred = nullptr;   // (N) 1: the row is left to the caller
+};
+
+inline void pruned_topk(const PrunedPassArgs& a, const PrunedTopKArgs& t) {
+  const std::vector<int64_t>& qo = *a.query_offsets;
+  const Balls& kb = *a.key_balls;
+  const int64_t nqb = static_cast<int64_t>(qo.size()) - 1, nkb = kb.count();
+  const int64_t kmax = kb.max_size();
+  const int64_t qmax = max_group(qo);
+  const int64_t row_bytes = a.dim * a.elem_bytes;
+  const int64_t k = t.k, D = a.dim, M = a.cols;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // past this many candidates, or a quarter of the keys (and > 256), a row is dense
+  constexpr int64_t kMaxCandidates = 8192;
+  // weight 1 for every ball (ball_bound_row) and every key of a ball (mark_keys_weighted)
+  const std::vector<float> ones(static_cast<size_t>(std::max(nkb, kmax)), 1.0f);
+  auto err = [&](double ql, double kl) {   // 2 E as a float, rounded up
+    const double e = 2.0 * (t.err_coef * (ql + kl) * (ql + kl) + t.err_slack);
+    return e < 3.0e38 ? static_cast<float>(e) * (1.0f + 1e-6f) : kInf;
+  };
+  int64_t computed = 0;
+#pragma omp parallel num_threads(detail::pass_threads(a.threads)) reduction(+ : computed)
+  {
+    const int64_t width = a.batch + kmax;
+    std::vector<float> lo(static_cast<size_t>(qmax * nkb)), hi(lo.size()), lb(lo.size());
+    std::vector<float> tile(static_cast<size_t>(qmax * width));
+    std::vector<float> ball_min(nkb), thr(qmax), up(static_cast<size_t>(qmax * k)), kn, kl;
+    std::vector<int64_t> filled(qmax), next_prune(qmax), pos;
+    std::vector<std::vector<std::pair<float, int64_t>>> cand(qmax);
+    std::vector<std::pair<double, int64_t>> ranked;
+    std::vector<unsigned char> cols, dense(qmax);
+    std::vector<int32_t> need(kmax);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < nqb; ++b) {
+      const int64_t r0 = qo[b], nr = qo[b + 1] - qo[b];
+      detail::centre_ranges(a, r0, nr, lo, hi);
+      std::fill(ball_min.begin(), ball_min.end(), kInf);
+      for (int64_t r = 0; r < nr; ++r)
+        ball_bound_row(lo.data() + r * nkb, hi.data() + r * nkb, kb.dist_min.data(), kb.dist_max.data(),
+                       ones.data(), a.query_windows[r0 + r], nkb, lb.data() + r * nkb, ball_min.data());
+      for (int64_t r = 0; r < nr; ++r) {
+        // the caller's bound, rounded up (it is a float32 rounding of a float64 distance)
+        thr[r] = t.bound ? t.bound[r0 + r] * (1.0f + 1e-6f) : kInf;
+        filled[r] = 0;
+        next_prune[r] = std::max<int64_t>(64, 4 * k);
+        dense[r] = 0;
+        cand[r].clear();
+      }
+      float worst = kInf;
+      const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;
+      auto prune = [&](int64_t r) {
+        auto& c = cand[r];
+        const float u = thr[r];
+        c.erase(std::remove_if(c.begin(), c.end(), [u](const std::pair<float, int64_t>& x) { return x.first > u; }),
+                c.end());
+        if (static_cast<int64_t>(c.size()) > kMaxCandidates + k) {
+          dense[r] = 1;   // answered by the caller; nothing more to compute for it
+          thr[r] = -kInf;
+          c.clear();
+          c.shrink_to_fit();
+        } else {
+          next_prune[r] = std::min<int64_t>(std::max<int64_t>(std::max<int64_t>(64, 4 * k), 2 * static_cast<int64_t>(c.size())),
+                                            kMaxCandidates + k + 1);
+        }
+      };
+      auto flush = [&] {
+        const int64_t nc = static_cast<int64_t>(kn.size());
+        if (nc == 0) return;
+        a.gemm(Q, nr, cols.data(), nc, tile.data(), nc);
+        float klmax = 0.0f;
+        for (float v : kl) klmax = std::max(klmax, v);
+        worst = -kInf;
+        for (int64_t r = 0; r < nr; ++r) {
+          if (!dense[r]) {
+            const float* tr = tile.data() + r * nc;
+            const float qn = a.query_norms[r0 + r];
+            const double ql = t.query_len[r0 + r];
+            const float emax = err(ql, klmax);
+            float* u = up.data() + r * k;
+            for (int64_t c = 0; c < nc; ++c) {
+              const float d = qn + tr[c] + kn[c];
+              if (!(d - emax <= thr[r])) continue;
+              const float e = err(ql, kl[c]);
+              if (!(d - e <= thr[r])) continue;
+              cand[r].emplace_back(d - e, pos[c]);
+              const float v = d + e;
+              if (filled[r] < k || v < u[k - 1]) {   // the k smallest upper bounds
+                int64_t at = std::min<int64_t>(filled[r], k - 1);
+                while (at > 0 && u[at - 1] > v) {
+                  u[at] = u[at - 1];
+                  --at;
+                }
+                u[at] = v;
+                if (filled[r] < k) ++filled[r];
+                if (filled[r] == k) thr[r] = std::min(thr[r], u[k - 1]);
+              }
+              if (static_cast<int64_t>(cand[r].size()) >= next_prune[r]) {
+                prune(r);
+                if (dense[r]) break;
+              }
+            }
+          }
+          worst = std::max(worst, thr[r]);
+        }
+        computed += nr * nc;
+        cols.clear();
+        kn.clear();
+        kl.clear();
+        pos.clear();
+      };
+      // the keys of ball g that some row's threshold lets through
+      auto visit = [&](int64_t g) {
+        const int64_t c0 = kb.offsets[g], nk = kb.size(g);
+        const float* rho = kb.member_dist.data() + c0;
+        float ulo = INFINITY, uhi = -INFINITY;
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r * nkb + g;
+          if (!(lb[i] <= thr[r])) continue;
+          const float s = std::sqrt(std::max(thr[r], 0.0f) + a.query_windows[r0 + r]) * (1.0f + 1e-6f);
+          ulo = std::min(ulo, lo[i] - s);
+          uhi = std::max(uhi, hi[i] + s);
+        }
+        if (!(ulo <= uhi)) return;
+        int64_t j0 = nk, j1 = 0;
+        for (int64_t j = 0; j < nk; ++j)
+          if (interval_gap(rho[j], ulo, uhi) <= 0.0f) {
+            j0 = std::min(j0, j);
+            j1 = j + 1;
+          }
+        if (j0 >= j1) return;
+        std::fill(need.begin(), need.begin() + (j1 - j0), 0);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r * nkb + g;
+          if (!(lb[i] <= thr[r])) continue;
+          mark_keys_weighted(rho + j0, ones.data(), j1 - j0, lo[i], hi[i], a.query_windows[r0 + r], thr[r],
+                             need.data());
+        }
+        for (int64_t j = j0; j < j1;) {  // runs of needed keys, one copy each
+          if (!need[j - j0]) {
+            ++j;
+            continue;
+          }
+          int64_t e = j + 1;
+          while (e < j1 && need[e - j0]) ++e;
+          detail::append_rows(cols, a.key_rows, c0 + j, e - j, row_bytes);
+          kn.insert(kn.end(), a.key_norms + c0 + j, a.key_norms + c0 + e);
+          kl.insert(kl.end(), t.key_len + c0 + j, t.key_len + c0 + e);
+          for (int64_t p = c0 + j; p < c0 + e; ++p) pos.push_back(p);
+          j = e;
+        }
+      };
+      detail::visit_by_bound(
+          a, ball_min.data(), nkb, [&] { return worst; }, visit, flush,
+          [&] { return static_cast<int64_t>(kn.size()); });
+      // the exact re-rank of each row's candidates still inside its final window
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = r0 + r;
+        float* od = t.out_dist + row * k;
+        int64_t* oi = t.out_idx + row * k;
+        int64_t inside = 0;
+        if (!dense[r])
+          for (const auto& c : cand[r]) inside += c.first <= thr[r];
+        if (dense[r] || (inside * 4 > M && inside > 256)) {
+          t.deferred[row] = 1;
+          std::fill(od, od + k, kInf);
+          std::fill(oi, oi + k, int64_t{-1});
+          continue;
+        }
+        t.deferred[row] = 0;
+        const float* q = t.queries + t.query_row[row] * D;
+        ranked.clear();
+        for (const auto& c : cand[r])
+          if (c.first <= thr[r]) ranked.emplace_back(exact_sqdist(q, t.keys + c.second * D, D), t.key_order[c.second]);
+        const int64_t got = std::min<int64_t>(k, static_cast<int64_t>(ranked.size()));
+        std::partial_sort(ranked.begin(), ranked.begin() + got, ranked.end());
+        const float limit = t.bound ? t.bound[row] : kInf;
+        for (int64_t j = 0; j < k; ++j) {
+          // compared as the float32 the caller holds: a float tie with the bound stays
+          const bool ok = j < got && static_cast<float>(ranked[j].first) <= limit;
+          od[j] = ok ? static_cast<float>(ranked[j].first) : kInf;
+          oi[j] = ok ? ranked[j].second : -1;
+        }
+      }
     }
   }
   detail::count_pairs(a, computed);

@@ -356,6 +356,7 @@ struct PrunedConfig {
   int64_t query_block, max_ball, batch, elem_bytes;
   int threads;
   bool random_weights;
+  bool mutant_must_fail = false;  // data on which a wrong ball bound must show
 };
 
 // Both pruned passes against brute force: (1) the same fp32 arithmetic on the whole
@@ -530,6 +531,75 @@ double check_pruned_passes(const ClusteredProblem& p, const PrunedConfig& cfg, s
       EXPECT(idx2[i] == idx[i], "%s: hinted pass 2 (mode %d) row %ld picks key %ld, unhinted %ld", what, mode,
              (long)i, (long)idx2[i], (long)idx[i]);
   }
+  // knn's pruned top-k: the float64 top-k (ties to the lowest id), with and without a
+  // bound; a mutant whose balls claim members 5x nearer their centres must go wrong
+  // somewhere on separated data (the check can fail)
+  {
+    const double ub = cfg.elem_bytes == 2 ? unit_roundoff_bf16() : 0.0;
+    const ErrorBound eb(D, ub);
+    std::vector<float> qlen(N), klen(M);
+    for (int64_t i = 0; i < N; ++i) qlen[i] = std::sqrt(qn[i]) * (1.0f + 1e-6f);
+    for (int64_t j = 0; j < M; ++j) klen[j] = std::sqrt(kn[j]) * (1.0f + 1e-6f);
+    std::vector<int64_t> rows(N);
+    for (int64_t i = 0; i < N; ++i) rows[i] = i;
+    Balls shrunk = kb;
+    for (auto& v : shrunk.member_dist) v *= 0.2f;
+    for (auto& v : shrunk.dist_min) v *= 0.2f;
+    for (auto& v : shrunk.dist_max) v *= 0.2f;
+    PrunedPassArgs am = a;
+    am.key_balls = &shrunk;
+    for (int64_t k : {int64_t{1}, std::min<int64_t>(M, 3), std::min<int64_t>(M, 7)}) {
+      // brute force: per row the sorted (float64 distance, id)
+      std::vector<std::vector<std::pair<double, int64_t>>> want(N);
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t j = 0; j < M; ++j) want[i].emplace_back(exact_sqdist(&p.q[i * D], &p.k[j * D], D), p.key_order[j]);
+        std::sort(want[i].begin(), want[i].end());
+      }
+      for (int mode = 0; mode < 3; ++mode) {  // 0: no bound, 1: bound at the k-th, 2: mutant
+        std::vector<float> bound(N), dist(N * k, -1.f);
+        std::vector<int64_t> idx(N * k, -2);
+        std::vector<unsigned char> deferred(N, 2);
+        for (int64_t i = 0; i < N; ++i) bound[i] = float(want[i][k - 1].first);
+        PrunedTopKArgs t;
+        t.k = k;
+        t.err_coef = eb.coef;
+        t.err_slack = eb.slack;
+        t.query_len = qlen.data();
+        t.key_len = klen.data();
+        t.queries = p.q.data();
+        t.query_row = rows.data();
+        t.keys = p.k.data();
+        t.key_order = p.key_order.data();
+        t.bound = mode == 1 ? bound.data() : nullptr;
+        t.out_dist = dist.data();
+        t.out_idx = idx.data();
+        t.deferred = deferred.data();
+        const int64_t before_t = stats.pairs_computed, before_total = stats.pairs_total;
+        pruned_topk(mode == 2 ? am : a, t);
+        stats.pairs_computed = before_t;
+        stats.pairs_total = before_total;
+        int64_t wrong = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          EXPECT(deferred[i] <= 1, "%s: top-k row %ld deferred flag unset", what, (long)i);
+          if (deferred[i] == 1) continue;  // the caller's dense path (tested in Python)
+          for (int64_t j = 0; j < k; ++j) {
+            // with a bound, entries past it (float ties with it stay) may be padding
+            const bool past = mode == 1 && float(want[i][j].first) > bound[i];
+            const bool ok = past ? idx[i * k + j] == -1 : (idx[i * k + j] == want[i][j].second &&
+                                                           dist[i * k + j] == float(want[i][j].first));
+            wrong += !ok;
+            if (mode < 2)
+              EXPECT(ok, "%s: top-%ld (bound %d) row %ld slot %ld: id %ld dist %.9g, want %ld %.9g", what, (long)k,
+                     mode, (long)i, (long)j, (long)idx[i * k + j], dist[i * k + j], (long)want[i][j].second,
+                     want[i][j].first);
+          }
+        }
+        if (mode == 2 && cfg.mutant_must_fail)
+          EXPECT(wrong > 0, "%s: the shrunk-ball mutant of the top-%ld pass went unnoticed", what, (long)k);
+      }
+    }
+  }
+
   stats.pairs_total = 2 * pairs;  // the hinted runs are extra: report the first two passes
   stats.pairs_computed = computed1 + computed2;
   return double(stats.pairs_computed) / double(stats.pairs_total);
@@ -572,7 +642,10 @@ void check_pruned(std::mt19937& rng) {
           const ClusteredProblem p = make_clustered(rng, c.N, c.M, c.D, c.clusters, c.sep, c.spread, c.integer,
                                                     c.sorted, c.offset, /*sort_by_rho=*/variant % 4 != 1);
           const int64_t bytes = c.integer && variant % 2 ? 2 : 4;  // bf16 rows: exact for small integers
-          check_pruned_passes(p, {block, ball, batch, bytes, 1 + (variant / 2) % 2, variant % 3 == 0},
+          // overlapping clusters, one row per block, small balls: a row's neighbours lie in
+          // several balls, one ball per GEMM, so a wrong ball bound must lose some of them
+          const bool must_fail = c.sep == 3.f && block == 1 && ball == 5 && batch == 1;
+          check_pruned_passes(p, {block, ball, batch, bytes, 1 + (variant / 2) % 2, variant % 3 == 0, must_fail},
                               rng);
         }
   // Far from the origin with tiny clusters: the fp32 rounding of ||x||^2 ~ 1e5 rivals the

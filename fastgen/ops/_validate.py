@@ -1,6 +1,8 @@
 """Python-side argument checks: every error names the argument it is about."""
 import torch
 
+from fastgen.ops.baselines import centering_shift
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("fp32", "bf16")
 
@@ -41,7 +43,6 @@ def distance_inputs(queries, q_name, keys, k_name):
     (inf everywhere, index 0, an out-of-range index on a GPU). (N, D) or (B, N, D)."""
     if queries.numel() == 0 or keys.numel() == 0:
         return
-    from fastgen.ops.baselines import centering_shift
     q3 = queries if queries.dim() == 3 else queries.unsqueeze(0)
     k3 = keys if keys.dim() == 3 else keys.unsqueeze(0)
     mu = centering_shift(k3).unsqueeze(1)

@@ -7,6 +7,7 @@ import torch
 
 from fastgen import _ext
 from fastgen.ops import _backend, _validate, reference
+from fastgen.ops.knn import knn
 
 
 class BallCounts(NamedTuple):
@@ -71,8 +72,7 @@ def ball_count(points, centres, radii, *, backend="auto", precision="fp32"):
 
 
 def _ball_count_triton(points, centres, radii):
-    from fastgen.ops.knn import knn
-    from fastgen.ops.triton.ball_count import ball_count_triton
+    from fastgen.ops.triton.ball_count import ball_count_triton   # optional dependency: triton
     p, c = points.contiguous(), centres.contiguous()
     count, unsure = ball_count_triton(p, c, radii.contiguous())
     count = count.long()

@@ -22,7 +22,7 @@ import triton
 
 from fastgen.ops import error_bound
 from fastgen.ops.baselines import centering_shift
-from fastgen.ops.knn import SCREEN_MAX_K
+from fastgen.ops.knn_plan import SCREEN_MAX_K
 from fastgen.ops.triton.screen import screen_blocks, screen_triton   # only imported where triton is
 
 # candidate slots per row: at least this many, and twice k

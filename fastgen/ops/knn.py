@@ -1,6 +1,5 @@
 """fastgen.ops.knn: exact k nearest neighbours (squared L2), no N x M matrix."""
 import numbers
-from typing import NamedTuple
 
 import torch
 
@@ -8,13 +7,7 @@ from fastgen import _ext
 from fastgen.ops import _validate, baselines, pruned_knn
 from fastgen.ops._sqdist_grad import sqdist_backward
 from fastgen.ops.knn_plan import SCREEN_MAX_K, KnnPlan, bf16_pays, plan_knn  # noqa: F401 (public names)
-from fastgen.ops.unit_scale import unit_scale
-
-
-class Neighbours(NamedTuple):
-    """knn's result: (dist, idx), as faiss and pytorch3d order them."""
-    dist: torch.Tensor  # (..., N, k) float32 squared distances, ascending
-    idx: torch.Tensor   # (..., N, k) int64 key indices
+from fastgen.ops.knn_sweep import Neighbours, run_sweep
 
 
 def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp32", prune=None):
@@ -35,12 +28,12 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             triton for k <= 128 (an fp32 screen, re-ranked in float64; larger k ranks
             in fp32); torch ranks in fp32.
         prune: skip keys that provably cannot be among a query's k nearest (keys grouped
-            into balls, triangle-inequality bounds: fastgen/ops/pruned_knn.py). Same
-            answer, bit for bit. None (default) is the automatic choice, which is the
-            sweep: on benchmarks/bench_knn_zoo.py's cases (patches, Gaussians,
-            mixtures, digits) the pruned path was slower than the sweep on every one.
-            True forces it where supported (2-D, cpp, no exclude_self; elsewhere it
-            raises), False never.
+            into k-means balls, triangle-inequality bounds per row, one C++ pass:
+            fastgen/ops/pruned_knn.py). Same answer, bit for bit. None (default) is the
+            automatic choice (fastgen.ops.knn_plan.prune_pays): pruned for 2-D cpp
+            searches with N >= M / 4 queries, D >= 16, N M D >= 2^28 and structure in
+            the data (a 64-query sample), else the sweep. True forces it where supported
+            (2-D, cpp, no exclude_self; elsewhere it raises), False never.
 
     Returns:
         Neighbours(dist, idx): float32 squared distances sorted ascending, computed directly
@@ -82,40 +75,7 @@ def run_knn(queries, keys, k, exclude_self, plan):
             dist = dist + (g - g.detach())
         return Neighbours(dist, idx)
 
-    squeeze = queries.dim() == 2
-    q3 = queries.unsqueeze(0) if squeeze else queries
-    k3 = keys.unsqueeze(0) if squeeze else keys
-    if plan.backend == "cpp":
-        dist, idx = torch.ops.fastgen.knn(q3.contiguous(), k3.contiguous(), k, exclude_self, plan.precision)
-    else:
-        screened = plan.kernel == "screened"   # re-ranked in float64 (exact)
-        # Far from unit scale fp32 squares underflow (1e-25 data: every distance 0, every
-        # key a tie) or overflow: search data moved to unit scale by a power of two
-        # (exact, the same keys win). The C++ engine does the same inside.
-        scale = unit_scale(q3, k3)
-        sq, sk = (q3, k3) if scale in (None, 1.0) else (q3 / scale, k3 / scale)
-        if screened:
-            from fastgen.ops.certified import knn_screened   # optional dependency: triton
-            with torch.no_grad():        # the gradient comes from gather_sqdist below
-                dist, idx = knn_screened(sq, sk, k, exclude_self, fp32=plan.precision == "fp32")
-        elif plan.backend == "triton":                       # larger k: ranked in fp32
-            from fastgen.ops.triton.knn import knn_triton      # optional dependency: triton
-            dist, idx = knn_triton(sq, sk, k, exclude_self)
-        else:
-            dist, idx = baselines.knn_addmm(sq, sk, k, exclude_self, stable_ties=True)
-        if sq is not q3:
-            # distances of the inputs themselves, in float64 and rounded once
-            with torch.no_grad():
-                dist = torch.stack([baselines.candidate_sqdist64(q3[b], k3[b], idx[b])
-                                    for b in range(idx.shape[0])]).float()
-        if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
-            g = baselines.gather_sqdist(q3, k3, idx)
-            # the screens' values are fl32 of the float64 distances, in order: keep them
-            # (g - g is exactly 0) and take the gradient of sum((q - k)^2)
-            dist = dist + (g - g.detach()) if screened else g
-    if squeeze:
-        return Neighbours(dist[0], idx[0])
-    return Neighbours(dist, idx)
+    return run_sweep(queries, keys, k, exclude_self, plan)
 
 
 if _ext.CPP_AVAILABLE:

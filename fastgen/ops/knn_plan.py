@@ -29,7 +29,8 @@ class KnnPlan:
     """How one exact kNN search runs.
 
     backend: "cpp", "triton" or "torch" (resolved, never "auto").
-    prune: the pruned path (cpp, 2-D, no exclude_self) instead of the sweep.
+    prune: the pruned path (cpp, 2-D, no exclude_self) instead of the sweep (asked for,
+        or prune=None and prune_pays).
     precision: the precision that runs ("bf16" asked may run "fp32": bf16_pays).
     kernel: "pruned", "certified-sweep" (cpp), "screened" (triton, re-ranked in float64),
         "fp32-tiles" (triton, k > SCREEN_MAX_K) or "addmm" (torch).
@@ -54,10 +55,9 @@ def plan_knn(queries, keys, k, *, exclude_self=False, backend="auto", precision=
         raise ValueError("prune=True needs 2-D queries and keys on the cpp backend without exclude_self "
                          f"(got {queries.dim()}-D on backend {be!r}, exclude_self={exclude_self}); "
                          "use prune=None or False")
-    # prune=None is the sweep: the pruned path was slower on every case of
-    # benchmarks/bench_knn_zoo.py (fastgen/ops/pruned_knn.py)
-    pruned = bool(prune)
-    if precision == "bf16" and be == "cpp" and not pruned and not bf16_pays(queries, keys, k, streamed):
+    pruned = bool(prune) if prune is not None else prunable and prune_pays(queries, keys, k)
+    # (the pruned path re-ranks the same windows: the same check)
+    if precision == "bf16" and be == "cpp" and not bf16_pays(queries, keys, k, streamed):
         precision = "fp32"
     if pruned:
         kernel = "pruned"
@@ -68,6 +68,43 @@ def plan_knn(queries, keys, k, *, exclude_self=False, backend="auto", precision=
     else:
         kernel = "addmm"
     return KnnPlan(be, pruned, precision, kernel)
+
+
+# When the pruned path pays (tuned on the "tune" half of benchmarks/bench_knn_zoo.py,
+# reported on the other, benchmarks/RESULTS.md): its index (a k-means pass over the keys,
+# ~M^2 D / 64 multiply-adds) is built per call, so it needs many queries per key; the
+# bounds need structure (random Gaussians, an untrained generator's samples: ratio > 0.5)
+# and enough dimensions for a distance to cost more than its bound (D=8 lost).
+PRUNE_MIN_QUERY_SHARE = 0.25     # N >= M / 4
+PRUNE_MIN_DIM = 16
+PRUNE_MIN_KEYS = 4096
+PRUNE_MIN_WORK = 1 << 28         # N M D: below this the sweep takes milliseconds
+PRUNE_MAX_RATIO = 0.5
+
+
+def prune_pays(queries, keys, k):
+    """Whether knn(prune=None) takes the pruned path for (N, D) x (M, D) cpp inputs: many
+    queries per key, D >= 16, a large problem, and structure (structure_ratio < 0.5 on a
+    64-query sample, which costs 64 rows of the sweep and runs only if the rest holds)."""
+    n, m, d = queries.shape[0], keys.shape[0], queries.shape[1]
+    if n < PRUNE_MIN_QUERY_SHARE * m or d < PRUNE_MIN_DIM or m < PRUNE_MIN_KEYS or n * m * d < PRUNE_MIN_WORK:
+        return False
+    return structure_ratio(queries, keys, k) < PRUNE_MAX_RATIO
+
+
+def structure_ratio(queries, keys, k=1, sample=64, seed=0):
+    """sqrt(k-th distance / median distance to a key) over a sample of (N, D) queries
+    against (M, D) keys: how far a query's neighbourhood is, relative to the data's
+    scale. ~1 for uniform high-dimensional data (nothing to prune), well under 1/2 for
+    structured data. Costs `sample` rows of the cpp sweep."""
+    g = torch.Generator().manual_seed(seed)
+    n, m = queries.shape[0], keys.shape[0]
+    qs = queries[torch.randperm(n, generator=g)[:sample].to(queries.device)]
+    with torch.no_grad():
+        near = torch.ops.fastgen.knn(qs[None].contiguous(), keys[None].contiguous(), k, False, "fp32")[0][0]
+    ks = keys[torch.randint(m, (qs.shape[0],), generator=g).to(keys.device)]
+    typical = (qs.double() - ks.double()).square().sum(1)
+    return float((near[:, -1].double().median() / typical.median().clamp_min(1e-300)).sqrt())
 
 
 def _bf16_window(a, b, d):

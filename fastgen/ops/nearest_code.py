@@ -6,6 +6,8 @@ import torch
 from fastgen import _ext
 from fastgen.ops import _backend, _validate
 from fastgen.ops._sqdist_grad import sqdist_backward
+from fastgen.ops.knn_plan import plan_knn
+from fastgen.ops.knn_sweep import run_sweep
 
 
 class NearestCode(NamedTuple):
@@ -39,8 +41,7 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
         _validate.distance_inputs(x, "x", codebook, "codebook")
     if be == "cpp":
         return NearestCode(*torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision))
-    from fastgen.ops.knn import knn
-    dist, idx = knn(x, codebook, 1, backend=be, precision=precision)
+    dist, idx = run_sweep(x, codebook, 1, False, plan_knn(x, codebook, 1, backend=be, precision=precision))
     return NearestCode(dist[:, 0], idx[:, 0])
 
 

@@ -32,6 +32,9 @@ import torch
 
 from fastgen import _ext
 from fastgen.ops import _backend, _validate
+from fastgen.ops.key_clusters import cluster_keys  # noqa: F401 (also imported from here)
+from fastgen.ops.knn import knn
+from fastgen.ops.patch_sweep import patch_nn_sweep
 
 
 @dataclass
@@ -48,49 +51,6 @@ class PatchIndexStats:
     @property
     def fraction_computed(self):
         return self.pairs_computed / self.pairs_total if self.pairs_total else None
-
-
-def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
-    """k-means (Lloyd, `iterations` steps, ~`cluster_size` keys per cluster) of (M, D) keys:
-    (sorted_keys (M, D), offsets (C + 1,) int64, order (M,) int64) with cluster g =
-    sorted_keys[offsets[g]:offsets[g+1]], members by distance to their centre, and order
-    the original index of each sorted key.
-
-    The clustering only decides how much a pruned search can skip, never its answer; a
-    few Lloyd steps are enough (each costs ~1/cluster_size of one patch_nn pass).
-    Deterministic for a given seed."""
-    _validate.points(keys, "keys", ndims=(2,))
-    _validate.positive_int(cluster_size, "cluster_size")
-    _validate.positive_int(iterations, "iterations", minimum=0)
-    m = keys.shape[0]
-    if m == 0:
-        raise ValueError("keys is empty (0 patches)")
-    # the same rule as every distance op, named for the caller (nearest_code below would
-    # blame its own argument, "x")
-    _validate.distance_inputs(keys, "keys", keys, "keys")
-    from fastgen.ops.nearest_code import nearest_code
-    x = keys.float()
-    c = -(-m // cluster_size)
-    gen = torch.Generator().manual_seed(int(seed))
-    centres = x[torch.randperm(m, generator=gen)[:c].to(keys.device)].clone()
-    assign = torch.zeros(m, dtype=torch.long, device=keys.device)
-    for step in range(iterations + 1):
-        assign = nearest_code(x, centres).idx
-        if step == iterations:
-            break
-        counts = torch.bincount(assign, minlength=c)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        filled = counts > 0                      # an empty cluster keeps its old centre
-        centres[filled] = sums[filled] / counts[filled, None].to(x.dtype)
-    # within a cluster by distance to its centre: the annulus bound then needs a
-    # contiguous range of each cluster (ties broken by original index)
-    rho = (x - centres[assign]).pow(2).sum(1)
-    order = torch.argsort(rho, stable=True)
-    order = order[torch.argsort(assign[order], stable=True)]
-    counts = torch.bincount(assign, minlength=c)
-    offsets = torch.zeros(c + 1, dtype=torch.long, device=keys.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return keys[order].contiguous(), offsets.cpu(), order.cpu()
 
 
 class PatchIndex:
@@ -217,18 +177,16 @@ class PatchIndex:
     # ------------------------------------------------------------------ the sweep
 
     def _sweep(self, q3):
-        from fastgen.ops.patch_nn import patch_nn
         bsz = q3.shape[0]
         flat = self.keys
         chunk = max(1, self.max_key_bytes // max(1, flat.numel() * flat.element_size()))
         if bsz == 0:
             return torch.empty(q3.shape[:2], dtype=torch.long, device=q3.device)
         if self.alpha is None:   # the plain nearest neighbour: one knn, keys never expanded
-            from fastgen.ops.knn import knn
             idx = knn(q3.reshape(-1, q3.shape[-1]), flat, 1, backend=self.backend, precision=self.precision).idx
             return idx.view(q3.shape[:2])
-        return torch.cat([patch_nn(q3[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), self.alpha,
-                                   backend=self.backend, precision=self.precision, prune=False)
+        return torch.cat([patch_nn_sweep(q3[i:i + chunk], flat.expand(min(chunk, bsz - i), -1, -1), self.alpha,
+                                         self.backend, self.precision)
                           for i in range(0, bsz, chunk)])
 
     # ------------------------------------------------------------------ incremental searches

@@ -10,9 +10,9 @@ many times (GPNN: ten iterations per level) build a PatchIndex once and call its
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate, baselines
+from fastgen.ops import _backend, _validate
 from fastgen.ops.patch_index import PatchIndex
-from fastgen.ops.unit_scale import unit_scale
+from fastgen.ops.patch_sweep import patch_nn_sweep, unit_scaled
 
 
 def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", prune=True, hint=None):
@@ -57,42 +57,20 @@ def patch_nn(queries, keys, alpha=0.005, *, backend="auto", precision="fp32", pr
     squeeze = queries.dim() == 2
     q3 = queries.unsqueeze(0) if squeeze else queries
     h2 = None if hint is None else _validate.hint(hint, q3, keys.shape[-2], squeeze)
-    # fp32 squares of data far from unit scale underflow (every key ties) or overflow:
-    # move it to unit scale by a power of two (exact), alpha with it (the score
-    # d / (alpha + c) is unchanged when d, c and alpha scale alike). An alpha that would
-    # leave fp32's range dominates (tiny data: the score is d / alpha, plain nearest
-    # neighbour) or vanishes (huge data: d / c) beside the scaled distances.
     k3 = keys.unsqueeze(0) if keys.dim() == 2 else keys
-    scale = unit_scale(q3, k3)
-    if be != "cpp" or scale not in (None, 1.0):   # the C++ op checks the same in its first pass
-        _validate.distance_inputs(queries, "queries", keys, "keys")
-    if scale not in (None, 1.0):
-        if alpha is not None:
-            alpha = alpha / scale ** 2
-            alpha = None if alpha > 1e30 else max(alpha, 1e-30)
-        queries, keys, q3, k3 = queries / scale, keys / scale, q3 / scale, k3 / scale
-    if be == "cpp" and prune and alpha is not None:
-        if keys.dim() == 2:
-            idx = PatchIndex(keys, alpha, backend=be, precision=precision, incremental=False).search(q3, h2)
-        else:  # a key set per batch element
-            idx = torch.cat([PatchIndex(keys[b], alpha, backend=be, precision=precision, incremental=False)
-                             .search(q3[b:b + 1], None if h2 is None else h2[b:b + 1])
-                             for b in range(q3.shape[0])])
+    if not (be == "cpp" and prune and alpha is not None):
+        idx = patch_nn_sweep(q3, k3, alpha, be, precision)
         return idx[0] if squeeze else idx
-    if be == "cpp":
-        idx = torch.ops.fastgen.patch_nn(q3.contiguous(), k3.contiguous(), alpha, precision)
-    elif be == "triton" and precision == "bf16":   # bf16 screens, exact float64 answer
-        from fastgen.ops.certified import patch_nn_screened
-        idx = patch_nn_screened(q3, k3, alpha)
-    elif be == "triton":  # fp32 tiles; plain NN = exact kNN with k=1 (the fp32 screen)
-        if alpha is None:
-            from fastgen.ops.certified import knn_screened
-            idx = knn_screened(q3, k3, 1, False, fp32=True)[1][..., 0]
-        else:
-            from fastgen.ops.triton.patch_nn import patch_nn_triton
-            idx = patch_nn_triton(q3, k3, alpha)
-    else:
-        idx = torch.stack([baselines.patch_nn_two_pass(q3[b], k3[b], alpha) for b in range(q3.shape[0])])
+    q3, k3, alpha = unit_scaled(q3, k3, alpha, be)
+    if alpha is None:   # alpha left fp32's range beside the scaled data: the plain nearest key
+        idx = patch_nn_sweep(q3, k3, alpha, be, precision)
+        return idx[0] if squeeze else idx
+    if keys.dim() == 2:
+        idx = PatchIndex(k3[0], alpha, backend=be, precision=precision, incremental=False).search(q3, h2)
+    else:  # a key set per batch element
+        idx = torch.cat([PatchIndex(k3[b], alpha, backend=be, precision=precision, incremental=False)
+                         .search(q3[b:b + 1], None if h2 is None else h2[b:b + 1])
+                         for b in range(q3.shape[0])])
     return idx[0] if squeeze else idx
 
 

@@ -121,7 +121,7 @@ class StreamingKNN:
             # the running k-th best, widened to survive fp32 rounding; kept in float64 (an fp32
             # bound of tiny-scale data underflows to 0: pruned_knn scales it with the data)
             bound = self._dist[:, -1] * (1 + 2.0 ** -20)
-        return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=plan.precision)[0].idx
+        return pruned_knn.pruned_knn(self.queries, keys, kk, bound=bound, precision=plan.precision)[0][1]
 
     def result(self):
         if self.seen < self.k:
