@@ -10,3 +10,7 @@ __all__ += ["VectorQuantizer", "ResidualVQ", "VQOutput"]
 from fastgen.nn.fsq import FSQ  # noqa: E402
 
 __all__ += ["FSQ"]
+
+from fastgen.nn.lfq import LFQ  # noqa: E402
+
+__all__ += ["LFQ"]
