@@ -5,8 +5,8 @@ what the triangle inequality rules out.
     pytest benchmarks/bench_pruned_knn.py --benchmark-only -k quick --benchmark-json=p.json
 
 Inputs: patches at stride 4 (quick, 16,695 x 16,695) or 2 (large, 66,570 x 66,570),
-values in [0, 1]. Providers: fastgen (knn with its default prune=None -- now the sweep; formerly the cheap
-measure decides, the clustering of the keys is inside the timed call), fastgen-sweep
+values in [0, 1]. Providers: fastgen (knn with its default prune=None: knn_plan.prune_pays decides, the
+clustering of the keys is inside the timed call), fastgen-sweep
 (knn prune=False, the full certified sweep), faiss (IndexFlatL2, built in the call).
 Guard: indices equal fastgen's full sweep on the first 512 queries (ties at 1e-4
 relative excluded); fastgen's row also reports the fraction of the N*M distances its

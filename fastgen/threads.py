@@ -1,7 +1,9 @@
 """How many threads fastgen's fine-grained CPU work uses when it does not own the machine.
 
-The pruned searches (knn's pruned path, GPNN's iterations at its small pyramid levels) are
-loops of many short parallel regions: small kernels and torch ops of a few milliseconds or less. When
+The pruned searches (GPNN's iterations at its small pyramid levels: loops of many short
+parallel regions, small kernels and torch ops of a few milliseconds or less; knn's pruned
+pass: one region of many small GEMMs, kept under the same policy because it measured no
+worse there, benchmarks/RESULTS.md "knn's automatic choice"). When
 another process keeps a core busy, the OS gives each region's second thread only part of
 that core; a region ends when its last thread does, so every region waits for a thread
 that was preempted mid-work -- about a scheduler time slice each, thousands of times per

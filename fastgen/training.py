@@ -225,12 +225,17 @@ def load_model(path, kind, device="cpu", name="--checkpoint"):
 
 def codebook_fingerprint(state_dict):
     """A short sha1 (hex) of a VQ model's codebook(s) -- the state-dict entries named
-    `codebook`, in name order, shapes and float32 bytes --, or None for a model without one.
+    `codebook`, in name order, shapes and float32 bytes; the decoder's entries where the
+    quantizer has no codebook --, or None for a model without either.
     A prior stores the fingerprint of the VQ model it was trained on: a VQ model of the
     same shapes but other codes (another run, another seed) then fails the check instead
     of decoding the prior's codes into garbage."""
     import hashlib
     keys = sorted(k for k in state_dict if k.split(".")[-1] == "codebook")
+    if not keys:
+        # a quantizer without a codebook (FSQ, LFQ): its codes mean what the decoder makes
+        # of them, so the decoder's weights tell one run from another
+        keys = sorted(k for k in state_dict if k.startswith("decoder."))
     if not keys:
         return None
     h = hashlib.sha1()

@@ -124,6 +124,10 @@ def test_the_automatic_choice_prunes_many_queries_on_structured_data(monkeypatch
     calls = []
     monkeypatch.setattr(knn_plan, "structure_ratio", lambda *a, **kw: calls.append(1))
     assert not knn_plan.plan_knn(*small, 1).prune and calls == []    # no sample for a small problem
+    assert not knn_plan.plan_knn(q, keys, 1, streamed=True).prune and calls == []   # streams: only when asked
+    s = StreamingKNN(q, 1)
+    s.add(keys)
+    assert not s.plan.prune and calls == []
 
 
 def test_streaming_with_pruning_equals_one_knn():

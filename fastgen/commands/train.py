@@ -86,6 +86,25 @@ def codebook_arguments(p, num_codes, code_dim, hidden, levels=""):
                    help="re-seed codes unused for this many steps (0: never)")
 
 
+def quantizer_arguments(p):
+    """--quantizer and --levels (train vqvae): which quantizer (fastgen/nn/quantizers.py)."""
+    p.add_argument("--quantizer", choices=("vq", "fsq", "lfq"), default="vq",
+                   help="vq: a learned codebook of --num-codes x --code-dim; fsq: finite scalar quantization "
+                        "on --levels (codes = their product); lfq: lookup-free, --num-codes a power of two")
+    p.add_argument("--levels", default=None, help="FSQ levels per channel, e.g. 8,5,5,5 (--quantizer fsq)")
+
+
+def parse_levels(text):
+    """'8,5,5,5' -> [8, 5, 5, 5]; a clear error naming --levels otherwise."""
+    try:
+        levels = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--levels must be integers separated by commas, e.g. 8,5,5,5 (got {text!r})") from None
+    if not levels or min(levels) < 2:
+        raise ValueError(f"--levels must be integers >= 2, got {text!r}")
+    return levels
+
+
 def save_reconstructions(x, rec, path):
     """Rows of 8 inputs, each above its 8 reconstructions, as one PNG grid."""
     from fastgen.images import save_grid

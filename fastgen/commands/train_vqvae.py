@@ -15,6 +15,7 @@ def add_parser(families):
     p = train_cmd.family_parser(families, "vqvae", "VQ-VAE (EMA codebook, dead-code reset)", __doc__)
     train_cmd.data_arguments(p)
     train_cmd.codebook_arguments(p, num_codes=64, code_dim=16, hidden=64)
+    train_cmd.quantizer_arguments(p)
     p.add_argument("--downsample", type=int, default=None,
                    help="image side / code-map side (power of 2; default 2 up to 16 px, else 4)")
     p.add_argument("--no-ema", action="store_true", help="train the codes by the codebook loss, not EMA")
@@ -43,6 +44,11 @@ def run(args):
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "num_codes", "code_dim", "hidden")
+    if args.quantizer == "fsq" and not args.levels:
+        raise ValueError("--quantizer fsq needs --levels, e.g. --levels 8,5,5,5")
+    if args.levels and args.quantizer != "fsq":
+        raise ValueError(f"--levels is for --quantizer fsq (got --quantizer {args.quantizer})")
+    levels = train_cmd.parse_levels(args.levels) if args.levels else None
     ckpt = train_cmd.open_run(args, "vqvae")
     ds, data_args = train_cmd.load_data(args, ckpt)
     side = min(ds.image_shape[1:])
@@ -50,14 +56,14 @@ def run(args):
         image_shape=ds.image_shape, downsample=args.downsample or (2 if side <= 16 else 4), hidden=args.hidden,
         res_hidden=max(args.hidden // 2, 1), num_res_blocks=args.res_blocks, num_codes=args.num_codes,
         code_dim=args.code_dim, commitment=args.commitment, ema=not args.no_ema,
-        dead_code_threshold=args.dead_code_threshold or None)
+        dead_code_threshold=args.dead_code_threshold or None, quantizer=args.quantizer, levels=levels)
     torch.manual_seed(args.seed)
     model = build_model("vqvae", config).to(device)
     test = ds.test[:args.max_test] if args.max_test else ds.test
     out_png = os.path.join(args.out, "reconstructions.png")
 
     def describe(n_params):
-        return (f"vqvae ({config['num_codes']} codes of dim {config['code_dim']}, code map "
+        return (f"vqvae ({config.get('quantizer', 'vq')}: {model.num_codes} codes of dim {model.quantizer.dim}, code map "
                 f"{model.code_shape[0]}x{model.code_shape[1]}, {n_params:,} parameters) on {ds.source}: "
                 f"{ds.train.shape[0]} train / {test.shape[0]} test images of {ds.image_shape}, device {device}")
     torch.manual_seed(args.seed)   # training noise from the same seed, after the init drew its share

@@ -1,4 +1,4 @@
-"""fastgen.models.VQVAE: conv encoder -> fastgen.nn.VectorQuantizer -> conv decoder
+"""fastgen.models.VQVAE: conv encoder -> a quantizer (VectorQuantizer, FSQ or LFQ) -> conv decoder
 (van den Oord et al. 2017).
 
     L = ||x_hat - x||^2 + beta * ||z_e - sg(z_q)||^2 + ||sg(z_e) - z_q||^2
@@ -19,7 +19,7 @@ from fastgen.models.networks import check_images
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.nn import VectorQuantizer
+from fastgen.nn.quantizers import make_quantizer, quantizer_shape
 
 
 class ResidualBlock(nn.Module):
@@ -48,29 +48,37 @@ class VQVAE(nn.Module):
         image_shape: (C, H, W), values in [0, 1]; H and W divisible by `downsample`.
         downsample: spatial reduction from image to code map (a power of two).
         hidden, res_hidden, num_res_blocks: widths and depth of encoder and decoder.
-        num_codes, code_dim: codebook size K and code dimension D.
-        commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizer's.
+        num_codes, code_dim: codebook size K and code dimension D (quantizer "vq").
+        commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizer's
+            (commitment is LFQ's commitment weight too).
+        quantizer: "vq" (VectorQuantizer), "fsq" (FSQ(levels): num_codes = prod(levels),
+            code_dim = len(levels)) or "lfq" (LFQ: num_codes a power of two, code_dim =
+            log2(num_codes)); fastgen/nn/quantizers.py states what any of them provides.
+        levels: FSQ's levels per channel.
     """
 
     def __init__(self, image_shape, downsample=2, hidden=64, res_hidden=32, num_res_blocks=2, num_codes=64,
-                 code_dim=16, commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20):
+                 code_dim=16, commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20,
+                 quantizer="vq", levels=None):
         super().__init__()
+        num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
         c, h, w = image_shape
-        levels = _levels(downsample)
+        steps = _levels(downsample)
         if h % downsample or w % downsample:
             raise ValueError(f"image_shape {tuple(image_shape)}: H and W must be divisible by "
                              f"downsample={downsample}")
         self.config = dict(image_shape=tuple(image_shape), downsample=downsample, hidden=hidden,
                            res_hidden=res_hidden, num_res_blocks=num_res_blocks, num_codes=num_codes,
                            code_dim=code_dim, commitment=commitment, ema=ema, decay=decay,
-                           kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold)
+                           kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold, quantizer=quantizer,
+                           levels=None if levels is None else list(levels))
         self.image_shape = tuple(image_shape)
         self.code_shape = (h // downsample, w // downsample)
         self.num_codes = num_codes
 
         enc, ch = [], c
-        for i in range(levels):
-            nxt = hidden if i == levels - 1 else max(hidden // 2, 1)
+        for i in range(steps):
+            nxt = hidden if i == steps - 1 else max(hidden // 2, 1)
             enc += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
             ch = nxt
         enc += [nn.Conv2d(ch, hidden, 3, padding=1)]
@@ -78,15 +86,15 @@ class VQVAE(nn.Module):
         enc += [nn.ReLU(), nn.Conv2d(hidden, code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
 
-        self.quantizer = VectorQuantizer(num_codes, code_dim, commitment=commitment, ema=ema, decay=decay,
-                                         kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold,
-                                         channel_last=False)
+        self.quantizer = make_quantizer(quantizer, num_codes=num_codes, code_dim=code_dim, levels=levels,
+                                        commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
+                                        dead_code_threshold=dead_code_threshold, channel_last=False)
 
         dec = [nn.Conv2d(code_dim, hidden, 3, padding=1)]
         dec += [ResidualBlock(hidden, res_hidden) for _ in range(num_res_blocks)]
         dec += [nn.ReLU()]
         ch = hidden
-        for i in range(levels):
+        for i in range(steps):
             nxt = max(hidden // 2, 1)
             dec += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
             ch = nxt
@@ -104,10 +112,12 @@ class VQVAE(nn.Module):
         vq = self.quantizer(z_e)
         x_hat = self.decoder(vq.quantized) + 0.5
         mse = F.mse_loss(x_hat, x)
-        loss = mse + vq.losses["commitment"] + vq.losses["codebook"]
+        loss = mse + sum(vq.losses.values())
         recon = (x_hat.detach() - x).square().flatten(1).sum(1)
-        return dict(loss=loss, mse=mse.detach(), recon=recon, commitment=vq.losses["commitment"].detach(),
-                    codebook=vq.losses["codebook"].detach(), perplexity=vq.perplexity, indices=vq.indices)
+        zero = mse.new_zeros(())
+        # every quantizer's loss terms, and commitment/codebook always (0 where it has none)
+        terms = {"commitment": zero, "codebook": zero, **{k: v.detach() for k, v in vq.losses.items()}}
+        return dict(loss=loss, mse=mse.detach(), recon=recon, **terms, perplexity=vq.perplexity, indices=vq.indices)
 
     @torch.no_grad()
     def encode(self, x):

@@ -14,3 +14,7 @@ __all__ += ["FSQ"]
 from fastgen.nn.lfq import LFQ  # noqa: E402
 
 __all__ += ["LFQ"]
+
+from fastgen.nn.quantizers import QUANTIZERS, make_quantizer  # noqa: E402
+
+__all__ += ["QUANTIZERS", "make_quantizer"]

@@ -78,7 +78,7 @@ class FSQ(nn.Module):
 
     def decode_indices(self, indices):
         """int64 indices (any shape) -> their codes, (*shape, d) float32 in [-1, 1]
-        (channel-last whatever the layer's layout)."""
+        (as forward returns them: channel dim second with channel_last=False)."""
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
             raise TypeError("indices must be an int64 tensor")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
@@ -87,4 +87,5 @@ class FSQ(nn.Module):
         levels = self._levels.long()
         digits = (indices.unsqueeze(-1) // self._basis) % levels
         half_width = torch.div(self._levels, 2, rounding_mode="floor")
-        return (digits.float() - half_width) / half_width
+        codes = (digits.float() - half_width) / half_width
+        return codes if self.channel_last else codes.movedim(-1, 1)

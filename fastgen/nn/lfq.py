@@ -156,11 +156,12 @@ class LFQ(nn.Module):
 
     def decode_indices(self, indices):
         """int64 indices (any shape) -> their codes, (*shape, dim) float32 of +-codebook_scale
-        (channel-last whatever the layer's layout)."""
+        (as forward returns them: channel dim second with channel_last=False)."""
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
             raise TypeError("indices must be an int64 tensor")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
             raise ValueError(f"indices must be in [0, {self.num_codes}), got values in "
                              f"[{int(indices.min())}, {int(indices.max())}]")
         bits = (indices.unsqueeze(-1) // self._weights) % 2
-        return (bits.float() * 2 - 1) * self.codebook_scale
+        codes = (bits.float() * 2 - 1) * self.codebook_scale
+        return codes if self.channel_last else codes.movedim(-1, 1)

@@ -55,7 +55,9 @@ def plan_knn(queries, keys, k, *, exclude_self=False, backend="auto", precision=
         raise ValueError("prune=True needs 2-D queries and keys on the cpp backend without exclude_self "
                          f"(got {queries.dim()}-D on backend {be!r}, exclude_self={exclude_self}); "
                          "use prune=None or False")
-    pruned = bool(prune) if prune is not None else prunable and prune_pays(queries, keys, k)
+    # a stream's chunks are searched with a bound and a fresh index each, which prune_pays
+    # was not tuned on (it times single calls): streams prune only when asked
+    pruned = bool(prune) if prune is not None else prunable and not streamed and prune_pays(queries, keys, k)
     # (the pruned path re-ranks the same windows: the same check)
     if precision == "bf16" and be == "cpp" and not bf16_pays(queries, keys, k, streamed):
         precision = "fp32"

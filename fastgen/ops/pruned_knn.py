@@ -4,7 +4,7 @@ policy around the C++ pass (csrc/engine/pruned_passes.h, `pruned_topk`).
 Data with structure (image patches, clustered features) has most of its keys far from
 any given query's neighbourhood. The keys are grouped into balls (k-means clusters of
 ~cluster_size keys, split past 1,024, members sorted by their distance rho_j to the
-centre c: fastgen.ops.patch_index.cluster_keys), and for a query q every key of a ball
+centre c: fastgen.ops.key_clusters.cluster_keys), and for a query q every key of a ball
 obeys
 
     ||q - k_j|| >= | ||q - c|| - rho_j |
@@ -78,7 +78,9 @@ def pruned_knn(queries, keys, k=1, *, bound=None, index=None, cluster_size=64, p
         keys farther than bound[i] may be skipped even if fewer than k remain, and the
         row is then padded with (inf, -1). StreamingKNN passes its running k-th best.
     index: key_index(keys) built already (for several query sets against one key set);
-        built here when None.
+        built here when None. With an index the data is searched as it is: it must be
+        near unit scale (the bounds are fp32 squares; without one, data far from it is
+        moved there first).
 
     Returns ((dist, idx), pairs computed)."""
     if index is None:

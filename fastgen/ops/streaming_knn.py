@@ -34,8 +34,8 @@ class StreamingKNN:
         queries: (N, D) float32/float16/bfloat16.
         k: neighbours per query; the keys added in total must reach k before `result`.
         backend, precision: as in `fastgen.ops.knn`.
-        prune: as in `fastgen.ops.knn` (None: decided once, on the first chunk that has
-            k keys). When pruning, each chunk's search starts from the running k-th best
+        prune: True prunes each chunk (2-D cpp); None and False sweep (the automatic
+            choice of `knn` was tuned on single calls, not on streams). When pruning, each chunk's search starts from the running k-th best
             distance of every query as its threshold: keys farther than that cannot enter
             the answer and are skipped, so a chunk with nothing better costs little.
 

@@ -1,0 +1,57 @@
+"""The quantizer contract, and the one place that builds a quantizer from a config.
+
+A quantizer is an nn.Module with
+    num_codes                  the number of codes (indices lie in [0, num_codes))
+    dim                        the channels it quantizes (the encoder's output width)
+    channel_last               True: x is (..., dim); False: x is (B, dim, ...)
+    forward(x) -> VQOutput(quantized, indices, losses, perplexity)
+        quantized: x's shape and dtype, gradients reaching x (straight-through or the
+        quantizer's own estimator); indices: int64, x's shape without the channel dim;
+        losses: {name: float32 scalar} to add to the training loss (empty if none);
+        perplexity: exp(entropy of this batch's code usage).
+    decode_indices(indices) -> what forward's `quantized` holds for those indices, in the
+        same layout (channel dim last, or second with channel_last=False), no gradient.
+DDP: a quantizer with state (VectorQuantizer's EMA and dead-code statistics) all-reduces
+it inside forward, so every rank must call forward the same number of times; FSQ and LFQ
+have none.
+
+Adding one is a module in fastgen/nn with its test, and an entry in `make_quantizer`:
+the models (VQVAE) and the CLI (`--quantizer`) build theirs here.
+"""
+import math
+
+from fastgen.nn.fsq import FSQ
+from fastgen.nn.lfq import LFQ
+from fastgen.nn.vector_quantizer import VectorQuantizer
+
+QUANTIZERS = ("vq", "fsq", "lfq")
+
+
+def quantizer_shape(kind, num_codes=None, code_dim=None, levels=None):
+    """(num_codes, dim) a quantizer of `kind` would have: vq takes both as given, fsq
+    derives them from `levels` (prod, len), lfq from num_codes (a power of two: log2)."""
+    if kind not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {kind!r}")
+    if kind == "fsq":
+        if not levels:
+            raise ValueError("quantizer='fsq' needs levels (e.g. [8, 5, 5, 5])")
+        return math.prod(levels), len(levels)
+    if kind == "lfq":
+        if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 2 \
+                or num_codes & (num_codes - 1):
+            raise ValueError(f"quantizer='lfq' needs num_codes a power of two >= 2, got {num_codes!r}")
+        return num_codes, num_codes.bit_length() - 1
+    return num_codes, code_dim
+
+
+def make_quantizer(kind, *, num_codes=None, code_dim=None, levels=None, commitment=0.25, ema=True, decay=0.99,
+                   kmeans_init=True, dead_code_threshold=20, entropy_weight=0.1, channel_last=True):
+    """The quantizer a model config names. vq: VectorQuantizer(num_codes, code_dim, ...);
+    fsq: FSQ(levels); lfq: LFQ(log2(num_codes), entropy_weight=..., commitment_weight=commitment)."""
+    n, d = quantizer_shape(kind, num_codes, code_dim, levels)
+    if kind == "fsq":
+        return FSQ(list(levels), channel_last=channel_last)
+    if kind == "lfq":
+        return LFQ(d, entropy_weight=entropy_weight, commitment_weight=commitment, channel_last=channel_last)
+    return VectorQuantizer(n, d, commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
+                           dead_code_threshold=dead_code_threshold, channel_last=channel_last)

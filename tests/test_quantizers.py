@@ -1,0 +1,95 @@
+"""The quantizer contract (fastgen/nn/quantizers.py) on every quantizer, VQVAE built with
+each, and `fastgen train vqvae --quantizer` end to end (then a PixelCNN prior and samples)."""
+import math
+
+import pytest
+import torch
+
+from fastgen.cli import main
+from fastgen.models import VQVAE
+from fastgen.nn import FSQ, LFQ, QUANTIZERS, VectorQuantizer, VQOutput, make_quantizer
+
+CONFIGS = {"vq": dict(num_codes=32, code_dim=6), "fsq": dict(levels=[8, 5, 5]), "lfq": dict(num_codes=64)}
+TYPES = {"vq": VectorQuantizer, "fsq": FSQ, "lfq": LFQ}
+
+
+@pytest.mark.parametrize("kind", QUANTIZERS)
+@pytest.mark.parametrize("channel_last", [True, False])
+def test_every_quantizer_keeps_the_contract(kind, channel_last):
+    q = make_quantizer(kind, channel_last=channel_last, **CONFIGS[kind])
+    assert isinstance(q, TYPES[kind])
+    d = q.dim
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, d) if channel_last else torch.randn(3, d, 5, 4)
+    x.requires_grad_()
+    q.train()
+    out = q(x)
+    assert isinstance(out, VQOutput)
+    assert out.quantized.shape == x.shape and out.quantized.dtype == x.dtype
+    assert out.indices.shape == (3, 5, 4) and out.indices.dtype == torch.long
+    assert int(out.indices.min()) >= 0 and int(out.indices.max()) < q.num_codes
+    assert all(v.dim() == 0 and v.dtype == torch.float32 for v in out.losses.values())
+    assert 1.0 <= float(out.perplexity) <= q.num_codes
+    (out.quantized.sum() + sum(out.losses.values())).backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    # decode_indices gives what forward returned for those codes, in the same layout
+    q.eval()
+    with torch.no_grad():
+        again = q(x.detach())
+    torch.testing.assert_close(q.decode_indices(again.indices), again.quantized)
+
+
+@pytest.mark.parametrize("kind", QUANTIZERS)
+def test_vqvae_with_each_quantizer(kind):
+    torch.manual_seed(1)
+    model = VQVAE((1, 8, 8), downsample=2, hidden=8, res_hidden=4, num_res_blocks=1, quantizer=kind,
+                  **CONFIGS[kind])
+    n = {"vq": 32, "fsq": 200, "lfq": 64}[kind]
+    assert model.num_codes == n and model.config["quantizer"] == kind
+    x = torch.rand(4, 1, 8, 8)
+    out = model(x)
+    out["loss"].backward()
+    assert math.isfinite(float(out["loss"].detach())) and out["indices"].shape == (4, 4, 4)
+    assert {"commitment", "codebook", "perplexity"} <= set(out)
+    rebuilt = VQVAE(**model.config)           # what a checkpoint does
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt.encode(x), model.encode(x))
+    assert model.decode(model.encode(x)).shape == x.shape
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(quantizer="pq"), "quantizer must be one of"),
+    (dict(quantizer="fsq"), "needs levels"),
+    (dict(quantizer="lfq", num_codes=48), "power of two"),
+])
+def test_bad_quantizer_configs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        VQVAE((1, 8, 8), **bad)
+
+
+def test_train_vqvae_with_fsq_then_a_prior_and_samples(tmp_path, capsys):
+    quick = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
+    tiny = ["--data", "digits", "--hidden", "16", "--res-blocks", "1"]
+    assert main(["train", "vqvae", *tiny, "--quantizer", "fsq", "--levels", "5,3", "--out", str(tmp_path / "vq"),
+                 *quick]) == 0
+    ck = torch.load(tmp_path / "vq" / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["quantizer"] == "fsq" and ck["config"]["levels"] == [5, 3]
+    assert main(["train", "pixelcnn", "--vqvae", str(tmp_path / "vq" / "checkpoint.pt"), "--prior-dim", "8",
+                 "--prior-layers", "2", "--out", str(tmp_path / "prior"), *quick]) == 0
+    out = tmp_path / "samples"
+    assert main(["sample", "vqvae", "--prior", str(tmp_path / "prior" / "checkpoint.pt"), "--checkpoint",
+                 str(tmp_path / "vq" / "checkpoint.pt"), "-n", "4", "--out", str(out)]) == 0
+    assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in out.rglob("*")) or \
+        (out.suffix == ".png" and out.stat().st_size > 0)
+    # a prior of the FSQ model against another FSQ run: refused (fingerprint of the decoder)
+    assert main(["train", "vqvae", *tiny, "--quantizer", "fsq", "--levels", "5,3", "--seed", "7",
+                 "--out", str(tmp_path / "vq2"), *quick]) == 0
+    capsys.readouterr()
+    assert main(["sample", "vqvae", "--prior", str(tmp_path / "prior" / "checkpoint.pt"), "--checkpoint",
+                 str(tmp_path / "vq2" / "checkpoint.pt"), "-n", "2", "--out", str(tmp_path / "s2")]) != 0
+    assert "another VQ model" in capsys.readouterr().err
+    assert main(["train", "vqvae", *tiny, "--quantizer", "fsq", "--out", str(tmp_path / "x"), *quick]) != 0
+    assert "--levels" in capsys.readouterr().err
+    assert main(["train", "vqvae", *tiny, "--quantizer", "lfq", "--num-codes", "48", "--out", str(tmp_path / "y"),
+                 *quick]) != 0
+    assert "power of two" in capsys.readouterr().err
