@@ -61,10 +61,25 @@ def test_vqvae_with_each_quantizer(kind):
     (dict(quantizer="pq"), "quantizer must be one of"),
     (dict(quantizer="fsq"), "needs levels"),
     (dict(quantizer="lfq", num_codes=48), "power of two"),
+    (dict(quantizer="fsq", levels=[4, 4], rotation_trick=True), "rotation_trick"),
 ])
 def test_bad_quantizer_configs(bad, match):
     with pytest.raises(ValueError, match=match):
         VQVAE((1, 8, 8), **bad)
+
+
+def test_vqvae_rotation_trick_trains_and_changes_the_gradient():
+    torch.manual_seed(2)
+    x = torch.rand(4, 1, 8, 8)
+    grads = []
+    for rot in (False, True):
+        torch.manual_seed(3)
+        m = VQVAE((1, 8, 8), hidden=8, res_hidden=4, num_res_blocks=1, num_codes=16, code_dim=4, ema=False,
+                  kmeans_init=False, rotation_trick=rot)
+        assert m.quantizer.rotation_trick is rot and m.config["rotation_trick"] is rot
+        m(x)["loss"].backward()
+        grads.append(m.encoder[0].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
 
 
 def test_train_vqvae_with_fsq_then_a_prior_and_samples(tmp_path, capsys):

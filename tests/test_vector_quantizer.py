@@ -343,3 +343,44 @@ def test_ddp_statistics_give_the_same_codebook_on_every_rank():
     for key in ("cluster_size", "embed_sum", "codebook"):
         assert_close(r0["ema"][key], single.state_dict()[key], 1e-5, 1e-5)
     assert torch.equal(r0["ema"]["usage"], single.usage)
+
+
+# --- the rotation trick ---------------------------------------------------------------------
+
+def _rotation_grad64(z, q, g):
+    """float64 s R^T g per row, from the rotation trick's formula (Fifty et al. 2024)."""
+    z, q, g = z.double(), q.double(), g.double()
+    out = []
+    for zi, qi, gi in zip(z, q, g):
+        e, qh = zi / zi.norm(), qi / qi.norm()
+        r = (e + qh) / (e + qh).norm()
+        R = torch.eye(len(zi), dtype=torch.float64) - 2 * torch.outer(r, r) + 2 * torch.outer(qh, e)
+        out.append(qi.norm() / zi.norm() * R.T @ gi)
+    return torch.stack(out)
+
+
+def test_rotation_trick_value_and_gradient_match_the_formula():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 6, rotation_trick=True)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.randn(16, 6))
+    z = torch.randn(40, 6, requires_grad=True)
+    out = vq(z)
+    q = vq.codebook.detach()[out.indices]
+    assert torch.equal(out.quantized, q)                        # the code itself
+    g = torch.randn(40, 6)
+    (out.quantized * g).sum().backward()
+    torch.testing.assert_close(z.grad.double(), _rotation_grad64(z.detach(), q, g), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(z.grad, g)                        # not straight-through
+
+
+def test_rotation_trick_degenerate_rows_pass_straight_through():
+    from fastgen.nn.vector_quantizer import rotate_onto
+    z = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 1.0]], requires_grad=True)
+    q = torch.tensor([[1.0, 1.0], [-3.0, 0.0], [1.0, 2.0]])
+    out = rotate_onto(z, q)
+    out.sum().backward()
+    assert torch.equal(z.grad[:2], torch.ones(2, 2))           # z = 0, and q opposite to z
+    torch.testing.assert_close(out[2], q[2])
+    with pytest.raises(TypeError, match="rotation_trick"):
+        VectorQuantizer(4, 2, rotation_trick="yes")

@@ -92,6 +92,9 @@ def quantizer_arguments(p):
                    help="vq: a learned codebook of --num-codes x --code-dim; fsq: finite scalar quantization "
                         "on --levels (codes = their product); lfq: lookup-free, --num-codes a power of two")
     p.add_argument("--levels", default=None, help="FSQ levels per channel, e.g. 8,5,5,5 (--quantizer fsq)")
+    p.add_argument("--rotation-trick", action="store_true",
+                   help="--quantizer vq: gradients through the rotation onto the code (Fifty et al. 2024), "
+                        "not straight through")
 
 
 def parse_levels(text):

@@ -45,13 +45,19 @@ def quantizer_shape(kind, num_codes=None, code_dim=None, levels=None):
 
 
 def make_quantizer(kind, *, num_codes=None, code_dim=None, levels=None, commitment=0.25, ema=True, decay=0.99,
-                   kmeans_init=True, dead_code_threshold=20, entropy_weight=0.1, channel_last=True):
+                   kmeans_init=True, dead_code_threshold=20, entropy_weight=0.1, rotation_trick=False,
+                   channel_last=True):
     """The quantizer a model config names. vq: VectorQuantizer(num_codes, code_dim, ...);
-    fsq: FSQ(levels); lfq: LFQ(log2(num_codes), entropy_weight=..., commitment_weight=commitment)."""
+    fsq: FSQ(levels); lfq: LFQ(log2(num_codes), entropy_weight=..., commitment_weight=commitment).
+    rotation_trick: vq's gradient estimator (fsq and lfq have no codebook to rotate onto:
+    asking for it there raises)."""
     n, d = quantizer_shape(kind, num_codes, code_dim, levels)
+    if rotation_trick and kind != "vq":
+        raise ValueError(f"rotation_trick is for quantizer='vq' (a codebook); {kind!r} rounds per channel")
     if kind == "fsq":
         return FSQ(list(levels), channel_last=channel_last)
     if kind == "lfq":
         return LFQ(d, entropy_weight=entropy_weight, commitment_weight=commitment, channel_last=channel_last)
     return VectorQuantizer(n, d, commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
-                           dead_code_threshold=dead_code_threshold, channel_last=channel_last)
+                           dead_code_threshold=dead_code_threshold, rotation_trick=rotation_trick,
+                           channel_last=channel_last)

@@ -128,6 +128,30 @@ def _check_float(value, name, low=None, high=None, low_open=False, high_open=Fal
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
 
 
+def rotate_onto(z, q):
+    """s R z for (N, D) rows: R the rotation in the plane of z and q that turns z's
+    direction into q's (R x = x - 2 r (r.x) + 2 q^ (e.x), e = z/|z|, q^ = q/|q|,
+    r = (e + q^)/|e + q^|), s = |q|/|z|, both held constant (no gradient through them):
+    the value is q up to rounding, the gradient s R^T. Rows with z = 0 (no direction) or
+    q = -z direction (no unique plane) return z itself (straight through)."""
+    with torch.no_grad():
+        zn = z.norm(dim=1, keepdim=True)
+        qn = q.norm(dim=1, keepdim=True)
+        ok = (zn > 0) & (qn > 0)
+        e = z / zn.clamp_min(1e-30)
+        qh = q / qn.clamp_min(1e-30)
+        w = e + qh
+        wn = w.norm(dim=1, keepdim=True)
+        ok &= wn > 1e-6
+        r = w / wn.clamp_min(1e-30)
+        scale = torch.where(ok, qn / zn.clamp_min(1e-30), torch.ones_like(zn))
+        r = torch.where(ok, r, torch.zeros_like(r))
+        qh = torch.where(ok, qh, torch.zeros_like(qh))
+        e = torch.where(ok, e, torch.zeros_like(e))
+    rz = z - 2 * r * (r * z).sum(1, keepdim=True) + 2 * qh * (e * z).sum(1, keepdim=True)
+    return scale * rz
+
+
 class VectorQuantizer(nn.Module):
     """Vector quantization layer for VQ-VAEs: z_e -> (z_q, indices, losses, perplexity).
 
@@ -147,6 +171,10 @@ class VectorQuantizer(nn.Module):
             batch (rank 0's, broadcast). None disables it.
         cosine: l2-normalise inputs and codes, so the lookup is by cosine similarity
             and z_q is a unit vector.
+        rotation_trick: the gradient reaches z through the rotation and rescaling that
+            carry z onto its code (Fifty et al. 2024, "Restructuring vector quantization
+            with the rotation trick"), held constant, instead of straight through: the
+            value is the code exactly either way. Rows with z = 0 pass straight through.
         channel_last: True for inputs (..., C); False for channel-first (B, C, ...)
             such as conv feature maps (B, C, H, W).
         backend, precision: passed to fastgen.ops.nearest_code.
@@ -157,7 +185,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes, dim, input_dim=None, *, commitment=0.25, ema=False, decay=0.99, eps=1e-5,
                  kmeans_init=False, kmeans_iters=10, dead_code_threshold=None, cosine=False,
-                 channel_last=True, backend="auto", precision="fp32"):
+                 channel_last=True, backend="auto", precision="fp32", rotation_trick=False):
         super().__init__()
         _check_int(num_codes, "num_codes", 1)
         _check_int(dim, "dim", 1)
@@ -178,6 +206,9 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init, self.kmeans_iters = bool(kmeans_init), kmeans_iters
         self.dead_code_threshold = dead_code_threshold
         self.cosine, self.channel_last = bool(cosine), bool(channel_last)
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be True or False, got {rotation_trick!r}")
+        self.rotation_trick = rotation_trick
         self.backend, self.precision = backend, precision
 
         self.project_in, self.project_out = _projections(self.input_dim, dim)
@@ -297,8 +328,10 @@ class VectorQuantizer(nn.Module):
             perplexity = _perplexity(counts)
 
         # straight-through: the value is exactly the code (z - sg(z) is exactly 0),
-        # the gradient w.r.t. z the identity
-        z_q = q.detach() + (z - z.detach())
+        # the gradient w.r.t. z the identity; with the rotation trick, the gradient of
+        # z -> s R z (s, R constants mapping z onto its code) instead
+        carry = rotate_onto(z, q.detach()) if self.rotation_trick else z
+        z_q = q.detach() + (carry - carry.detach())
         if self.project_out is not None:
             z_q = self.project_out(z_q)
         out = _from_rows(z_q, lead, x.dtype, self.channel_last)
