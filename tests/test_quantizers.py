@@ -9,8 +9,9 @@ from fastgen.cli import main
 from fastgen.models import VQVAE
 from fastgen.nn import FSQ, LFQ, QUANTIZERS, VectorQuantizer, VQOutput, make_quantizer
 
-CONFIGS = {"vq": dict(num_codes=32, code_dim=6), "fsq": dict(levels=[8, 5, 5]), "lfq": dict(num_codes=64)}
-TYPES = {"vq": VectorQuantizer, "fsq": FSQ, "lfq": LFQ}
+CONFIGS = {"vq": dict(num_codes=32, code_dim=6), "simvq": dict(num_codes=32, code_dim=6),
+           "fsq": dict(levels=[8, 5, 5]), "lfq": dict(num_codes=64)}
+TYPES = {"vq": VectorQuantizer, "simvq": VectorQuantizer, "fsq": FSQ, "lfq": LFQ}
 
 
 @pytest.mark.parametrize("kind", QUANTIZERS)
@@ -18,6 +19,7 @@ TYPES = {"vq": VectorQuantizer, "fsq": FSQ, "lfq": LFQ}
 def test_every_quantizer_keeps_the_contract(kind, channel_last):
     q = make_quantizer(kind, channel_last=channel_last, **CONFIGS[kind])
     assert isinstance(q, TYPES[kind])
+    assert getattr(q, "simvq", False) == (kind == "simvq")
     d = q.dim
     torch.manual_seed(0)
     x = torch.randn(3, 5, 4, d) if channel_last else torch.randn(3, d, 5, 4)
@@ -44,7 +46,7 @@ def test_vqvae_with_each_quantizer(kind):
     torch.manual_seed(1)
     model = VQVAE((1, 8, 8), downsample=2, hidden=8, res_hidden=4, num_res_blocks=1, quantizer=kind,
                   **CONFIGS[kind])
-    n = {"vq": 32, "fsq": 200, "lfq": 64}[kind]
+    n = {"vq": 32, "simvq": 32, "fsq": 200, "lfq": 64}[kind]
     assert model.num_codes == n and model.config["quantizer"] == kind
     x = torch.rand(4, 1, 8, 8)
     out = model(x)
@@ -62,6 +64,7 @@ def test_vqvae_with_each_quantizer(kind):
     (dict(quantizer="fsq"), "needs levels"),
     (dict(quantizer="lfq", num_codes=48), "power of two"),
     (dict(quantizer="fsq", levels=[4, 4], rotation_trick=True), "rotation_trick"),
+    (dict(quantizer="lfq", num_codes=16, rotation_trick=True), "rotation_trick"),
 ])
 def test_bad_quantizer_configs(bad, match):
     with pytest.raises(ValueError, match=match):

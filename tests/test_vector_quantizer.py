@@ -384,3 +384,32 @@ def test_rotation_trick_degenerate_rows_pass_straight_through():
     torch.testing.assert_close(out[2], q[2])
     with pytest.raises(TypeError, match="rotation_trick"):
         VectorQuantizer(4, 2, rotation_trick="yes")
+
+
+# --- SimVQ ------------------------------------------------------------------------------------
+
+def test_simvq_codes_are_the_frozen_basis_through_the_learned_map():
+    torch.manual_seed(1)
+    vq = VectorQuantizer(64, 8, simvq=True)
+    z = torch.randn(300, 8, requires_grad=True)
+    out = vq(z)
+    codes = (vq.codebook.double() @ vq.code_map.weight.double().T)
+    want = torch.cdist(z.detach().double(), codes).argmin(1)
+    assert torch.equal(out.indices, want)
+    torch.testing.assert_close(out.quantized.double(), codes[want], rtol=1e-5, atol=1e-6)
+    basis = vq.codebook.clone()
+    opt = torch.optim.SGD(vq.parameters(), lr=0.5)
+    before = vq.code_map.weight.detach().clone()
+    (out.losses["codebook"] + out.losses["commitment"]).backward()
+    assert "codebook" not in dict(vq.named_parameters())        # frozen: a buffer
+    opt.step()
+    assert torch.equal(vq.codebook, basis) and not torch.equal(vq.code_map.weight, before)
+    assert torch.equal(vq.decode_indices(out.indices), vq._codes().detach()[out.indices])
+
+
+@pytest.mark.parametrize("bad", [dict(ema=True), dict(kmeans_init=True), dict(dead_code_threshold=5)])
+def test_simvq_refuses_what_it_replaces(bad):
+    with pytest.raises(ValueError, match="simvq"):
+        VectorQuantizer(8, 4, simvq=True, **bad)
+    with pytest.raises(TypeError, match="simvq"):
+        VectorQuantizer(8, 4, simvq=1)

@@ -88,8 +88,9 @@ def codebook_arguments(p, num_codes, code_dim, hidden, levels=""):
 
 def quantizer_arguments(p):
     """--quantizer and --levels (train vqvae): which quantizer (fastgen/nn/quantizers.py)."""
-    p.add_argument("--quantizer", choices=("vq", "fsq", "lfq"), default="vq",
-                   help="vq: a learned codebook of --num-codes x --code-dim; fsq: finite scalar quantization "
+    p.add_argument("--quantizer", choices=("vq", "simvq", "fsq", "lfq"), default="vq",
+                   help="vq: a learned codebook of --num-codes x --code-dim; simvq: a frozen random codebook "
+                        "through one learned linear map; fsq: finite scalar quantization "
                         "on --levels (codes = their product); lfq: lookup-free, --num-codes a power of two")
     p.add_argument("--levels", default=None, help="FSQ levels per channel, e.g. 8,5,5,5 (--quantizer fsq)")
     p.add_argument("--rotation-trick", action="store_true",

@@ -48,7 +48,7 @@ def run(args):
         raise ValueError("--quantizer fsq needs --levels, e.g. --levels 8,5,5,5")
     if args.levels and args.quantizer != "fsq":
         raise ValueError(f"--levels is for --quantizer fsq (got --quantizer {args.quantizer})")
-    if args.rotation_trick and args.quantizer != "vq":
+    if args.rotation_trick and args.quantizer not in ("vq", "simvq"):
         raise ValueError(f"--rotation-trick is for --quantizer vq (got --quantizer {args.quantizer})")
     levels = train_cmd.parse_levels(args.levels) if args.levels else None
     ckpt = train_cmd.open_run(args, "vqvae")

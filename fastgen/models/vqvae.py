@@ -51,7 +51,7 @@ class VQVAE(nn.Module):
         num_codes, code_dim: codebook size K and code dimension D (quantizer "vq").
         commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizer's
             (commitment is LFQ's commitment weight too).
-        quantizer: "vq" (VectorQuantizer), "fsq" (FSQ(levels): num_codes = prod(levels),
+        quantizer: "vq" (VectorQuantizer), "simvq" (VectorQuantizer(simvq=True)), "fsq" (FSQ(levels): num_codes = prod(levels),
             code_dim = len(levels)) or "lfq" (LFQ: num_codes a power of two, code_dim =
             log2(num_codes)); fastgen/nn/quantizers.py states what any of them provides.
         levels: FSQ's levels per channel.

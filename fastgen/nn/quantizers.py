@@ -24,11 +24,11 @@ from fastgen.nn.fsq import FSQ
 from fastgen.nn.lfq import LFQ
 from fastgen.nn.vector_quantizer import VectorQuantizer
 
-QUANTIZERS = ("vq", "fsq", "lfq")
+QUANTIZERS = ("vq", "simvq", "fsq", "lfq")
 
 
 def quantizer_shape(kind, num_codes=None, code_dim=None, levels=None):
-    """(num_codes, dim) a quantizer of `kind` would have: vq takes both as given, fsq
+    """(num_codes, dim) a quantizer of `kind` would have: vq and simvq take both as given, fsq
     derives them from `levels` (prod, len), lfq from num_codes (a power of two: log2)."""
     if kind not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {kind!r}")
@@ -48,16 +48,20 @@ def make_quantizer(kind, *, num_codes=None, code_dim=None, levels=None, commitme
                    kmeans_init=True, dead_code_threshold=20, entropy_weight=0.1, rotation_trick=False,
                    channel_last=True):
     """The quantizer a model config names. vq: VectorQuantizer(num_codes, code_dim, ...);
-    fsq: FSQ(levels); lfq: LFQ(log2(num_codes), entropy_weight=..., commitment_weight=commitment).
+    simvq: the same with simvq=True (its codes a frozen basis through a learned map: no EMA,
+    k-means init or dead-code reset, whatever those arguments say); fsq: FSQ(levels); lfq: LFQ(log2(num_codes), entropy_weight=..., commitment_weight=commitment).
     rotation_trick: vq's gradient estimator (fsq and lfq have no codebook to rotate onto:
     asking for it there raises)."""
     n, d = quantizer_shape(kind, num_codes, code_dim, levels)
-    if rotation_trick and kind != "vq":
+    if rotation_trick and kind not in ("vq", "simvq"):
         raise ValueError(f"rotation_trick is for quantizer='vq' (a codebook); {kind!r} rounds per channel")
     if kind == "fsq":
         return FSQ(list(levels), channel_last=channel_last)
     if kind == "lfq":
         return LFQ(d, entropy_weight=entropy_weight, commitment_weight=commitment, channel_last=channel_last)
+    if kind == "simvq":
+        return VectorQuantizer(n, d, commitment=commitment, simvq=True, rotation_trick=rotation_trick,
+                               channel_last=channel_last)
     return VectorQuantizer(n, d, commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
                            dead_code_threshold=dead_code_threshold, rotation_trick=rotation_trick,
                            channel_last=channel_last)

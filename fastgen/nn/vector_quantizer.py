@@ -175,6 +175,10 @@ class VectorQuantizer(nn.Module):
             carry z onto its code (Fifty et al. 2024, "Restructuring vector quantization
             with the rotation trick"), held constant, instead of straight through: the
             value is the code exactly either way. Rows with z = 0 pass straight through.
+        simvq: SimVQ (Zhu et al. 2024): the codes are a frozen random basis (K, D) times
+            one learned D x D map (`code_map`), so every code moves with each step of the
+            codebook loss and none can be left behind; needs ema, kmeans_init and
+            dead_code_threshold off (nothing to re-seed).
         channel_last: True for inputs (..., C); False for channel-first (B, C, ...)
             such as conv feature maps (B, C, H, W).
         backend, precision: passed to fastgen.ops.nearest_code.
@@ -185,7 +189,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, num_codes, dim, input_dim=None, *, commitment=0.25, ema=False, decay=0.99, eps=1e-5,
                  kmeans_init=False, kmeans_iters=10, dead_code_threshold=None, cosine=False,
-                 channel_last=True, backend="auto", precision="fp32", rotation_trick=False):
+                 channel_last=True, backend="auto", precision="fp32", rotation_trick=False, simvq=False):
         super().__init__()
         _check_int(num_codes, "num_codes", 1)
         _check_int(dim, "dim", 1)
@@ -209,6 +213,12 @@ class VectorQuantizer(nn.Module):
         if not isinstance(rotation_trick, bool):
             raise TypeError(f"rotation_trick must be True or False, got {rotation_trick!r}")
         self.rotation_trick = rotation_trick
+        if not isinstance(simvq, bool):
+            raise TypeError(f"simvq must be True or False, got {simvq!r}")
+        if simvq and (ema or kmeans_init or dead_code_threshold is not None):
+            raise ValueError("simvq=True trains the codes through one linear map by the codebook loss: it needs "
+                             "ema=False, kmeans_init=False and dead_code_threshold=None")
+        self.simvq = simvq
         self.backend, self.precision = backend, precision
 
         self.project_in, self.project_out = _projections(self.input_dim, dim)
@@ -216,7 +226,13 @@ class VectorQuantizer(nn.Module):
         init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
         if cosine:
             init = F.normalize(torch.randn(num_codes, dim), dim=1)
-        if self.ema:
+        self.code_map = None
+        if simvq:
+            # the frozen basis, N(0, 1/D) as in the paper; the learned map starts as
+            # nn.Linear does
+            self.register_buffer("codebook", torch.randn(num_codes, dim) * dim ** -0.5)
+            self.code_map = nn.Linear(dim, dim, bias=False)
+        elif self.ema:
             self.register_buffer("codebook", init)
             # one pseudo-assignment per code at its initial position, so that codes no
             # input has reached yet stay where they are instead of being divided by ~eps
@@ -232,7 +248,7 @@ class VectorQuantizer(nn.Module):
 
     def _codes(self):
         """The codebook as used for the lookup (normalised in cosine mode)."""
-        c = self.codebook
+        c = self.codebook if self.code_map is None else self.code_map(self.codebook)
         return F.normalize(c, dim=1) if self.cosine else c
 
     def _lookup(self, z, codes):
