@@ -18,3 +18,7 @@ __all__ += ["LFQ"]
 from fastgen.nn.quantizers import QUANTIZERS, make_quantizer  # noqa: E402
 
 __all__ += ["QUANTIZERS", "make_quantizer"]
+
+from fastgen.nn.residual import ResidualFSQ, ResidualLFQ, ResidualQuantizer  # noqa: E402
+
+__all__ += ["ResidualQuantizer", "ResidualFSQ", "ResidualLFQ"]
