@@ -22,3 +22,7 @@ __all__ += ["QUANTIZERS", "make_quantizer"]
 from fastgen.nn.residual import ResidualFSQ, ResidualLFQ, ResidualQuantizer  # noqa: E402
 
 __all__ += ["ResidualQuantizer", "ResidualFSQ", "ResidualLFQ"]
+
+from fastgen.nn.grouped import GroupedQuantizer  # noqa: E402
+
+__all__ += ["GroupedQuantizer"]
