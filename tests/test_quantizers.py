@@ -111,3 +111,25 @@ def test_train_vqvae_with_fsq_then_a_prior_and_samples(tmp_path, capsys):
     assert main(["train", "vqvae", *tiny, "--quantizer", "lfq", "--num-codes", "48", "--out", str(tmp_path / "y"),
                  *quick]) != 0
     assert "power of two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", QUANTIZERS)
+def test_vqvae2_with_each_quantizer(kind):
+    from fastgen.models import build_model
+    torch.manual_seed(4)
+    model = build_model("vqvae2", dict(image_shape=(1, 16, 16), hidden=8, res_hidden=4, num_res_blocks=1,
+                                       quantizer=kind, **CONFIGS[kind]))
+    x = torch.rand(2, 1, 16, 16)
+    out = model(x)
+    out["loss"].backward()
+    assert out["top"].shape == (2, 2, 2) and out["bottom"].shape == (2, 4, 4)
+    assert int(out["top"].max()) < model.num_codes
+    assert model.decode(*model.encode(x)).shape == x.shape
+
+
+def test_train_vqvae2_with_lfq(tmp_path):
+    quick = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
+    assert main(["train", "vqvae2", "--data", "digits", "--size", "16", "--hidden", "8", "--res-blocks", "1",
+                 "--quantizer", "lfq", "--num-codes", "32", "--out", str(tmp_path / "v2"), *quick]) == 0
+    ck = torch.load(tmp_path / "v2" / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["quantizer"] == "lfq"

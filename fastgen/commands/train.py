@@ -98,6 +98,19 @@ def quantizer_arguments(p):
                         "not straight through")
 
 
+def quantizer_config(args):
+    """The model config entries of --quantizer, --levels and --rotation-trick, checked
+    together (a ValueError naming the flag)."""
+    if args.quantizer == "fsq" and not args.levels:
+        raise ValueError("--quantizer fsq needs --levels, e.g. --levels 8,5,5,5")
+    if args.levels and args.quantizer != "fsq":
+        raise ValueError(f"--levels is for --quantizer fsq (got --quantizer {args.quantizer})")
+    if args.rotation_trick and args.quantizer not in ("vq", "simvq"):
+        raise ValueError(f"--rotation-trick is for --quantizer vq or simvq (got --quantizer {args.quantizer})")
+    levels = parse_levels(args.levels) if args.levels else None
+    return dict(quantizer=args.quantizer, levels=levels, rotation_trick=args.rotation_trick)
+
+
 def parse_levels(text):
     """'8,5,5,5' -> [8, 5, 5, 5]; a clear error naming --levels otherwise."""
     try:

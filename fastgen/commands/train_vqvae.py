@@ -44,13 +44,7 @@ def run(args):
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "num_codes", "code_dim", "hidden")
-    if args.quantizer == "fsq" and not args.levels:
-        raise ValueError("--quantizer fsq needs --levels, e.g. --levels 8,5,5,5")
-    if args.levels and args.quantizer != "fsq":
-        raise ValueError(f"--levels is for --quantizer fsq (got --quantizer {args.quantizer})")
-    if args.rotation_trick and args.quantizer not in ("vq", "simvq"):
-        raise ValueError(f"--rotation-trick is for --quantizer vq (got --quantizer {args.quantizer})")
-    levels = train_cmd.parse_levels(args.levels) if args.levels else None
+    quantizer = train_cmd.quantizer_config(args)
     ckpt = train_cmd.open_run(args, "vqvae")
     ds, data_args = train_cmd.load_data(args, ckpt)
     side = min(ds.image_shape[1:])
@@ -58,8 +52,7 @@ def run(args):
         image_shape=ds.image_shape, downsample=args.downsample or (2 if side <= 16 else 4), hidden=args.hidden,
         res_hidden=max(args.hidden // 2, 1), num_res_blocks=args.res_blocks, num_codes=args.num_codes,
         code_dim=args.code_dim, commitment=args.commitment, ema=not args.no_ema,
-        dead_code_threshold=args.dead_code_threshold or None, quantizer=args.quantizer, levels=levels,
-        rotation_trick=args.rotation_trick)
+        dead_code_threshold=args.dead_code_threshold or None, **quantizer)
     torch.manual_seed(args.seed)
     model = build_model("vqvae", config).to(device)
     test = ds.test[:args.max_test] if args.max_test else ds.test

@@ -16,6 +16,7 @@ def add_parser(families):
     p = train_cmd.family_parser(families, "vqvae2", "VQ-VAE-2 (top and bottom code maps, EMA codebooks)", __doc__)
     train_cmd.data_arguments(p)
     train_cmd.codebook_arguments(p, num_codes=512, code_dim=64, hidden=128, levels=" (each level)")
+    train_cmd.quantizer_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -39,6 +40,7 @@ def run(args):
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "num_codes", "code_dim", "hidden")
+    quantizer = train_cmd.quantizer_config(args)
     ckpt = train_cmd.open_run(args, "vqvae2")
     ds, data_args = train_cmd.load_data(args, ckpt)
     c, h, w = ds.image_shape
@@ -47,14 +49,15 @@ def run(args):
     config = ckpt["config"] if ckpt else dict(
         image_shape=ds.image_shape, hidden=args.hidden, res_hidden=max(args.hidden // 2, 1),
         num_res_blocks=args.res_blocks, num_codes=args.num_codes, code_dim=args.code_dim,
-        commitment=args.commitment, dead_code_threshold=args.dead_code_threshold or None)
+        commitment=args.commitment, dead_code_threshold=args.dead_code_threshold or None, **quantizer)
     torch.manual_seed(args.seed)
     model = build_model("vqvae2", config).to(device)
     test = ds.test[:args.max_test] if args.max_test else ds.test
     out_png = os.path.join(args.out, "reconstructions.png")
 
     def describe(n_params):
-        return (f"vqvae2 ({config['num_codes']} codes of dim {config['code_dim']} per level, top "
+        return (f"vqvae2 ({config.get('quantizer', 'vq')}: {model.num_codes} codes of dim {model.vq_t.dim} "
+                f"per level, top "
                 f"{model.top_shape[0]}x{model.top_shape[1]}, bottom {model.bottom_shape[0]}x{model.bottom_shape[1]}, "
                 f"{n_params:,} parameters) on {ds.source}: {ds.train.shape[0]} train / {test.shape[0]} test images "
                 f"of {ds.image_shape}, device {device}")

@@ -29,7 +29,7 @@ from torch import nn
 from fastgen.models.networks import check_images
 from fastgen.models.pixelcnn import GatedPixelCNN
 from fastgen.models.vqvae import ResidualBlock
-from fastgen.nn import VectorQuantizer
+from fastgen.nn.quantizers import make_quantizer, quantizer_shape
 
 
 def _encoder(cin, hidden, res_hidden, blocks, stride):
@@ -62,11 +62,15 @@ class VQVAE2(nn.Module):
         hidden, res_hidden, num_res_blocks: widths and depth of encoders and decoders.
         num_codes, code_dim: each codebook's size and code dimension (both levels).
         commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizers'.
+        quantizer, levels, rotation_trick: as in VQVAE (fastgen/nn/quantizers.py), the
+            same kind at both levels.
     """
 
     def __init__(self, image_shape, hidden=128, res_hidden=64, num_res_blocks=2, num_codes=512, code_dim=64,
-                 commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20):
+                 commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20, quantizer="vq",
+                 levels=None, rotation_trick=False):
         super().__init__()
+        num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
         c, h, w = image_shape
         if h % 8 or w % 8:
             raise ValueError(f"image_shape {tuple(image_shape)}: H and W must be divisible by 8 "
@@ -74,19 +78,21 @@ class VQVAE2(nn.Module):
         self.config = dict(image_shape=tuple(image_shape), hidden=hidden, res_hidden=res_hidden,
                            num_res_blocks=num_res_blocks, num_codes=num_codes, code_dim=code_dim,
                            commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
-                           dead_code_threshold=dead_code_threshold)
+                           dead_code_threshold=dead_code_threshold, quantizer=quantizer,
+                           levels=None if levels is None else list(levels), rotation_trick=rotation_trick)
         self.image_shape = tuple(image_shape)
         self.num_codes = num_codes
         self.top_shape, self.bottom_shape = (h // 8, w // 8), (h // 4, w // 4)
-        vq = dict(commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
-                  dead_code_threshold=dead_code_threshold, channel_last=False)
+        vq = dict(num_codes=num_codes, code_dim=code_dim, levels=levels, commitment=commitment, ema=ema,
+                  decay=decay, kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold,
+                  rotation_trick=rotation_trick, channel_last=False)
         self.enc_b = _encoder(c, hidden, res_hidden, num_res_blocks, 4)
         self.enc_t = _encoder(hidden, hidden, res_hidden, num_res_blocks, 2)
         self.pre_t = nn.Conv2d(hidden, code_dim, 1)
-        self.vq_t = VectorQuantizer(num_codes, code_dim, **vq)
+        self.vq_t = make_quantizer(quantizer, **vq)
         self.dec_t = _decoder(code_dim, code_dim, hidden, res_hidden, num_res_blocks, 2)
         self.pre_b = nn.Conv2d(code_dim + hidden, code_dim, 1)
-        self.vq_b = VectorQuantizer(num_codes, code_dim, **vq)
+        self.vq_b = make_quantizer(quantizer, **vq)
         self.up_t = nn.ConvTranspose2d(code_dim, code_dim, 4, 2, 1)
         self.dec = _decoder(2 * code_dim, c, hidden, res_hidden, num_res_blocks, 4)
 
@@ -106,7 +112,7 @@ class VQVAE2(nn.Module):
         vt, vb = self._quantize(x)
         x_hat = self._decode_q(vt.quantized, vb.quantized)
         mse = F.mse_loss(x_hat, x)
-        vq_loss = sum(v.losses["commitment"] + v.losses["codebook"] for v in (vt, vb))
+        vq_loss = sum(sum(v.losses.values(), mse.new_zeros(())) for v in (vt, vb))   # every quantizer's terms
         recon = (x_hat.detach() - x).square().flatten(1).sum(1)
         return dict(loss=mse + vq_loss, mse=mse.detach(), recon=recon, commitment=vq_loss.detach(),
                     perplexity_top=vt.perplexity, perplexity_bottom=vb.perplexity, top=vt.indices, bottom=vb.indices)
