@@ -8,6 +8,13 @@ is every output patch a faithful source patch.
     patch_fidelity(x, src)    mean over x's p x p patches (stride 1) of the mean squared
                               difference to the nearest source patch -- exact, on knn
                               (no N x M matrix): 0 when x is made of source patches
+    pixel_diversity(ref, xs)  the papers' diversity: per-pixel std over samples / the
+                              reference's std (grey)
+    patch_swd(x, y)           sliced Wasserstein distance of the two images' p x p patch
+                              distributions (random projections, sorted)
+
+SIFID needs an Inception network whose weights cannot be downloaded here; it is not
+computed.
 
 Images are (C, H, W) float tensors in [0, 1]; batches (B, C, H, W) where noted.
 """
@@ -68,3 +75,51 @@ def patch_fidelity(x, source, patch=7):
     q = F.unfold(x.float()[None], patch)[0].T.contiguous()
     k = F.unfold(source.float()[None], patch)[0].T.contiguous()
     return float(knn(q, k, 1).dist.double().mean() / q.shape[1])
+
+
+def pixel_diversity(reference, samples):
+    """The single-image papers' diversity (SinGAN, GPNN, GPDM's
+    tests/reproduce_paper_table.py): the std over the N samples of each grey pixel
+    (unbiased), averaged over pixels, divided by the std over the pixels of the grey
+    reference. Grey = the channel mean. 0: every sample the same image; GPNN's samples
+    score about 0.5 in those papers' tables. samples (N >= 2, C, H, W), reference (C, H, W)
+    of the same size."""
+    _check(reference, "reference")
+    _check(samples, "samples", ndim=4)
+    if samples.shape[0] < 2:
+        raise ValueError(f"pixel_diversity needs at least 2 samples, got {samples.shape[0]}")
+    if tuple(samples.shape[1:]) != tuple(reference.shape):
+        raise ValueError(f"samples are {tuple(samples.shape[1:])} but reference is {tuple(reference.shape)}: "
+                         "the measure compares pixels at the same place")
+    ref_std = reference.double().mean(0).std()
+    if float(ref_std) == 0:
+        raise ValueError("reference is a constant image: its diversity is undefined")
+    return float(samples.double().mean(1).std(0).mean() / ref_std)
+
+
+def patch_swd(x, y, patch=7, projections=64, seed=0):
+    """Sliced Wasserstein distance between the p x p patch distributions (stride 1) of two
+    images (C, H, W) of any sizes: the mean over `projections` random unit directions of
+    the mean absolute difference between the sorted projections (quantiles matched where
+    the patch counts differ). 0 for the same patch multiset; it grows as x's patches drift
+    from y's. Deterministic for a seed (the directions); no N x M matrix."""
+    _check(x, "x")
+    _check(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} channels but y has {y.shape[0]}")
+    for t, name in ((x, "x"), (y, "y")):
+        if min(t.shape[-2:]) < patch:
+            raise ValueError(f"{name} is smaller than one {patch}x{patch} patch")
+    px = F.unfold(x.float()[None], patch)[0]                   # (D, Nx)
+    py = F.unfold(y.float()[None], patch)[0]
+    g = torch.Generator().manual_seed(int(seed))
+    dirs = torch.randn(projections, px.shape[0], generator=g).to(px.device)
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    a, b = (dirs @ px).sort(1).values, (dirs @ py).sort(1).values
+    if a.shape[1] != b.shape[1]:
+        # the larger set's quantiles at the smaller one's positions
+        n = min(a.shape[1], b.shape[1])
+        pos = torch.linspace(0, 1, n, device=a.device)
+        a = a[:, (pos * (a.shape[1] - 1)).round().long()]
+        b = b[:, (pos * (b.shape[1] - 1)).round().long()]
+    return float((a - b).abs().mean())
