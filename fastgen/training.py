@@ -225,17 +225,18 @@ def load_model(path, kind, device="cpu", name="--checkpoint"):
 
 def codebook_fingerprint(state_dict):
     """A short sha1 (hex) of a VQ model's codebook(s) -- the state-dict entries named
-    `codebook`, in name order, shapes and float32 bytes; the decoder's entries where the
-    quantizer has no codebook --, or None for a model without either.
+    `codebook` (and a SimVQ code map), in name order, shapes and float32 bytes; every
+    floating entry where the quantizer has no codebook --, or None for an empty one.
     A prior stores the fingerprint of the VQ model it was trained on: a VQ model of the
     same shapes but other codes (another run, another seed) then fails the check instead
     of decoding the prior's codes into garbage."""
     import hashlib
-    keys = sorted(k for k in state_dict if k.split(".")[-1] == "codebook")
+    # a SimVQ codebook is a frozen basis through a learned map: both make the codes
+    keys = sorted(k for k in state_dict if k.split(".")[-1] == "codebook" or ".code_map." in k)
     if not keys:
-        # a quantizer without a codebook (FSQ, LFQ): its codes mean what the decoder makes
-        # of them, so the decoder's weights tell one run from another
-        keys = sorted(k for k in state_dict if k.startswith("decoder."))
+        # a quantizer without a codebook (FSQ, LFQ): its codes mean what the rest of the
+        # model makes of them, so every floating weight tells one run from another
+        keys = sorted(k for k in state_dict if torch.is_tensor(state_dict[k]) and state_dict[k].is_floating_point())
     if not keys:
         return None
     h = hashlib.sha1()

@@ -33,9 +33,10 @@ def test_separate_codebooks_and_losses_per_group():
     for g, p in enumerate(parts):
         want = torch.cdist(x.detach()[:, 3 * g:3 * g + 3].double(), p.codebook.double()).argmin(1)
         assert torch.equal(out.indices[:, g], want)
-    # the commitment losses of both groups (means over each group's elements), summed
+    # the commitment losses of both groups (means over each group's elements), averaged:
+    # the scale of one shared quantizer over all elements
     q = torch.cat([parts[g].codebook.detach()[out.indices[:, g]] for g in range(2)], 1)
-    want = sum(0.25 * (x.detach()[:, 3 * g:3 * g + 3] - q[:, 3 * g:3 * g + 3]).square().mean() for g in range(2))
+    want = 0.25 * (x.detach() - q).square().mean()
     torch.testing.assert_close(out.losses["commitment"], want)
     (out.quantized.sum() + sum(out.losses.values())).backward()
     assert x.grad is not None and all(p.codebook.grad is not None for p in parts)

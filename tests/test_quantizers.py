@@ -133,3 +133,34 @@ def test_train_vqvae2_with_lfq(tmp_path):
                  "--quantizer", "lfq", "--num-codes", "32", "--out", str(tmp_path / "v2"), *quick]) == 0
     ck = torch.load(tmp_path / "v2" / "checkpoint.pt", weights_only=False)
     assert ck["config"]["quantizer"] == "lfq"
+
+
+def test_fingerprints_tell_runs_apart_for_every_quantizer():
+    """A prior checks the VQ model it was trained on by a fingerprint: codebook-free
+    models (FSQ, LFQ, in VQVAE and VQVAE2) and SimVQ's learned map must change it."""
+    from fastgen.models import build_model
+    from fastgen.training import codebook_fingerprint
+    for kind in ("vqvae", "vqvae2"):
+        for q in QUANTIZERS:
+            shape = (1, 8, 8) if kind == "vqvae" else (1, 16, 16)
+            cfg = dict(image_shape=shape, hidden=8, res_hidden=4, num_res_blocks=1, quantizer=q, **CONFIGS[q])
+            torch.manual_seed(0)
+            a = build_model(kind, cfg)
+            sd = {k: v.clone() for k, v in a.state_dict().items()}
+            fa = codebook_fingerprint(sd)
+            assert fa is not None, (kind, q)
+            # a trained run differs in its learned weights; for simvq in the map only
+            if q == "vq":
+                name = next(k for k in sd if k.endswith("codebook"))
+            elif q == "simvq":
+                name = next(k for k in sd if ".code_map." in k)
+            else:                                   # no codebook: any learned weight
+                name = next(k for k in sd if k.endswith("weight"))
+            sd[name] = sd[name] + 1
+            assert codebook_fingerprint(sd) != fa, (kind, q, name)
+
+
+def test_residual_vq_refuses_the_rotation_trick():
+    from fastgen.nn import ResidualVQ
+    with pytest.raises(ValueError, match="rotation_trick"):
+        ResidualVQ(2, 8, 4, rotation_trick=True)

@@ -55,7 +55,7 @@ class VQVAE(nn.Module):
             code_dim = len(levels)) or "lfq" (LFQ: num_codes a power of two, code_dim =
             log2(num_codes)); fastgen/nn/quantizers.py states what any of them provides.
         levels: FSQ's levels per channel.
-        rotation_trick: the VectorQuantizer's gradient estimator (quantizer "vq").
+        rotation_trick: the VectorQuantizer's gradient estimator (quantizer "vq" or "simvq").
     """
 
     def __init__(self, image_shape, downsample=2, hidden=64, res_hidden=32, num_res_blocks=2, num_codes=64,

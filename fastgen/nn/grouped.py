@@ -19,7 +19,8 @@ class GroupedQuantizer(nn.Module):
     len(list)); all of one dim d, so dim = groups * d.
 
     forward(x) -> VQOutput(the groups' outputs side by side, indices (..., groups), losses
-    summed over groups per name (a shared quantizer sees every group in one call), mean
+    averaged over the groups per name -- the scale a shared quantizer's one call over all
+    groups gives, so switching between shared and separate keeps the loss weights --, mean
     perplexity). decode_indices((..., groups)) -> the vectors, in forward's layout."""
 
     def __init__(self, quantizers, groups=None, *, channel_last=True):
@@ -60,6 +61,7 @@ class GroupedQuantizer(nn.Module):
                 perps.append(p)
                 for name, value in part_losses.items():
                     losses[name] = losses.get(name, 0) + value
+            losses = {name: value / g for name, value in losses.items()}
             out, idx, perp = torch.cat(outs, 1), torch.stack(idxs, 1), torch.stack(perps).mean()
         return VQOutput(_from_rows(out, lead, x.dtype, self.channel_last), idx.view(*lead, g), losses, perp)
 

@@ -54,7 +54,7 @@ def make_quantizer(kind, *, num_codes=None, code_dim=None, levels=None, commitme
     asking for it there raises)."""
     n, d = quantizer_shape(kind, num_codes, code_dim, levels)
     if rotation_trick and kind not in ("vq", "simvq"):
-        raise ValueError(f"rotation_trick is for quantizer='vq' (a codebook); {kind!r} rounds per channel")
+        raise ValueError(f"rotation_trick is for quantizer='vq' or 'simvq' (a codebook); {kind!r} rounds per channel")
     if kind == "fsq":
         return FSQ(list(levels), channel_last=channel_last)
     if kind == "lfq":

@@ -174,7 +174,8 @@ class VectorQuantizer(nn.Module):
         rotation_trick: the gradient reaches z through the rotation and rescaling that
             carry z onto its code (Fifty et al. 2024, "Restructuring vector quantization
             with the rotation trick"), held constant, instead of straight through: the
-            value is the code exactly either way. Rows with z = 0 pass straight through.
+            value is the code exactly either way. Rows with z = 0, or whose code points
+            exactly opposite to z, pass straight through.
         simvq: SimVQ (Zhu et al. 2024): the codes are a frozen random basis (K, D) times
             one learned D x D map (`code_map`), so every code moves with each step of the
             codebook loss and none can be left behind; needs ema, kmeans_init and
@@ -392,6 +393,9 @@ class ResidualVQ(nn.Module):
 
     def __init__(self, num_quantizers, num_codes, dim, input_dim=None, *, channel_last=True, **kwargs):
         super().__init__()
+        if kwargs.get("rotation_trick"):
+            raise ValueError("ResidualVQ passes the gradient straight through the sum of its stages: "
+                             "rotation_trick is not supported here")
         _check_int(num_quantizers, "num_quantizers", 1)
         _check_int(dim, "dim", 1)
         if input_dim is not None:
