@@ -20,13 +20,13 @@ import time
 import torch
 
 
-def _one(provider, log2k, n, d):
+def _one(provider, log2k, n, d, ema=False):
     from fastgen.benchmarking import peak_kb, release_free_heap, reset_peak_kb
     k = 1 << log2k
     torch.manual_seed(0)
     if provider == "fastgen":
         from fastgen.nn import VectorQuantizer
-        layer = VectorQuantizer(k, d)
+        layer = VectorQuantizer(k, d, ema=ema, dead_code_threshold=2 if ema else None)
 
         def step(x):
             out = layer(x)
@@ -57,25 +57,33 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--peer-limit-gb", type=float, default=16.0)
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--ema", action="store_true",
+                    help="fastgen's layer with EMA codes and dead-code reset (its statistics at scale)")
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run the peer")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # provider:log2k (child process)
     a = ap.parse_args(argv)
     if a.one:
         provider, log2k = a.one.split(":")
-        print(json.dumps(_one(provider, int(log2k), a.n, a.d)))
+        print(json.dumps(_one(provider, int(log2k), a.n, a.d, a.ema)))
         return 0
     from fastgen.benchmarking import machine_line
     print(machine_line())
-    print(f"N = {a.n} tokens, D = {a.d}; one forward + backward; fresh process per cell\n")
+    print(f"N = {a.n} tokens, D = {a.d}; one forward + backward; fresh process per cell"
+          f"{'; fastgen with EMA codes and dead-code reset' if a.ema else ''}\n")
     print("| codes | fastgen s | fastgen peak MB | vector-quantize-pytorch s | its peak MB | peer / fastgen time |")
     print("|--:|--:|--:|--:|--:|--:|")
     for log2k in [int(v) for v in a.log2k.split(",")]:
         cells = {}
         for provider in ("fastgen", "peer"):
             need_gb = 3 * 4 * a.n * (1 << log2k) / 2 ** 30
+            if provider == "peer" and not a.peer:
+                cells[provider] = "not run (--no-peer)"
+                continue
             if provider == "peer" and need_gb > a.peer_limit_gb:
                 cells[provider] = f"not run: its N x K matrices need ~{need_gb:.0f} GB"
                 continue
-            cmd = [sys.executable, __file__, "--one", f"{provider}:{log2k}", "--n", str(a.n), "--d", str(a.d)]
+            cmd = [sys.executable, __file__, "--one", f"{provider}:{log2k}", "--n", str(a.n), "--d", str(a.d)] + \
+                (["--ema"] if a.ema else [])
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             except subprocess.TimeoutExpired:
