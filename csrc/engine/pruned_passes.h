@@ -36,6 +36,7 @@
 #include <limits>
 #include <vector>
 
+#include "candidates.h"
 #include "error_bound.h"
 #include "exact_sqdist.h"
 #include "gemm.h"
@@ -228,6 +229,54 @@ inline void count_pairs(const PrunedPassArgs& a, int64_t computed) {
   if (a.stats) {
     a.stats->pairs_total += a.rows * a.cols;
     a.stats->pairs_computed += computed;
+  }
+}
+// The keys of ball g that some row of a query block [r0, r0 + nr) may still need, in
+// runs of consecutive key positions: run(p0, p1) for each. A row takes part if its bound
+// on the ball (lb[r * nkb + g]) is under its score threshold thr[r]; the union of those
+// rows' rho intervals (threshold / wmin_g, the ball's smallest weight) gives (about) a
+// contiguous range of the members, sorted by rho from the k-means centre (close to, not
+// exactly, the ball's own centre); inside it each key is tested against each such row
+// with its own weight (weights: per key position). need: scratch of max_size() ints.
+template <class Run>
+void needed_key_runs(const PrunedPassArgs& a, int64_t g, int64_t r0, int64_t nr, const float* lo,
+                     const float* hi, const float* lb, const float* thr, float wmin_g, const float* weights,
+                     std::vector<int32_t>& need, Run run) {
+  const Balls& kb = *a.key_balls;
+  const int64_t nkb = kb.count(), c0 = kb.offsets[g], nk = kb.size(g);
+  const float* rho = kb.member_dist.data() + c0;
+  float ulo = INFINITY, uhi = -INFINITY;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r * nkb + g;
+    if (!(lb[i] <= thr[r])) continue;
+    const float t = std::sqrt(std::max(thr[r], 0.0f) / wmin_g + a.query_windows[r0 + r]) * (1.0f + 1e-6f);
+    ulo = std::min(ulo, lo[i] - t);
+    uhi = std::max(uhi, hi[i] + t);
+  }
+  if (!(ulo <= uhi)) return;
+  int64_t j0 = nk, j1 = 0;
+  for (int64_t j = 0; j < nk; ++j)
+    if (interval_gap(rho[j], ulo, uhi) <= 0.0f) {
+      j0 = std::min(j0, j);
+      j1 = j + 1;
+    }
+  if (j0 >= j1) return;
+  std::fill(need.begin(), need.begin() + (j1 - j0), 0);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r * nkb + g;
+    if (!(lb[i] <= thr[r])) continue;
+    mark_keys_weighted(rho + j0, weights + c0 + j0, j1 - j0, lo[i], hi[i], a.query_windows[r0 + r], thr[r],
+                       need.data());
+  }
+  for (int64_t j = j0; j < j1;) {  // runs of needed keys, one copy each
+    if (!need[j - j0]) {
+      ++j;
+      continue;
+    }
+    int64_t e = j + 1;
+    while (e < j1 && need[e - j0]) ++e;
+    run(c0 + j, c0 + e);
+    j = e;
   }
 }
 }  // namespace detail
@@ -489,50 +538,15 @@ inline void pruned_weighted_argmin(const PrunedPassArgs& a, const float* weights
         w.clear();
         ord.clear();
       };
-      // the keys of ball g that some row may still improve with
+      // the keys of ball g that some row may still improve with (each with its own weight)
       auto visit = [&](int64_t g) {
-        const int64_t c0 = kb.offsets[g], nk = kb.size(g);
-        const float* rho = kb.member_dist.data() + c0;
-        // union over the rows of the rho interval they need at the ball's smallest
-        // weight: (about) a contiguous range of the members, sorted by their rho from
-        // the k-means centre (close to, not exactly, the ball's own centre)
-        float ulo = INFINITY, uhi = -INFINITY;
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r * nkb + g;
-          if (lbw[i] > best[r]) continue;
-          const float t = std::sqrt(best[r] / wmin[g] + a.query_windows[r0 + r]) * (1.0f + 1e-6f);
-          ulo = std::min(ulo, lo[i] - t);
-          uhi = std::max(uhi, hi[i] + t);
-        }
-        if (!(ulo <= uhi)) return;
-        int64_t j0 = nk, j1 = 0;
-        for (int64_t j = 0; j < nk; ++j)
-          if (interval_gap(rho[j], ulo, uhi) <= 0.0f) {
-            j0 = std::min(j0, j);
-            j1 = j + 1;
-          }
-        if (j0 >= j1) return;
-        // inside the range, each key against each row with the key's own weight
-        std::fill(need.begin(), need.begin() + (j1 - j0), 0);
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r * nkb + g;
-          if (lbw[i] > best[r]) continue;
-          mark_keys_weighted(rho + j0, weights + c0 + j0, j1 - j0, lo[i], hi[i], a.query_windows[r0 + r],
-                             best[r], need.data());
-        }
-        for (int64_t j = j0; j < j1;) {  // runs of needed keys, one copy each
-          if (!need[j - j0]) {
-            ++j;
-            continue;
-          }
-          int64_t e = j + 1;
-          while (e < j1 && need[e - j0]) ++e;
-          detail::append_rows(cols, a.key_rows, c0 + j, e - j, row_bytes);
-          kn.insert(kn.end(), a.key_norms + c0 + j, a.key_norms + c0 + e);
-          w.insert(w.end(), weights + c0 + j, weights + c0 + e);
-          ord.insert(ord.end(), key_order + c0 + j, key_order + c0 + e);
-          j = e;
-        }
+        detail::needed_key_runs(a, g, r0, nr, lo.data(), hi.data(), lbw.data(), best.data(), wmin[g], weights, need,
+                                [&](int64_t p0, int64_t p1) {
+                                  detail::append_rows(cols, a.key_rows, p0, p1 - p0, row_bytes);
+                                  kn.insert(kn.end(), a.key_norms + p0, a.key_norms + p1);
+                                  w.insert(w.end(), weights + p0, weights + p1);
+                                  ord.insert(ord.end(), key_order + p0, key_order + p1);
+                                });
       };
       // balls past worst cannot improve any row's score
       detail::visit_by_bound(
@@ -586,10 +600,8 @@ inline void pruned_topk(const PrunedPassArgs& a, const PrunedTopKArgs& t) {
   const int64_t row_bytes = a.dim * a.elem_bytes;
   const int64_t k = t.k, D = a.dim, M = a.cols;
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  // past this many candidates, or a quarter of the keys (and > 256), a row is dense
-  constexpr int64_t kMaxCandidates = 8192;
-  // weight 1 for every ball (ball_bound_row) and every key of a ball (mark_keys_weighted)
-  const std::vector<float> ones(static_cast<size_t>(std::max(nkb, kmax)), 1.0f);
+  // weight 1 for every ball (ball_bound_row) and every key position (needed_key_runs)
+  const std::vector<float> ones(static_cast<size_t>(std::max(nkb, M)), 1.0f);
   auto err = [&](double ql, double kl) {   // 2 E as a float, rounded up
     const double e = 2.0 * (t.err_coef * (ql + kl) * (ql + kl) + t.err_slack);
     return e < 3.0e38 ? static_cast<float>(e) * (1.0f + 1e-6f) : kInf;
@@ -618,27 +630,12 @@ inline void pruned_topk(const PrunedPassArgs& a, const PrunedTopKArgs& t) {
         // the caller's bound, rounded up (it is a float32 rounding of a float64 distance)
         thr[r] = t.bound ? t.bound[r0 + r] * (1.0f + 1e-6f) : kInf;
         filled[r] = 0;
-        next_prune[r] = std::max<int64_t>(64, 4 * k);
+        next_prune[r] = first_prune_at(k);
         dense[r] = 0;
         cand[r].clear();
       }
       float worst = kInf;
       const void* Q = static_cast<const unsigned char*>(a.query_rows) + r0 * row_bytes;
-      auto prune = [&](int64_t r) {
-        auto& c = cand[r];
-        const float u = thr[r];
-        c.erase(std::remove_if(c.begin(), c.end(), [u](const std::pair<float, int64_t>& x) { return x.first > u; }),
-                c.end());
-        if (static_cast<int64_t>(c.size()) > kMaxCandidates + k) {
-          dense[r] = 1;   // answered by the caller; nothing more to compute for it
-          thr[r] = -kInf;
-          c.clear();
-          c.shrink_to_fit();
-        } else {
-          next_prune[r] = std::min<int64_t>(std::max<int64_t>(std::max<int64_t>(64, 4 * k), 2 * static_cast<int64_t>(c.size())),
-                                            kMaxCandidates + k + 1);
-        }
-      };
       auto flush = [&] {
         const int64_t nc = static_cast<int64_t>(kn.size());
         if (nc == 0) return;
@@ -659,20 +656,12 @@ inline void pruned_topk(const PrunedPassArgs& a, const PrunedTopKArgs& t) {
               const float e = err(ql, kl[c]);
               if (!(d - e <= thr[r])) continue;
               cand[r].emplace_back(d - e, pos[c]);
-              const float v = d + e;
-              if (filled[r] < k || v < u[k - 1]) {   // the k smallest upper bounds
-                int64_t at = std::min<int64_t>(filled[r], k - 1);
-                while (at > 0 && u[at - 1] > v) {
-                  u[at] = u[at - 1];
-                  --at;
-                }
-                u[at] = v;
-                if (filled[r] < k) ++filled[r];
-                if (filled[r] == k) thr[r] = std::min(thr[r], u[k - 1]);
-              }
-              if (static_cast<int64_t>(cand[r].size()) >= next_prune[r]) {
-                prune(r);
-                if (dense[r]) break;
+              thr[r] = std::min(thr[r], push_upper_bound(u, filled[r], k, d + e));
+              if (static_cast<int64_t>(cand[r].size()) >= next_prune[r] &&
+                  prune_candidates(cand[r], thr[r], k, &next_prune[r])) {
+                dense[r] = 1;   // answered by the caller; nothing more to compute for it
+                thr[r] = -kInf;
+                break;
               }
             }
           }
@@ -684,46 +673,15 @@ inline void pruned_topk(const PrunedPassArgs& a, const PrunedTopKArgs& t) {
         kl.clear();
         pos.clear();
       };
-      // the keys of ball g that some row's threshold lets through
+      // the keys of ball g that some row's threshold lets through (weight 1)
       auto visit = [&](int64_t g) {
-        const int64_t c0 = kb.offsets[g], nk = kb.size(g);
-        const float* rho = kb.member_dist.data() + c0;
-        float ulo = INFINITY, uhi = -INFINITY;
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r * nkb + g;
-          if (!(lb[i] <= thr[r])) continue;
-          const float s = std::sqrt(std::max(thr[r], 0.0f) + a.query_windows[r0 + r]) * (1.0f + 1e-6f);
-          ulo = std::min(ulo, lo[i] - s);
-          uhi = std::max(uhi, hi[i] + s);
-        }
-        if (!(ulo <= uhi)) return;
-        int64_t j0 = nk, j1 = 0;
-        for (int64_t j = 0; j < nk; ++j)
-          if (interval_gap(rho[j], ulo, uhi) <= 0.0f) {
-            j0 = std::min(j0, j);
-            j1 = j + 1;
-          }
-        if (j0 >= j1) return;
-        std::fill(need.begin(), need.begin() + (j1 - j0), 0);
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r * nkb + g;
-          if (!(lb[i] <= thr[r])) continue;
-          mark_keys_weighted(rho + j0, ones.data(), j1 - j0, lo[i], hi[i], a.query_windows[r0 + r], thr[r],
-                             need.data());
-        }
-        for (int64_t j = j0; j < j1;) {  // runs of needed keys, one copy each
-          if (!need[j - j0]) {
-            ++j;
-            continue;
-          }
-          int64_t e = j + 1;
-          while (e < j1 && need[e - j0]) ++e;
-          detail::append_rows(cols, a.key_rows, c0 + j, e - j, row_bytes);
-          kn.insert(kn.end(), a.key_norms + c0 + j, a.key_norms + c0 + e);
-          kl.insert(kl.end(), t.key_len + c0 + j, t.key_len + c0 + e);
-          for (int64_t p = c0 + j; p < c0 + e; ++p) pos.push_back(p);
-          j = e;
-        }
+        detail::needed_key_runs(a, g, r0, nr, lo.data(), hi.data(), lb.data(), thr.data(), 1.0f, ones.data(), need,
+                                [&](int64_t p0, int64_t p1) {
+                                  detail::append_rows(cols, a.key_rows, p0, p1 - p0, row_bytes);
+                                  kn.insert(kn.end(), a.key_norms + p0, a.key_norms + p1);
+                                  kl.insert(kl.end(), t.key_len + p0, t.key_len + p1);
+                                  for (int64_t p = p0; p < p1; ++p) pos.push_back(p);
+                                });
       };
       detail::visit_by_bound(
           a, ball_min.data(), nkb, [&] { return worst; }, visit, flush,
@@ -736,7 +694,7 @@ inline void pruned_topk(const PrunedPassArgs& a, const PrunedTopKArgs& t) {
         int64_t inside = 0;
         if (!dense[r])
           for (const auto& c : cand[r]) inside += c.first <= thr[r];
-        if (dense[r] || (inside * 4 > M && inside > 256)) {
+        if (dense[r] || window_is_dense(inside, M)) {
           t.deferred[row] = 1;
           std::fill(od, od + k, kInf);
           std::fill(oi, oi + k, int64_t{-1});

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "candidates.h"
 #include "exact_sqdist.h"
 #include "simd_kernels.h"
 
@@ -60,7 +61,7 @@ class CertifiedTopK {
       filled_.assign(n, 0);
       thr_.assign(n, kInf);
       overflow_.assign(n, 0);
-      next_prune_.assign(n, base_prune());
+      next_prune_.assign(n, first_prune_at(a_.k));
       for (size_t r = 0; r < n; ++r) cand_[r].clear();
     }
 
@@ -121,7 +122,7 @@ class CertifiedTopK {
         int64_t inside = 0;
         if (!overflow_[r])
           for (const auto& c : cand_[r]) inside += c.first <= thr_[r];
-        if (overflow_[r] || (inside * kDenseShare > M && inside > kDenseMin)) {
+        if (overflow_[r] || window_is_dense(inside, M)) {
           dense_.push_back(r);
           continue;
         }
@@ -204,50 +205,16 @@ class CertifiedTopK {
       const int64_t k = a_.k;
       float* best = best_.data() + r * k;
       const float up = s + e;
-      // insertion into the k smallest upper bounds seen so far
-      if (filled_[r] < k || up < best[k - 1]) {
-        int64_t pos = std::min<int64_t>(filled_[r], k - 1);
-        while (pos > 0 && best[pos - 1] > up) {
-          best[pos] = best[pos - 1];
-          --pos;
-        }
-        best[pos] = up;
-        if (filled_[r] < k) ++filled_[r];
-        if (filled_[r] == k) thr_[r] = std::min(thr_[r], best[k - 1]);
-      }
-      if (static_cast<int64_t>(cand.size()) >= next_prune_[r]) prune(r);
-    }
-
-    int64_t base_prune() const { return std::max<int64_t>(64, 4 * a_.k); }
-
-    void prune(int64_t r) {
-      auto& cand = cand_[r];
-      const float thr = thr_[r];
-      cand.erase(std::remove_if(cand.begin(), cand.end(),
-                                [thr](const std::pair<float, int64_t>& c) { return c.first > thr; }),
-                 cand.end());
-      // Near-duplicate data (flat image regions, repeated points) can keep many
-      // keys inside the window. Past the cap the row is answered by a full exact
-      // scan at the end instead: slower, never wrong, bounded memory.
-      if (static_cast<int64_t>(cand.size()) > kMaxCandidates + a_.k) {
+      thr_[r] = std::min(thr_[r], push_upper_bound(best, filled_[r], k, up));
+      // Near-duplicate data (flat image regions, repeated points) can keep many keys
+      // inside the window: past the cap the row is answered by a full exact scan at
+      // the end instead (slower, never wrong, bounded memory)
+      if (static_cast<int64_t>(cand.size()) >= next_prune_[r] &&
+          prune_candidates(cand, thr_[r], k, &next_prune_[r])) {
         overflow_[r] = 1;
         thr_[r] = -kInf;
-        cand.clear();
-        cand.shrink_to_fit();
-      } else {
-        // Keep pruning amortised: the next prune waits until the set doubles, but
-        // comes no later than the cap so that the cap really bounds memory.
-        next_prune_[r] = std::min<int64_t>(
-            std::max<int64_t>(base_prune(), 2 * static_cast<int64_t>(cand.size())),
-            kMaxCandidates + a_.k + 1);
       }
     }
-
-    static constexpr int64_t kMaxCandidates = 8192;
-    // a row whose window holds more than 1/kDenseShare of the keys, and more than
-    // kDenseMin of them (a few keys are cheaper pair by pair), goes to the dense path
-    static constexpr int64_t kDenseShare = 4;
-    static constexpr int64_t kDenseMin = 256;
 
     const CertifiedTopKArgs& a_;
     std::vector<std::vector<std::pair<float, int64_t>>> cand_;
