@@ -12,11 +12,12 @@ matrices would pass --peer-limit-gb it is not run and its need is printed. Same 
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 
 import torch
+
+from fastgen.benchmarking import RESULT_TAG, run_child
 
 CELLS = [("fsq", "8,5,5,5"), ("fsq", "8,8,8,6,5"), ("lfq", "10"), ("lfq", "14")]
 
@@ -73,7 +74,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.one:
         provider, kind, spec = a.one.split(":")
-        print(json.dumps(_one(provider, kind, spec, a.n)))
+        print(RESULT_TAG + json.dumps(_one(provider, kind, spec, a.n)))
         return 0
     from fastgen.benchmarking import machine_line
     print(machine_line())
@@ -89,15 +90,7 @@ def main(argv=None):
                 cells[provider] = f"not run (needs ~{need_gb:.0f} GB)"
                 continue
             cmd = [sys.executable, __file__, "--one", f"{provider}:{kind}:{spec}", "--n", str(a.n)]
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            except subprocess.TimeoutExpired:
-                cells[provider] = f"over {a.timeout} s"
-                continue
-            if r.returncode != 0:
-                cells[provider] = f"failed (exit {r.returncode})"
-                continue
-            cells[provider] = json.loads(r.stdout.strip().splitlines()[-1])
+            cells[provider] = run_child(cmd, a.timeout)   # a dict, or why there is none
         f, p = cells["fastgen"], cells["peer"]
         fs = f"{f['seconds']:.3f} | {f['peak_mb']:.0f}" if isinstance(f, dict) else f"{f} | -"
         ps = f"{p['seconds']:.3f} | {p['peak_mb']:.0f}" if isinstance(p, dict) else f"{p} | -"

@@ -13,11 +13,12 @@ of them would pass --peer-limit-gb it is not run and its need is printed instead
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 
 import torch
+
+from fastgen.benchmarking import RESULT_TAG, run_child
 
 
 def _one(provider, log2k, n, d, ema=False):
@@ -64,7 +65,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.one:
         provider, log2k = a.one.split(":")
-        print(json.dumps(_one(provider, int(log2k), a.n, a.d, a.ema)))
+        print(RESULT_TAG + json.dumps(_one(provider, int(log2k), a.n, a.d, a.ema)))
         return 0
     from fastgen.benchmarking import machine_line
     print(machine_line())
@@ -84,15 +85,7 @@ def main(argv=None):
                 continue
             cmd = [sys.executable, __file__, "--one", f"{provider}:{log2k}", "--n", str(a.n), "--d", str(a.d)] + \
                 (["--ema"] if a.ema else [])
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            except subprocess.TimeoutExpired:
-                cells[provider] = f"over {a.timeout} s"
-                continue
-            if r.returncode != 0:
-                cells[provider] = f"failed (exit {r.returncode}: {r.stderr.strip().splitlines()[-1][:80] if r.stderr.strip() else 'killed'})"
-                continue
-            cells[provider] = json.loads(r.stdout.strip().splitlines()[-1])
+            cells[provider] = run_child(cmd, a.timeout)   # a dict, or why there is none
         f, p = cells["fastgen"], cells["peer"]
         fs = f"{f['seconds']:.2f} | {f['peak_mb']:.0f}" if isinstance(f, dict) else f"{f} | -"
         ps = f"{p['seconds']:.2f} | {p['peak_mb']:.0f}" if isinstance(p, dict) else f"{p} | -"

@@ -115,3 +115,10 @@ def test_same_codes_as_vector_quantize_pytorch(levels):
     out = FSQ(levels)(x)
     assert torch.equal(out.indices, idx)
     assert torch.allclose(out.quantized, q)
+
+
+def test_a_huge_implicit_codebook_counts_usage_without_a_slot_per_code():
+    """prod(levels) = 1000^5: the usage count must not allocate 10^15 slots."""
+    torch.manual_seed(7)
+    out = FSQ([1000] * 5)(torch.randn(64, 5))
+    assert out.indices.max() < 1000 ** 5 and 1.0 <= float(out.perplexity) <= 64

@@ -95,6 +95,8 @@ def test_channel_first_layout():
     (lambda: ResidualQuantizer([FSQ([8, 5])], [1.0, 2.0]), ValueError, "scales"),
     (lambda: ResidualQuantizer([FSQ([8, 5], channel_last=False)], [1.0]), ValueError, "channel-last"),
     (lambda: ResidualLFQ(4, 2, codebook_scale=1.0), ValueError, "codebook_scale"),
+    (lambda: ResidualQuantizer([FSQ([8, 5]), FSQ([8, 5])], [1.0, 0.0]), ValueError, "finite and > 0"),
+    (lambda: ResidualQuantizer([FSQ([8, 5])], [float("nan")]), ValueError, "finite and > 0"),
     (lambda: ResidualFSQ([8, 5], 2).decode_indices(torch.zeros(3, 3, dtype=torch.long)), ValueError,
      "num_quantizers=2"),
 ])

@@ -34,6 +34,18 @@ def _check(x, name, ndim=3):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _check_patch_pair(x, x_name, y, y_name, patch):
+    """Two images compared by their p x p patches: valid, same channels, each at least
+    one patch large."""
+    _check(x, x_name)
+    _check(y, y_name)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{x_name} has {x.shape[0]} channels but {y_name} has {y.shape[0]}")
+    for t, name in ((x, x_name), (y, y_name)):
+        if min(t.shape[-2:]) < patch:
+            raise ValueError(f"{name} is smaller than one {patch}x{patch} patch")
+
+
 def thumbnail(x, size=THUMB):
     """(C, H, W) -> (h, w) grey thumbnail (area average): the image's coarse layout."""
     _check(x, "x")
@@ -65,13 +77,7 @@ def patch_fidelity(x, source, patch=7):
     patch entry) to the nearest p x p patch of `source` (exact knn). 0 when every patch of
     x occurs in the source; a blurred or invented patch raises it."""
     from fastgen.ops import knn
-    _check(x, "x")
-    _check(source, "source")
-    if x.shape[0] != source.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} channels but source has {source.shape[0]}")
-    for t, name in ((x, "x"), (source, "source")):
-        if min(t.shape[-2:]) < patch:
-            raise ValueError(f"{name} is smaller than one {patch}x{patch} patch")
+    _check_patch_pair(x, "x", source, "source", patch)
     q = F.unfold(x.float()[None], patch)[0].T.contiguous()
     k = F.unfold(source.float()[None], patch)[0].T.contiguous()
     return float(knn(q, k, 1).dist.double().mean() / q.shape[1])
@@ -103,13 +109,7 @@ def patch_swd(x, y, patch=7, projections=64, seed=0):
     the mean absolute difference between the sorted projections (quantiles matched where
     the patch counts differ). 0 for the same patch multiset; it grows as x's patches drift
     from y's. Deterministic for a seed (the directions); no N x M matrix."""
-    _check(x, "x")
-    _check(y, "y")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} channels but y has {y.shape[0]}")
-    for t, name in ((x, "x"), (y, "y")):
-        if min(t.shape[-2:]) < patch:
-            raise ValueError(f"{name} is smaller than one {patch}x{patch} patch")
+    _check_patch_pair(x, "x", y, "y", patch)
     px = F.unfold(x.float()[None], patch)[0]                   # (D, Nx)
     py = F.unfold(y.float()[None], patch)[0]
     g = torch.Generator().manual_seed(int(seed))

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from fastgen.nn.vector_quantizer import VQOutput, _from_rows, _perplexity, _to_rows
+from fastgen.nn.vector_quantizer import VQOutput, _check_code_indices, _code_usage_perplexity, _from_rows, _to_rows
 
 # The bound's half range is (L - 1)(1 + eps) / 2, as in vector-quantize-pytorch (the same
 # codes as that package's FSQ): the outermost codes are reached at finite inputs, and two
@@ -64,13 +64,13 @@ class FSQ(nn.Module):
         if not bool(torch.isfinite(z).all()):
             raise ValueError("x has non-finite values (NaN or inf)")
         b = self.bound(z)
-        q = b + (torch.round(b) - b).detach()          # straight-through rounding
+        rounded = torch.round(b).detach()
+        q = b + (rounded - b).detach()                  # straight-through rounding
         half_width = torch.div(self._levels, 2, rounding_mode="floor")
         codes = q / half_width                          # in [-1, 1]
-        indices = self._indices(torch.round(b).detach(), half_width)
-        counts = torch.bincount(indices, minlength=self.num_codes).float()
+        indices = self._indices(rounded, half_width)
         out = _from_rows(codes, lead, x.dtype, self.channel_last)
-        return VQOutput(out, indices.view(lead), {}, _perplexity(counts))
+        return VQOutput(out, indices.view(lead), {}, _code_usage_perplexity(indices, self.num_codes))
 
     def _indices(self, rounded, half_width):
         digits = (rounded + half_width).long()          # 0 .. L_i - 1 per channel
@@ -79,11 +79,7 @@ class FSQ(nn.Module):
     def decode_indices(self, indices):
         """int64 indices (any shape) -> their codes, (*shape, d) float32 in [-1, 1]
         (as forward returns them: channel dim second with channel_last=False)."""
-        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
-            raise TypeError("indices must be an int64 tensor")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(f"indices must be in [0, {self.num_codes}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        _check_code_indices(indices, self.num_codes)
         levels = self._levels.long()
         digits = (indices.unsqueeze(-1) // self._basis) % levels
         half_width = torch.div(self._levels, 2, rounding_mode="floor")

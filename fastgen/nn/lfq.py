@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from fastgen.nn.vector_quantizer import VQOutput, _from_rows, _perplexity, _to_rows
+from fastgen.nn.vector_quantizer import VQOutput, _check_code_indices, _code_usage_perplexity, _from_rows, _to_rows
 
 # rows x 2^d values per block of the batch-entropy pass: 2^22 floats = 16 MB
 _BLOCK_ELEMS = 1 << 22
@@ -146,22 +146,14 @@ class LFQ(nn.Module):
             entropy = self.entropy_weight * (per_sample - self.diversity_gamma * batch)
         if self.training and self.commitment_weight > 0:
             commitment = self.commitment_weight * (z - q).square().mean()
-        if self.num_codes <= (1 << 24):
-            counts = torch.bincount(indices, minlength=self.num_codes).float()
-        else:   # past 2^24 codes the usage is counted over the codes that occur
-            counts = torch.unique(indices, return_counts=True)[1].float()
         quantized = _from_rows(out, lead, x.dtype, self.channel_last)
         return VQOutput(quantized, indices.view(lead), {"entropy": entropy, "commitment": commitment},
-                        _perplexity(counts))
+                        _code_usage_perplexity(indices, self.num_codes))
 
     def decode_indices(self, indices):
         """int64 indices (any shape) -> their codes, (*shape, dim) float32 of +-codebook_scale
         (as forward returns them: channel dim second with channel_last=False)."""
-        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
-            raise TypeError("indices must be an int64 tensor")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(f"indices must be in [0, {self.num_codes}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        _check_code_indices(indices, self.num_codes)
         bits = (indices.unsqueeze(-1) // self._weights) % 2
         codes = (bits.float() * 2 - 1) * self.codebook_scale
         return codes if self.channel_last else codes.movedim(-1, 1)

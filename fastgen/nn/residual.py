@@ -43,6 +43,8 @@ class ResidualQuantizer(nn.Module):
         scales = torch.as_tensor(scales, dtype=torch.float32)
         if scales.shape not in ((len(stages),), (len(stages), self.dim)):
             raise ValueError(f"scales must be (Q,) or (Q, dim), got shape {tuple(scales.shape)}")
+        if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
+            raise ValueError("scales must be finite and > 0 (each stage divides its residual by them)")
         self.register_buffer("scales", scales.reshape(len(stages), -1).expand(len(stages), self.dim).clone(),
                              persistent=False)
         self.channel_last = bool(channel_last)

@@ -71,6 +71,26 @@ def _perplexity(counts):
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
+def _code_usage_perplexity(indices, num_codes):
+    """_perplexity of a batch's code usage: counted over all codes up to 2^24, past that
+    over the codes that occur (a bincount of 2^40 slots would not fit)."""
+    if num_codes <= (1 << 24):
+        counts = torch.bincount(indices, minlength=num_codes)
+    else:
+        counts = torch.unique(indices, return_counts=True)[1]
+    return _perplexity(counts.float())
+
+
+def _check_code_indices(indices, num_codes):
+    """decode_indices' argument of the codebook-free quantizers: an int64 tensor of values
+    in [0, num_codes)."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long:
+        raise TypeError("indices must be an int64 tensor")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_codes):
+        raise ValueError(f"indices must be in [0, {num_codes}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+
+
 def _to_rows(x, input_dim, channel_last):
     """x as (N, input_dim) rows plus the leading shape needed to undo it."""
     if not isinstance(x, torch.Tensor):

@@ -33,7 +33,8 @@ import torch
 
 from fastgen.ops import _validate, baselines
 from fastgen.ops.key_clusters import cluster_keys
-from fastgen.ops.knn_plan import structure_ratio  # noqa: F401 (also imported from here)
+from fastgen.ops.knn_plan import KnnPlan, structure_ratio  # noqa: F401 (structure_ratio: also imported from here)
+from fastgen.ops.knn_sweep import run_sweep
 from fastgen.ops.unit_scale import unit_scale
 from fastgen.threads import fine_grained_threads
 
@@ -67,8 +68,7 @@ def key_index(keys, cluster_size=64, precision="fp32"):
 def _sweep(queries, keys, k, precision):
     """The certified C++ sweep (the pruned path is cpp-only), no autograd."""
     with torch.no_grad():
-        d, i = torch.ops.fastgen.knn(queries[None].contiguous(), keys[None].contiguous(), k, False, precision)
-    return d[0], i[0]
+        return tuple(run_sweep(queries, keys, k, False, KnnPlan("cpp", False, precision, "certified-sweep")))
 
 
 def pruned_knn(queries, keys, k=1, *, bound=None, index=None, cluster_size=64, precision="fp32"):
