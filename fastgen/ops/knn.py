@@ -31,8 +31,8 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
             into k-means balls, triangle-inequality bounds per row, one C++ pass:
             fastgen/ops/pruned_knn.py). Same answer, bit for bit. None (default) is the
             automatic choice (fastgen.ops.knn_plan.prune_pays): pruned for 2-D cpp
-            searches with N >= M / 4 queries, M >= 4096 keys, D >= 16, N M D >= 2^28
-            and structure in the data (a 64-query sample), else the sweep. True forces it where supported
+            searches with N >= M / 8 queries, M >= 4096 keys, N M D >= 2^28 and
+            structure in the data (a 32-query sample), else the sweep. True forces it where supported
             (2-D, cpp, no exclude_self; elsewhere it raises), False never.
 
     Returns:

@@ -73,40 +73,56 @@ def plan_knn(queries, keys, k, *, exclude_self=False, backend="auto", precision=
 
 
 # When the pruned path pays (tuned on the "tune" half of benchmarks/bench_knn_zoo.py,
-# reported on the other, benchmarks/RESULTS.md): its index (a k-means pass over the keys,
-# ~M^2 D / 64 multiply-adds) is built per call, so it needs many queries per key; the
-# bounds need structure (random Gaussians, an untrained generator's samples: ratio > 0.5)
-# and enough dimensions for a distance to cost more than its bound (D=8 lost).
-PRUNE_MIN_QUERY_SHARE = 0.25     # N >= M / 4
-PRUNE_MIN_DIM = 16
+# reported on the other, benchmarks/RESULTS.md). Its index (one k-means assignment of the
+# keys to M/128 centres, ~M^2 D / 128 multiply-adds, measured at ~0.035 M/N of a sweep) is
+# built per call, so it needs queries enough to pay that back (N >= M/8: at most ~0.3 of
+# a sweep). The bounds need structure: a query's k-th neighbour much nearer than it would
+# be in i.i.d. data of the same size and dimension (relative_structure < 0.7). Gaussians
+# (0.81-0.87 at D = 8..128), an untrained generator's samples (1.1) lose 2-3x; image
+# patches (0.01-0.56) and clustered features (0.12-0.38) win up to 3x.
+PRUNE_MIN_QUERY_SHARE = 0.125    # N >= M / 8
 PRUNE_MIN_KEYS = 4096
 PRUNE_MIN_WORK = 1 << 28         # N M D: below this the sweep takes milliseconds
-PRUNE_MAX_RATIO = 0.5
+PRUNE_MAX_RELATIVE_STRUCTURE = 0.7
 
 
 def prune_pays(queries, keys, k):
     """Whether knn(prune=None) takes the pruned path for (N, D) x (M, D) cpp inputs: many
-    queries per key, D >= 16, a large problem, and structure (structure_ratio < 0.5 on a
-    64-query sample, which costs 64 rows of the sweep and runs only if the rest holds)."""
+    queries per key, a large problem, and structure (relative_structure < 0.7 on a
+    32-query sample, one (32 x M) GEMM, run only if the rest holds)."""
     n, m, d = queries.shape[0], keys.shape[0], queries.shape[1]
-    if n < PRUNE_MIN_QUERY_SHARE * m or d < PRUNE_MIN_DIM or m < PRUNE_MIN_KEYS or n * m * d < PRUNE_MIN_WORK:
+    if n < PRUNE_MIN_QUERY_SHARE * m or m < PRUNE_MIN_KEYS or n * m * d < PRUNE_MIN_WORK:
         return False
-    return structure_ratio(queries, keys, k) < PRUNE_MAX_RATIO
+    return relative_structure(queries, keys, k) < PRUNE_MAX_RELATIVE_STRUCTURE
 
 
-def structure_ratio(queries, keys, k=1, sample=64, seed=0):
+def relative_structure(queries, keys, k=1, sample=32, seed=0):
+    """structure_ratio divided by (k / M)^(1/D), about what it is for i.i.d. data of the
+    same size and dimension (the k-th of M neighbours sits at the (k/M)-quantile of the
+    distances, and that quantile's radius scales as (k/M)^(1/D)): ~0.8-1.1 for noise at
+    any D, well under 0.7 where the bounds can skip keys. Without the correction a low
+    dimension alone looks structured (Gaussians at D = 8 give a raw ratio of 0.22)."""
+    m, d = keys.shape[0], keys.shape[1]
+    return structure_ratio(queries, keys, k, sample, seed) / (min(k, m) / m) ** (1.0 / max(d, 1))
+
+
+def structure_ratio(queries, keys, k=1, sample=32, seed=0):
     """sqrt(k-th distance / median distance to a key) over a sample of (N, D) queries
     against (M, D) keys: how far a query's neighbourhood is, relative to the data's
     scale. ~1 for uniform high-dimensional data (nothing to prune), well under 1/2 for
-    structured data. Costs `sample` rows of the cpp sweep."""
+    structured data. Costs one (sample x M) fp32 GEMM: a heuristic needs no certified
+    distances (their operand preparation cost knn(prune=None) twice as much)."""
     g = torch.Generator().manual_seed(seed)
     n, m = queries.shape[0], keys.shape[0]
-    qs = queries[torch.randperm(n, generator=g)[:sample].to(queries.device)]
+    qs = queries[torch.randperm(n, generator=g)[:sample].to(queries.device)].float()
+    kf = keys.float()
     with torch.no_grad():
-        near = torch.ops.fastgen.knn(qs[None].contiguous(), keys[None].contiguous(), k, False, "fp32")[0][0]
+        # ||q||^2 + ||k||^2 - 2 q.k: cancellation can only make near neighbours look nearer
+        sq = torch.addmm(torch.linalg.vector_norm(kf, dim=1).square_(), qs, kf.t(), alpha=-2).add_(qs.square().sum(1, keepdim=True))
+        near = sq.topk(min(k, m), dim=1, largest=False).values[:, -1].double().clamp_min(0)
     ks = keys[torch.randint(m, (qs.shape[0],), generator=g).to(keys.device)]
     typical = (qs.double() - ks.double()).square().sum(1)
-    return float((near[:, -1].double().median() / typical.median().clamp_min(1e-300)).sqrt())
+    return float((near.median() / typical.median().clamp_min(1e-300)).sqrt())
 
 
 def _bf16_window(a, b, d):
