@@ -4,6 +4,7 @@ Every dataset is a float32 tensor (N, C, H, W) with values k / (levels - 1) in [
 plus the number of quantization levels (17 for digits, 256 for 8-bit images), which
 the VAE's discretized likelihood needs.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -190,27 +191,51 @@ def load_image_folder(folder, size=None, grayscale=None, test_fraction=0.1, bina
     return Dataset(train, test, levels, os.path.abspath(folder))
 
 
+def photo_crop_boxes(count, size, height, width, strip, test_fraction, generator):
+    """(train, test) lists of (image 0/1, top, left) for load_photo_crops: test crops lie
+    in the last `strip` columns, training crops entirely left of them."""
+    n_test = min(count - 1, max(1, round(count * test_fraction)))
+
+    def boxes(n, x0, x1, first):
+        out = []
+        for i in range(n):
+            y = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+            x = int(torch.randint(x0, x1 - size + 1, (1,), generator=generator))
+            out.append(((i + first) % 2, y, x))
+        return out
+
+    return boxes(count - n_test, 0, width - strip, 0), boxes(n_test, width - strip, width, 1)
+
+
 def load_photo_crops(size=None, test_fraction=0.1, binarize=False, count=2000, seed=0):
     """`count` random size x size (default 64) RGB crops of sklearn's china.jpg and
-    flower.jpg (no download), 256 levels: a photo data set for VQ-VAE-2's demo."""
+    flower.jpg (no download), 256 levels: a photo data set for VQ-VAE-2's demo.
+
+    The test crops are held out by place: they come from a strip at the right edge of
+    each photo (test_fraction of its width, at least 2 x size) that no training crop
+    touches, so a test NLL measures pixels the model never saw."""
     from sklearn.datasets import load_sample_image
     size = size or 64
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     g = torch.Generator().manual_seed(seed)
     imgs = [torch.from_numpy(load_sample_image(n).copy()).permute(2, 0, 1) for n in ("china.jpg", "flower.jpg")]
-    if size > min(min(im.shape[1:]) for im in imgs):
-        raise ValueError(f"--size {size}: photo crops must fit in the 427 x 640 sample images")
-    crops = []
-    for i in range(count):
-        im = imgs[i % 2]
-        y = int(torch.randint(0, im.shape[1] - size + 1, (1,), generator=g))
-        x = int(torch.randint(0, im.shape[2] - size + 1, (1,), generator=g))
-        crops.append(im[:, y:y + size, x:x + size])
-    x = torch.stack(crops).float().div_(255.0)
+    height, width = imgs[0].shape[1:]
+    strip = max(math.ceil(width * test_fraction), 2 * size)
+    if size > height or width - strip < size:
+        raise ValueError(f"--size {size}: photo crops need room for training crops and a held-out strip of "
+                         f"2 x size columns in the {height} x {width} sample images (use --size <= {width // 3})")
+    train_boxes, test_boxes = photo_crop_boxes(count, size, height, width, strip, test_fraction, g)
+
+    def cut(boxes):
+        return torch.stack([imgs[i][:, y:y + size, x:x + size] for i, y, x in boxes]).float().div_(255.0)
+
+    train, test = cut(train_boxes), cut(test_boxes)
     levels = 256
     if binarize:
-        x, levels = (x > 0.5).float(), 2
-    train, test = split(x, test_fraction)
-    return Dataset(train, test, levels, "random crops of sklearn's china.jpg and flower.jpg")
+        train, test, levels = (train > 0.5).float(), (test > 0.5).float(), 2
+    return Dataset(train, test, levels, "random crops of sklearn's china.jpg and flower.jpg "
+                                        f"(test crops from the right {strip} columns, unseen in training)")
 
 
 def load(data, size=None, test_fraction=None, binarize=False):

@@ -7,7 +7,9 @@ epochs and at the end. `fit` writes OUT/metrics.jsonl and OUT/checkpoint.pt (ato
 every epoch) and resumes from that checkpoint: same data order and noise as an
 uninterrupted run.
 """
+import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -129,13 +131,14 @@ def batches(n, batch_size, generator, max_batches=None):
 
 
 def train_epoch(model, optimizer, data, batch_size, generator, *, max_batches=None, show_progress=True,
-                desc=None, device="cpu", shard=None):
+                desc=None, device="cpu", shard=None, after_step=None):
     """One pass over `data` (N, ...) minimizing model(x)["loss"]; returns the mean loss.
 
     shard=(rank, world): data parallel across processes. Every rank draws the same
     batches; the model's forward(x, shard=...) computes its part of each batch's loss
     (scaled so the ranks' mean is the batch's mean loss) and the gradients are averaged
-    over the ranks before each step, so every rank takes the same step."""
+    over the ranks before each step, so every rank takes the same step. after_step():
+    called after every optimizer step (the weight average's update)."""
     model.train()
     idx = batches(data.shape[0], batch_size, generator, max_batches)
     bar = progress(idx, total=len(idx), desc=desc, enabled=show_progress)
@@ -148,6 +151,8 @@ def train_epoch(model, optimizer, data, batch_size, generator, *, max_batches=No
         if shard is not None:
             loss = _average_over_ranks(model, loss)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += float(loss.detach()) * x.shape[0]
         count += x.shape[0]
         if show_progress and hasattr(bar, "set_postfix"):
@@ -314,11 +319,15 @@ def is_checkpoint(obj):
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
 
 
-def model_from_checkpoint(ckpt, device="cpu"):
-    """The model of a loaded checkpoint, in eval mode."""
+def model_from_checkpoint(ckpt, device="cpu", averaged=True):
+    """The model of a loaded checkpoint, in eval mode: with its weight average (trained
+    with --ema) unless averaged=False."""
     from fastgen.models import build_model
     model = build_model(ckpt["kind"], ckpt["config"]).to(device)
     model.load_state_dict(ckpt["model"])
+    if averaged and ckpt.get("ema"):
+        from fastgen.ema import load_average
+        load_average(model, ckpt["ema"])
     return model.eval()
 
 
@@ -326,10 +335,22 @@ def default_row_format(row):
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
+def lr_factor(schedule, epoch, epochs):
+    """The learning-rate multiplier of `epoch` (0-based) of `epochs`: 1 for "constant";
+    for "cosine" half a cosine from 1 at the first epoch down to 0.05 at the last (set
+    per epoch from the epoch number, so a resumed run continues the same curve)."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        frac = epoch / max(epochs - 1, 1)
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
 def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, batch_size=64, seed=0,
         device="cpu", eval_every=1, max_batches=None, show_progress=True, evaluate=None, write_pngs=None,
         extra=None, describe=None, format_row=default_row_format, before_epoch=None, betas=(0.9, 0.999),
-        flags=None):
+        flags=None, ema=None, lr_schedule="constant"):
     """Train `model` (whose forward returns {"loss": ...}) on `train_data` (N, ...) with Adam
     for epochs [ckpt's epoch, epochs): per epoch a pass over shuffled batches, then, every
     `eval_every` epochs and at the last, evaluate() (merged into the metrics row) and
@@ -340,6 +361,9 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
     for the checkpoint (e.g. the data settings). describe(n_params): a line printed
     before the first epoch. before_epoch(epoch): run before each epoch's batches (IMLE's
     search rounds); a dict it returns joins that epoch's metrics row. betas: Adam's.
+    ema: a decay in (0, 1) to keep an average of the weights (fastgen.ema.WeightAverage):
+    evaluate() and write_pngs() then run with it, and the checkpoint stores it (entry
+    "ema") for sampling. lr_schedule: "constant" or "cosine" (lr_factor, per epoch).
     The global torch RNG is the caller's to seed (models draw their init and noise from
     it); the data order comes from a generator seeded `seed`.
 
@@ -355,13 +379,21 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
     lead = rank == 0
     show_progress = show_progress and lead
     data_gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=ckpt["lr"] if ckpt else lr, betas=betas)
+    base_lr = ckpt.get("base_lr", ckpt["lr"]) if ckpt else lr
+    lr_factor(lr_schedule, 0, max(epochs, 1))          # a bad schedule name fails before any work
+    optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, betas=betas)
+    average = None
+    if ema is not None:
+        from fastgen.ema import WeightAverage
+        average = WeightAverage(model, ema)
     history, start = [], 0
     ckpt_path = os.path.join(out, CHECKPOINT)
     if ckpt:
         history, start, done = resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs)
         if done:
             return history
+        if average is not None and ckpt.get("ema"):
+            average.load_state_dict(ckpt["ema"])
     if size > 1:
         _same_start(model)
     if describe is not None and lead:
@@ -371,9 +403,12 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
         row = {"epoch": epoch + 1}
         if before_epoch is not None:
             row.update(before_epoch(epoch) or {})
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * lr_factor(lr_schedule, epoch, epochs)
         train_loss = train_epoch(model, optimizer, train_data, batch_size, data_gen, max_batches=max_batches,
                                  show_progress=show_progress, desc=f"epoch {epoch + 1}/{epochs}", device=device,
-                                 shard=(rank, size) if size > 1 else None)
+                                 shard=(rank, size) if size > 1 else None,
+                                 after_step=None if average is None else (lambda: average.update(model)))
         row["train_loss"] = train_loss
         if not lead:
             history.append(row)
@@ -381,16 +416,18 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
             continue
         try:
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-                if evaluate is not None:
-                    row.update(evaluate())
-                if write_pngs is not None:
-                    write_pngs()
+                with average.applied(model) if average is not None else contextlib.nullcontext():
+                    if evaluate is not None:
+                        row.update(evaluate())
+                    if write_pngs is not None:
+                        write_pngs()
             row["seconds"] = round(time.time() - t0, 3)
             history.append(row)
             write_jsonl(history, os.path.join(out, "metrics.jsonl"))
             save_checkpoint({
                 "format": CHECKPOINT_FORMAT, "kind": kind, "config": config,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
+                "base_lr": base_lr, **({"ema": average.state_dict()} if average is not None else {}),
                 "epoch": epoch + 1, "history": history, "rng": rng_state(data_gen),
                 "flags": (ckpt or {}).get("flags") or flags or {}, **(extra or {}),
             }, ckpt_path)

@@ -164,3 +164,21 @@ def test_residual_vq_refuses_the_rotation_trick():
     from fastgen.nn import ResidualVQ
     with pytest.raises(ValueError, match="rotation_trick"):
         ResidualVQ(2, 8, 4, rotation_trick=True)
+
+
+@pytest.mark.parametrize("kind,codes", [("fsq", ["--levels", "4,3"]), ("lfq", ["--num-codes", "16"])])
+def test_a_transformer_prior_over_codebook_free_quantizers(tmp_path, kind, codes):
+    """The DALL-E-style transformer reads any quantizer's codes: trained on an FSQ or LFQ
+    VQ-VAE's code maps, it samples in-range codes that the VQ-VAE decodes."""
+    quick = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
+    vq = tmp_path / "vq"
+    assert main(["train", "vqvae", "--data", "digits", "--hidden", "16", "--res-blocks", "1", "--quantizer", kind,
+                 *codes, "--out", str(vq), *quick]) == 0
+    tr = tmp_path / "tr"
+    assert main(["train", "transformer", "--vqvae", str(vq / "checkpoint.pt"), "--dim", "16", "--layers", "1",
+                 "--heads", "2", "--out", str(tr), *quick]) == 0
+    s = tmp_path / "s"
+    assert main(["sample", "transformer", "--checkpoint", str(tr / "checkpoint.pt"), "--prompt", "a seven",
+                 "-n", "3", "--out", str(s)]) == 0
+    saved = torch.load(s / "samples.pt", weights_only=True)
+    assert saved["images"].shape[:2] == (3, 1) and bool(torch.isfinite(saved["images"]).all())

@@ -212,3 +212,22 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         training.atomic_write(str(path), boom)
     assert training.load_checkpoint(str(path))["v"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_photo_crops_hold_out_a_strip_no_training_crop_touches():
+    """The test crops of --data photo-crops come from pixels no training crop covers."""
+    g = torch.Generator().manual_seed(3)
+    train, test = datasets.photo_crop_boxes(500, 64, 427, 640, 128, 0.1, g)
+    assert len(test) == 50 and len(train) == 450
+    assert max(x + 64 for _, _, x in train) <= 640 - 128 <= min(x for _, _, x in test)
+    assert max(x + 64 for _, _, x in test) <= 640 and max(y + 64 for _, y, _ in train + test) <= 427
+    assert {i for i, _, _ in test} == {0, 1} and {i for i, _, _ in train} == {0, 1}
+    ds = datasets.load_photo_crops(size=32, count=60)
+    assert ds.train.shape == (54, 3, 32, 32) and ds.test.shape == (6, 3, 32, 32)
+    assert "unseen in training" in ds.source
+    # a training crop equal to a test crop would mean the same pixels
+    assert not (ds.train[:, None] == ds.test[None]).flatten(2).all(2).any()
+    with pytest.raises(ValueError, match="--size 300"):
+        datasets.load_photo_crops(size=300)
+    with pytest.raises(ValueError, match="test_fraction"):
+        datasets.load_photo_crops(test_fraction=0)

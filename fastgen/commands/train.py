@@ -51,6 +51,11 @@ def common_arguments(p):
     p.add_argument("--out", required=True, help="output folder (checkpoint, metrics, PNGs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate per epoch: constant, or half a cosine down to 0.05 x --lr at the last epoch")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999) and evaluate, draw "
+                        "the PNGs and sample with it (stored in the checkpoint)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate and write PNGs every N epochs (and at the end)")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on at most this many test images")
     p.add_argument("--batches-per-epoch", type=int, default=None, help="cap the batches in an epoch (quick runs)")
@@ -325,7 +330,7 @@ def fit_args(args, device):
     resumed run can refuse conflicting ones)."""
     return dict(out=args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                 device=device, eval_every=args.eval_every, max_batches=args.batches_per_epoch,
-                show_progress=not args.quiet, flags=run_flags(args))
+                show_progress=not args.quiet, flags=run_flags(args), ema=args.ema, lr_schedule=args.lr_schedule)
 
 
 # flags that may differ between a run and its resumption (how long, where, how to show it)

@@ -22,6 +22,26 @@ from fastgen.nn.vector_quantizer import VQOutput, _check_code_indices, _code_usa
 _EPS = 1e-3
 
 
+class _BoundRound(torch.autograd.Function):
+    """(codes, rounded) of bound(z), with the straight-through gradient of bound:
+    d codes / d z = (1 - tanh^2) half_l / half_width. One saved tensor and three
+    elementwise passes back, where autograd's chain of the same formula keeps five
+    (measured: the FSQ step at 0.78-0.87 of vector-quantize-pytorch's speed before)."""
+
+    @staticmethod
+    def forward(ctx, z, shift, half_l, offset, half_width):
+        t = torch.tanh(z + shift)
+        rounded = torch.addcmul(-offset, t, half_l).round_()
+        ctx.save_for_backward(t, half_l / half_width)
+        ctx.mark_non_differentiable(rounded)
+        return rounded / half_width, rounded
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        t, scale = ctx.saved_tensors
+        return torch.addcmul(scale, t * t, -scale).mul_(grad), None, None, None, None
+
+
 class FSQ(nn.Module):
     """FSQ(levels): quantize d = len(levels) channels to levels[i] values each.
 
@@ -53,21 +73,23 @@ class FSQ(nn.Module):
 
     def bound(self, z):
         """(N, d) float32 -> each channel squashed into its levels' range (before rounding)."""
+        half_l, offset, shift = self._bound_constants()
+        return torch.tanh(z + shift) * half_l - offset
+
+    def _bound_constants(self):
         half_l = (self._levels - 1) * (1 + _EPS) / 2
         offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
-        shift = torch.atanh(offset / half_l)
-        return torch.tanh(z + shift) * half_l - offset
+        return half_l, offset, torch.atanh(offset / half_l)
 
     def forward(self, x):
         rows, lead = _to_rows(x, self.dim, self.channel_last)
         z = rows.float()
-        if not bool(torch.isfinite(z).all()):
+        # NaN propagates through min and max: one reduction, no (N, d) bool temporary
+        if z.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(z))).all()):
             raise ValueError("x has non-finite values (NaN or inf)")
-        b = self.bound(z)
-        rounded = torch.round(b).detach()
-        q = b + (rounded - b).detach()                  # straight-through rounding
+        half_l, offset, shift = self._bound_constants()
         half_width = torch.div(self._levels, 2, rounding_mode="floor")
-        codes = q / half_width                          # in [-1, 1]
+        codes, rounded = _BoundRound.apply(z, shift, half_l, offset, half_width)
         indices = self._indices(rounded, half_width)
         out = _from_rows(codes, lead, x.dtype, self.channel_last)
         return VQOutput(out, indices.view(lead), {}, _code_usage_perplexity(indices, self.num_codes))
