@@ -6,7 +6,7 @@ from fastgen.ops import _validate
 from fastgen.ops.nearest_code import nearest_code
 
 
-def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
+def cluster_keys(keys, cluster_size=64, iterations=4, seed=0, check=True):
     """k-means (Lloyd, `iterations` steps, ~`cluster_size` keys per cluster) of (M, D) keys:
     (sorted_keys (M, D), offsets (C + 1,) int64, order (M,) int64) with cluster g =
     sorted_keys[offsets[g]:offsets[g+1]], members by distance to their centre, and order
@@ -14,16 +14,18 @@ def cluster_keys(keys, cluster_size=64, iterations=4, seed=0):
 
     The clustering only decides how much a pruned search can skip, never its answer; a
     few Lloyd steps are enough (each costs ~1/cluster_size of one patch_nn pass).
-    Deterministic for a given seed."""
+    Deterministic for a given seed. check=False skips the distance-input rule for keys a
+    caller has checked already (knn's pruned path: the check is a tenth of its build)."""
     _validate.points(keys, "keys", ndims=(2,))
     _validate.positive_int(cluster_size, "cluster_size")
     _validate.positive_int(iterations, "iterations", minimum=0)
     m = keys.shape[0]
     if m == 0:
         raise ValueError("keys is empty (0 patches)")
-    # the same rule as every distance op, named for the caller (nearest_code below would
-    # blame its own argument, "x")
-    _validate.distance_inputs(keys, "keys", keys, "keys")
+    if check:
+        # the same rule as every distance op, named for the caller (nearest_code below
+        # would blame its own argument, "x")
+        _validate.distance_inputs(keys, "keys", keys, "keys")
     x = keys.float()
     c = -(-m // cluster_size)
     gen = torch.Generator().manual_seed(int(seed))

@@ -67,7 +67,7 @@ def run_knn(queries, keys, k, exclude_self, plan):
     that plan once: StreamingKNN)."""
     if plan.prune:
         with torch.no_grad():
-            dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=plan.precision)[0]
+            dist, idx = pruned_knn.pruned_knn(queries, keys, k, precision=plan.precision, checked=True)[0]
         if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
             # the gradient of sum((q - k)^2), the values of the certified kernel: g - g is
             # exactly 0, so dist stays the sweep's bit for bit

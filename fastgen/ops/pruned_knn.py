@@ -58,7 +58,7 @@ def prune_count():
     return PruneCount(_COUNT.pairs_total, _COUNT.pairs_computed)
 
 
-def key_index(keys, cluster_size=128, precision="fp32"):
+def key_index(keys, cluster_size=128, precision="fp32", check=True):
     """(M, D) keys clustered and prepared once for pruned searches (the C++ PatchIndex).
 
     The index is built per knn call, so it is cheap: ~128 keys per ball around random
@@ -66,7 +66,7 @@ def key_index(keys, cluster_size=128, precision="fp32"):
     skipped, never the answer). Measured on the 70 cases of benchmarks/bench_knn_zoo.py: a
     Lloyd step makes the build 1.43x longer (median) for 7 % fewer pairs, a net loss on
     63 of them; 64 keys per ball builds 1.5x slower and searches no faster."""
-    sorted_keys, offsets, order = cluster_keys(keys, cluster_size, iterations=0)
+    sorted_keys, offsets, order = cluster_keys(keys, cluster_size, iterations=0, check=check)
     return torch.classes.fastgen.PatchIndex(sorted_keys, offsets, order, precision)
 
 
@@ -76,7 +76,7 @@ def _sweep(queries, keys, k, precision):
         return tuple(run_sweep(queries, keys, k, False, KnnPlan("cpp", False, precision, "certified-sweep")))
 
 
-def pruned_knn(queries, keys, k=1, *, bound=None, index=None, cluster_size=128, precision="fp32"):
+def pruned_knn(queries, keys, k=1, *, bound=None, index=None, cluster_size=128, precision="fp32", checked=False):
     """knn(queries, keys, k) for (N, D) x (M, D) on the CPU, skipping provably farther keys.
 
     bound: optional (N,) upper bounds of what matters per query (squared distances):
@@ -87,22 +87,24 @@ def pruned_knn(queries, keys, k=1, *, bound=None, index=None, cluster_size=128, 
         near unit scale (the bounds are fp32 squares; without one, data far from it is
         moved there first).
 
+    checked: the inputs passed the distance-input rule already (knn checks them): not
+        checked again.
+
     Returns ((dist, idx), pairs computed)."""
+    if not checked:
+        _validate.distance_inputs(queries, "queries", keys, "keys")
     if index is None:
         scale = unit_scale(queries, keys)
         if scale is None:
             # scaling would round some coordinates (subnormal): the sweep is exact at any scale
             return _sweep(queries, keys, k, precision), queries.shape[0] * keys.shape[0]
-        if scale > 1.0:
-            # huge data: refused as the sweep refuses it, not answered with inf distances
-            _validate.distance_inputs(queries, "queries", keys, "keys")
         if scale != 1.0:
             # the bounds are fp32 squares: far from unit scale they underflow to 0 (every
             # key ruled out) or overflow; a power of two moves the data to unit scale
             # exactly, so the same keys win, and distances scale back exactly
             b = None if bound is None else (bound.double() / scale ** 2).float()
             (d, i), computed = pruned_knn(queries / scale, keys / scale, k, bound=b,
-                                          cluster_size=cluster_size, precision=precision)
+                                          cluster_size=cluster_size, precision=precision, checked=True)
             if scale < 1.0:
                 # tiny data: scaling the fp32 distances back would round twice where they
                 # are subnormal; recomputed from the inputs in float64, they round once, as
@@ -121,7 +123,7 @@ def _pruned(queries, keys, k, bound, index, cluster_size, precision):
     if n == 0:
         return (torch.empty(0, k), torch.empty(0, k, dtype=torch.long)), 0
     if index is None:
-        index = key_index(keys, cluster_size, precision)
+        index = key_index(keys, cluster_size, precision, check=False)
     before = index.pairs()[1]
     b = None if bound is None else bound.float().contiguous()
     dist, idx, deferred = index.knn(queries.contiguous(), k, b)

@@ -115,8 +115,7 @@ class StreamingKNN:
             if plan.backend != "cpp":   # the C++ sweep checks the same in its first pass
                 _validate.distance_inputs(self.queries, "queries", keys, "keys")
             return torch.cat([run_knn(q, keys, kk, False, plan).idx for q in self.queries.split(self.query_block)])
-        _validate.finite(keys, "keys")
-        bound = None
+        bound = None          # (pruned_knn checks the chunk: the distance-input rule, once)
         if self._dist.shape[1] == self.k:
             # the running k-th best, widened to survive fp32 rounding; kept in float64 (an fp32
             # bound of tiny-scale data underflows to 0: pruned_knn scales it with the data)

@@ -19,8 +19,7 @@ def unit_scale(queries, keys):
     power of two s that brings its largest |coordinate| into [0.5, 1); None when dividing
     by s would make a non-zero coordinate subnormal (rounded: the winners could change)."""
     queries, keys = queries.detach(), keys.detach()
-    top = max(float(queries.abs().amax()) if queries.numel() else 0.0,
-              float(keys.abs().amax()) if keys.numel() else 0.0)
+    top = max(_largest_magnitude(queries), _largest_magnitude(keys))
     if top == 0.0 or not math.isfinite(top) or 2.0 ** -SCALE_RANGE <= top <= 2.0 ** SCALE_RANGE:
         return 1.0
     scale = 2.0 ** math.frexp(top)[1]
@@ -29,6 +28,14 @@ def unit_scale(queries, keys):
         if tiny / scale < torch.finfo(torch.float32).tiny:
             return None
     return scale
+
+
+def _largest_magnitude(x):
+    """max |x| by one min/max reduction (no |x| temporary); NaN propagates."""
+    if not x.numel():
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
 
 
 def _smallest_nonzero(x):
