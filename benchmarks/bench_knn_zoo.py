@@ -42,6 +42,8 @@ def _image(name):
     else:
         import skimage.data
         x = np.array(getattr(skimage.data, name)())
+        if x.dtype == bool:
+            x = x.astype(np.uint8) * 255
         if x.ndim == 2:
             x = np.repeat(x[:, :, None], 3, axis=2)
     return torch.from_numpy(x[:, :, :3].copy()).float().div(255).permute(2, 0, 1)
@@ -68,6 +70,8 @@ def make_case(c):
         q = sample_patches(c["q_img"], c["p"], c["q_stride"], c["n"], 1)
         k = sample_patches(c["k_img"], c["p"], c["k_stride"], c["m"], 2)
         return q, k
+    if kind == "uniform":
+        return torch.rand(c["n"], c["d"], generator=g), torch.rand(c["m"], c["d"], generator=g)
     if kind == "gaussian":
         return torch.randn(c["n"], c["d"], generator=g), torch.randn(c["m"], c["d"], generator=g)
     if kind == "mixture":
@@ -117,6 +121,31 @@ def zoo():
         c["id"] = (f"{c['kind']}-" + "-".join(f"{key}{c[key]}" for key in ("q_img", "k_img", "p", "q_stride",
                                                                             "k_stride", "d", "clusters", "spread",
                                                                             "n", "m", "k") if key in c))
+    return cases
+
+
+def fresh():
+    """Cases the policy never saw while it was tuned (neither half): other images (textures,
+    documents, a binary silhouette full of exact duplicates, smooth gradients, a
+    microscope slide against a telescope image), N/M from 0.125 to 1, uniform data in 4
+    dimensions, noise and clusters at N = M."""
+    cases = []
+    for qi, ki, p, st, n, m, k in (("immunohistochemistry", "hubble_deep_field", 7, 2, 10000, 40000, 1),
+                                   ("brick", "brick", 6, 2, 20000, 40000, 5),
+                                   ("grass", "gravel", 5, 2, 6000, 40000, 1),
+                                   ("horse", "horse", 8, 1, 10000, 40000, 1),
+                                   ("page", "text", 7, 1, 8000, 30000, 3),
+                                   ("colorwheel", "colorwheel", 5, 1, 10000, 40000, 1),
+                                   ("moon", "coins", 9, 2, 5000, 40000, 1)):
+        cases.append({"kind": "patches", "q_img": qi, "k_img": ki, "p": p, "q_stride": st, "k_stride": st,
+                      "n": n, "m": m, "k": k})
+    cases += [{"kind": "uniform", "d": 4, "n": 20000, "m": 40000, "k": 1},
+              {"kind": "gaussian", "d": 16, "n": 40000, "m": 40000, "k": 5},
+              {"kind": "mixture", "d": 64, "clusters": 200, "n": 40000, "m": 40000, "k": 1}]
+    for c in cases:
+        c["half"] = "fresh"
+        c["id"] = (f"{c['kind']}-" + "-".join(f"{key}{c[key]}" for key in ("q_img", "k_img", "p", "q_stride", "d",
+                                                                            "clusters", "n", "m", "k") if key in c))
     return cases
 
 
@@ -200,7 +229,7 @@ def table(rows):
         f = "-" if r["faiss_s"] is None else f"{r['faiss_s']:.3f}"
         lines.append(f"| {r['id']} | {r['half']} | {r['ratio']:.2f} | {r['sweep_s']:.3f} | {r['pruned_s']:.3f} | "
                      f"{r['auto_s']:.3f} | {f} | {r['pruned_vs_sweep']:.2f} | {r['auto_vs_best']:.2f} |")
-    for half in ("tune", "held-out"):
+    for half in ("tune", "held-out", "fresh"):
         sel = [r for r in rows if r["half"] == half]
         if sel:
             a, ch = [r["auto_vs_best"] for r in sel], [r["choice_vs_best"] for r in sel]
@@ -212,7 +241,8 @@ def table(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--half", choices=("tune", "held-out", "both"), default="both")
+    ap.add_argument("--half", choices=("tune", "held-out", "both", "fresh"), default="both",
+                    help="fresh: the cases neither half holds (fresh())")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--only", default=None, help="a substring of the case ids to run")
@@ -225,8 +255,8 @@ def main(argv=None):
         except ImportError:
             with_faiss = False
     rows = []
-    for c in zoo():
-        if args.half != "both" and c["half"] != args.half:
+    for c in (fresh() if args.half == "fresh" else zoo()):
+        if args.half not in ("both", "fresh") and c["half"] != args.half:
             continue
         if args.only and args.only not in c["id"]:
             continue

@@ -121,6 +121,9 @@ def test_the_automatic_choice_prunes_many_queries_on_structured_data(monkeypatch
     low = torch.randn(8192, 8, generator=g), torch.randn(8192, 8, generator=g)
     assert P.structure_ratio(*low) < 0.4 and knn_plan.relative_structure(*low) > 0.75
     assert not knn_plan.plan_knn(*low, 1).prune
+    # ... except in very few dimensions, where even uniform noise has near neighbours
+    u = torch.rand(8192, 3, generator=g), torch.rand(16384, 3, generator=g)
+    assert P.structure_ratio(*u) < 0.1 < 0.75 < knn_plan.relative_structure(*u) and knn_plan.plan_knn(*u, 1).prune
     lq, lk = data("clustered", 8192, 8192, 8, seed=6)
     assert knn_plan.relative_structure(lq, lk) < 0.5 and knn_plan.plan_knn(lq, lk, 1).prune
     assert not knn_plan.plan_knn(q, keys, 1, prune=False).prune

@@ -73,37 +73,45 @@ def plan_knn(queries, keys, k, *, exclude_self=False, backend="auto", precision=
 
 
 # When the pruned path pays (tuned on the "tune" half of benchmarks/bench_knn_zoo.py,
-# reported on the other, benchmarks/RESULTS.md). Its index (one k-means assignment of the
-# keys to M/128 centres, ~M^2 D / 128 multiply-adds, measured at ~0.035 M/N of a sweep) is
-# built per call, so it needs queries enough to pay that back (N >= M/8: at most ~0.3 of
-# a sweep). The bounds need structure: a query's k-th neighbour much nearer than it would
-# be in i.i.d. data of the same size and dimension (relative_structure < 0.7). Gaussians
-# (0.81-0.87 at D = 8..128), an untrained generator's samples (1.1) lose 2-3x; image
-# patches (0.01-0.56) and clustered features (0.12-0.38) win up to 3x.
+# reported on the other and on cases neither half holds, benchmarks/RESULTS.md). Its index
+# (one k-means assignment of the keys to M/128 centres, ~M^2 D / 128 multiply-adds,
+# measured at ~0.035 M/N of a sweep) is built per call, so it needs queries enough to pay
+# that back (N >= M/8: at most ~0.3 of a sweep). The bounds need structure: a query's
+# k-th neighbour much nearer than it would be in i.i.d. data of the same size and
+# dimension (relative_structure < 0.7), or much nearer than a typical key at all
+# (structure_ratio < 0.1: in 4 dimensions even uniform noise prunes, 2.6x faster).
+# Gaussians (0.78-0.88 at D = 8..128), an untrained generator's samples (1.1) lose 2-3x;
+# image patches (0.00-0.49) and clustered features (0.22-0.38) win up to 4x.
 PRUNE_MIN_QUERY_SHARE = 0.125    # N >= M / 8
 PRUNE_MIN_KEYS = 4096
 PRUNE_MIN_WORK = 1 << 28         # N M D: below this the sweep takes milliseconds
 PRUNE_MAX_RELATIVE_STRUCTURE = 0.7
+PRUNE_NEAR_RATIO = 0.1
 
 
 def prune_pays(queries, keys, k):
     """Whether knn(prune=None) takes the pruned path for (N, D) x (M, D) cpp inputs: many
-    queries per key, a large problem, and structure (relative_structure < 0.7 on a
-    32-query sample, one (32 x M) GEMM, run only if the rest holds)."""
+    queries per key, a large problem, and structure (on a 32-query sample, one (32 x M)
+    GEMM, run only if the rest holds)."""
     n, m, d = queries.shape[0], keys.shape[0], queries.shape[1]
     if n < PRUNE_MIN_QUERY_SHARE * m or m < PRUNE_MIN_KEYS or n * m * d < PRUNE_MIN_WORK:
         return False
-    return relative_structure(queries, keys, k) < PRUNE_MAX_RELATIVE_STRUCTURE
+    ratio = structure_ratio(queries, keys, k)
+    return ratio < PRUNE_NEAR_RATIO or ratio / _iid_ratio(k, m, d) < PRUNE_MAX_RELATIVE_STRUCTURE
+
+
+def _iid_ratio(k, m, d):
+    # the k-th of M neighbours sits at the (k/M)-quantile of the distances, and that
+    # quantile's radius scales as (k/M)^(1/D)
+    return (min(k, m) / m) ** (1.0 / max(d, 1))
 
 
 def relative_structure(queries, keys, k=1, sample=32, seed=0):
     """structure_ratio divided by (k / M)^(1/D), about what it is for i.i.d. data of the
-    same size and dimension (the k-th of M neighbours sits at the (k/M)-quantile of the
-    distances, and that quantile's radius scales as (k/M)^(1/D)): ~0.8-1.1 for noise at
-    any D, well under 0.7 where the bounds can skip keys. Without the correction a low
-    dimension alone looks structured (Gaussians at D = 8 give a raw ratio of 0.22)."""
-    m, d = keys.shape[0], keys.shape[1]
-    return structure_ratio(queries, keys, k, sample, seed) / (min(k, m) / m) ** (1.0 / max(d, 1))
+    same size and dimension: ~0.8-1.1 for noise at any D, well under 0.7 where the
+    bounds can skip keys. Without the correction a low dimension alone looks structured
+    (Gaussians at D = 8 give a raw ratio of 0.22, and lose 2.4x pruned)."""
+    return structure_ratio(queries, keys, k, sample, seed) / _iid_ratio(k, keys.shape[0], keys.shape[1])
 
 
 def structure_ratio(queries, keys, k=1, sample=32, seed=0):
