@@ -249,7 +249,7 @@ def test_adaptive_state_survives_a_checkpoint(tmp_path):
     assert third.search(x)["searched"] >= 6
 
 
-@pytest.mark.parametrize("variant", [["--reject-eps", "2.0"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
+@pytest.mark.parametrize("variant", [["--reject-eps", "2.0", "--arch", "mlp"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
                                      ["--arch", "conv", "--size", "16"], ["--loss", "l1"],
                                      ["--conditional", "top-half"], ["--conditional", "top-half", "--adaptive-gamma", "0.1"]])
 def test_each_variant_trains_from_the_cli(tmp_path, variant):
@@ -337,3 +337,12 @@ def test_conditional_bad_input(make, match):
     model = IMLE((1, 4, 4), condition_shape=(1, 4, 4))
     with pytest.raises(ValueError, match=match):
         make(model, torch.rand(5, 1, 4, 4))
+
+
+@pytest.mark.parametrize("size,arch", [(None, "conv"), (16, "conv"), (12, "mlp")])
+def test_the_default_generator_is_conv_where_the_images_fit_it(tmp_path, size, arch):
+    out = str(tmp_path / "a")
+    sized = [] if size is None else ["--size", str(size)]
+    assert main(["train", "imle", "--data", "digits", *sized, "--epochs", "1", "--batches-per-epoch", "1",
+                 "--samples-per-point", "1", "--out", out, *QUICK]) == 0
+    assert torch.load(os.path.join(out, "checkpoint.pt"))["config"]["arch"] == arch

@@ -13,6 +13,12 @@ from torch import nn
 ARCHS = ("mlp", "conv")
 
 
+def conv_fits(image_shape):
+    """Whether the conv networks take images of this (C, H, W) shape: square, side 8 * 2^k."""
+    _, h, w = image_shape
+    return h == w and h >= 8 and not h & (h - 1)
+
+
 def _conv_levels(image_shape):
     c, h, w = image_shape
     if h != w or h < 8 or h & (h - 1):
