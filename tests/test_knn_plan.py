@@ -140,3 +140,21 @@ def test_patch_index_without_alpha_plans_through_knn(monkeypatch):
     idx = PatchIndex(keys, alpha=None).search(q)
     assert seen == [knn_plan.plan_knn(q, keys, 1)]
     assert torch.equal(idx, knn(q, keys, 1, prune=False).idx[:, 0])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] != "patches" and "prune" not in c[4]],
+                         ids=[c[0] for c in CASES if c[1] != "patches" and "prune" not in c[4]])
+def test_nearest_code_runs_the_precision_the_planner_picks(monkeypatch, case):
+    """nearest_code asks the same planner: where bf16 does not pay, its cpp op runs fp32."""
+    from fastgen.ops import nearest_code
+    q, keys, _, request = _data(case)
+    ran = []
+    real = torch.ops.fastgen.nearest_code
+    monkeypatch.setattr(torch.ops.fastgen, "nearest_code", lambda x, c, p: ran.append(p) or real(x, c, p))
+    monkeypatch.setattr(knn_plan, "_BF16_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = knn_plan.plan_knn(q, keys, 1, prune=False, **request).precision
+        got = nearest_code(q, keys, **request)
+    assert ran == [want]
+    assert torch.equal(got.idx, knn(q, keys, 1).idx[:, 0])

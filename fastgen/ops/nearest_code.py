@@ -4,7 +4,7 @@ from typing import NamedTuple
 import torch
 
 from fastgen import _ext
-from fastgen.ops import _backend, _validate
+from fastgen.ops import _validate
 from fastgen.ops._sqdist_grad import sqdist_backward
 from fastgen.ops.knn_plan import plan_knn
 from fastgen.ops.knn_sweep import run_sweep
@@ -36,12 +36,15 @@ def nearest_code(x, codebook, *, backend="auto", precision="fp32"):
     if codebook.shape[0] == 0:
         raise ValueError("codebook is empty (0 codes)")
     _validate.precision(precision)
-    be = _backend.resolve(backend, x.device, precision)
-    if be != "cpp":  # the C++ op checks the same inside its first pass over the data
+    # knn's planner decides the backend and the precision that runs (bf16 only where its
+    # sample says it pays); a codebook lookup never prunes (the codebook is the small side)
+    plan = plan_knn(x, codebook, 1, backend=backend, precision=precision, prune=False)
+    if plan.backend != "cpp":  # the C++ op checks the same inside its first pass over the data
         _validate.distance_inputs(x, "x", codebook, "codebook")
-    if be == "cpp":
-        return NearestCode(*torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), precision))
-    dist, idx = run_sweep(x, codebook, 1, False, plan_knn(x, codebook, 1, backend=be, precision=precision))
+    if plan.backend == "cpp":
+        # the fused C++ argmin (one code per row, no top-k bookkeeping)
+        return NearestCode(*torch.ops.fastgen.nearest_code(x.contiguous(), codebook.contiguous(), plan.precision))
+    dist, idx = run_sweep(x, codebook, 1, False, plan)
     return NearestCode(dist[:, 0], idx[:, 0])
 
 
