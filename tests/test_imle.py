@@ -346,3 +346,46 @@ def test_the_default_generator_is_conv_where_the_images_fit_it(tmp_path, size, a
     assert main(["train", "imle", "--data", "digits", *sized, "--epochs", "1", "--batches-per-epoch", "1",
                  "--samples-per-point", "1", "--out", out, *QUICK]) == 0
     assert torch.load(os.path.join(out, "checkpoint.pt"))["config"]["arch"] == arch
+
+
+def test_noise_once_per_round():
+    """noise_per="round": one draw per point per search round (the same loss at every step
+    until the next round, seeded by the round number); "step": a fresh draw each step."""
+    torch.manual_seed(0)
+    x = torch.rand(12, 1, 4, 4)
+    losses = {}
+    for per in ("step", "round"):
+        torch.manual_seed(1)
+        m = IMLE((1, 4, 4), z_dim=8, samples_per_point=3, noise=0.5, noise_per=per)
+        m.attach(x)
+        m.search(x, torch.Generator().manual_seed(0))
+        idx = torch.arange(12)
+        losses[per] = (m(idx)["loss"].item(), m(idx)["loss"].item())
+        if per == "round":
+            first = m.round_noise.clone()
+            assert first.shape == (12, 8) and 0.3 < float(first.std()) < 0.7
+            m.search(x, torch.Generator().manual_seed(1))
+            assert not torch.equal(first, m.round_noise)
+            # the state carries it: a loaded copy trains on the same noise
+            twin = IMLE((1, 4, 4), z_dim=8, samples_per_point=3, noise=0.5, noise_per="round")
+            twin.load_state_dict(m.state_dict())
+            twin.attach(x)
+            assert torch.equal(twin.round_noise, m.round_noise) and float(twin(idx)["loss"]) == float(m(idx)["loss"])
+            # a checkpoint from before noise_per: zeros until the next round
+            old = {k: v for k, v in m.state_dict().items() if k != "round_noise"}
+            twin.load_state_dict(old)
+            assert twin.round_noise.shape == (12, 8) and not twin.round_noise.any()
+            step = IMLE((1, 4, 4), z_dim=8, samples_per_point=3, noise=0.5)
+            step.load_state_dict(old)
+    assert losses["round"][0] == losses["round"][1]
+    assert losses["step"][0] != losses["step"][1]
+    with pytest.raises(ValueError, match="noise_per"):
+        IMLE((1, 4, 4), noise_per="batch")
+
+
+def test_noise_per_round_from_the_cli(tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["train", "imle", "--data", "digits", "--epochs", "2", "--staleness", "1", "--batches-per-epoch", "2",
+                 "--samples-per-point", "2", "--noise-per", "round", "--out", out, *QUICK]) == 0
+    ck = torch.load(os.path.join(out, "checkpoint.pt"))
+    assert ck["config"]["noise_per"] == "round" and ck["model"]["round_noise"].shape[0] == 1438

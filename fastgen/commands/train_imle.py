@@ -26,11 +26,15 @@ def add_parser(families):
     p.add_argument("--samples-per-point", type=int, default=10, help="samples drawn per data point per search")
     p.add_argument("--staleness", type=int, default=5, help="epochs between search rounds")
     p.add_argument("--noise", type=float, default=0.01, help="std of the noise added to each chosen code")
+    p.add_argument("--noise-per", choices=["step", "round"], default="step",
+                   help="draw the code noise at every training step, or once per point per search round")
     p.add_argument("--loss", choices=["l2", "l1"], default="l2")
     p.add_argument("--feature-dim", type=int, default=None,
                    help="search in a fixed random projection to this many features (default: pixels)")
     p.add_argument("--reject-eps", type=float, default=None,
-                   help="RS-IMLE: discard samples closer than this to any data point before the search")
+                   help="RS-IMLE: discard samples closer than this to any data point before the search "
+                        "(Euclidean distance in the search's space: pixels in [0, 1] by default, so sqrt(64) = 8 "
+                        "is the largest possible on 8x8 digits; the projected features with --feature-dim)")
     p.add_argument("--adaptive-gamma", type=float, default=None,
                    help="Adaptive IMLE: search a point again only once its sample is within its threshold, "
                         "then shrink the threshold by this factor")
@@ -81,6 +85,7 @@ def run(args):
         image_shape=ds.image_shape, z_dim=args.z_dim, arch=arch, samples_per_point=args.samples_per_point,
         noise=args.noise, loss=args.loss, feature_dim=args.feature_dim, reject_eps=args.reject_eps,
         adaptive_gamma=args.adaptive_gamma, adaptive_wait=args.adaptive_wait, adaptive_period=args.adaptive_period,
+        noise_per=args.noise_per,
         condition_shape=ds.image_shape if args.conditional else None)
     conditional = ckpt.get("conditional") if ckpt else args.conditional
     staleness = ckpt["staleness"] if ckpt else args.staleness

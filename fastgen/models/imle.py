@@ -33,6 +33,7 @@ from torch import nn
 from fastgen.models.networks import make_decoder
 from fastgen.ops import checks
 
+NOISE_PER = ("step", "round")
 LOSSES = ("l2", "l1")
 CONDITIONS = ("top-half",)
 
@@ -60,6 +61,8 @@ class IMLE(nn.Module):
         arch: "mlp" or "conv" generator (fastgen.models.networks decoders + sigmoid).
         samples_per_point: samples drawn per data point in a search round (10).
         noise: std of the Gaussian noise added to each chosen code in training (0.01).
+        noise_per: "step" (a fresh draw at every training step) or "round" (one draw per
+            point per search round, kept until the next round, as the reference code does).
         loss: "l2" (sum of squares per point) or "l1".
         feature_dim: None searches in pixel space; an int searches in a fixed random
             projection to that many features (seeded by `feature_seed`).
@@ -88,8 +91,10 @@ class IMLE(nn.Module):
 
     def __init__(self, image_shape, z_dim=64, arch="mlp", samples_per_point=10, noise=0.01, loss="l2",
                  feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None, reject_eps=None,
-                 adaptive_gamma=None, condition_shape=None, adaptive_wait=1, adaptive_period=10):
+                 adaptive_gamma=None, condition_shape=None, adaptive_wait=1, adaptive_period=10, noise_per="step"):
         super().__init__()
+        if noise_per not in NOISE_PER:
+            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {noise_per!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         for name, v in (("z_dim", z_dim), ("samples_per_point", samples_per_point), ("chunk", chunk)):
@@ -120,7 +125,8 @@ class IMLE(nn.Module):
                            reject_eps=None if reject_eps is None else float(reject_eps),
                            adaptive_gamma=None if adaptive_gamma is None else float(adaptive_gamma),
                            adaptive_wait=int(adaptive_wait),
-                           adaptive_period=None if adaptive_period is None else int(adaptive_period))
+                           adaptive_period=None if adaptive_period is None else int(adaptive_period),
+                           noise_per=noise_per)
         self.reject_eps, self.adaptive_gamma = self.config["reject_eps"], self.config["adaptive_gamma"]
         self.image_shape = tuple(image_shape)
         self.z_dim, self.samples_per_point, self.noise = z_dim, samples_per_point, float(noise)
@@ -144,6 +150,9 @@ class IMLE(nn.Module):
         # Adaptive IMLE: the round each point was last searched in, and rounds so far
         self.register_buffer("last_searched", torch.zeros(0, dtype=torch.long))
         self.register_buffer("rounds", torch.zeros((), dtype=torch.long))
+        # noise_per="round": each point's perturbation of its chosen code, drawn once per
+        # search round (kept in the state, so a resumed run trains on the same one)
+        self.register_buffer("round_noise", torch.zeros(0, z_dim))
         self.data = self.conditions = None
         self.last_search = {}
 
@@ -157,7 +166,11 @@ class IMLE(nn.Module):
             state_dict.setdefault(prefix + "last_searched", torch.full((state_dict[n_key].shape[0],),
                                                                        -self.config["adaptive_wait"], dtype=torch.long))
             state_dict.setdefault(prefix + "rounds", torch.zeros((), dtype=torch.long))
-        for name in ("chosen_z", "threshold", "last_searched"):
+            # checkpoints written before noise_per: no round noise (with noise_per="round"
+            # zeros until the next round draws one)
+            rows = state_dict[n_key].shape[0] if self.config["noise_per"] == "round" else 0
+            state_dict.setdefault(prefix + "round_noise", torch.zeros(rows, self.z_dim))
+        for name in ("chosen_z", "threshold", "last_searched", "round_noise"):
             key = prefix + name
             if key in state_dict:
                 cur = getattr(self, name)
@@ -221,8 +234,17 @@ class IMLE(nn.Module):
                 info = self._conditional_round(data, conditions, generator)
         finally:
             self.train(was_training)
+        if self.config["noise_per"] == "round":
+            self.round_noise = self._round_noise()
         self.last_search = info
         return dict(info)
+
+    def _round_noise(self):
+        """This round's noise for every chosen code: seeded by the round number, so every
+        process of a torchrun draws the same without talking to the others."""
+        n = self.chosen_z.shape[0]
+        g = torch.Generator().manual_seed(0x5EED_0000 + int(self.rounds))
+        return (self.noise * torch.randn(n, self.z_dim, generator=g)).to(self.chosen_z.device)
 
     def _chunk_codes(self, seed, c, size, device):
         """The codes of the round's chunk c (global samples [c * chunk, c * chunk + size)):
@@ -440,7 +462,9 @@ class IMLE(nn.Module):
                                "(fastgen.training.fit does it through IMLE.before_epoch)")
         x = self.data[index]
         z = self.chosen_z[index]
-        if self.noise > 0:
+        if self.config["noise_per"] == "round":
+            z = z + self.round_noise[index]
+        elif self.noise > 0:
             z = z + self.noise * torch.randn_like(z)
         c = None if self.conditions is None else self.conditions[index]
         scale = 1.0 / max(1, x.shape[0])
