@@ -182,3 +182,20 @@ def test_a_transformer_prior_over_codebook_free_quantizers(tmp_path, kind, codes
                  "-n", "3", "--out", str(s)]) == 0
     saved = torch.load(s / "samples.pt", weights_only=True)
     assert saved["images"].shape[:2] == (3, 1) and bool(torch.isfinite(saved["images"]).all())
+
+
+def test_lfq_entropy_weight_from_the_cli(tmp_path, capsys):
+    quick = ["--epochs", "1", "--batches-per-epoch", "1", "--threads", "1", "--quiet"]
+    tiny = ["--data", "digits", "--hidden", "16", "--res-blocks", "1"]
+    assert main(["train", "vqvae", *tiny, "--quantizer", "lfq", "--num-codes", "16", "--entropy-weight", "0.7",
+                 "--out", str(tmp_path / "a"), *quick]) == 0
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["entropy_weight"] == 0.7
+    from fastgen.training import model_from_checkpoint
+    assert model_from_checkpoint(ck).quantizer.entropy_weight == 0.7
+    capsys.readouterr()
+    assert main(["train", "vqvae", *tiny, "--entropy-weight", "0.7", "--out", str(tmp_path / "b"), *quick]) != 0
+    assert "--entropy-weight is for --quantizer lfq" in capsys.readouterr().err
+    assert main(["train", "vqvae", *tiny, "--quantizer", "lfq", "--num-codes", "16", "--entropy-weight", "-1",
+                 "--out", str(tmp_path / "c"), *quick]) != 0
+    assert "--entropy-weight must be" in capsys.readouterr().err

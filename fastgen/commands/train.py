@@ -98,6 +98,9 @@ def quantizer_arguments(p):
                         "through one learned linear map; fsq: finite scalar quantization "
                         "on --levels (codes = their product); lfq: lookup-free, --num-codes a power of two")
     p.add_argument("--levels", default=None, help="FSQ levels per channel, e.g. 8,5,5,5 (--quantizer fsq)")
+    p.add_argument("--entropy-weight", type=float, default=None,
+                   help="--quantizer lfq: weight of the entropy penalty (default 0.1, as vector-quantize-pytorch's "
+                        "entropy_loss_weight)")
     p.add_argument("--rotation-trick", action="store_true",
                    help="--quantizer vq: gradients through the rotation onto the code (Fifty et al. 2024), "
                         "not straight through")
@@ -113,7 +116,12 @@ def quantizer_config(args):
     if args.rotation_trick and args.quantizer not in ("vq", "simvq"):
         raise ValueError(f"--rotation-trick is for --quantizer vq or simvq (got --quantizer {args.quantizer})")
     levels = parse_levels(args.levels) if args.levels else None
-    return dict(quantizer=args.quantizer, levels=levels, rotation_trick=args.rotation_trick)
+    if args.entropy_weight is not None and args.quantizer != "lfq":
+        raise ValueError(f"--entropy-weight is for --quantizer lfq (got --quantizer {args.quantizer})")
+    if args.entropy_weight is not None and not 0 <= args.entropy_weight < float("inf"):
+        raise ValueError(f"--entropy-weight must be a finite number >= 0, got {args.entropy_weight}")
+    weight = 0.1 if args.entropy_weight is None else args.entropy_weight
+    return dict(quantizer=args.quantizer, levels=levels, rotation_trick=args.rotation_trick, entropy_weight=weight)
 
 
 def parse_levels(text):

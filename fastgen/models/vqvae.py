@@ -60,7 +60,7 @@ class VQVAE(nn.Module):
 
     def __init__(self, image_shape, downsample=2, hidden=64, res_hidden=32, num_res_blocks=2, num_codes=64,
                  code_dim=16, commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20,
-                 quantizer="vq", levels=None, rotation_trick=False):
+                 quantizer="vq", levels=None, rotation_trick=False, entropy_weight=0.1):
         super().__init__()
         num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
         c, h, w = image_shape
@@ -72,7 +72,8 @@ class VQVAE(nn.Module):
                            res_hidden=res_hidden, num_res_blocks=num_res_blocks, num_codes=num_codes,
                            code_dim=code_dim, commitment=commitment, ema=ema, decay=decay,
                            kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold, quantizer=quantizer,
-                           levels=None if levels is None else list(levels), rotation_trick=rotation_trick)
+                           levels=None if levels is None else list(levels), rotation_trick=rotation_trick,
+                           entropy_weight=float(entropy_weight))
         self.image_shape = tuple(image_shape)
         self.code_shape = (h // downsample, w // downsample)
         self.num_codes = num_codes
@@ -90,7 +91,7 @@ class VQVAE(nn.Module):
         self.quantizer = make_quantizer(quantizer, num_codes=num_codes, code_dim=code_dim, levels=levels,
                                         commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
                                         dead_code_threshold=dead_code_threshold, rotation_trick=rotation_trick,
-                                        channel_last=False)
+                                        entropy_weight=entropy_weight, channel_last=False)
 
         dec = [nn.Conv2d(code_dim, hidden, 3, padding=1)]
         dec += [ResidualBlock(hidden, res_hidden) for _ in range(num_res_blocks)]

@@ -68,7 +68,7 @@ class VQVAE2(nn.Module):
 
     def __init__(self, image_shape, hidden=128, res_hidden=64, num_res_blocks=2, num_codes=512, code_dim=64,
                  commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20, quantizer="vq",
-                 levels=None, rotation_trick=False):
+                 levels=None, rotation_trick=False, entropy_weight=0.1):
         super().__init__()
         num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
         c, h, w = image_shape
@@ -79,13 +79,14 @@ class VQVAE2(nn.Module):
                            num_res_blocks=num_res_blocks, num_codes=num_codes, code_dim=code_dim,
                            commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
                            dead_code_threshold=dead_code_threshold, quantizer=quantizer,
-                           levels=None if levels is None else list(levels), rotation_trick=rotation_trick)
+                           levels=None if levels is None else list(levels), rotation_trick=rotation_trick,
+                           entropy_weight=float(entropy_weight))
         self.image_shape = tuple(image_shape)
         self.num_codes = num_codes
         self.top_shape, self.bottom_shape = (h // 8, w // 8), (h // 4, w // 4)
         vq = dict(num_codes=num_codes, code_dim=code_dim, levels=levels, commitment=commitment, ema=ema,
                   decay=decay, kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold,
-                  rotation_trick=rotation_trick, channel_last=False)
+                  rotation_trick=rotation_trick, entropy_weight=entropy_weight, channel_last=False)
         self.enc_b = _encoder(c, hidden, res_hidden, num_res_blocks, 4)
         self.enc_t = _encoder(hidden, hidden, res_hidden, num_res_blocks, 2)
         self.pre_t = nn.Conv2d(hidden, code_dim, 1)
