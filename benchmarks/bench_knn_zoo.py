@@ -215,7 +215,8 @@ def family_table(rows):
     for (fam, half), rs in sorted(groups.items()):
         rng = lambda v: f"{min(v):.2f}-{max(v):.2f}"   # noqa: E731
         fa = [r["faiss_s"] / r["pruned_s"] for r in rs if r["faiss_s"]]
-        lines.append(f"| {fam} | {half} | {len(rs)} | {rs[0]['n'] / rs[0]['m']:.2f} | {rng([r['relative'] for r in rs])} "
+        lines.append(f"| {fam} | {half} | {len(rs)} | {rng([r['n'] / r['m'] for r in rs])} "
+                     f"| {rng([r['relative'] for r in rs])} "
                      f"| {sum(r['auto_prunes'] for r in rs)} | {statistics.median(r['sweep_s'] for r in rs):.3f} "
                      f"| {rng([r['pruned_vs_sweep'] for r in rs])} | {max(r['choice_vs_best'] for r in rs):.2f} "
                      f"| {max(r['auto_vs_best'] for r in rs):.2f} | {rng(fa) if fa else '-'} |")

@@ -11,6 +11,13 @@ import contextlib
 import torch
 
 
+def check_decay(decay):
+    """A decay in (0, 1) as a float, or a ValueError naming it."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+        raise ValueError(f"ema decay must be a number in (0, 1), got {decay!r}")
+    return float(decay)
+
+
 class WeightAverage:
     """avg <- decay_t avg + (1 - decay_t) weights after every optimizer step, over the
     model's floating-point parameters (buffers -- batch-norm statistics, IMLE's search
@@ -18,9 +25,7 @@ class WeightAverage:
     first steps are not averaged with the random initialisation."""
 
     def __init__(self, model, decay):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be a number in (0, 1), got {decay!r}")
-        self.decay = float(decay)
+        self.decay = check_decay(decay)
         self.steps = 0
         self.shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.is_floating_point()}
 

@@ -337,8 +337,10 @@ def default_row_format(row):
 
 def lr_factor(schedule, epoch, epochs):
     """The learning-rate multiplier of `epoch` (0-based) of `epochs`: 1 for "constant";
-    for "cosine" half a cosine from 1 at the first epoch down to 0.05 at the last (set
-    per epoch from the epoch number, so a resumed run continues the same curve)."""
+    for "cosine" half a cosine from 1 at the first epoch down to 0.05 at the last. Set per
+    epoch from the epoch number and --epochs: a run resumed with the same --epochs
+    continues the same curve; one given more epochs follows the stretched curve from
+    where it stands (the rate can rise again)."""
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
@@ -382,20 +384,24 @@ def fit(model, train_data, *, kind, out, epochs, config, ckpt=None, lr=1e-3, bat
     base_lr = ckpt.get("base_lr", ckpt["lr"]) if ckpt else lr
     lr_factor(lr_schedule, 0, max(epochs, 1))          # a bad schedule name fails before any work
     optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, betas=betas)
-    average = None
     if ema is not None:
-        from fastgen.ema import WeightAverage
-        average = WeightAverage(model, ema)
+        from fastgen.ema import WeightAverage, check_decay
+        check_decay(ema)                 # a bad decay fails before any work
     history, start = [], 0
     ckpt_path = os.path.join(out, CHECKPOINT)
     if ckpt:
         history, start, done = resume(ckpt, model, optimizer, data_gen, ckpt_path, epochs)
         if done:
             return history
-        if average is not None and ckpt.get("ema"):
-            average.load_state_dict(ckpt["ema"])
     if size > 1:
         _same_start(model)
+    # the average starts from the weights training starts from (a resumed run's, not the
+    # initialisation's: a run resumed with --ema added has no average yet)
+    average = None
+    if ema is not None:
+        average = WeightAverage(model, ema)
+        if ckpt and ckpt.get("ema"):
+            average.load_state_dict(ckpt["ema"])
     if describe is not None and lead:
         print(describe(sum(p.numel() for p in model.parameters())) + (f", {size} processes" if size > 1 else ""))
     for epoch in range(start, epochs):

@@ -85,3 +85,24 @@ def test_fit_keeps_the_average_samples_with_it_and_resumes_exactly(tmp_path, cap
     assert main([*args, "--lr-schedule", "cosine", "--epochs", "3", "--out", cos]) == 0
     c = training.load_checkpoint(os.path.join(cos, "checkpoint.pt"))
     assert c["lr"] == pytest.approx(0.002 * 0.05) and c["base_lr"] == 0.002
+
+
+class _Line(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return {"loss": (x - self.w).square().sum(1).mean()}
+
+
+def test_fit_evaluates_with_the_average_and_trains_the_live_weights(tmp_path):
+    torch.manual_seed(0)
+    model, seen = _Line(), []
+    data = torch.randn(64, 3) + 5
+    training.fit(model, data, kind="line", out=str(tmp_path), epochs=2, config={}, batch_size=8, ema=0.9,
+                 show_progress=False, evaluate=lambda: seen.append(model.w.detach().clone()) or {},
+                 format_row=lambda row: "")
+    ck = training.load_checkpoint(os.path.join(str(tmp_path), "checkpoint.pt"))
+    assert len(seen) == 2 and torch.equal(seen[-1], ck["ema"]["shadow"]["w"])
+    assert torch.equal(model.w.detach(), ck["model"]["w"]) and not torch.equal(model.w.detach(), seen[-1])

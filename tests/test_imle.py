@@ -377,6 +377,7 @@ def test_noise_once_per_round():
             assert twin.round_noise.shape == (12, 8) and not twin.round_noise.any()
             step = IMLE((1, 4, 4), z_dim=8, samples_per_point=3, noise=0.5)
             step.load_state_dict(old)
+            assert step.round_noise.shape == (0, 8)
     assert losses["round"][0] == losses["round"][1]
     assert losses["step"][0] != losses["step"][1]
     with pytest.raises(ValueError, match="noise_per"):

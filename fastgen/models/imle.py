@@ -225,6 +225,8 @@ class IMLE(nn.Module):
         of the points searched, "samples": drawn, "searched": points searched, "rejected":
         samples discarded by reject_eps}. A round that fails leaves the model as it was."""
         self.check_data(data, conditions)
+        # (drawn before the round, from the same generator: runs with other seeds get other noise)
+        noise_seed = self._round_seed(generator) if self.config["noise_per"] == "round" else None
         was_training = self.training
         self.eval()
         try:
@@ -234,16 +236,16 @@ class IMLE(nn.Module):
                 info = self._conditional_round(data, conditions, generator)
         finally:
             self.train(was_training)
-        if self.config["noise_per"] == "round":
-            self.round_noise = self._round_noise()
+        if noise_seed is not None:
+            self.round_noise = self._round_noise(noise_seed)
         self.last_search = info
         return dict(info)
 
-    def _round_noise(self):
-        """This round's noise for every chosen code: seeded by the round number, so every
-        process of a torchrun draws the same without talking to the others."""
+    def _round_noise(self, seed):
+        """This round's noise for every chosen code, from a seed every process of a
+        torchrun draws alike (the round's generator), so they agree without talking."""
         n = self.chosen_z.shape[0]
-        g = torch.Generator().manual_seed(0x5EED_0000 + int(self.rounds))
+        g = torch.Generator().manual_seed(seed)
         return (self.noise * torch.randn(n, self.z_dim, generator=g)).to(self.chosen_z.device)
 
     def _chunk_codes(self, seed, c, size, device):
