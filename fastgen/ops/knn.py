@@ -8,6 +8,7 @@ from fastgen.ops import _validate, baselines, pruned_knn
 from fastgen.ops._sqdist_grad import sqdist_backward
 from fastgen.ops.knn_plan import SCREEN_MAX_K, KnnPlan, bf16_pays, plan_knn  # noqa: F401 (public names)
 from fastgen.ops.knn_sweep import Neighbours, run_sweep
+from fastgen.threads import fine_grained_threads
 
 
 def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp32", prune=None):
@@ -57,7 +58,12 @@ def knn(queries, keys, k=1, exclude_self=False, *, backend="auto", precision="fp
                          f"{', self excluded' if exclude_self else ''}), got k={k}")
     plan = plan_knn(queries, keys, k, exclude_self=exclude_self, backend=backend, precision=precision,
                     prune=prune)
-    if plan.backend != "cpp" or plan.prune:  # the C++ sweep checks the same in its first pass
+    if plan.prune:
+        # the pruned call is short regions throughout: on a busy machine one thread
+        # (fastgen.threads) checks its inputs faster than two
+        with fine_grained_threads():
+            _validate.distance_inputs(queries, "queries", keys, "keys")
+    elif plan.backend != "cpp":  # the C++ sweep checks the same in its first pass
         _validate.distance_inputs(queries, "queries", keys, "keys")
     return run_knn(queries, keys, k, exclude_self, plan)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.ops import _backend, _validate, baselines, error_bound
+from fastgen.threads import fine_grained_threads
 
 # the largest k the Triton screen serves (slots up to 256: what fastgen/gpu_plan.py compiles)
 SCREEN_MAX_K = 128
@@ -96,7 +97,8 @@ def prune_pays(queries, keys, k):
     n, m, d = queries.shape[0], keys.shape[0], queries.shape[1]
     if n < PRUNE_MIN_QUERY_SHARE * m or m < PRUNE_MIN_KEYS or n * m * d < PRUNE_MIN_WORK:
         return False
-    ratio = structure_ratio(queries, keys, k)
+    with fine_grained_threads():      # one short GEMM: on a busy machine one thread is faster
+        ratio = structure_ratio(queries, keys, k)
     return ratio < PRUNE_NEAR_RATIO or ratio / _iid_ratio(k, m, d) < PRUNE_MAX_RELATIVE_STRUCTURE
 
 

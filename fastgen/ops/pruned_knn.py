@@ -91,10 +91,12 @@ def pruned_knn(queries, keys, k=1, *, bound=None, index=None, cluster_size=128, 
         checked again.
 
     Returns ((dist, idx), pairs computed)."""
-    if not checked:
-        _validate.distance_inputs(queries, "queries", keys, "keys")
+    # (short passes: one thread while other processes hold cores, as the search below)
+    with fine_grained_threads():
+        if not checked:
+            _validate.distance_inputs(queries, "queries", keys, "keys")
+        scale = unit_scale(queries, keys) if index is None else 1.0
     if index is None:
-        scale = unit_scale(queries, keys)
         if scale is None:
             # scaling would round some coordinates (subnormal): the sweep is exact at any scale
             return _sweep(queries, keys, k, precision), queries.shape[0] * keys.shape[0]
