@@ -118,10 +118,12 @@ def zoo():
         cases.append({"kind": "imle", "spread": 0.05, "n": 1797, "m": 40000, "k": k})
     for i, c in enumerate(cases):
         c["half"] = "tune" if i % 2 == 0 else "held-out"
-        c["id"] = (f"{c['kind']}-" + "-".join(f"{key}{c[key]}" for key in ("q_img", "k_img", "p", "q_stride",
-                                                                            "k_stride", "d", "clusters", "spread",
-                                                                            "n", "m", "k") if key in c))
+        c["id"] = _case_id(c, ("q_img", "k_img", "p", "q_stride", "k_stride", "d", "clusters", "spread", "n", "m", "k"))
     return cases
+
+
+def _case_id(c, keys):
+    return f"{c['kind']}-" + "-".join(f"{key}{c[key]}" for key in keys if key in c)
 
 
 def fresh():
@@ -144,8 +146,7 @@ def fresh():
               {"kind": "mixture", "d": 64, "clusters": 200, "n": 40000, "m": 40000, "k": 1}]
     for c in cases:
         c["half"] = "fresh"
-        c["id"] = (f"{c['kind']}-" + "-".join(f"{key}{c[key]}" for key in ("q_img", "k_img", "p", "q_stride", "d",
-                                                                            "clusters", "n", "m", "k") if key in c))
+        c["id"] = _case_id(c, ("q_img", "k_img", "p", "q_stride", "d", "clusters", "n", "m", "k"))
     return cases
 
 

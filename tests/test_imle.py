@@ -83,8 +83,10 @@ def test_training_pulls_samples_onto_the_data_and_covers_every_digit(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
+    """The weights, and the weight average (--ema), of a run stopped and resumed equal the
+    uninterrupted run's."""
     args = ["train", "imle", "--data", "digits", "--batches-per-epoch", "4", "--staleness", "2",
-            "--samples-per-point", "3", "--eval-every", "99", *QUICK]
+            "--samples-per-point", "3", "--eval-every", "99", "--ema", "0.95", *QUICK]
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     assert main([*args, "--epochs", "5", "--out", full]) == 0
     assert main([*args, "--epochs", "3", "--out", split]) == 0
@@ -93,6 +95,9 @@ def test_resume_continues_exactly(tmp_path):
     b = torch.load(os.path.join(split, "checkpoint.pt"))
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6), k
+    assert a["ema"]["steps"] == b["ema"]["steps"] == 20
+    for k, v in a["ema"]["shadow"].items():
+        torch.testing.assert_close(v, b["ema"]["shadow"][k], rtol=1e-5, atol=1e-6)
 
 
 def test_resumed_at_an_epoch_without_a_search_logs_what_the_full_run_logs(tmp_path):
