@@ -7,8 +7,9 @@ position (sample_naive: what the public VQ-VAE-2 code does).
 
 Priors with fixed random weights (speed does not depend on training): 64 channels, 8
 gated layers, kernel 3, 512 codes -- the `fastgen train prior` defaults; the bottom-prior
-cases carry a 32-channel conditioning map (the top codes). n maps per call. Guard: the
-codes equal the incremental sampler's for the same generator seed.
+cases carry a 32-channel conditioning map (the top codes); attn "every" puts a causal
+attention block after every gated layer (the PixelSNAIL-style prior, `--attention every`).
+n maps per call. Guard: the codes equal the incremental sampler's for the same generator seed.
 """
 import torch
 
@@ -19,7 +20,7 @@ def inputs(p):
     from fastgen.models import GatedPixelCNN
     torch.manual_seed(0)
     net = GatedPixelCNN(512, (p["H"], p["W"]), dim=64, layers=8, kernel=3,
-                        cond_channels=p["cond"] or None).eval()
+                        cond_channels=p["cond"] or None, attention=p.get("attn", False)).eval()
     cond = torch.randn(p["n"], p["cond"], p["H"], p["W"]) if p["cond"] else None
     return net, cond
 
@@ -35,7 +36,7 @@ def _sampler(naive):
 SUITE = Suite(
     op="prior_sampling",
     cases=cases(quick=[dict(H=4, W=4, cond=0, n=16), dict(H=8, W=8, cond=32, n=16)],
-                large=[dict(H=16, W=16, cond=32, n=16)]),
+                large=[dict(H=16, W=16, cond=32, n=16), dict(H=16, W=16, cond=32, n=16, attn="every")]),
     providers={"incremental": Provider(_sampler(False)), "naive": Provider(_sampler(True))},
     inputs=inputs,
     check=agrees_with("incremental", _sampler(False),

@@ -41,16 +41,83 @@ def test_loss_falls_on_digits():
         assert float(m(x)["mse"]) < 0.6 * first
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_classes=3), dict(cond_channels=4), dict(attention=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(num_classes=3), dict(cond_channels=4), dict(attention=True),
+                                dict(attention="every", num_classes=3, dropout=0.3),
+                                dict(attention="every", cond_channels=4)])
 def test_incremental_sampling_draws_the_naive_samplers_codes(kw):
-    net = GatedPixelCNN(13, (5, 6), dim=12, layers=3, kernel=5, **kw).eval()
+    # left in training mode: sampling must switch dropout off itself (and give the mode back)
+    net = GatedPixelCNN(13, (5, 6), dim=12, layers=3, kernel=5, **kw).train()
     n = 6
     labels = torch.tensor([0, 1, 2, 0, 1, 2]) if "num_classes" in kw else None
     cond = torch.randn(n, 4, 5, 6) if "cond_channels" in kw else None
     seed = int(torch.randint(0, 2 ** 31, (1,)))
     a = net.sample(n, labels=labels, cond=cond, generator=torch.Generator().manual_seed(seed), temperature=0.8)
     b = net.sample_naive(n, labels=labels, cond=cond, generator=torch.Generator().manual_seed(seed), temperature=0.8)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and net.training
+
+
+def _past_codes_seen(net, codes, i, j):
+    """Which code positions the logits at (i, j) depend on (gradient through the embeddings)."""
+    x = net.embed(codes).permute(0, 3, 1, 2).detach().requires_grad_(True)
+    v = h = x
+    ctx = net.layer_attention[0].shifted(x) if net.layer_attention is not None else None
+    for li, layer in enumerate(net.layers):
+        v, h = layer(v, h)
+        if net.layer_attention is not None:
+            h = net.layer_attention[li](h, ctx)
+    if net.attention is not None:
+        h = net.attention(h)
+    net.head(h)[0, :, i, j].sum().backward()
+    return x.grad[0].abs().sum(0) > 0
+
+
+def test_attention_in_every_layer_sees_the_whole_past_and_nothing_else():
+    H, W = 9, 9
+    codes = torch.randint(0, 7, (1, H, W))
+    past = torch.arange(H * W).reshape(H, W) < H * W - 1        # every position before the last
+    torch.manual_seed(0)
+    every = _past_codes_seen(GatedPixelCNN(7, (H, W), dim=8, layers=2, attention="every").double(), codes, H - 1, W - 1)
+    assert torch.equal(every, past)
+    # the convolutions alone reach a window of the past only (this test can fail)
+    plain = _past_codes_seen(GatedPixelCNN(7, (H, W), dim=8, layers=2).double(), codes, H - 1, W - 1)
+    assert plain.sum() < past.sum() and not (plain & ~past).any()
+    # a middle position: the past only
+    mid = _past_codes_seen(GatedPixelCNN(7, (H, W), dim=8, layers=2, attention="every").double(), codes, 4, 3)
+    assert torch.equal(mid, torch.arange(H * W).reshape(H, W) < 4 * W + 3)
+
+
+def test_dropout_acts_in_training_only():
+    net = GatedPixelCNN(7, (4, 4), dim=8, layers=2, dropout=0.5)
+    codes = torch.randint(0, 7, (2, 4, 4))
+    torch.manual_seed(1)
+    a = net.logits(codes)
+    assert not torch.equal(a, net.logits(codes))
+    net.eval()
+    assert torch.equal(net.logits(codes), net.logits(codes))
+    with pytest.raises(ValueError, match="dropout"):
+        GatedPixelCNN(7, (4, 4), dropout=1.0)
+    with pytest.raises(ValueError, match="attention"):
+        GatedPixelCNN(7, (4, 4), attention="all")
+
+
+def test_bottom_prior_conditioning_stack_widens_what_each_position_reads():
+    torch.manual_seed(0)
+    top = torch.randint(0, 16, (1, 4, 4))
+    bottom = torch.randint(0, 16, (1, 8, 8))
+
+    def top_seen(p):
+        emb = p.embed_top(top).detach().requires_grad_(True)
+        cmap = p.up(p.cond_stack(emb.permute(0, 3, 1, 2)))
+        p.pixelcnn.logits(bottom, cond=cmap)[0, :, 0, 0].sum().backward()
+        return int((emb.grad[0].abs().sum(-1) > 0).sum())
+    assert top_seen(BottomPrior(16, (8, 8), dim=8, layers=1, cond_dim=4, cond_blocks=2)) > \
+        top_seen(BottomPrior(16, (8, 8), dim=8, layers=1, cond_dim=4))
+    p = BottomPrior(16, (8, 8), dim=8, layers=2, cond_dim=4, cond_blocks=1, attention="every", dropout=0.1)
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    a = p.sample(torch.randint(0, 16, (3, 4, 4)), generator=torch.Generator().manual_seed(seed))
+    assert a.shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="cond_blocks"):
+        BottomPrior(16, (8, 8), cond_blocks=-1)
 
 
 def test_conditioning_map_reaches_every_position_and_only_the_past_codes():
@@ -119,7 +186,8 @@ def test_commands_end_to_end(tmp_path, capsys):
     for level in ("top", "bottom"):
         assert main(["train", "prior", "--vqvae2", vq + "/checkpoint.pt", "--level", level, "--prior-dim", "8",
                      "--prior-layers", "2", "--out", str(tmp_path / level), *fast]
-                    + (["--attention"] if level == "top" else [])) == 0
+                    + (["--attention", "--class-conditional"] if level == "top" else ["--attention", "every", "--cond-blocks", "1",
+                                                                 "--dropout", "0.1"])) == 0
     # resuming without --level reads it from the checkpoint
     assert main(["train", "prior", "--resume", "--prior-dim", "8", "--prior-layers", "2", "--out",
                  str(tmp_path / "bottom"), "--epochs", "2", "--batches-per-epoch", "3", "--quiet"]) == 0
@@ -128,8 +196,9 @@ def test_commands_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "s")
     assert main(["sample", "vqvae2", "--checkpoint", vq + "/checkpoint.pt", "--top-prior",
                  str(tmp_path / "top" / "checkpoint.pt"), "--bottom-prior", str(tmp_path / "bottom" / "checkpoint.pt"),
-                 "-n", "5", "--out", out]) == 0
-    assert torch.load(out + "/samples.pt", weights_only=True).shape == (5, 1, 32, 32)
+                 "-n", "5", "--label", "1,2", "--out", out]) == 0
+    saved = torch.load(out + "/samples.pt", weights_only=True)
+    assert saved["images"].shape == (5, 1, 32, 32) and saved["labels"].tolist() == [1, 2, 1, 2, 1]
     assert (tmp_path / "s" / "reconstructions.png").is_file()
     # the transformer over VQ-VAE-2 codes (top map then bottom map: 16 + 64 tokens)
     tr = str(tmp_path / "tr")

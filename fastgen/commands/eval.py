@@ -103,7 +103,9 @@ def sample_checkpoint(ckpt, path, n, seed=0, device="cpu", prior=None):
         if prior is None:
             raise ValueError("--prior CKPT (a pixelcnn over this vqvae's codes) is needed to sample a vqvae")
         pri, _ = load_vqvae_prior(model, prior, device)
-        out = [model.decode(pri.sample(min(256, n - s), generator=gen, device=device)) for s in range(0, n, 256)]
+        # a class-conditional prior draws every class in turn
+        out = [model.decode(pri.sample(min(256, n - s), labels=pri.labels_for(min(256, n - s), device, s),
+                                       generator=gen, device=device)) for s in range(0, n, 256)]
         return torch.cat(out).clamp(0, 1).cpu()
     if kind == "imle" and ckpt.get("conditional"):
         raise ValueError(f"--fake {path!r} is a conditional IMLE model; eval scores unconditional samples")
@@ -142,6 +144,11 @@ def _write_json(path, obj):
     print(f"wrote {path}")
 
 
+def training_seconds(ckpt):
+    """The seconds a checkpoint's epochs took (its history rows; 0 where none were kept)."""
+    return float(sum(r.get("seconds", 0) for r in ckpt.get("history") or []))
+
+
 def run_table(args, real, device):
     from fastgen.data import load_digits
     from fastgen.metrics.evaluate import evaluate_samples, format_table
@@ -162,8 +169,12 @@ def run_table(args, real, device):
         if not os.path.isfile(ckpt) or (pri and not os.path.isfile(pri)):
             continue
         from fastgen.training import load_checkpoint
-        fake = sample_checkpoint(load_checkpoint(ckpt), ckpt, n, args.seed, device, pri)
-        rows.append(evaluate_samples(real, fake, args.features, args.k))
+        loaded = load_checkpoint(ckpt)
+        fake = sample_checkpoint(loaded, ckpt, n, args.seed, device, pri)
+        row = evaluate_samples(real, fake, args.features, args.k)
+        # wall minutes of training (the epochs' own seconds, evaluation included), prior too
+        row["train_minutes"] = (training_seconds(loaded) + (training_seconds(load_checkpoint(pri)) if pri else 0)) / 60
+        rows.append(row)
         names.append(name)
         print(f"evaluated {name} ({ckpt})", flush=True)
     if len(names) <= (1 if args.real == "digits" else 0):

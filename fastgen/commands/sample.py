@@ -26,6 +26,16 @@ def add_parser(sub):
         m.add_argument("--seed", type=int, default=0)
         m.add_argument("--nrow", type=int, default=None, help="images per row of the grid (>= 1)")
         m.add_argument("--device", default=None)
+        if name in ("vqvae", "vqvae2"):
+            m.add_argument("--label", default=None, metavar="L[,L...]",
+                           help="the classes to draw (a class-conditional prior: trained with --class-conditional), "
+                                "cycled over the -n samples; default: every class in turn. With an unconditional "
+                                "prior, --min-confidence keeps samples the digits classifier labels L")
+            m.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                           help="rejection sampling: redraw each sample until the digits classifier gives its class "
+                                "(--label's, else its most likely) probability >= P (digit images only)")
+            m.add_argument("--max-rounds", type=int, default=10,
+                           help="with --min-confidence: draws per sample at most (the best one is kept)")
         if name == "transformer":
             m.add_argument("--prompt", action="append", required=True,
                            help="caption to draw (repeat the flag for several; -n images each)")
@@ -83,6 +93,9 @@ def check_flags(args):
     g = getattr(args, "guidance", None)
     if g is not None and not 0 <= g <= MAX_GUIDANCE:
         raise ValueError(f"--guidance must be in [0, {MAX_GUIDANCE:g}], got {g}")
+    if getattr(args, "min_confidence", None) is not None:
+        from fastgen.rejection import check_confidence
+        check_confidence(args.min_confidence, args.max_rounds)
     r = getattr(args, "reconstruct", None)
     if r is not None and r < 0:
         raise ValueError(f"--reconstruct must be >= 0 (0: skip), got {r}")
@@ -149,7 +162,8 @@ def check_fits(args, count, image_shape, device, per_sample_work=0, extra_device
 
 def pixelcnn_sample_bytes(prior):
     """What GatedPixelCNN.sample keeps per map: every layer's rows (and the attention's cache)."""
-    layers = len(prior.layers) + 4 + (2 if prior.attention is not None else 0)
+    caches = (prior.attention is not None) + (len(prior.layer_attention) if prior.layer_attention is not None else 0)
+    layers = len(prior.layers) + 4 + 2 * caches
     return 4 * layers * prior.embed.embedding_dim * _numel(prior.code_shape)
 
 
@@ -229,11 +243,55 @@ def sample_vqvae(args):
         torch.zeros((1,) + tuple(vqvae.code_shape), dtype=torch.long, device=device)))
     check_fits(args, args.n, vqvae.image_shape, device, max(pixelcnn_sample_bytes(prior), decode))
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    codes = prior.sample(args.n, generator=gen, device=device, temperature=args.temperature)
-    png = _write(args, vqvae.decode(codes).cpu(), {"codes": codes.cpu()})
+    labels = wanted_labels(args, prior, device)
+    kept = {}
+
+    def draw(m, lab):
+        codes = prior.sample(m, labels=lab if prior.num_classes else None, generator=gen, device=device,
+                             temperature=args.temperature)
+        kept.setdefault("codes", []).append(codes)
+        return vqvae.decode(codes)
+    images, extra = draw_maybe_rejecting(args, draw, labels, vqvae.image_shape)
+    if args.min_confidence is None:
+        extra["codes"] = kept["codes"][0].cpu()
+    png = _write(args, images.cpu(), extra)
     print(f"wrote {args.n} samples (vqvae epoch {vq_ckpt['epoch']}, prior epoch {pc['epoch']}) to {png} "
           f"and samples.pt")
     return 0
+
+
+def wanted_labels(args, prior, device):
+    """The (n,) classes --label asks for (cycled), every class in turn for a class-conditional
+    prior without --label, or None (unconditional, no --label)."""
+    if args.label is None:
+        return prior.labels_for(args.n, device)
+    try:
+        want = [int(v) for v in args.label.split(",")]
+    except ValueError:
+        raise ValueError(f"--label must be class numbers separated by commas, got {args.label!r}") from None
+    classes = prior.num_classes or 10
+    if not want or min(want) < 0 or max(want) >= classes:
+        raise ValueError(f"--label classes must be in [0, {classes}), got {args.label!r}")
+    if prior.num_classes is None and args.min_confidence is None:
+        raise ValueError("--label needs a class-conditional prior (`fastgen train ... --class-conditional`) or "
+                         "--min-confidence (keep the samples the digits classifier labels so)")
+    return torch.tensor(want, device=device)[torch.arange(args.n, device=device) % len(want)]
+
+
+def draw_maybe_rejecting(args, draw, labels, image_shape):
+    """draw(args.n, labels) as it is, or with --min-confidence through the digits classifier
+    (fastgen.rejection); (images, extra entries for samples.pt)."""
+    if args.min_confidence is None:
+        return draw(args.n, labels), ({"labels": labels.cpu()} if labels is not None else {})
+    from fastgen.rejection import check_confidence, draw_confident
+    check_confidence(args.min_confidence, args.max_rounds)
+    if image_shape[0] != 1:
+        raise ValueError(f"--min-confidence scores samples with the digits classifier: it needs 1-channel images, "
+                         f"these are {tuple(image_shape)}")
+    images, st = draw_confident(draw, args.n, args.min_confidence, labels, args.max_rounds)
+    print(f"rejection: {st['accepted']} of {args.n} samples reached confidence {args.min_confidence:g} "
+          f"({st['draws']} drawn in {st['rounds']} rounds)")
+    return images, {"confidence": st["confidence"], **({"labels": labels.cpu()} if labels is not None else {})}
 
 
 def load_vqvae2_priors(vq, top_path, bottom_path, device, vq_ckpt=None, vq_path=None):
@@ -253,11 +311,12 @@ def load_vqvae2_priors(vq, top_path, bottom_path, device, vq_ckpt=None, vq_path=
 
 
 @torch.no_grad()
-def sample_vqvae2_images(vq, top, bottom, n, generator, device, temperature=1.0, batch=64):
+def sample_vqvae2_images(vq, top, bottom, n, generator, device, temperature=1.0, batch=64, labels=None):
     out = []
     for s in range(0, n, batch):
         m = min(batch, n - s)
-        t = top.sample(m, generator=generator, device=device, temperature=temperature)
+        lab = None if labels is None or top.num_classes is None else labels[s:s + m]
+        t = top.sample(m, labels=lab, generator=generator, device=device, temperature=temperature)
         b = bottom.sample(t, generator=generator, temperature=temperature)
         out.append(vq.decode(t, b))
     return torch.cat(out)
@@ -277,8 +336,11 @@ def sample_vqvae2(args):
     batch = min(args.n, 64) * max(pixelcnn_sample_bytes(top), pixelcnn_sample_bytes(bottom.pixelcnn), decode)
     check_fits(args, args.n, vq.image_shape, device, extra_device=batch)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    images = sample_vqvae2_images(vq, top, bottom, args.n, gen, device, args.temperature)
-    png = _write(args, images.cpu())
+    labels = wanted_labels(args, top, device)
+    images, extra = draw_maybe_rejecting(
+        args, lambda m, lab: sample_vqvae2_images(vq, top, bottom, m, gen, device, args.temperature, labels=lab),
+        labels, vq.image_shape)
+    png = _write(args, images.cpu(), extra or None)
     if args.reconstruct > 0:
         from fastgen.commands.train import load_data
         from fastgen.images import save_grid

@@ -4,6 +4,11 @@ VQ-VAE-2's two priors, over the codes of a trained vqvae2 (its data, its split).
 top: a gated PixelCNN over the top maps; bottom: a gated PixelCNN over the bottom maps
 conditioned on the top codes (fastgen.models.vqvae2). Writes checkpoint.pt,
 metrics.jsonl.
+
+The PixelSNAIL-style priors of the public VQ-VAE-2 code: `--attention every` (causal
+self-attention after every gated layer: every position reads the whole past),
+`--dropout 0.1`, and for the bottom prior `--cond-blocks 2` (a residual stack over the
+top codes before they condition each layer).
 """
 import os
 
@@ -19,8 +24,14 @@ def add_parser(families):
     p.add_argument("--prior-dim", type=int, default=64, help="channels of the gated stacks")
     p.add_argument("--prior-layers", type=int, default=8, help="gated layers")
     p.add_argument("--prior-kernel", type=int, default=3, help="odd kernel width")
-    p.add_argument("--attention", action="store_true",
-                   help="top prior only: causal self-attention over the map before the head")
+    p.add_argument("--attention", nargs="?", const="head", default="none", choices=["none", "head", "every"],
+                   help="causal self-attention: 'head' (the flag alone) one block before the head, 'every' one "
+                        "after every gated layer (PixelSNAIL-style: each position reads every earlier one)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the gated features in training")
+    p.add_argument("--class-conditional", action="store_true",
+                   help="top prior only: condition on the image's class (digits: its digit); sample with --label")
+    p.add_argument("--cond-blocks", type=int, default=0,
+                   help="bottom prior only: residual blocks over the top codes before they condition the layers")
     p.set_defaults(func=run, lr=3e-4)
 
 
@@ -48,15 +59,32 @@ def run(args):
     tr_t, tr_b = train_cmd.encode_all(vq, ds.train, device)
     te_t, te_b = train_cmd.encode_all(vq, test_images, device)
     shape = vq.top_shape if level == "top" else vq.bottom_shape
-    if args.attention and level != "top":
-        raise ValueError("--attention is an option of the top prior (--level top)")
+    if args.cond_blocks and level != "bottom":
+        raise ValueError("--cond-blocks is an option of the bottom prior (--level bottom)")
+    if args.cond_blocks < 0:
+        raise ValueError(f"--cond-blocks must be >= 0, got {args.cond_blocks}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.class_conditional and level != "top":
+        raise ValueError("--class-conditional is an option of the top prior (--level top); the bottom prior "
+                         "follows the top codes")
+    attention = {"none": False, "head": True, "every": "every"}[args.attention]
+    conditional = bool(ckpt["config"].get("num_classes")) if ckpt else args.class_conditional
     config = ckpt["config"] if ckpt else dict(num_codes=vq.num_codes, code_shape=shape, dim=args.prior_dim,
                                               layers=args.prior_layers, kernel=args.prior_kernel,
-                                              **({"attention": True} if args.attention else {}))
+                                              **({"attention": attention} if attention else {}),
+                                              **({"dropout": args.dropout} if args.dropout else {}),
+                                              **({"cond_blocks": args.cond_blocks} if args.cond_blocks else {}),
+                                              **({"num_classes": 10} if conditional else {}))
     torch.manual_seed(args.seed)
     prior = build_model(kind, config).to(device)
     # what training iterates over: the top maps, or packed (bottom, top) rows
-    train_data, test_data = (tr_t, te_t) if level == "top" else (prior.pack(tr_b, tr_t), prior.pack(te_b, te_t))
+    if conditional:
+        from fastgen.commands.train_pixelcnn import class_labels
+        y_train, y_test = class_labels(vq_ckpt, vq_path)
+        train_data, test_data = prior.pack(tr_t, y_train), prior.pack(te_t, y_test[:te_t.shape[0]])
+    else:
+        train_data, test_data = (tr_t, te_t) if level == "top" else (prior.pack(tr_b, tr_t), prior.pack(te_b, te_t))
 
     @torch.no_grad()
     def evaluate():

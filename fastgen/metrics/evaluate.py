@@ -4,7 +4,8 @@ the loaders `fastgen eval` uses (feature files, image folders, checkpoints to sa
     evaluate_samples(real, fake, features="digits", k=5) -> dict
         n_real, n_fake, fd (Frechet distance of the features), precision, recall,
         density, coverage (k-NN balls, exact), and with digit features class_coverage,
-        class_tv and the class histograms.
+        class_tv, the class histograms and confident (the share of the fake images the
+        digits classifier labels with probability > 0.8: samples a reader can read).
 
 real / fake are images (N, C, H, W) in [0, 1] or features (N, D). features: "digits"
 (the cached digits classifier's penultimate layer, fastgen.metrics.digit_features),
@@ -20,7 +21,9 @@ from fastgen.metrics.digit_features import class_coverage, digit_outputs
 from fastgen.metrics.frechet import frechet_distance
 from fastgen.metrics.prdc import precision_recall_density_coverage
 
-ORDER = ["n_real", "n_fake", "fd", "precision", "recall", "density", "coverage", "class_coverage", "class_tv"]
+ORDER = ["n_real", "n_fake", "fd", "precision", "recall", "density", "coverage", "class_coverage", "class_tv",
+         "confident", "train_minutes"]
+CONFIDENT = 0.8     # the classifier probability above which a sample counts as legible
 
 
 def _extractor(features):
@@ -89,6 +92,7 @@ def evaluate_samples(real, fake, features="digits", k=5, backend="auto"):
     out.update(precision_recall_density_coverage(fr.contiguous(), ff.contiguous(), k, backend=backend))
     if images and features == "digits":
         out.update(class_coverage(pf.argmax(1), pr.argmax(1)))
+        out["confident"] = float((pf.max(1).values > CONFIDENT).float().mean())
     return out
 
 

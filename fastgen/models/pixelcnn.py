@@ -24,41 +24,75 @@ keeps; the horizontal features of (i, j) need only that position's window of the
 one new code costs one position of every layer instead of a forward pass over the map.
 `sample_naive` reruns the whole network for every position (what public VQ-VAE-2 code
 does); both draw the same codes for the same generator (tests/test_vqvae2.py).
+
+PixelSNAIL-style context (Chen et al. 2018, the prior of the public VQ-VAE-2 code):
+`attention="every"` puts a causal self-attention block after every gated layer, on the
+horizontal stack, so each position's features read every earlier position's -- the
+receptive field is the whole past, not the ~layers x kernel/2 window of the convolutions
+(a 16x16 map's last position sees 90 of its 255 past codes with 8 layers of kernel 3,
+all 255 with attention). `dropout` drops the gated horizontal features in training.
+Both sample incrementally: each attention block keeps its keys and values.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class CausalAttention(nn.Module):
-    """Self-attention over the raster order, added to the horizontal stack before the head
-    (the public VQ-VAE-2 top prior's long-range term). Position p attends to the features
-    of positions <= p, which depend only on codes before them, so causality holds. For
-    sampling, `step` takes one new position and keeps the keys and values seen so far."""
+    """Self-attention over the raster order on the horizontal stack. Position p attends to
+    the features of positions <= p, which depend only on codes before them, so causality
+    holds. For sampling, `step` takes one new position and keeps the keys and values seen
+    so far.
 
-    def __init__(self, dim, heads=4):
+    context=True (the blocks of attention="every"): the keys and values also read the code
+    *embeddings shifted one step along the raster order* (position p' carries code p' - 1),
+    as PixelSNAIL's attention reads its input. Without them the last codes of a row would
+    reach the next row's early positions through no feature at all: the features of
+    positions before p depend on code q < p only if they lie right of q in its row or in
+    the convolutions' window below it."""
+
+    def __init__(self, dim, heads=4, context=False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by the attention heads ({heads})")
-        self.heads = heads
+        self.heads, self.context = heads, context
         self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        if context:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(2 * dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def _qkv(self, x):                       # (B, n, d) -> three (B, heads, n, d / heads)
+    def _qkv(self, x, ctx):                  # (B, n, d) [, (B, n, d)] -> three (B, heads, n, d / heads)
         b, n, d = x.shape
-        return [t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1)]
+        x = self.norm(x)
+        if self.context:
+            qkv = (self.q(x), *self.kv(torch.cat([x, ctx], -1)).chunk(2, -1))
+        else:
+            qkv = self.qkv(x).chunk(3, -1)
+        return [t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in qkv]
 
-    def forward(self, h):                    # (B, d, H, W) -> (B, d, H, W)
+    @staticmethod
+    def shifted(embedded):
+        """(B, d, H, W) code embeddings -> (B, H*W, d), position p holding code p - 1's (zeros at 0)."""
+        x = embedded.flatten(2).transpose(1, 2)
+        return F.pad(x, (0, 0, 1, 0))[:, :-1]
+
+    def forward(self, h, ctx=None):          # h (B, d, H, W); ctx: shifted(...) when context -> (B, d, H, W)
         b, d, H, W = h.shape
         x = h.flatten(2).transpose(1, 2)
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, ctx)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, H * W, d)
         return h + self.out(a).transpose(1, 2).reshape(b, d, H, W)
 
-    def step(self, h_pos, cache):            # h_pos (B, d, 1, 1); cache: dict of k, v (B, heads, n, d / heads)
+    def step(self, h_pos, cache, ctx_pos=None):
+        """h_pos (B, d, 1, 1); ctx_pos (B, 1, d): the previous code's embedding; cache: dict
+        of k, v (B, heads, n, d / heads)."""
         x = h_pos.flatten(2).transpose(1, 2)
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, ctx_pos)
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         cache["k"], cache["v"] = k, v
@@ -72,9 +106,10 @@ def _gate(t):
 
 
 class GatedLayer(nn.Module):
-    def __init__(self, dim, kernel, first, num_classes=None, cond_channels=None):
+    def __init__(self, dim, kernel, first, num_classes=None, cond_channels=None, dropout=0.0):
         super().__init__()
         self.dim, self.half, self.first = dim, kernel // 2, first
+        self.drop = nn.Dropout(dropout)
         self.v_conv = nn.Conv2d(dim, 2 * dim, (self.half + 1, kernel))
         self.v_to_h = nn.Conv2d(2 * dim, 2 * dim, 1)
         self.h_conv = nn.Conv2d(dim, 2 * dim, (1, self.half + 1))
@@ -101,7 +136,7 @@ class GatedLayer(nn.Module):
         h_feat = self.h_conv(h_in) + self.v_to_h(v_feat)
         # the map's 1x1 term goes to v_feat after v_to_h has read it, as in step_* below
         v_feat, h_feat = self._conditioned(v_feat, h_feat, labels, cmap)
-        h_new = self.h_out(_gate(h_feat))
+        h_new = self.h_out(self.drop(_gate(h_feat)))
         if not self.first:   # the first layer's h input holds the current position itself
             h_new = h_new + h
         return _gate(v_feat), h_new
@@ -129,7 +164,7 @@ class GatedLayer(nn.Module):
             win = F.pad(win, (-lo, 0, 0, 0))
         h_feat = self.h_conv(win) + self.v_to_h(pre_row[..., j:j + 1])
         _, h_feat = self._conditioned(pre_row[..., j:j + 1], h_feat, labels, cmap_pos)
-        h_new = self.h_out(_gate(h_feat))
+        h_new = self.h_out(self.drop(_gate(h_feat)))
         return h_new if self.first else h_new + h_self
 
 
@@ -142,23 +177,34 @@ class GatedPixelCNN(nn.Module):
         dim: channels of the stacks; layers: gated layers; kernel: odd kernel width.
         num_classes: enables class conditioning (labels (B,) in [0, num_classes)).
         cond_channels: enables conditioning on a map (B, cond_channels, H, W).
+        attention: False (none), True or "head" (one causal self-attention block before the
+            head), "every" (one after every gated layer: the PixelSNAIL-style prior).
+        dropout: dropout on the gated horizontal features in training (0: none).
     """
 
     def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, cond_channels=None,
-                 attention=False):
+                 attention=False, dropout=0.0):
         super().__init__()
+        if attention not in (False, True, "head", "every", "none"):
+            raise ValueError(f"attention must be False, True/'head' or 'every', got {attention!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if kernel < 3 or kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd number >= 3, got {kernel}")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.config = dict(num_codes=num_codes, code_shape=tuple(code_shape), dim=dim, layers=layers,
-                           kernel=kernel, num_classes=num_classes, cond_channels=cond_channels, attention=attention)
+                           kernel=kernel, num_classes=num_classes, cond_channels=cond_channels, attention=attention,
+                           **({"dropout": dropout} if dropout else {}))
         self.cond_channels = cond_channels
-        self.attention = CausalAttention(dim) if attention else None
+        every = attention == "every"
+        self.attention = CausalAttention(dim) if attention in (True, "head") else None
+        # one block per gated layer, on its h output (None: no attention after that layer)
+        self.layer_attention = nn.ModuleList(CausalAttention(dim, context=True) for _ in range(layers)) if every else None
         self.num_codes, self.code_shape, self.num_classes = num_codes, tuple(code_shape), num_classes
         self.embed = nn.Embedding(num_codes, dim)
         self.layers = nn.ModuleList(GatedLayer(dim, kernel, first=(i == 0), num_classes=num_classes,
-                                               cond_channels=cond_channels) for i in range(layers))
+                                               cond_channels=cond_channels, dropout=dropout) for i in range(layers))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, num_codes, 1))
 
     def _check_map(self, cmap, n, shape):
@@ -188,14 +234,40 @@ class GatedPixelCNN(nn.Module):
         self._check_map(cond, codes.shape[0], codes.shape[1:])
         x = self.embed(codes.long()).permute(0, 3, 1, 2)
         v = h = x
-        for layer in self.layers:
+        ctx = CausalAttention.shifted(x) if self.layer_attention is not None else None
+        for li, layer in enumerate(self.layers):
             v, h = layer(v, h, labels, cond)
+            if self.layer_attention is not None:
+                h = self.layer_attention[li](h, ctx)
         if self.attention is not None:
             h = self.attention(h)
         return self.head(h)
 
+    def pack(self, codes, labels):
+        """(B, H, W) codes and their (B,) class labels -> (B, H*W + 1) rows, the label last:
+        what a class-conditional prior trains on (the training loop iterates one tensor)."""
+        self._check(codes, labels)
+        return torch.cat([codes.flatten(1).long(), labels.long()[:, None]], 1)
+
+    def unpack(self, rows):
+        n = self.code_shape[0] * self.code_shape[1]
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[1] != n + 1:
+            raise ValueError(f"packed rows must be (B, {n + 1}) (codes then the label), got "
+                             f"{tuple(getattr(rows, 'shape', ()))}")
+        return rows[:, :n].reshape(-1, *self.code_shape), rows[:, n]
+
+    def labels_for(self, n, device=None, offset=0):
+        """Labels cycling through the classes (0, 1, ..., 0, 1, ...) for n samples of a
+        class-conditional model; None for an unconditional one."""
+        if self.num_classes is None:
+            return None
+        return (torch.arange(n, device=device) + offset) % self.num_classes
+
     def forward(self, codes, labels=None, cond=None):
-        """dict(loss = mean cross-entropy in nats per code, nll (B,) nats per map)."""
+        """dict(loss = mean cross-entropy in nats per code, nll (B,) nats per map). A
+        class-conditional model also takes packed rows (`pack`) in place of (codes, labels)."""
+        if self.num_classes is not None and labels is None and isinstance(codes, torch.Tensor) and codes.dim() == 2:
+            codes, labels = self.unpack(codes)
         logits = self.logits(codes, labels, cond)
         ce = F.cross_entropy(logits, codes.long(), reduction="none")
         return dict(loss=ce.mean(), nll=ce.detach().flatten(1).sum(1))
@@ -219,13 +291,29 @@ class GatedPixelCNN(nn.Module):
         probs = torch.softmax((logits - logits.amax(1, keepdim=True)) / temperature, dim=1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Sampling runs in eval mode (no dropout) whatever mode the caller left, and restores it."""
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was)
+
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, device=None, temperature=1.0, shape=None, cond=None):
         """n code maps drawn position by position, incrementally (module docstring): each
         layer's vertical features once per row, its horizontal features once per position."""
+        with self._evaluating():
+            return self._sample(n, labels, generator, device, temperature, shape, cond)
+
+    def _sample(self, n, labels, generator, device, temperature, shape, cond):
         device, H, W = self._sample_args(n, labels, cond, temperature, shape, device)
         codes = torch.zeros(n, H, W, dtype=torch.long, device=device)
         attn_cache = {}
+        layer_caches = [{} for _ in self.layers]
+        prev = torch.zeros(n, 1, self.embed.embedding_dim, device=device)   # the previous code's embedding
         zero = torch.zeros(n, self.embed.embedding_dim, 1, W, device=device)
         # per layer, the rows of its v input kept so far: layer 0 reads the embedded code
         # rows, layer l > 0 the gated v output rows of layer l - 1
@@ -245,13 +333,17 @@ class GatedPixelCNN(nn.Module):
                 cpos = cond[:, :, i:i + 1, j:j + 1] if cond is not None else None
                 for li, layer in enumerate(self.layers):
                     h = layer.step_pos(h_rows[li], j, pres[li], labels, cpos, h_rows[li][..., j:j + 1])
+                    if self.layer_attention is not None:
+                        h = self.layer_attention[li].step(h, layer_caches[li], prev)
                     if li < last:
                         h_rows[li + 1][..., j:j + 1] = h
                 if self.attention is not None:
                     h = self.attention.step(h, attn_cache)
                 c = self._draw(self.head(h)[:, :, 0, 0], temperature, generator)
                 codes[:, i, j] = c
-                h_rows[0][..., j:j + 1] = self.embed(c)[:, :, None, None]
+                e = self.embed(c)
+                h_rows[0][..., j:j + 1] = e[:, :, None, None]
+                prev = e[:, None, :]
             v_inputs[0].append(h_rows[0])
         return codes
 
@@ -260,8 +352,9 @@ class GatedPixelCNN(nn.Module):
         """The same draws as `sample`, rerunning the whole network for every position."""
         device, H, W = self._sample_args(n, labels, cond, temperature, shape, device)
         codes = torch.zeros(n, H, W, dtype=torch.long, device=device)
-        for i in range(H):
-            for j in range(W):
-                logits = self.logits(codes, labels, cond)[:, :, i, j]
-                codes[:, i, j] = self._draw(logits, temperature, generator)
+        with self._evaluating():
+            for i in range(H):
+                for j in range(W):
+                    logits = self.logits(codes, labels, cond)[:, :, i, j]
+                    codes[:, i, j] = self._draw(logits, temperature, generator)
         return codes

@@ -152,26 +152,50 @@ class VQVAE2(nn.Module):
         return self.decode(*self.encode(x))
 
 
+class _CondBlock(nn.Module):
+    """A residual block of the conditioning stack (the top codes are known in full when the
+    bottom map is drawn, so these convolutions look everywhere: no causal masking)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
 class BottomPrior(nn.Module):
     """p(bottom | top): a GatedPixelCNN over the bottom maps whose gated layers read the
-    top codes, embedded and upsampled x2 (a 1x1 term per position per layer)."""
+    top codes, embedded, passed through `cond_blocks` residual blocks (the conditioning
+    stack of PixelSNAIL's bottom prior: each bottom position reads a wide window of the top
+    map, not only the code above it) and upsampled x2 (a 1x1 term per position per layer).
+    attention / dropout: as GatedPixelCNN's."""
 
-    def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, cond_dim=32):
+    def __init__(self, num_codes, code_shape, dim=64, layers=6, kernel=3, cond_dim=32, cond_blocks=0,
+                 attention=False, dropout=0.0):
         super().__init__()
+        if cond_blocks < 0:
+            raise ValueError(f"cond_blocks must be >= 0, got {cond_blocks}")
         self.config = dict(num_codes=num_codes, code_shape=tuple(code_shape), dim=dim, layers=layers,
-                           kernel=kernel, cond_dim=cond_dim)
+                           kernel=kernel, cond_dim=cond_dim,
+                           # only the keys that differ from the defaults: older checkpoints load as they were
+                           **({"cond_blocks": cond_blocks} if cond_blocks else {}),
+                           **({"attention": attention} if attention else {}),
+                           **({"dropout": dropout} if dropout else {}))
         self.num_codes, self.code_shape = num_codes, tuple(code_shape)
         self.top_shape = (code_shape[0] // 2, code_shape[1] // 2)
         self.embed_top = nn.Embedding(num_codes, cond_dim)
+        self.cond_stack = nn.Sequential(*[_CondBlock(cond_dim) for _ in range(cond_blocks)])
         self.up = nn.Sequential(nn.ConvTranspose2d(cond_dim, cond_dim, 4, 2, 1), nn.ReLU(),
                                 nn.Conv2d(cond_dim, cond_dim, 3, padding=1))
-        self.pixelcnn = GatedPixelCNN(num_codes, code_shape, dim, layers, kernel, cond_channels=cond_dim)
+        self.pixelcnn = GatedPixelCNN(num_codes, code_shape, dim, layers, kernel, cond_channels=cond_dim,
+                                      attention=attention, dropout=dropout)
 
     def condition(self, top):
         if not isinstance(top, torch.Tensor) or top.dim() != 3 or tuple(top.shape[1:]) != self.top_shape:
             raise ValueError(f"top codes must be (B, {self.top_shape[0]}, {self.top_shape[1]}), got "
                              f"{tuple(getattr(top, 'shape', ()))}")
-        return self.up(self.embed_top(top.long()).permute(0, 3, 1, 2))
+        return self.up(self.cond_stack(self.embed_top(top.long()).permute(0, 3, 1, 2)))
 
     def forward(self, bottom, top=None):
         """dict(loss, nll) of bottom (B, h, w) given top (B, h/2, w/2); or, with top=None,
@@ -197,7 +221,9 @@ class BottomPrior(nn.Module):
                  cond=self.condition(top))
 
 
-def TopPrior(num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, attention=False):
+def TopPrior(num_codes, code_shape, dim=64, layers=6, kernel=3, num_classes=None, attention=False, dropout=0.0):
     """p(top): a GatedPixelCNN over the top maps; attention=True adds causal self-attention
-    over the raster order before the head (as the public implementation's top prior)."""
-    return GatedPixelCNN(num_codes, code_shape, dim, layers, kernel, num_classes=num_classes, attention=attention)
+    over the raster order before the head, attention="every" after every gated layer (the
+    public implementation's top prior has attention in every block)."""
+    return GatedPixelCNN(num_codes, code_shape, dim, layers, kernel, num_classes=num_classes, attention=attention,
+                         dropout=dropout)
