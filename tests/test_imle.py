@@ -60,6 +60,36 @@ def test_feature_module_and_custom_generator():
     assert loss > 0 and gen[0].weight.grad is not None
 
 
+def test_feature_loss_adds_the_weighted_feature_distance_and_stays_out_of_the_state():
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    gen = nn.Sequential(nn.Linear(3, 16), nn.Sigmoid(), nn.Unflatten(1, (1, 4, 4)))
+    feat = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.Tanh())
+    x = torch.rand(12, 1, 4, 4)
+    losses = []
+    for w in (0.0, 0.7):
+        model = IMLE((1, 4, 4), z_dim=3, samples_per_point=3, generator=gen, noise=0.0,
+                     feature_loss=feat if w else None, feature_loss_weight=w)
+        model.attach(x)
+        model.search(x)
+        losses.append(model(torch.arange(12))["loss"])
+        if w:
+            assert not any(k.startswith("feature_loss") for k in model.state_dict())
+            assert all(p is not feat[1].weight for p in model.parameters())
+            out = gen(model.chosen_z)
+            pix = (out - x).flatten(1).square().sum(1)
+            want = (pix + w * (feat(out) - feat(x)).square().sum(1)).mean()
+            torch.testing.assert_close(losses[-1], want)
+            # rebuilt from its config without the module (a checkpoint): training says what is missing
+            again = IMLE(**model.config, generator=gen)
+            again.attach(x)
+            again.load_state_dict(model.state_dict())
+            with pytest.raises(RuntimeError, match="feature_loss"):
+                again(torch.arange(3))
+    assert losses[1] > losses[0]
+    with pytest.raises(ValueError, match="feature_loss_weight"):
+        IMLE((1, 4, 4), feature_loss_weight=-1)
+
+
 def test_training_pulls_samples_onto_the_data_and_covers_every_digit(tmp_path):
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
@@ -256,7 +286,8 @@ def test_adaptive_state_survives_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("variant", [["--reject-eps", "2.0", "--arch", "mlp"], ["--adaptive-gamma", "0.1"], ["--feature-dim", "16"],
                                      ["--arch", "conv", "--size", "16"], ["--loss", "l1"],
-                                     ["--conditional", "top-half"], ["--conditional", "top-half", "--adaptive-gamma", "0.1"]])
+                                     ["--conditional", "top-half"], ["--conditional", "top-half", "--adaptive-gamma", "0.1"],
+                                     ["--feature-loss", "digits", "--feature-loss-weight", "0.5"]])
 def test_each_variant_trains_from_the_cli(tmp_path, variant):
     out = str(tmp_path / "v")
     assert main(["train", "imle", "--data", "digits", "--epochs", "3", "--staleness", "1", "--batches-per-epoch", "3",
@@ -272,6 +303,11 @@ def test_each_variant_trains_from_the_cli(tmp_path, variant):
         assert config["adaptive_gamma"] == 0.1 and rows[1]["searched"] < n   # unconverged points wait
     if variant[0] == "--feature-dim":
         assert config["feature_dim"] == 16
+    if variant[0] == "--feature-loss":
+        assert config["feature_loss_weight"] == 0.5
+        # a resume rebuilds the feature term from the checkpoint's config
+        assert main(["train", "imle", "--resume", "--out", out, "--epochs", "4", "--batches-per-epoch", "3",
+                     *QUICK]) == 0
     if variant[0] == "--conditional":
         assert config["condition_shape"] == [1, 8, 8] or config["condition_shape"] == (1, 8, 8)
         assert os.path.exists(os.path.join(out, "completions.png"))

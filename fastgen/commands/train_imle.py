@@ -31,6 +31,11 @@ def add_parser(families):
     p.add_argument("--loss", choices=["l2", "l1"], default="l2")
     p.add_argument("--feature-dim", type=int, default=None,
                    help="search in a fixed random projection to this many features (default: pixels)")
+    p.add_argument("--feature-loss", choices=["none", "digits"], default="none",
+                   help="add a feature (perceptual) term to the pixel loss: 'digits' uses the package's digits "
+                        "classifier features (1-channel images; the same features the eval's FD uses)")
+    p.add_argument("--feature-loss-weight", type=float, default=1.0,
+                   help="weight of the --feature-loss term against the per-image pixel loss")
     p.add_argument("--reject-eps", type=float, default=None,
                    help="RS-IMLE: discard samples closer than this to any data point before the search "
                         "(Euclidean distance in the search's space: pixels in [0, 1] by default, so sqrt(64) = 8 "
@@ -86,11 +91,21 @@ def run(args):
         noise=args.noise, loss=args.loss, feature_dim=args.feature_dim, reject_eps=args.reject_eps,
         adaptive_gamma=args.adaptive_gamma, adaptive_wait=args.adaptive_wait, adaptive_period=args.adaptive_period,
         noise_per=args.noise_per,
-        condition_shape=ds.image_shape if args.conditional else None)
+        condition_shape=ds.image_shape if args.conditional else None,
+        **({"feature_loss_weight": args.feature_loss_weight} if args.feature_loss != "none" else {}))
+    feature_loss = None
+    if config.get("feature_loss_weight"):
+        if not 0 < config["feature_loss_weight"] < float("inf"):
+            raise ValueError(f"--feature-loss-weight must be a finite number > 0, got {config['feature_loss_weight']}")
+        if ds.image_shape[0] != 1:
+            raise ValueError(f"--feature-loss digits needs 1-channel images; {ds.source} has {ds.image_shape[0]}")
+        from fastgen.metrics.digit_features import DigitFeatureLoss
+        feature_loss = DigitFeatureLoss(device)
     conditional = ckpt.get("conditional") if ckpt else args.conditional
     staleness = ckpt["staleness"] if ckpt else args.staleness
     torch.manual_seed(args.seed)
     model = build_model("imle", config).to(device)
+    model.__dict__["feature_loss"] = feature_loss      # not a submodule: its weights are not trained or saved
     train = ds.train.to(device)
     model.attach(train, make_conditions(conditional, train) if conditional else None)
     if ckpt:       # the last search round's numbers, which evaluate() reports until the next round

@@ -91,6 +91,26 @@ def _train(epochs, seed, ds, threads):
     return model, acc
 
 
+class DigitFeatureLoss(torch.nn.Module):
+    """The classifier's penultimate features as a differentiable perceptual map for
+    training losses: (N, 1, H, W) in [0, 1] -> (N, 64), images pooled to 8 x 8 first. The
+    classifier's weights are frozen. (These are also the features the eval's FD uses: a
+    model trained on them is judged partly by its own loss -- look at its samples.)"""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.net = classifier(device)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"the digit feature loss needs (N, 1, H, W) images, got {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != (8, 8):
+            x = F.adaptive_avg_pool2d(x, (8, 8))
+        return self.net.features(x.float())
+
+
 def classifier(device="cpu"):
     """The cached digits classifier (trained and cached at first use), in eval mode."""
     global _model

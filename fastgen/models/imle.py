@@ -84,6 +84,12 @@ class IMLE(nn.Module):
         adaptive_period: Adaptive IMLE: a point not searched for this many rounds is
             searched anyway (forced re-sampling: a point whose sample never reaches its
             threshold is not stuck with it). None: never forced.
+        feature_loss: optional nn.Module mapping (B, C, H, W) to (B, F) features (a
+            perceptual network): the training loss adds feature_loss_weight times the
+            squared feature distance between G(z) and its data point, as the search can
+            use features. Kept outside the state dict (its weights are not trained or saved;
+            pass it again when resuming).
+        feature_loss_weight: the weight of that term (0: pixels only).
         condition_shape: conditional IMLE: the shape of each point's input c_i (given to
             `attach` / `search` as `conditions`); the built-in generator then reads
             (z, c) concatenated, a custom one is called as generator(z, c).
@@ -91,8 +97,11 @@ class IMLE(nn.Module):
 
     def __init__(self, image_shape, z_dim=64, arch="mlp", samples_per_point=10, noise=0.01, loss="l2",
                  feature_dim=None, feature_seed=0, chunk=4096, generator=None, feature=None, reject_eps=None,
-                 adaptive_gamma=None, condition_shape=None, adaptive_wait=1, adaptive_period=10, noise_per="step"):
+                 adaptive_gamma=None, condition_shape=None, adaptive_wait=1, adaptive_period=10, noise_per="step",
+                 feature_loss=None, feature_loss_weight=0.0):
         super().__init__()
+        if not (0 <= float(feature_loss_weight) < math.inf):
+            raise ValueError(f"feature_loss_weight must be a finite number >= 0, got {feature_loss_weight!r}")
         if noise_per not in NOISE_PER:
             raise ValueError(f"noise_per must be one of {NOISE_PER}, got {noise_per!r}")
         if loss not in LOSSES:
@@ -126,7 +135,10 @@ class IMLE(nn.Module):
                            adaptive_gamma=None if adaptive_gamma is None else float(adaptive_gamma),
                            adaptive_wait=int(adaptive_wait),
                            adaptive_period=None if adaptive_period is None else int(adaptive_period),
-                           noise_per=noise_per)
+                           noise_per=noise_per,
+                           **({"feature_loss_weight": float(feature_loss_weight)} if feature_loss_weight else {}))
+        # a plain attribute, not a submodule: its weights stay out of parameters() and the state dict
+        self.__dict__["feature_loss"] = feature_loss
         self.reject_eps, self.adaptive_gamma = self.config["reject_eps"], self.config["adaptive_gamma"]
         self.image_shape = tuple(image_shape)
         self.z_dim, self.samples_per_point, self.noise = z_dim, samples_per_point, float(noise)
@@ -478,6 +490,13 @@ class IMLE(nn.Module):
         out = self.generate(z, c)
         diff = (out - x).flatten(1)
         per_point = diff.square().sum(1) if self.loss_kind == "l2" else diff.abs().sum(1)
+        w = self.config.get("feature_loss_weight", 0.0)
+        if w:
+            if self.feature_loss is None:
+                raise RuntimeError("this IMLE was configured with feature_loss_weight > 0 but has no feature_loss "
+                                   "module (pass it to the constructor, e.g. when resuming)")
+            fo, fx = self.feature_loss(out), self.feature_loss(x)
+            per_point = per_point + w * (fo - fx).flatten(1).float().square().sum(1)
         return {"loss": per_point.sum() * scale}
 
     def attach(self, data, conditions=None):
