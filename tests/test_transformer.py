@@ -1,5 +1,7 @@
 """CodeTransformer: KV-cached sampling equals recomputation, filtering, guidance, captions,
 and -- trained here on digits codes -- prompts that are obeyed measurably."""
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,35 @@ def test_training_loss_is_the_teacher_forced_likelihood_and_causal():
     logits2 = m._run(m._embed(text, changed[:, :-1], 0))
     assert torch.allclose(logits[:, :4 + 4], logits2[:, :4 + 4])       # up to the position that predicts code 4
     assert not torch.allclose(logits[:, 4 + 4:], logits2[:, 4 + 4:])
+
+
+def test_text_loss_is_the_captions_own_likelihood_weighted_as_dalle():
+    w = 0.125
+    m = CodeTransformer(11, 6, text_tokens=7, dim=16, layers=2, heads=2, p_uncond=0.0, text_loss_weight=w).double()
+    m.eval()
+    text = encode_captions(["abcdefg", "xy", "q"], 7)
+    codes = torch.randint(0, 11, (3, 6))
+    out = m(text, codes)
+    hidden = m._hidden(m._embed(text, codes[:, :-1], 0))
+    logp = torch.log_softmax(m.text_head(hidden[:, :6]), -1)
+    # float64 reference: every byte after the first, then the end (the first PAD); later PADs not counted
+    terms = [-logp[b, t - 1, int(text[b, t])] for b in range(3) for t in range(1, 7)
+             if int(text[b, t]) != PAD or int(text[b, t - 1]) != PAD]
+    assert len(terms) == 6 + 2 + 1
+    want_text = torch.stack(terms).mean()
+    torch.testing.assert_close(out["text_loss"], want_text)
+    image = out["nll"].sum() / 18
+    torch.testing.assert_close(out["loss"], w * want_text + (1 - w) * image)
+    # causal: a later caption byte does not change the prediction of an earlier one
+    changed = text.clone()
+    changed[0, 5] = ord("z")
+    h2 = m._hidden(m._embed(changed, codes[:, :-1], 0))
+    assert torch.allclose(m.text_head(h2[0, :5]), m.text_head(hidden[0, :5]))
+    # the default models the image only and keeps the old state dict
+    plain = CodeTransformer(11, 6, text_tokens=7, dim=16, layers=2, heads=2)
+    assert "text_loss" not in plain(text, codes) and not any(k.startswith("text_head") for k in plain.state_dict())
+    with pytest.raises(ValueError, match="text_loss_weight"):
+        CodeTransformer(11, 6, text_loss_weight=1.0)
 
 
 def test_filters():
@@ -111,8 +142,10 @@ def test_prompts_are_obeyed_more_with_guidance(digits_vq):
 def test_commands_end_to_end(tmp_path, digits_vq, capsys):
     out = str(tmp_path / "tr")
     assert main(["train", "transformer", "--vqvae", digits_vq, "--dim", "32", "--layers", "1", "--heads", "2",
-                 "--epochs", "1", "--batches-per-epoch", "3", "--out", out, "--quiet"]) == 0
+                 "--epochs", "1", "--batches-per-epoch", "3", "--out", out, "--quiet", "--text-loss-weight", "0.125"]) == 0
     assert (tmp_path / "tr" / "samples.png").is_file()
+    row = [json.loads(line) for line in open(tmp_path / "tr" / "metrics.jsonl")][-1]
+    assert row["test_text_nats_per_byte"] > 0 and row["test_nll_nats_per_code"] > 0
     s = str(tmp_path / "s")
     assert main(["sample", "transformer", "--checkpoint", out + "/checkpoint.pt", "--prompt", "a seven",
                  "--prompt", "the digit 2", "-n", "3", "--rerank", "2", "--top-k", "20", "--out", s]) == 0

@@ -40,7 +40,10 @@ def add_parser(families):
     p.add_argument("--captions", default="digits",
                    help="'digits' (from the labels; the VQ model must be on digits), or for a VQ model trained on an "
                         "image folder a text file of lines 'relative/path<TAB>caption', one per image")
-    p.add_argument("--text-tokens", type=int, default=16, help="caption length in bytes")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="caption length in bytes (default: 16 for --captions digits, 64 for a captions file)")
+    p.add_argument("--text-loss-weight", type=float, default=0.0,
+                   help="model the caption too: loss = w * text + (1 - w) * image (DALL-E: 0.125; 0: captions given)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -93,7 +96,11 @@ def run(args):
     from fastgen.models import build_model
     from fastgen.models.transformer import encode_captions
     device = train_cmd.setup(args)
+    if args.text_tokens is None:
+        args.text_tokens = 16 if args.captions == "digits" else 64
     train_cmd.positive(args, "text_tokens", "dim", "layers", "heads")
+    if not 0 <= args.text_loss_weight < 1:
+        raise ValueError(f"--text-loss-weight must be in [0, 1), got {args.text_loss_weight}")
     ckpt = train_cmd.open_run(args, "transformer")
     kind, path = (ckpt["vq_kind"], training.linked_checkpoint(ckpt, "vq_checkpoint", args.out,
                                                               f"the run in {args.out}")) if ckpt else \
@@ -123,7 +130,8 @@ def run(args):
     ds = source.data
     config = ckpt["config"] if ckpt else dict(
         num_codes=source.num_codes, image_tokens=source.length, text_tokens=args.text_tokens, dim=args.dim,
-        layers=args.layers, heads=args.heads, p_uncond=args.p_uncond)
+        layers=args.layers, heads=args.heads, p_uncond=args.p_uncond,
+        **({"text_loss_weight": args.text_loss_weight} if args.text_loss_weight else {}))
     T = config["text_tokens"]
 
     def rows(images, caps):      # caps: per image, its phrasings; each phrasing is one row
@@ -137,8 +145,12 @@ def run(args):
     @torch.no_grad()
     def evaluate():
         model.eval()
-        nll = float(model(test_rows.to(device))["loss"])
-        return dict(test_nll_nats_per_code=nll, test_bits_per_code=nll / 0.6931471805599453)
+        out = model(test_rows.to(device))
+        nll = float(out["nll"].mean()) / model.image_tokens      # the image codes' alone, whatever the text weight
+        row = dict(test_nll_nats_per_code=nll, test_bits_per_code=nll / 0.6931471805599453)
+        if "text_loss" in out:
+            row["test_text_nats_per_byte"] = float(out["text_loss"])
+        return row
 
     @torch.no_grad()
     def write_samples():

@@ -5,8 +5,11 @@ Sequence: T text positions (the caption's UTF-8 bytes, then PAD; a dropped capti
 NULL then PAD) followed by L image positions (a VQ-VAE's code map flattened in raster
 order; for a VQ-VAE-2 the top map, then the bottom map). Text and code tokens have
 their own embeddings, each position a learned embedding; causal self-attention through
-torch.nn.functional.scaled_dot_product_attention; the head predicts the next image code
-(the loss is over the image positions only: the captions are given, not modelled).
+torch.nn.functional.scaled_dot_product_attention; the head predicts the next image code.
+By default the loss is over the image positions only (the captions are given, not
+modelled); `text_loss_weight` w > 0 models the caption too, as DALL-E does: a text head
+predicts each next caption byte (and the end of the caption, the first PAD), and the
+loss is w * text + (1 - w) * image (DALL-E: w = 1/8).
 
 Sampling (`sample`): the caption is run once (prefill), then one position per step with
 a KV cache -- every layer keeps the keys and values of the positions so far, so a new
@@ -99,17 +102,23 @@ class CodeTransformer(nn.Module):
         text_tokens: T, caption bytes (captions longer than this are refused).
         dim, layers, heads, dropout: the transformer.
         p_uncond: probability of training on the NULL caption (classifier-free guidance).
+        text_loss_weight: weight of the caption's own loss (0: the caption is not modelled;
+            DALL-E's 1/8 = 0.125).
     """
 
     def __init__(self, num_codes, image_tokens, text_tokens=16, dim=128, layers=4, heads=4, dropout=0.0,
-                 p_uncond=0.1):
+                 p_uncond=0.1, text_loss_weight=0.0):
         super().__init__()
+        if not 0 <= text_loss_weight < 1:
+            raise ValueError(f"text_loss_weight must be in [0, 1), got {text_loss_weight}")
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not 0 <= p_uncond < 1:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
         self.config = dict(num_codes=num_codes, image_tokens=image_tokens, text_tokens=text_tokens, dim=dim,
-                           layers=layers, heads=heads, dropout=dropout, p_uncond=p_uncond)
+                           layers=layers, heads=heads, dropout=dropout, p_uncond=p_uncond,
+                           **({"text_loss_weight": text_loss_weight} if text_loss_weight else {}))
+        self.text_loss_weight = text_loss_weight
         self.num_codes, self.image_tokens, self.text_tokens = num_codes, image_tokens, text_tokens
         self.p_uncond = p_uncond
         self.text_embed = nn.Embedding(TEXT_VOCAB, dim)
@@ -118,6 +127,8 @@ class CodeTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_codes)
+        # only when the caption is modelled: older checkpoints keep their state dict
+        self.text_head = nn.Linear(dim, TEXT_VOCAB) if text_loss_weight else None
 
     def _check(self, text, codes):
         if not isinstance(text, torch.Tensor) or text.dim() != 2 or text.shape[1] != self.text_tokens:
@@ -144,10 +155,13 @@ class CodeTransformer(nn.Module):
         x = torch.cat(parts, 1)
         return x + self.pos[start:start + x.shape[1]]
 
-    def _run(self, x, caches=None):
+    def _hidden(self, x, caches=None):
         for i, blk in enumerate(self.blocks):
             x = blk(x, None if caches is None else caches[i])
-        return self.head(self.ln(x))
+        return self.ln(x)
+
+    def _run(self, x, caches=None):
+        return self.head(self._hidden(x, caches))
 
     def pack(self, text, codes):
         return torch.cat([text, codes], 1)
@@ -168,9 +182,24 @@ class CodeTransformer(nn.Module):
         if self.training and self.p_uncond > 0:
             drop = torch.rand(text.shape[0], device=text.device) < self.p_uncond
             text = torch.where(drop[:, None], null_captions(text.shape[0], self.text_tokens).to(text.device), text)
-        logits = self._run(self._embed(text, codes[:, :-1], 0))[:, self.text_tokens - 1:]
+        hidden = self._hidden(self._embed(text, codes[:, :-1], 0))
+        logits = self.head(hidden[:, self.text_tokens - 1:])
         ce = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none")
-        return dict(loss=ce.mean(), nll=ce.detach().sum(1))
+        out = dict(loss=ce.mean(), nll=ce.detach().sum(1))
+        if self.text_head is not None:
+            out["text_loss"] = self.text_loss(hidden, text)
+            w = self.text_loss_weight
+            out["loss"] = w * out["text_loss"] + (1 - w) * out["loss"]
+        return out
+
+    def text_loss(self, hidden, text):
+        """Mean cross-entropy of each caption byte from the positions before it; the
+        targets are the bytes and the caption's end (its first PAD), not the PADs after it."""
+        target, prev = text[:, 1:], text[:, :-1]
+        keep = (target != PAD) | (prev != PAD)
+        ce = F.cross_entropy(self.text_head(hidden[:, :self.text_tokens - 1]).transpose(1, 2), target,
+                             reduction="none")
+        return (ce * keep).sum() / keep.sum().clamp_min(1)
 
     @staticmethod
     def _filter(logits, temperature, top_k, top_p):
