@@ -155,6 +155,17 @@ def test_commands_end_to_end(tmp_path, digits_vq, capsys):
     assert main(["sample", "transformer", "--checkpoint", out + "/checkpoint.pt", "--prompt", "a cat",
                  "--rerank", "2", "-n", "2", "--out", s]) == 2
     assert "must name a digit" in capsys.readouterr().err
+    # a CLIP-style scorer re-ranks any prompt (here: a few steps of training, the mechanics)
+    clip = str(tmp_path / "clip")
+    assert main(["train", "clip", "--data", "digits", "--epochs", "1", "--batches-per-epoch", "2", "--dim", "16",
+                 "--width", "16", "--out", clip, "--quiet"]) == 0
+    assert main(["sample", "transformer", "--checkpoint", out + "/checkpoint.pt", "--prompt", "a cat",
+                 "--rerank", "3", "--scorer", clip + "/checkpoint.pt", "-n", "2", "--out", s]) == 0
+    assert torch.load(s + "/samples.pt", weights_only=True)["images"].shape == (2, 1, 8, 8)
+    capsys.readouterr()
+    assert main(["sample", "transformer", "--checkpoint", out + "/checkpoint.pt", "--prompt", "a cat",
+                 "--scorer", clip + "/checkpoint.pt", "-n", "2", "--out", s]) == 2
+    assert "--rerank K" in capsys.readouterr().err
     assert main(["train", "transformer", "--epochs", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--vqvae CKPT or --vqvae2 CKPT is required" in capsys.readouterr().err
 

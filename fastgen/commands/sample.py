@@ -46,8 +46,11 @@ def add_parser(sub):
                            help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}] (0: the conditional "
                                 "logits alone)")
             m.add_argument("--rerank", type=int, default=1, metavar="K",
-                           help="draw K candidates per image and keep the one the digits classifier finds most "
-                                "like the prompted digit (digits prompts only)")
+                           help="draw K candidates per image and keep the best: by --scorer when given, else by the "
+                                "digits classifier's probability of the prompted digit (digits prompts only)")
+            m.add_argument("--scorer", default=None, metavar="CKPT",
+                           help="a `fastgen train clip` checkpoint: --rerank keeps the candidate whose image it finds "
+                                "most similar to the prompt (any captions)")
             m.set_defaults(func=sample_transformer)
         elif name == "vqvae2":
             m.add_argument("--top-prior", required=True, metavar="CKPT", help="`fastgen train prior --level top` checkpoint")
@@ -377,8 +380,21 @@ def sample_transformer(args):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     draw = lambda t: model.sample(t, generator=gen, temperature=args.temperature, top_k=args.top_k,  # noqa: E731
                                   top_p=args.top_p, guidance=args.guidance)
+    scorer = None
+    if args.scorer is not None:
+        scorer, _ = load_model(args.scorer, "clip", device, name="--scorer")
+        if tuple(scorer.image_shape) != tuple(source.model.image_shape):
+            raise ValueError(f"--scorer {args.scorer} scores {tuple(scorer.image_shape)} images but the transformer's "
+                             f"VQ model decodes {tuple(source.model.image_shape)}")
+        prompt_tokens = scorer.tokens(prompts).to(device)       # too long for the scorer: ValueError
+        if args.rerank == 1:
+            raise ValueError("--scorer re-ranks candidates: give --rerank K with K >= 2")
     if args.rerank == 1:
         images = source.decode(draw(text))
+    elif scorer is not None:
+        cands = torch.stack([source.decode(draw(text)).clamp(0, 1) for _ in range(args.rerank)], 1)
+        score = torch.stack([scorer.eval().similarity(cands[:, k], prompt_tokens) for k in range(args.rerank)], 1)
+        images = cands[torch.arange(len(prompts)), score.argmax(1)]
     else:
         from fastgen.metrics.digit_features import digit_outputs
         wanted = [digit_of(p) for p in prompts]

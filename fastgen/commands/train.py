@@ -18,11 +18,12 @@ FAMILIES = [
     "fastgen.commands.train_vqvae2",     # vqvae2
     "fastgen.commands.train_prior",      # prior (VQ-VAE-2's top or bottom prior)
     "fastgen.commands.train_transformer",  # transformer (caption-prompted, over VQ codes)
+    "fastgen.commands.train_clip",       # clip (an image-text scorer that re-ranks transformer samples)
 ]
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a model (ae, vae, vqvae, pixelcnn, imle, vqvae2, prior, transformer) on digits, photo crops or an image folder",
+    p = sub.add_parser("train", help="train a model (ae, vae, vqvae, pixelcnn, imle, vqvae2, prior, transformer, clip) on digits, photo crops or an image folder",
                        description=__doc__.splitlines()[0])
     families = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for mod in FAMILIES:

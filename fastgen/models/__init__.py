@@ -58,3 +58,9 @@ from fastgen.models.transformer import CodeTransformer  # noqa: E402
 
 MODELS["transformer"] = CodeTransformer
 __all__ += ["CodeTransformer"]
+
+# a CLIP-style image-text scorer (re-ranks the transformer's samples)
+from fastgen.models.clip import ContrastiveScorer  # noqa: E402
+
+MODELS["clip"] = ContrastiveScorer
+__all__ += ["ContrastiveScorer"]
