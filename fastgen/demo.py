@@ -28,8 +28,9 @@ def stages(out):
         ("train ae", ["train", "ae", "--data", "digits", "--epochs", "20", "--out", o("ae")]),
         ("train vae", ["train", "vae", "--data", "digits", "--epochs", "20", "--out", o("vae")]),
         ("train vqvae", ["train", "vqvae", "--data", "digits", "--epochs", "6", "--out", o("vqvae")]),
-        ("train pixelcnn", ["train", "pixelcnn", "--vqvae", o("vqvae/checkpoint.pt"), "--epochs", "6",
-                            "--out", o("pixelcnn")]),
+        # a class-conditional PixelSNAIL-style prior: every class drawn in turn
+        ("train pixelcnn", ["train", "pixelcnn", "--vqvae", o("vqvae/checkpoint.pt"), "--epochs", "20",
+                            "--class-conditional", "--attention", "every", "--out", o("pixelcnn")]),
         ("sample vqvae", ["sample", "vqvae", "--checkpoint", o("vqvae/checkpoint.pt"),
                           "--prior", o("pixelcnn/checkpoint.pt"), "--out", o("vqvae-samples"), "-n", "64"]),
         ("train imle", ["train", "imle", "--data", "digits", "--epochs", "60", "--eval-every", "20",

@@ -97,6 +97,39 @@ def tiny_runs(tmp_path_factory):
     return runs
 
 
+def test_table_covers_vqvae2_and_the_transformer(tmp_path, capsys):
+    q = ["--epochs", "1", "--batches-per-epoch", "2", "--quiet", "--threads", "1"]
+    runs = tmp_path / "runs"
+    assert main(["train", "vqvae2", "--data", "digits", "--size", "32", "--hidden", "16", "--num-codes", "16",
+                 "--code-dim", "4", "--out", str(runs / "vqvae2"), *q]) == 0
+    for level in ("top", "bottom"):
+        assert main(["train", "prior", "--vqvae2", str(runs / "vqvae2" / "checkpoint.pt"), "--level", level,
+                     "--prior-dim", "8", "--prior-layers", "1", "--out", str(runs / f"prior-{level}"), *q]) == 0
+    assert main(["train", "vqvae", "--data", "digits", "--hidden", "16", "--res-blocks", "1", "--num-codes", "16",
+                 "--out", str(runs / "vqvae"), *q]) == 0
+    assert main(["train", "transformer", "--vqvae", str(runs / "vqvae" / "checkpoint.pt"), "--dim", "16",
+                 "--layers", "1", "--heads", "2", "--out", str(runs / "transformer"), *q]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--table", str(runs), "-n", "40"]) == 0
+    table = json.load(open(runs / "eval.json"))
+    assert {"vqvae2 + priors", "transformer"} <= set(table)
+    for name in ("vqvae2 + priors", "transformer"):
+        assert table[name]["n_fake"] == 40 and 0 <= table[name]["confident"] <= 1 and table[name]["train_minutes"] > 0
+    # the transformer's minutes include its VQ model's
+    vq_s = sum(r["seconds"] for r in map(json.loads, open(runs / "vqvae" / "metrics.jsonl")))
+    tr_s = sum(r["seconds"] for r in map(json.loads, open(runs / "transformer" / "metrics.jsonl")))
+    assert table["transformer"]["train_minutes"] == pytest.approx((vq_s + tr_s) / 60, rel=1e-3)
+    # one vqvae2 directly, with both priors
+    out = str(tmp_path / "m.json")
+    assert main(["eval", "--fake", str(runs / "vqvae2" / "checkpoint.pt"), "--prior",
+                 str(runs / "prior-top" / "checkpoint.pt"), "--bottom-prior", str(runs / "prior-bottom" / "checkpoint.pt"),
+                 "-n", "30", "--json", out]) == 0
+    assert json.load(open(out))["n_fake"] == 30
+    capsys.readouterr()
+    assert main(["eval", "--fake", str(runs / "vqvae2" / "checkpoint.pt"), "-n", "30"]) != 0
+    assert "--bottom-prior" in capsys.readouterr().err
+
+
 def test_cli_files_checkpoints_and_table(tmp_path, tiny_runs, digits, capsys):
     real = str(tmp_path / "real.npy")
     np.save(real, dfeat.digit_features(digits.test).numpy())

@@ -4,6 +4,8 @@
     fastgen eval --fake runs/vqvae/checkpoint.pt --prior runs/prior/checkpoint.pt
     fastgen eval --real feats_real.npy --fake feats_fake.npy        (features given: used as they are)
     fastgen eval --real FOLDER --fake FOLDER --features model.ts   (any TorchScript extractor)
+    fastgen eval --fake runs/vq2/checkpoint.pt --prior runs/top/checkpoint.pt --bottom-prior runs/bottom/checkpoint.pt
+    fastgen eval --fake runs/dalle/checkpoint.pt                   (digits captions: "the digit D" in turn)
     fastgen eval --table demo-out                                  (every model trained under a folder)
 
 --real/--fake: 'digits' (real only), a .npy / .pt file (features (N, D) or images
@@ -16,7 +18,7 @@ import os
 
 import torch
 
-KINDS = ("ae", "vae", "imle", "vqvae")
+KINDS = ("ae", "vae", "imle", "vqvae", "vqvae2", "transformer")
 
 
 def add_parser(sub):
@@ -24,9 +26,12 @@ def add_parser(sub):
                        description=__doc__.splitlines()[0])
     p.add_argument("--real", default="digits", help="'digits' (the test split, default), a feature/image file or folder")
     p.add_argument("--fake", default=None, help="a feature/image file, an image folder or a fastgen checkpoint")
-    p.add_argument("--prior", default=None, help="the pixelcnn checkpoint that samples a vqvae's codes")
+    p.add_argument("--prior", default=None,
+                   help="the pixelcnn checkpoint that samples a vqvae's codes (a vqvae2's: its top prior)")
+    p.add_argument("--bottom-prior", default=None, help="a vqvae2's bottom prior checkpoint")
     p.add_argument("--table", default=None, metavar="RUNS",
-                   help="evaluate every model trained under RUNS (ae/ vae/ vqvae/+pixelcnn/ imle/): a Markdown "
+                   help="evaluate every model trained under RUNS (ae/ vae/ vqvae/+pixelcnn/ imle/ vqvae2/+prior-top/+"
+                        "prior-bottom/ transformer/): a Markdown "
                         "table, written to RUNS/eval.md and RUNS/eval.json")
     p.add_argument("--features", default="digits", help="'digits' (default), 'raw' (pixels) or a TorchScript file")
     p.add_argument("-n", type=int, default=None, help="samples drawn from a checkpoint (default: as many as real)")
@@ -107,9 +112,40 @@ def sample_checkpoint(ckpt, path, n, seed=0, device="cpu", prior=None):
         out = [model.decode(pri.sample(min(256, n - s), labels=pri.labels_for(min(256, n - s), device, s),
                                        generator=gen, device=device)) for s in range(0, n, 256)]
         return torch.cat(out).clamp(0, 1).cpu()
+    if kind == "vqvae2":
+        from fastgen.commands.sample import load_vqvae2_priors, sample_vqvae2_images
+        top_path, bottom_path = prior if isinstance(prior, tuple) else (prior, None)
+        if top_path is None or bottom_path is None:
+            raise ValueError("a vqvae2 is sampled through its two priors: --prior TOP --bottom-prior BOTTOM")
+        top, bottom = load_vqvae2_priors(model, top_path, bottom_path, device)
+        return sample_vqvae2_images(model, top, bottom, n, gen, device,
+                                    labels=top.labels_for(n, device)).clamp(0, 1).cpu()
+    if kind == "transformer":
+        return sample_transformer_digits(model, ckpt, path, n, gen, device)
     if kind == "imle" and ckpt.get("conditional"):
         raise ValueError(f"--fake {path!r} is a conditional IMLE model; eval scores unconditional samples")
     return model.sample(n, generator=gen, device=device).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def sample_transformer_digits(model, ckpt, path, n, gen, device, batch=256):
+    """n images from a digits-captioned transformer, prompted "the digit D" for every digit
+    in turn (guidance 1, as its training PNG)."""
+    from fastgen.commands.train_transformer import CodeSource
+    from fastgen.models.transformer import encode_captions
+    from fastgen.training import linked_checkpoint
+    if ckpt.get("captions") != "digits":
+        raise ValueError(f"--fake {path!r}: eval samples transformers trained on digits captions (prompts "
+                         "'the digit D'); for other captions sample with `fastgen sample transformer`")
+    source = CodeSource(ckpt["vq_kind"], linked_checkpoint(ckpt, "vq_checkpoint", os.path.dirname(os.path.abspath(path)),
+                                                            f"--fake {path}"), device)
+    out = []
+    for s in range(0, n, batch):
+        prompts = [f"the digit {(s + i) % 10}" for i in range(min(batch, n - s))]
+        codes = model.eval().sample(encode_captions(prompts, model.text_tokens).to(device), generator=gen,
+                                    guidance=1.0)
+        out.append(source.decode(codes))
+    return torch.cat(out).clamp(0, 1).cpu()
 
 
 def _print(rows, names):
@@ -130,6 +166,8 @@ def run(args):
     real = load_points(args.real, "--real")
     if args.table is not None:
         return run_table(args, real, device)
+    if args.bottom_prior is not None:
+        args.prior = (args.prior, args.bottom_prior)
     fake = load_fake(args, args.n or real.shape[0], device)
     m = evaluate_samples(real, fake, args.features, args.k)
     _print([m], [os.path.basename(os.path.dirname(os.path.abspath(args.fake))) or args.fake])
@@ -162,23 +200,30 @@ def run_table(args, real, device):
         idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.seed))[:n]
         rows.append(evaluate_samples(real, train[idx], args.features, args.k))
         names.append("data (train split)")
-    found = [("ae", "ae", None), ("vae", "vae", None), ("vqvae + pixelcnn", "vqvae", "pixelcnn"), ("imle", "imle", None)]
+    found = [("ae", "ae", None), ("vae", "vae", None), ("vqvae + pixelcnn", "vqvae", "pixelcnn"), ("imle", "imle", None),
+             ("vqvae2 + priors", "vqvae2", ("prior-top", "prior-bottom")), ("transformer", "transformer", None)]
     for name, folder, prior in found:
         ckpt = os.path.join(runs, folder, "checkpoint.pt")
-        pri = os.path.join(runs, prior, "checkpoint.pt") if prior else None
-        if not os.path.isfile(ckpt) or (pri and not os.path.isfile(pri)):
+        names_of = prior if isinstance(prior, tuple) else (prior,) if prior else ()
+        pris = tuple(os.path.join(runs, p, "checkpoint.pt") for p in names_of)
+        if not os.path.isfile(ckpt) or not all(os.path.isfile(p) for p in pris):
             continue
+        pri = pris if len(pris) > 1 else (pris[0] if pris else None)
         from fastgen.training import load_checkpoint
         loaded = load_checkpoint(ckpt)
         fake = sample_checkpoint(loaded, ckpt, n, args.seed, device, pri)
         row = evaluate_samples(real, fake, args.features, args.k)
-        # wall minutes of training (the epochs' own seconds, evaluation included), prior too
-        row["train_minutes"] = (training_seconds(loaded) + (training_seconds(load_checkpoint(pri)) if pri else 0)) / 60
+        # wall minutes of training (the epochs' own seconds, evaluation included), priors too
+        # the transformer's VQ model is the vqvae/ run's: its minutes count too
+        linked = [os.path.join(runs, "vqvae", "checkpoint.pt")] if folder == "transformer" else []
+        row["train_minutes"] = sum(training_seconds(load_checkpoint(p)) for p in (ckpt, *pris, *linked)
+                                   if os.path.isfile(p)) / 60
         rows.append(row)
         names.append(name)
         print(f"evaluated {name} ({ckpt})", flush=True)
     if len(names) <= (1 if args.real == "digits" else 0):
-        raise ValueError(f"--table {runs!r}: no ae/, vae/, vqvae/ (+ pixelcnn/) or imle/ checkpoint.pt under it")
+        raise ValueError(f"--table {runs!r}: no ae/, vae/, vqvae/ (+ pixelcnn/), imle/, vqvae2/ (+ prior-top/, "
+                         "prior-bottom/) or transformer/ checkpoint.pt under it")
     table = format_table(rows, names)
     print(table)
     from fastgen.training import atomic_write
