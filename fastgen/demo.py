@@ -26,8 +26,9 @@ def stages(out):
         ("doctor", ["doctor"]),
         ("gpnn samples", ["gpnn", "sample", "-n", "4", "--max-side", "96", "--out", o("gpnn")]),
         ("train ae", ["train", "ae", "--data", "digits", "--epochs", "20", "--out", o("ae")]),
-        ("train vae", ["train", "vae", "--data", "digits", "--epochs", "20", "--out", o("vae")]),
-        ("train vqvae", ["train", "vqvae", "--data", "digits", "--epochs", "6", "--out", o("vqvae")]),
+        ("train vae", ["train", "vae", "--data", "digits", "--epochs", "150", "--eval-every", "50", "--out", o("vae")]),
+        ("train vqvae", ["train", "vqvae", "--data", "digits", "--epochs", "20", "--eval-every", "10",
+                         "--out", o("vqvae")]),
         # a class-conditional PixelSNAIL-style prior: every class drawn in turn
         ("train pixelcnn", ["train", "pixelcnn", "--vqvae", o("vqvae/checkpoint.pt"), "--epochs", "20",
                             "--class-conditional", "--attention", "every", "--out", o("pixelcnn")]),
