@@ -3,7 +3,7 @@ settings the table names, then scored by `fastgen eval --table` (FD on the packa
 digit features, precision / recall / density / coverage, class coverage, the share of
 samples the digits classifier labels with p > 0.8, and training minutes).
 
-    python benchmarks/digits_quality.py --out runs/quality      (about 10 minutes on 2 cores)
+    python benchmarks/digits_quality.py --out runs/quality      (about 6 minutes on 2 cores)
 
 Each stage is one `fastgen` command run as its own process, as a user would type it;
 the folders are the ones `fastgen eval --table` looks for. Writes OUT/eval.md,

@@ -40,3 +40,22 @@ def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):
         demo.main(["--out", str(tmp_path / "o"), "--only", "no such stage"])
     assert e.value.code == 2
     assert not (tmp_path / "o").exists()
+
+
+def _parses(args):
+    from fastgen.cli import build_parser
+    return build_parser().parse_args(args)
+
+
+def test_every_stage_of_the_demo_and_the_quality_table_is_a_valid_command():
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "digits_quality", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "digits_quality.py"))
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    for _, args in demo.stages("o") + quality.stages("q"):
+        assert callable(_parses(args).func)
+    # the quality table's folders are the ones `fastgen eval --table` reads
+    names = {n for n, _ in quality.stages("q")}
+    assert {"ae", "vae", "vqvae", "pixelcnn", "imle", "vqvae2", "prior-top", "prior-bottom", "transformer"} <= names
