@@ -199,3 +199,53 @@ def test_lfq_entropy_weight_from_the_cli(tmp_path, capsys):
     assert main(["train", "vqvae", *tiny, "--quantizer", "lfq", "--num-codes", "16", "--entropy-weight", "-1",
                  "--out", str(tmp_path / "c"), *quick]) != 0
     assert "--entropy-weight must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw", [dict(quantizer="vq", stages=3), dict(quantizer="fsq", levels=[5, 3], stages=2),
+                                dict(quantizer="lfq", num_codes=16, stages=2), dict(quantizer="vq", code_dim=16, groups=2),
+                                dict(quantizer="fsq", levels=[5, 3], groups=2),
+                                dict(quantizer="lfq", num_codes=16, groups=2)])
+def test_several_codes_per_position_lie_side_by_side_in_the_code_map(kw):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    m = VQVAE((1, 8, 8), hidden=16, res_hidden=8, num_res_blocks=1, **kw).eval()
+    depth = kw.get("stages", 1) * kw.get("groups", 1)
+    assert m.code_shape == (4, 4 * depth) and m.config.get("stages", 1) * m.config.get("groups", 1) == depth
+    x = torch.rand(3, 1, 8, 8)
+    codes = m.encode(x)
+    raw = m.quantizer(m.encoder(x - 0.5)).indices                   # (B, h, w, depth)
+    assert raw.shape == (3, 4, 4, depth)
+    # position (i, j)'s codes are columns j*depth ... j*depth + depth - 1 of row i
+    assert torch.equal(codes[:, 2, 3 * depth:4 * depth], raw[:, 2, 3])
+    assert int(codes.max()) < m.num_codes
+    # decode(encode(x)) is the forward's reconstruction
+    with torch.no_grad():
+        want = (m.decoder(m.quantizer(m.encoder(x - 0.5)).quantized) + 0.5).clamp(0, 1)
+    torch.testing.assert_close(m.decode(codes), want)
+    out = m.train()(x)
+    out["loss"].backward()
+    assert out["indices"].shape == (3, 4, 4 * depth)
+
+
+def test_residual_vqvae_with_a_prior_and_a_transformer_from_the_cli(tmp_path, capsys):
+    quick = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
+    vq = tmp_path / "vq"
+    assert main(["train", "vqvae", "--data", "digits", "--hidden", "16", "--res-blocks", "1", "--num-codes", "16",
+                 "--stages", "2", "--out", str(vq), *quick]) == 0
+    ck = torch.load(vq / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["stages"] == 2
+    assert main(["train", "pixelcnn", "--vqvae", str(vq / "checkpoint.pt"), "--prior-dim", "8", "--prior-layers", "2",
+                 "--out", str(tmp_path / "p"), *quick]) == 0
+    assert torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)["config"]["code_shape"] == (4, 8)
+    assert main(["sample", "vqvae", "--checkpoint", str(vq / "checkpoint.pt"), "--prior",
+                 str(tmp_path / "p" / "checkpoint.pt"), "-n", "3", "--out", str(tmp_path / "s")]) == 0
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True)["images"].shape == (3, 1, 8, 8)
+    assert main(["train", "transformer", "--vqvae", str(vq / "checkpoint.pt"), "--dim", "16", "--layers", "1",
+                 "--heads", "2", "--out", str(tmp_path / "t"), *quick]) == 0
+    capsys.readouterr()
+    for bad, msg in ((["--stages", "2", "--groups", "2"], "do not combine"), (["--groups", "0"], "--groups must be")):
+        assert main(["train", "vqvae", "--data", "digits", "--hidden", "16", "--out", str(tmp_path / "x"), *bad,
+                     *quick]) != 0
+        assert msg in capsys.readouterr().err
+    assert main(["train", "vqvae2", "--data", "digits", "--size", "32", "--hidden", "16", "--stages", "2",
+                 "--out", str(tmp_path / "y"), *quick]) != 0
+    assert "options of `fastgen train vqvae`" in capsys.readouterr().err

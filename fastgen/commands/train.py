@@ -105,6 +105,12 @@ def quantizer_arguments(p):
     p.add_argument("--rotation-trick", action="store_true",
                    help="--quantizer vq: gradients through the rotation onto the code (Fifty et al. 2024), "
                         "not straight through")
+    p.add_argument("--stages", type=int, default=1,
+                   help="residual quantization: this many codes per position, each quantizing what the "
+                        "earlier left (residual VQ / FSQ / LFQ)")
+    p.add_argument("--groups", type=int, default=1,
+                   help="grouped (multi-head) quantization: the code's channels in this many heads sharing "
+                        "one quantizer, a code per head (vq: --code-dim is the total)")
 
 
 def quantizer_config(args):
@@ -122,7 +128,14 @@ def quantizer_config(args):
     if args.entropy_weight is not None and not 0 <= args.entropy_weight < float("inf"):
         raise ValueError(f"--entropy-weight must be a finite number >= 0, got {args.entropy_weight}")
     weight = 0.1 if args.entropy_weight is None else args.entropy_weight
-    return dict(quantizer=args.quantizer, levels=levels, rotation_trick=args.rotation_trick, entropy_weight=weight)
+    stages, groups = getattr(args, "stages", 1), getattr(args, "groups", 1)
+    for flag, v in (("--stages", stages), ("--groups", groups)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if stages > 1 and groups > 1:
+        raise ValueError("--stages and --groups do not combine; choose one")
+    return dict(quantizer=args.quantizer, levels=levels, rotation_trick=args.rotation_trick, entropy_weight=weight,
+                **({"stages": stages} if stages > 1 else {}), **({"groups": groups} if groups > 1 else {}))
 
 
 def parse_levels(text):

@@ -41,6 +41,9 @@ def run(args):
     device = train_cmd.setup(args)
     train_cmd.positive(args, "num_codes", "code_dim", "hidden")
     quantizer = train_cmd.quantizer_config(args)
+    if quantizer.pop("stages", 1) > 1 or quantizer.pop("groups", 1) > 1:
+        raise ValueError("--stages / --groups (several codes per position) are options of `fastgen train vqvae`; "
+                         "a vqvae2 keeps one code per position on each level")
     ckpt = train_cmd.open_run(args, "vqvae2")
     ds, data_args = train_cmd.load_data(args, ckpt)
     c, h, w = ds.image_shape

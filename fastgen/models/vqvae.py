@@ -19,7 +19,7 @@ from fastgen.models.networks import check_images
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.nn.quantizers import make_quantizer, quantizer_shape
+from fastgen.nn.quantizers import group_dim, make_quantizer, quantizer_shape
 
 
 class ResidualBlock(nn.Module):
@@ -56,13 +56,23 @@ class VQVAE(nn.Module):
             log2(num_codes)); fastgen/nn/quantizers.py states what any of them provides.
         levels: FSQ's levels per channel.
         rotation_trick: the VectorQuantizer's gradient estimator (quantizer "vq" or "simvq").
+        stages: > 1 quantizes residually (ResidualVQ / ResidualFSQ / ResidualLFQ): S codes
+            per position, coarse to fine.
+        groups: > 1 splits the code's channels into G heads sharing one quantizer
+            (code_dim is the total for vq; fsq / lfq give each head their own shape).
+            With S stages or G groups the code map the priors see is (h, w * S): each
+            position's codes side by side along its row, so raster order visits a
+            position's codes together (stage or head order) and every prior, sampler
+            and the transformer work unchanged.
     """
 
     def __init__(self, image_shape, downsample=2, hidden=64, res_hidden=32, num_res_blocks=2, num_codes=64,
                  code_dim=16, commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20,
-                 quantizer="vq", levels=None, rotation_trick=False, entropy_weight=0.1):
+                 quantizer="vq", levels=None, rotation_trick=False, entropy_weight=0.1, stages=1, groups=1):
         super().__init__()
         num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
+        if groups > 1:
+            code_dim = group_dim(quantizer, code_dim, levels, num_codes, groups)
         c, h, w = image_shape
         steps = _levels(downsample)
         if h % downsample or w % downsample:
@@ -73,9 +83,13 @@ class VQVAE(nn.Module):
                            code_dim=code_dim, commitment=commitment, ema=ema, decay=decay,
                            kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold, quantizer=quantizer,
                            levels=None if levels is None else list(levels), rotation_trick=rotation_trick,
-                           entropy_weight=float(entropy_weight))
+                           entropy_weight=float(entropy_weight),
+                           # only when not 1: older checkpoints keep their configs
+                           **({"stages": stages} if stages != 1 else {}), **({"groups": groups} if groups != 1 else {}))
         self.image_shape = tuple(image_shape)
-        self.code_shape = (h // downsample, w // downsample)
+        self.depth = max(stages, groups)               # codes per position
+        self.map_shape = (h // downsample, w // downsample)
+        self.code_shape = (self.map_shape[0], self.map_shape[1] * self.depth)
         self.num_codes = num_codes
 
         enc, ch = [], c
@@ -91,7 +105,8 @@ class VQVAE(nn.Module):
         self.quantizer = make_quantizer(quantizer, num_codes=num_codes, code_dim=code_dim, levels=levels,
                                         commitment=commitment, ema=ema, decay=decay, kmeans_init=kmeans_init,
                                         dead_code_threshold=dead_code_threshold, rotation_trick=rotation_trick,
-                                        entropy_weight=entropy_weight, channel_last=False)
+                                        entropy_weight=entropy_weight, channel_last=False, stages=stages,
+                                        groups=groups)
 
         dec = [nn.Conv2d(code_dim, hidden, 3, padding=1)]
         dec += [ResidualBlock(hidden, res_hidden) for _ in range(num_res_blocks)]
@@ -109,7 +124,7 @@ class VQVAE(nn.Module):
 
     def forward(self, x):
         """Training step: dict(loss, recon (B,) squared error per image (sum over pixels),
-        commitment, codebook, perplexity, indices (B, h, w))."""
+        commitment, codebook, perplexity, indices (B, h, w * depth))."""
         self._check(x)
         z_e = self.encoder(x - 0.5)
         vq = self.quantizer(z_e)
@@ -120,25 +135,32 @@ class VQVAE(nn.Module):
         zero = mse.new_zeros(())
         # every quantizer's loss terms, and commitment/codebook always (0 where it has none)
         terms = {"commitment": zero, "codebook": zero, **{k: v.detach() for k, v in vq.losses.items()}}
-        return dict(loss=loss, mse=mse.detach(), recon=recon, **terms, perplexity=vq.perplexity, indices=vq.indices)
+        return dict(loss=loss, mse=mse.detach(), recon=recon, **terms, perplexity=vq.perplexity,
+                    indices=self._flat(vq.indices))
 
     @torch.no_grad()
     def encode(self, x):
-        """Images -> code indices (B, h, w) int64 (no codebook update, whatever the mode)."""
+        """Images -> code indices (B, h, w * depth) int64 (no codebook update, whatever the mode)."""
         self._check(x)
         was = self.quantizer.training
         self.quantizer.eval()
         try:
-            return self.quantizer(self.encoder(x - 0.5)).indices
+            return self._flat(self.quantizer(self.encoder(x - 0.5)).indices)
         finally:
             self.quantizer.train(was)
 
+    def _flat(self, indices):
+        """(B, h, w[, S]) quantizer indices -> the (B, h, w * S) code map priors model."""
+        return indices if self.depth == 1 else indices.flatten(-2)
+
     @torch.no_grad()
     def decode(self, indices):
-        """Code indices (B, h, w) -> images (B, C, H, W) clamped to [0, 1]."""
+        """Code indices (B, h, w * depth) -> images (B, C, H, W) clamped to [0, 1]."""
         if not isinstance(indices, torch.Tensor) or tuple(indices.shape[1:]) != self.code_shape:
             raise ValueError(f"indices must be (B, {self.code_shape[0]}, {self.code_shape[1]}), "
                              f"got {tuple(getattr(indices, 'shape', ()))}")
+        if self.depth > 1:
+            indices = indices.unflatten(-1, (self.map_shape[1], self.depth))
         return (self.decoder(self.quantizer.decode_indices(indices)) + 0.5).clamp(0, 1)
 
     @torch.no_grad()

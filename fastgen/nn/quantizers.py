@@ -17,6 +17,11 @@ have none.
 
 Adding one is a module in fastgen/nn with its test, and an entry in `make_quantizer`:
 the models (VQVAE) and the CLI (`--quantizer`) build theirs here.
+
+Several codes per position: `make_quantizer(..., stages=S)` wraps any kind in residual
+quantization (ResidualVQ, ResidualFSQ, ResidualLFQ) and `groups=G` splits the channels
+into G heads sharing one quantizer (GroupedQuantizer, vector-quantize-pytorch's `heads`
+without separate codebooks). Their indices carry a last dim of S or G codes.
 """
 import math
 
@@ -46,7 +51,54 @@ def quantizer_shape(kind, num_codes=None, code_dim=None, levels=None):
 
 def make_quantizer(kind, *, num_codes=None, code_dim=None, levels=None, commitment=0.25, ema=True, decay=0.99,
                    kmeans_init=True, dead_code_threshold=20, entropy_weight=0.1, rotation_trick=False,
-                   channel_last=True):
+                   channel_last=True, stages=1, groups=1):
+    """One quantizer, or with stages > 1 a residual one and with groups > 1 a grouped one
+    (module docstring); for groups, code_dim is the total over the groups (vq / simvq) and
+    fsq / lfq take their per-group shape from levels / num_codes."""
+    for name, v in (("stages", stages), ("groups", groups)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if stages > 1 and groups > 1:
+        raise ValueError("stages > 1 (residual) and groups > 1 (grouped) do not combine here; choose one")
+    args = dict(num_codes=num_codes, code_dim=code_dim, levels=levels, commitment=commitment, ema=ema, decay=decay,
+                kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold, entropy_weight=entropy_weight,
+                rotation_trick=rotation_trick)
+    if groups > 1:
+        from fastgen.nn.grouped import GroupedQuantizer
+        if kind in ("vq", "simvq"):
+            if code_dim is None or code_dim % groups:
+                raise ValueError(f"code_dim ({code_dim}) must be divisible by groups ({groups})")
+            args["code_dim"] = code_dim // groups
+        return GroupedQuantizer(_single(kind, channel_last=True, **args), groups=groups, channel_last=channel_last)
+    if stages > 1:
+        from fastgen.nn.residual import ResidualFSQ, ResidualLFQ
+        from fastgen.nn.vector_quantizer import ResidualVQ
+        n, d = quantizer_shape(kind, num_codes, code_dim, levels)
+        if rotation_trick and kind not in ("vq", "simvq"):
+            raise ValueError(f"rotation_trick is for quantizer='vq' or 'simvq' (a codebook); {kind!r} rounds per channel")
+        if kind == "fsq":
+            return ResidualFSQ(list(levels), stages, channel_last=channel_last)
+        if kind == "lfq":
+            return ResidualLFQ(d, stages, channel_last=channel_last, entropy_weight=entropy_weight,
+                               commitment_weight=commitment)
+        if kind == "simvq":
+            return ResidualVQ(stages, n, d, channel_last=channel_last, commitment=commitment, simvq=True,
+                              rotation_trick=rotation_trick)
+        return ResidualVQ(stages, n, d, channel_last=channel_last, commitment=commitment, ema=ema, decay=decay,
+                          kmeans_init=kmeans_init, dead_code_threshold=dead_code_threshold,
+                          rotation_trick=rotation_trick)
+    return _single(kind, channel_last=channel_last, **args)
+
+
+def group_dim(kind, code_dim, levels, num_codes, groups):
+    """The channels the encoder must give a quantizer of `groups` heads."""
+    n, d = quantizer_shape(kind, num_codes, code_dim, levels)
+    return d if kind in ("vq", "simvq") else d * groups
+
+
+def _single(kind, *, num_codes=None, code_dim=None, levels=None, commitment=0.25, ema=True, decay=0.99,
+            kmeans_init=True, dead_code_threshold=20, entropy_weight=0.1, rotation_trick=False,
+            channel_last=True):
     """The quantizer a model config names. vq: VectorQuantizer(num_codes, code_dim, ...);
     simvq: the same with simvq=True (its codes a frozen basis through a learned map: no EMA,
     k-means init or dead-code reset, whatever those arguments say); fsq: FSQ(levels); lfq: LFQ(log2(num_codes), entropy_weight=..., commitment_weight=commitment).
