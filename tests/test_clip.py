@@ -46,9 +46,14 @@ def test_loss_is_the_multi_positive_infonce():
 def test_text_embedding_ignores_padding_and_reads_every_byte():
     m = ContrastiveScorer((1, 4, 4), text_tokens=10, dim=8, width=16).eval()
     a = m.embed_text(m.tokens(["seven"]))
-    # PAD positions are masked out of attention and the mean: explicit PADs change nothing
-    t = m.tokens(["seven"])
-    assert torch.allclose(a, m.embed_text(t.clone()))
+    # PAD positions are masked out of attention and the mean: what PAD embeds to changes nothing
+    from fastgen.models.transformer import PAD
+    with torch.no_grad():
+        m.text_embed.weight[PAD] += 5.0
+    assert torch.allclose(a, m.embed_text(m.tokens(["seven"])), atol=1e-6)
+    with torch.no_grad():
+        m.text_embed.weight[ord("v")] += 5.0         # a byte of the caption does
+    assert not torch.allclose(a, m.embed_text(m.tokens(["seven"])), atol=1e-3)
     assert not torch.allclose(a, m.embed_text(m.tokens(["sevens"])))
     # the small-image branch is an MLP
     assert isinstance(m.image_net[0], torch.nn.Flatten)

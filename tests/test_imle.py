@@ -181,6 +181,15 @@ def test_bad_inputs(call, exc, msg):
         call()
 
 
+def test_feature_loss_flags_are_checked(tmp_path, capsys):
+    base = ["train", "imle", "--data", "digits", "--epochs", "1", "--batches-per-epoch", "1", "--out",
+            str(tmp_path / "x"), *QUICK]
+    for bad, msg in ((["--feature-loss", "digits", "--feature-loss-weight", "0"], "--feature-loss-weight must be"),
+                     (["--feature-loss-weight", "0.5"], "needs --feature-loss")):
+        assert main([*base, *bad]) != 0
+        assert msg in capsys.readouterr().err
+
+
 def test_cli_bad_arguments(tmp_path, capsys):
     assert main(["train", "imle", "--data", "digits", "--epochs", "1", "--samples-per-point", "0",
                  "--out", str(tmp_path / "a")]) == 2

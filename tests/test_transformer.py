@@ -52,6 +52,11 @@ def test_text_loss_is_the_captions_own_likelihood_weighted_as_dalle():
     torch.testing.assert_close(out["text_loss"], want_text)
     image = out["nll"].sum() / 18
     torch.testing.assert_close(out["loss"], w * want_text + (1 - w) * image)
+    # a dropped caption (NULL, for guidance) adds nothing to the text loss
+    from fastgen.models.transformer import null_captions
+    with_null = torch.cat([text, null_captions(1, 7)])
+    codes4 = torch.cat([codes, codes[:1]])
+    torch.testing.assert_close(m(with_null, codes4)["text_loss"], want_text)
     # causal: a later caption byte does not change the prediction of an earlier one
     changed = text.clone()
     changed[0, 5] = ord("z")

@@ -188,6 +188,12 @@ def test_commands_end_to_end(tmp_path, capsys):
                      "--prior-layers", "2", "--out", str(tmp_path / level), *fast]
                     + (["--attention", "--class-conditional"] if level == "top" else ["--attention", "every", "--cond-blocks", "1",
                                                                  "--dropout", "0.1"])) == 0
+    # a run recorded when --attention was a switch (flags attention=True) resumes
+    top_ck = tmp_path / "top" / "checkpoint.pt"
+    ck = torch.load(top_ck, weights_only=False)
+    ck["flags"]["attention"] = True
+    torch.save(ck, top_ck)
+    assert main(["train", "prior", "--resume", "--out", str(tmp_path / "top"), "--epochs", "2", "--quiet"]) == 0
     # resuming without --level reads it from the checkpoint
     assert main(["train", "prior", "--resume", "--prior-dim", "8", "--prior-layers", "2", "--out",
                  str(tmp_path / "bottom"), "--epochs", "2", "--batches-per-epoch", "3", "--quiet"]) == 0

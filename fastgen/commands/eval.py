@@ -214,8 +214,12 @@ def run_table(args, real, device):
         fake = sample_checkpoint(loaded, ckpt, n, args.seed, device, pri)
         row = evaluate_samples(real, fake, args.features, args.k)
         # wall minutes of training (the epochs' own seconds, evaluation included), priors too
-        # the transformer's VQ model is the vqvae/ run's: its minutes count too
-        linked = [os.path.join(runs, "vqvae", "checkpoint.pt")] if folder == "transformer" else []
+        # a transformer's VQ model (the one its checkpoint links to): its minutes count too
+        linked = []
+        if folder == "transformer":
+            from fastgen.training import linked_checkpoint
+            linked = [linked_checkpoint(loaded, "vq_checkpoint", os.path.dirname(os.path.abspath(ckpt)),
+                                        f"the transformer {ckpt}")]
         row["train_minutes"] = sum(training_seconds(load_checkpoint(p)) for p in (ckpt, *pris, *linked)
                                    if os.path.isfile(p)) / 60
         rows.append(row)

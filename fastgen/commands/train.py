@@ -87,7 +87,8 @@ def codebook_arguments(p, num_codes, code_dim, hidden, levels=""):
     p.add_argument("--code-dim", type=int, default=code_dim, help="code dimension")
     p.add_argument("--hidden", type=int, default=hidden, help="encoder/decoder channels")
     p.add_argument("--res-blocks", type=int, default=2, help="residual blocks in encoder and decoder")
-    p.add_argument("--commitment", type=float, default=0.25, help="commitment weight beta")
+    p.add_argument("--commitment", type=float, default=None,
+                   help="commitment weight beta (default 0.25; 0 for --quantizer lfq, as vector-quantize-pytorch)")
     p.add_argument("--dead-code-threshold", type=int, default=20,
                    help="re-seed codes unused for this many steps (0: never)")
 

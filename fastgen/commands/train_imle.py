@@ -93,10 +93,13 @@ def run(args):
         noise_per=args.noise_per,
         condition_shape=ds.image_shape if args.conditional else None,
         **({"feature_loss_weight": args.feature_loss_weight} if args.feature_loss != "none" else {}))
+    if not ckpt:
+        if args.feature_loss == "none" and "feature_loss_weight" in (getattr(args, "_explicit", None) or ()):
+            raise ValueError("--feature-loss-weight needs --feature-loss (e.g. --feature-loss digits)")
+        if args.feature_loss != "none" and not 0 < args.feature_loss_weight < float("inf"):
+            raise ValueError(f"--feature-loss-weight must be a finite number > 0, got {args.feature_loss_weight}")
     feature_loss = None
     if config.get("feature_loss_weight"):
-        if not 0 < config["feature_loss_weight"] < float("inf"):
-            raise ValueError(f"--feature-loss-weight must be a finite number > 0, got {config['feature_loss_weight']}")
         if ds.image_shape[0] != 1:
             raise ValueError(f"--feature-loss digits needs 1-channel images; {ds.source} has {ds.image_shape[0]}")
         from fastgen.metrics.digit_features import DigitFeatureLoss

@@ -68,7 +68,8 @@ def run(args):
     if args.class_conditional and level != "top":
         raise ValueError("--class-conditional is an option of the top prior (--level top); the bottom prior "
                          "follows the top codes")
-    attention = {"none": False, "head": True, "every": "every"}[args.attention]
+    # runs recorded before --attention took a value stored it as True / False
+    attention = {"none": False, "head": True, "every": "every", True: True, False: False, None: False}[args.attention]
     conditional = bool(ckpt["config"].get("num_classes")) if ckpt else args.class_conditional
     config = ckpt["config"] if ckpt else dict(num_codes=vq.num_codes, code_shape=shape, dim=args.prior_dim,
                                               layers=args.prior_layers, kernel=args.prior_kernel,

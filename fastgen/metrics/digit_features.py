@@ -99,7 +99,10 @@ class DigitFeatureLoss(torch.nn.Module):
 
     def __init__(self, device="cpu"):
         super().__init__()
-        self.net = classifier(device)
+        # its own copy: classifier(device) moves the one cached module, which the eval's
+        # feature passes may move to another device mid-training
+        import copy
+        self.net = copy.deepcopy(classifier("cpu")).to(device)
         for p in self.net.parameters():
             p.requires_grad_(False)
 

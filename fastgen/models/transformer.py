@@ -194,9 +194,11 @@ class CodeTransformer(nn.Module):
 
     def text_loss(self, hidden, text):
         """Mean cross-entropy of each caption byte from the positions before it; the
-        targets are the bytes and the caption's end (its first PAD), not the PADs after it."""
+        targets are the bytes and the caption's end (its first PAD), not the PADs after it.
+        The first byte has no position before it (there is no start token) and is not
+        predicted; rows whose caption was dropped (NULL, for guidance) are not counted."""
         target, prev = text[:, 1:], text[:, :-1]
-        keep = (target != PAD) | (prev != PAD)
+        keep = ((target != PAD) | (prev != PAD)) & (text[:, :1] != NULL)
         ce = F.cross_entropy(self.text_head(hidden[:, :self.text_tokens - 1]).transpose(1, 2), target,
                              reduction="none")
         return (ce * keep).sum() / keep.sum().clamp_min(1)

@@ -34,6 +34,14 @@ class ResidualBlock(nn.Module):
         return x + self.net(x)
 
 
+def default_commitment(quantizer, commitment):
+    """The commitment weight a config means: as given, or by default 0.25 (a codebook's
+    beta) and 0 for lfq (vector-quantize-pytorch's LFQ default; see VQVAE)."""
+    if commitment is None:
+        return 0.0 if quantizer == "lfq" else 0.25
+    return float(commitment)
+
+
 def _levels(downsample):
     if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1 \
             or downsample & (downsample - 1):
@@ -50,7 +58,10 @@ class VQVAE(nn.Module):
         hidden, res_hidden, num_res_blocks: widths and depth of encoder and decoder.
         num_codes, code_dim: codebook size K and code dimension D (quantizer "vq").
         commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizer's
-            (commitment is LFQ's commitment weight too).
+            (commitment is LFQ's commitment weight too). commitment None: 0.25 for a
+            codebook (the VQ-VAE paper's beta), 0 for lfq (vector-quantize-pytorch's LFQ
+            default; with 0.25 the commitment pins channels whose sign never changes at
+            +-1 and they stay dead: 16 of 64 codes used on digits, against 64 of 64 at 0).
         quantizer: "vq" (VectorQuantizer), "simvq" (VectorQuantizer(simvq=True)), "fsq" (FSQ(levels): num_codes = prod(levels),
             code_dim = len(levels)) or "lfq" (LFQ: num_codes a power of two, code_dim =
             log2(num_codes)); fastgen/nn/quantizers.py states what any of them provides.
@@ -67,10 +78,11 @@ class VQVAE(nn.Module):
     """
 
     def __init__(self, image_shape, downsample=2, hidden=64, res_hidden=32, num_res_blocks=2, num_codes=64,
-                 code_dim=16, commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20,
+                 code_dim=16, commitment=None, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20,
                  quantizer="vq", levels=None, rotation_trick=False, entropy_weight=0.1, stages=1, groups=1):
         super().__init__()
         num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
+        commitment = default_commitment(quantizer, commitment)
         if groups > 1:
             code_dim = group_dim(quantizer, code_dim, levels, num_codes, groups)
         c, h, w = image_shape

@@ -28,7 +28,7 @@ from torch import nn
 
 from fastgen.models.networks import check_images
 from fastgen.models.pixelcnn import GatedPixelCNN
-from fastgen.models.vqvae import ResidualBlock
+from fastgen.models.vqvae import ResidualBlock, default_commitment
 from fastgen.nn.quantizers import make_quantizer, quantizer_shape
 
 
@@ -61,16 +61,18 @@ class VQVAE2(nn.Module):
         image_shape: (C, H, W) in [0, 1], H and W divisible by 8.
         hidden, res_hidden, num_res_blocks: widths and depth of encoders and decoders.
         num_codes, code_dim: each codebook's size and code dimension (both levels).
-        commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizers'.
+        commitment, ema, decay, kmeans_init, dead_code_threshold: the VectorQuantizers'
+            (commitment None: 0.25, or 0 for lfq, as VQVAE).
         quantizer, levels, rotation_trick: as in VQVAE (fastgen/nn/quantizers.py), the
             same kind at both levels.
     """
 
     def __init__(self, image_shape, hidden=128, res_hidden=64, num_res_blocks=2, num_codes=512, code_dim=64,
-                 commitment=0.25, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20, quantizer="vq",
+                 commitment=None, ema=True, decay=0.99, kmeans_init=True, dead_code_threshold=20, quantizer="vq",
                  levels=None, rotation_trick=False, entropy_weight=0.1):
         super().__init__()
         num_codes, code_dim = quantizer_shape(quantizer, num_codes, code_dim, levels)
+        commitment = default_commitment(quantizer, commitment)
         c, h, w = image_shape
         if h % 8 or w % 8:
             raise ValueError(f"image_shape {tuple(image_shape)}: H and W must be divisible by 8 "
