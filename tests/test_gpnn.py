@@ -375,3 +375,27 @@ def test_rank_jobs_partition():
     from fastgen.gpnn_distributed import rank_jobs
     jobs = [j for r in range(3) for j in rank_jobs(4, 5, r, 3)]
     assert sorted(jobs) == [(k, i) for k in range(4) for i in range(5)]
+
+
+def test_the_level_profile_accounts_for_every_search():
+    """benchmarks/gpnn_levels.py: one sample's searches per level, timed without changing
+    the model (the wrapped PatchIndex and fold_patches are put back)."""
+    import importlib.util
+    import os
+
+    import fastgen.models.gpnn as gm
+    spec = importlib.util.spec_from_file_location(
+        "gpnn_levels", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpnn_levels.py"))
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+    image = torch.rand(3, 40, 56)
+    before = gm.PatchIndex, gm.fold_patches
+    rows, total, out = prof.profile(image, iterations=3, coarsest_side=14)
+    assert (gm.PatchIndex, gm.fold_patches) == before
+    assert torch.equal(out, GPNN(iterations=3, coarsest_side=14).sample(image, seed=0, progress=False))
+    assert [r["searches"] for r in rows] == [1] + [3] * (len(rows) - 1)
+    for r in rows:
+        assert r["brute_gflop"] == round(2 * r["queries"] * r["keys"] * r["D"] * r["searches"] / 1e9, 2)
+        assert r["pairs_computed"] is None or 0 < r["pairs_computed"] <= 1
+    assert rows[-1]["level"] == "40x56"
+    assert 0 < sum(r["build_s"] + r["search_s"] + r["fold_s"] for r in rows) <= total
