@@ -31,7 +31,7 @@ def profile(image, max_side=0, seed=0, **gpnn_kwargs):
     spent = defaultdict(float)
     pairs = defaultdict(lambda: [0, 0])
     searches = defaultdict(int)
-    shapes = {}
+    query_shapes = {}
     Base, base_fold = gm.PatchIndex, gm.fold_patches
 
     class TimedIndex(Base):
@@ -47,7 +47,7 @@ def profile(image, max_side=0, seed=0, **gpnn_kwargs):
             m = self.keys.shape[0]
             spent[(m, "search")] += time.perf_counter() - t
             searches[m] += 1
-            shapes[m] = (queries.shape[-2], queries.shape[-1])
+            query_shapes[m] = (queries.shape[-2], queries.shape[-1])
             if before is not None:         # this search's own counts (blurred and sharp indices add up)
                 total, computed = self._c.pairs()
                 pairs[m][0] += total - before[0]
@@ -71,12 +71,11 @@ def profile(image, max_side=0, seed=0, **gpnn_kwargs):
         gm.PatchIndex, gm.fold_patches = Base, base_fold
     p = model.patch_size
     rows = []
-    levels = model._scales(min(image.shape[-2:]))
-    h, w = image.shape[-2:]
-    for scale in reversed(levels):
-        hh, ww = max(p, round(h * scale)), max(p, round(w * scale))
+    size = tuple(image.shape[-2:])
+    shapes_per_level = model._output_shapes(size, size, len(model._scales(min(size))))   # the model's own pyramid
+    for hh, ww in reversed(shapes_per_level):
         m = (hh - p + 1) * (ww - p + 1)
-        n, d = shapes.get(m, (m, image.shape[0] * p * p))
+        n, d = query_shapes.get(m, (m, image.shape[0] * p * p))
         rows.append(dict(level=f"{hh}x{ww}", queries=n, keys=m, D=d, searches=searches.get(m, 0),
                          brute_gflop=round(2 * n * m * d * searches.get(m, 0) / 1e9, 2),
                          pairs_computed=round(pairs[m][1] / pairs[m][0], 4) if pairs[m][0] else None,

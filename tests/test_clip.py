@@ -110,4 +110,4 @@ def test_train_clip_command_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "clip", "--data", "photo-crops", "--size", "8", "--epochs", "1",
                  "--out", str(tmp_path / "x"), *quick]) != 0
-    assert "--captions digits needs --data digits" in capsys.readouterr().err
+    assert "--captions digits needs digits images, --data is 'photo-crops'" in capsys.readouterr().err

@@ -72,16 +72,30 @@ def test_bad_arguments():
         draw_confident(draw, 4, 0.5, labels=torch.zeros(3, dtype=torch.long), score=score)
 
 
-def test_class_conditional_prior_from_the_command_line(tmp_path, capsys):
-    quick = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
-    vq, pri = tmp_path / "vq", tmp_path / "prior"
+QUICK = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def digits_vq(tmp_path_factory):
+    """A tiny VQ-VAE on digits, shared by the command-line tests."""
+    vq = tmp_path_factory.mktemp("vq")
     assert main(["train", "vqvae", "--data", "digits", "--hidden", "16", "--res-blocks", "1", "--num-codes", "16",
-                 "--out", str(vq), *quick]) == 0
+                 "--out", str(vq), *QUICK]) == 0
+    return vq
+
+
+def _prior(vq, out, *flags):
+    """A tiny pixelcnn over the VQ-VAE's codes; the `fastgen sample vqvae` arguments that use it."""
     assert main(["train", "pixelcnn", "--vqvae", str(vq / "checkpoint.pt"), "--prior-dim", "8", "--prior-layers", "2",
-                 "--class-conditional", "--attention", "every", "--dropout", "0.1", "--out", str(pri), *quick]) == 0
+                 "--out", str(out), *flags, *QUICK]) == 0
+    return ["sample", "vqvae", "--checkpoint", str(vq / "checkpoint.pt"), "--prior", str(out / "checkpoint.pt")]
+
+
+def test_class_conditional_prior_from_the_command_line(tmp_path, digits_vq, capsys):
+    vq, pri = digits_vq, tmp_path / "prior"
+    base = _prior(vq, pri, "--class-conditional", "--attention", "every", "--dropout", "0.1")
     ck = torch.load(pri / "checkpoint.pt", weights_only=False)
     assert ck["config"]["num_classes"] == 10 and ck["config"]["attention"] == "every"
-    base = ["sample", "vqvae", "--checkpoint", str(vq / "checkpoint.pt"), "--prior", str(pri / "checkpoint.pt")]
     assert main([*base, "--label", "3,7", "-n", "6", "--out", str(tmp_path / "s")]) == 0
     out = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
     assert out["labels"].tolist() == [3, 7, 3, 7, 3, 7] and out["images"].shape == (6, 1, 8, 8)
@@ -104,24 +118,21 @@ def test_class_conditional_prior_from_the_command_line(tmp_path, capsys):
         assert msg in capsys.readouterr().err
 
 
-def test_label_needs_a_conditional_prior_or_rejection(tmp_path, capsys):
-    quick = ["--epochs", "1", "--batches-per-epoch", "2", "--threads", "1", "--quiet"]
-    vq, pri = tmp_path / "vq", tmp_path / "prior"
-    assert main(["train", "vqvae", "--data", "digits", "--hidden", "16", "--res-blocks", "1", "--num-codes", "16",
-                 "--out", str(vq), *quick]) == 0
-    assert main(["train", "pixelcnn", "--vqvae", str(vq / "checkpoint.pt"), "--prior-dim", "8", "--prior-layers", "2",
-                 "--out", str(pri), *quick]) == 0
-    base = ["sample", "vqvae", "--checkpoint", str(vq / "checkpoint.pt"), "--prior", str(pri / "checkpoint.pt")]
+def test_label_needs_a_conditional_prior_or_rejection(tmp_path, digits_vq, capsys):
+    base = _prior(digits_vq, tmp_path / "prior")
     capsys.readouterr()
     assert main([*base, "--label", "3", "-n", "2", "--out", str(tmp_path / "s")]) != 0
     assert "class-conditional" in capsys.readouterr().err
     # with rejection an unconditional prior draws until the classifier says 3
     assert main([*base, "--label", "3", "--min-confidence", "0.5", "--max-rounds", "3", "-n", "2",
                  "--out", str(tmp_path / "s")]) == 0
+    out = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
+    assert out["labels"].tolist() == [3, 3]
+    assert torch.allclose(out["confidence"], digit_confidence(out["images"], out["labels"]), atol=1e-5)
     # photo data has no labels
     assert main(["train", "vqvae", "--data", "photo-crops", "--size", "8", "--hidden", "8", "--res-blocks", "1",
-                 "--num-codes", "8", "--out", str(tmp_path / "pv"), *quick]) == 0
+                 "--num-codes", "8", "--out", str(tmp_path / "pv"), *QUICK]) == 0
     capsys.readouterr()
     assert main(["train", "pixelcnn", "--vqvae", str(tmp_path / "pv" / "checkpoint.pt"), "--class-conditional",
-                 "--prior-dim", "8", "--prior-layers", "1", "--out", str(tmp_path / "pp"), *quick]) != 0
+                 "--prior-dim", "8", "--prior-layers", "1", "--out", str(tmp_path / "pp"), *QUICK]) != 0
     assert "labelled images" in capsys.readouterr().err

@@ -220,8 +220,8 @@ def run_table(args, real, device):
             from fastgen.training import linked_checkpoint
             linked = [linked_checkpoint(loaded, "vq_checkpoint", os.path.dirname(os.path.abspath(ckpt)),
                                         f"the transformer {ckpt}")]
-        row["train_minutes"] = sum(training_seconds(load_checkpoint(p)) for p in (ckpt, *pris, *linked)
-                                   if os.path.isfile(p)) / 60
+        row["train_minutes"] = (training_seconds(loaded) + sum(training_seconds(load_checkpoint(p))
+                                                                for p in (*pris, *linked) if os.path.isfile(p))) / 60
         rows.append(row)
         names.append(name)
         print(f"evaluated {name} ({ckpt})", flush=True)

@@ -247,16 +247,16 @@ def sample_vqvae(args):
     check_fits(args, args.n, vqvae.image_shape, device, max(pixelcnn_sample_bytes(prior), decode))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     labels = wanted_labels(args, prior, device)
-    kept = {}
 
-    def draw(m, lab):
-        codes = prior.sample(m, labels=lab if prior.num_classes else None, generator=gen, device=device,
-                             temperature=args.temperature)
-        kept.setdefault("codes", []).append(codes)
-        return vqvae.decode(codes)
-    images, extra = draw_maybe_rejecting(args, draw, labels, vqvae.image_shape)
-    if args.min_confidence is None:
-        extra["codes"] = kept["codes"][0].cpu()
+    def draw_codes(m, lab):
+        return prior.sample(m, labels=lab if prior.num_classes else None, generator=gen, device=device,
+                            temperature=args.temperature)
+    if args.min_confidence is None:      # one draw: its codes are kept with the images
+        codes = draw_codes(args.n, labels)
+        images, extra = vqvae.decode(codes), {"codes": codes.cpu(), **_labels_entry(labels)}
+    else:
+        images, extra = draw_rejecting(args, lambda m, lab: vqvae.decode(draw_codes(m, lab)), labels,
+                                       vqvae.image_shape)
     png = _write(args, images.cpu(), extra)
     print(f"wrote {args.n} samples (vqvae epoch {vq_ckpt['epoch']}, prior epoch {pc['epoch']}) to {png} "
           f"and samples.pt")
@@ -281,20 +281,21 @@ def wanted_labels(args, prior, device):
     return torch.tensor(want, device=device)[torch.arange(args.n, device=device) % len(want)]
 
 
-def draw_maybe_rejecting(args, draw, labels, image_shape):
-    """draw(args.n, labels) as it is, or with --min-confidence through the digits classifier
-    (fastgen.rejection); (images, extra entries for samples.pt)."""
-    if args.min_confidence is None:
-        return draw(args.n, labels), ({"labels": labels.cpu()} if labels is not None else {})
-    from fastgen.rejection import check_confidence, draw_confident
-    check_confidence(args.min_confidence, args.max_rounds)
+def _labels_entry(labels):
+    return {"labels": labels.cpu()} if labels is not None else {}
+
+
+def draw_rejecting(args, draw, labels, image_shape):
+    """draw(m, labels) through the digits classifier's rejection (--min-confidence, checked
+    with the other flags; fastgen.rejection): (images, extra entries for samples.pt)."""
+    from fastgen.rejection import draw_confident
     if image_shape[0] != 1:
         raise ValueError(f"--min-confidence scores samples with the digits classifier: it needs 1-channel images, "
                          f"these are {tuple(image_shape)}")
     images, st = draw_confident(draw, args.n, args.min_confidence, labels, args.max_rounds)
     print(f"rejection: {st['accepted']} of {args.n} samples reached confidence {args.min_confidence:g} "
           f"({st['draws']} drawn in {st['rounds']} rounds)")
-    return images, {"confidence": st["confidence"], **({"labels": labels.cpu()} if labels is not None else {})}
+    return images, {"confidence": st["confidence"], **_labels_entry(labels)}
 
 
 def load_vqvae2_priors(vq, top_path, bottom_path, device, vq_ckpt=None, vq_path=None):
@@ -340,9 +341,12 @@ def sample_vqvae2(args):
     check_fits(args, args.n, vq.image_shape, device, extra_device=batch)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     labels = wanted_labels(args, top, device)
-    images, extra = draw_maybe_rejecting(
-        args, lambda m, lab: sample_vqvae2_images(vq, top, bottom, m, gen, device, args.temperature, labels=lab),
-        labels, vq.image_shape)
+    draw = lambda m, lab: sample_vqvae2_images(vq, top, bottom, m, gen, device, args.temperature,  # noqa: E731
+                                               labels=lab)
+    if args.min_confidence is None:
+        images, extra = draw(args.n, labels), _labels_entry(labels)
+    else:
+        images, extra = draw_rejecting(args, draw, labels, vq.image_shape)
     png = _write(args, images.cpu(), extra or None)
     if args.reconstruct > 0:
         from fastgen.commands.train import load_data

@@ -28,24 +28,9 @@ def add_parser(families):
     p.set_defaults(func=run, batch_size=128)
 
 
-def captioned(data_args, captions, text_tokens):
-    """(train captions, test captions): per image, a list of its phrasings."""
-    from fastgen import data as datasets
-    from fastgen.commands.train_transformer import digit_captions, digits_labels
-    if captions == "digits":
-        if data_args["data"] != "digits":
-            raise ValueError(f"--captions digits needs --data digits, got {data_args['data']!r} (give a captions file)")
-        y_train, y_test = digits_labels(data_args)
-        return [digit_captions(int(y)) for y in y_train], [digit_captions(int(y)) for y in y_test]
-    if data_args["data"] in ("digits", "photo-crops"):
-        raise ValueError(f"--captions FILE needs --data FOLDER (an image folder), got {data_args['data']!r}")
-    tf = 0.1 if data_args["test_fraction"] is None else data_args["test_fraction"]
-    tr, te = datasets.folder_captions(data_args["data"], captions, tf, max_bytes=text_tokens)
-    return [[c] for c in tr], [[c] for c in te]
-
-
 def run(args):
     from fastgen import training
+    from fastgen.commands.train_transformer import captions_of
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "text_tokens", "dim", "width")
@@ -54,7 +39,7 @@ def run(args):
     captions = ckpt["captions"] if ckpt else args.captions
     config = ckpt["config"] if ckpt else dict(image_shape=ds.image_shape, text_tokens=args.text_tokens,
                                               dim=args.dim, width=args.width)
-    caps_train, caps_test = captioned(data_args, captions, config["text_tokens"])
+    caps_train, caps_test = captions_of(data_args, captions, config["text_tokens"], "--data is")
     torch.manual_seed(args.seed)
     model = build_model("clip", config).to(device)
 
@@ -64,6 +49,9 @@ def run(args):
         return model.pack(images.repeat(k, 1, 1, 1), text)
     test = ds.test[:args.max_test] if args.max_test else ds.test
     train_rows, test_rows = rows(ds.train, caps_train), rows(test, caps_test[:test.shape[0]])
+    if captions == "digits":     # the test digits' labels, for the zero-shot accuracy
+        from fastgen.commands.train_transformer import digits_labels
+        y_test = digits_labels(data_args)[1][:test.shape[0]].to(device)
 
     @torch.no_grad()
     def evaluate():
@@ -71,11 +59,9 @@ def run(args):
         out = model(test_rows.to(device))
         row = dict(test_loss=float(out["loss"]), test_retrieval_accuracy=float(out["accuracy"]))
         if captions == "digits":     # zero-shot: the closest of the ten "the digit D" captions
-            from fastgen.commands.train_transformer import digits_labels
             zi = model.embed_images(test.to(device))
             zt = model.embed_text(model.tokens([f"the digit {d}" for d in range(10)]).to(device))
-            y = digits_labels(data_args)[1][:test.shape[0]].to(device)
-            row["test_zero_shot_accuracy"] = float(((zi @ zt.T).argmax(1) == y).float().mean())
+            row["test_zero_shot_accuracy"] = float(((zi @ zt.T).argmax(1) == y_test).float().mean())
         return row
 
     def describe(n_params):

@@ -18,13 +18,28 @@ def add_parser(families):
     p.add_argument("--prior-dim", type=int, default=64, help="channels")
     p.add_argument("--prior-layers", type=int, default=6, help="gated layers")
     p.add_argument("--prior-kernel", type=int, default=3, help="kernel width (odd)")
+    context_arguments(p, "condition the prior on the image's class (digits: its digit); sample with --label")
+    p.set_defaults(func=run)
+
+
+def context_arguments(p, class_help):
+    """--attention, --dropout and --class-conditional: the options every gated PixelCNN prior
+    command shares (this one and `fastgen train prior`)."""
     p.add_argument("--attention", nargs="?", const="head", default="none", choices=["none", "head", "every"],
                    help="causal self-attention: 'head' (the flag alone) one block before the head, 'every' one "
                         "after every gated layer (PixelSNAIL-style: each position reads every earlier one)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the gated features in training")
-    p.add_argument("--class-conditional", action="store_true",
-                   help="condition the prior on the image's class (digits: its digit); sample with --label")
-    p.set_defaults(func=run)
+    p.add_argument("--class-conditional", action="store_true", help=class_help)
+
+
+def context_config(args):
+    """The config entries of --attention and --dropout (only those not at their defaults,
+    so configs of runs without them stay as they were), checked."""
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    # runs recorded before --attention took a value stored it as True / False
+    attention = {"none": False, "head": True, "every": "every", True: True, False: False, None: False}[args.attention]
+    return {**({"attention": attention} if attention else {}), **({"dropout": args.dropout} if args.dropout else {})}
 
 
 @torch.no_grad()
@@ -53,6 +68,7 @@ def run(args):
     device = train_cmd.setup(args)
     train_cmd.positive(args, "prior_dim", "prior_layers")
     ckpt = train_cmd.open_run(args, "pixelcnn")
+    context = context_config(args)       # flags checked before the codes are computed
     vq_path = training.linked_checkpoint(ckpt, "vqvae_checkpoint", args.out, f"the run in {args.out}") if ckpt \
         else args.vqvae
     if vq_path is None:
@@ -60,26 +76,20 @@ def run(args):
     vqvae, vq_ckpt, ds = train_cmd.load_code_model(args, vq_path, "vqvae", device, "--vqvae")
     if ckpt:
         training.check_codebook(ckpt, f"the run in {args.out}", vq_ckpt, f"--vqvae {vq_path}")
-    test_images = ds.test[:args.max_test] if args.max_test else ds.test
-    train_codes = train_cmd.encode_all(vqvae, ds.train, device)
-    test_codes = train_cmd.encode_all(vqvae, test_images, device)
     conditional = bool(ckpt["config"].get("num_classes")) if ckpt else args.class_conditional
     if conditional:      # labels ride along as the last column of each training row
         y_train, y_test = class_labels(vq_ckpt, vq_path)
-        y_test = y_test[:test_codes.shape[0]]
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    attention = {"none": False, "head": True, "every": "every"}[args.attention]
+    test_images = ds.test[:args.max_test] if args.max_test else ds.test
+    train_codes = train_cmd.encode_all(vqvae, ds.train, device)
+    test_codes = train_cmd.encode_all(vqvae, test_images, device)
     config = ckpt["config"] if ckpt else dict(num_codes=vqvae.num_codes, code_shape=vqvae.code_shape,
                                               dim=args.prior_dim, layers=args.prior_layers,
-                                              kernel=args.prior_kernel,
-                                              **({"attention": attention} if attention else {}),
-                                              **({"dropout": args.dropout} if args.dropout else {}),
+                                              kernel=args.prior_kernel, **context,
                                               **({"num_classes": 10} if conditional else {}))
     torch.manual_seed(args.seed)
     prior = build_model("pixelcnn", config).to(device)
     if conditional:
-        train_codes, test_codes = prior.pack(train_codes, y_train), prior.pack(test_codes, y_test)
+        train_codes, test_codes = prior.pack(train_codes, y_train), prior.pack(test_codes, y_test[:test_codes.shape[0]])
     out_png = os.path.join(args.out, "samples.png")
 
     @torch.no_grad()

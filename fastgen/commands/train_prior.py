@@ -24,12 +24,8 @@ def add_parser(families):
     p.add_argument("--prior-dim", type=int, default=64, help="channels of the gated stacks")
     p.add_argument("--prior-layers", type=int, default=8, help="gated layers")
     p.add_argument("--prior-kernel", type=int, default=3, help="odd kernel width")
-    p.add_argument("--attention", nargs="?", const="head", default="none", choices=["none", "head", "every"],
-                   help="causal self-attention: 'head' (the flag alone) one block before the head, 'every' one "
-                        "after every gated layer (PixelSNAIL-style: each position reads every earlier one)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the gated features in training")
-    p.add_argument("--class-conditional", action="store_true",
-                   help="top prior only: condition on the image's class (digits: its digit); sample with --label")
+    from fastgen.commands.train_pixelcnn import context_arguments
+    context_arguments(p, "top prior only: condition on the image's class (digits: its digit); sample with --label")
     p.add_argument("--cond-blocks", type=int, default=0,
                    help="bottom prior only: residual blocks over the top codes before they condition the layers")
     p.set_defaults(func=run, lr=3e-4)
@@ -37,6 +33,7 @@ def add_parser(families):
 
 def run(args):
     from fastgen import training
+    from fastgen.commands.train_pixelcnn import class_labels, context_config
     from fastgen.models import build_model
     device = train_cmd.setup(args)
     train_cmd.positive(args, "prior_dim", "prior_layers")
@@ -48,6 +45,15 @@ def run(args):
         raise ValueError("--level top|bottom is required")
     kind = f"vqvae2_{level}_prior"
     ckpt = train_cmd.open_run(args, kind)
+    # every flag checked before the codes are computed
+    if args.cond_blocks and level != "bottom":
+        raise ValueError("--cond-blocks is an option of the bottom prior (--level bottom)")
+    if args.cond_blocks < 0:
+        raise ValueError(f"--cond-blocks must be >= 0, got {args.cond_blocks}")
+    if args.class_conditional and level != "top":
+        raise ValueError("--class-conditional is an option of the top prior (--level top); the bottom prior "
+                         "follows the top codes")
+    context = context_config(args)
     vq_path = training.linked_checkpoint(ckpt, "vqvae2_checkpoint", args.out, f"the run in {args.out}") if ckpt \
         else args.vqvae2
     if vq_path is None:
@@ -55,34 +61,22 @@ def run(args):
     vq, vq_ckpt, ds = train_cmd.load_code_model(args, vq_path, "vqvae2", device, "--vqvae2")
     if ckpt:
         training.check_codebook(ckpt, f"the run in {args.out}", vq_ckpt, f"--vqvae2 {vq_path}")
+    conditional = bool(ckpt["config"].get("num_classes")) if ckpt else args.class_conditional
+    if conditional:
+        y_train, y_test = class_labels(vq_ckpt, vq_path)
     test_images = ds.test[:args.max_test] if args.max_test else ds.test
     tr_t, tr_b = train_cmd.encode_all(vq, ds.train, device)
     te_t, te_b = train_cmd.encode_all(vq, test_images, device)
     shape = vq.top_shape if level == "top" else vq.bottom_shape
-    if args.cond_blocks and level != "bottom":
-        raise ValueError("--cond-blocks is an option of the bottom prior (--level bottom)")
-    if args.cond_blocks < 0:
-        raise ValueError(f"--cond-blocks must be >= 0, got {args.cond_blocks}")
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.class_conditional and level != "top":
-        raise ValueError("--class-conditional is an option of the top prior (--level top); the bottom prior "
-                         "follows the top codes")
-    # runs recorded before --attention took a value stored it as True / False
-    attention = {"none": False, "head": True, "every": "every", True: True, False: False, None: False}[args.attention]
-    conditional = bool(ckpt["config"].get("num_classes")) if ckpt else args.class_conditional
     config = ckpt["config"] if ckpt else dict(num_codes=vq.num_codes, code_shape=shape, dim=args.prior_dim,
                                               layers=args.prior_layers, kernel=args.prior_kernel,
-                                              **({"attention": attention} if attention else {}),
-                                              **({"dropout": args.dropout} if args.dropout else {}),
+                                              **context,
                                               **({"cond_blocks": args.cond_blocks} if args.cond_blocks else {}),
                                               **({"num_classes": 10} if conditional else {}))
     torch.manual_seed(args.seed)
     prior = build_model(kind, config).to(device)
     # what training iterates over: the top maps, or packed (bottom, top) rows
     if conditional:
-        from fastgen.commands.train_pixelcnn import class_labels
-        y_train, y_test = class_labels(vq_ckpt, vq_path)
         train_data, test_data = prior.pack(tr_t, y_train), prior.pack(te_t, y_test[:te_t.shape[0]])
     else:
         train_data, test_data = (tr_t, te_t) if level == "top" else (prior.pack(tr_b, tr_t), prior.pack(te_b, te_t))

@@ -89,8 +89,25 @@ def digits_labels(ds_args):
     return labels(0.2 if tf is None else tf)
 
 
-def run(args):
+def captions_of(data_args, captions, text_tokens, whose):
+    """(train, test) captions of the images `data_args` loads, per image a list of its
+    phrasings: 'digits' (three per digit, from the labels) or a captions file for an image
+    folder. whose: how the errors name where the images came from."""
     from fastgen import data as datasets
+    if captions == "digits":
+        if data_args["data"] != "digits":
+            raise ValueError(f"--captions digits needs digits images, {whose} {data_args['data']!r} (give a "
+                             "captions file instead)")
+        y_train, y_test = digits_labels(data_args)
+        return [digit_captions(int(y)) for y in y_train], [digit_captions(int(y)) for y in y_test]
+    if data_args["data"] in ("digits", "photo-crops"):
+        raise ValueError(f"--captions FILE needs images from an image folder, {whose} {data_args['data']!r}")
+    tf = 0.1 if data_args["test_fraction"] is None else data_args["test_fraction"]
+    tr, te = datasets.folder_captions(data_args["data"], captions, tf, max_bytes=text_tokens)
+    return [[c] for c in tr], [[c] for c in te]
+
+
+def run(args):
     from fastgen import training
     from fastgen.images import save_grid
     from fastgen.models import build_model
@@ -111,22 +128,9 @@ def run(args):
     source = CodeSource(kind, path, device, args)
     if ckpt:
         training.check_codebook(ckpt, f"the run in {args.out}", source.ckpt, f"--{kind} {path}")
-    da = source.ckpt["data_args"]
-    if captions == "digits":
-        if da["data"] != "digits":
-            raise ValueError(f"--captions digits needs a VQ model trained on digits; {path} was trained on "
-                             f"{da['data']!r} (give a captions file instead)")
-        y_train, y_test = digits_labels(da)
-        caps_train = [digit_captions(int(y)) for y in y_train]
-        caps_test = [digit_captions(int(y)) for y in y_test]
-    else:
-        if da["data"] in ("digits", "photo-crops"):
-            raise ValueError(f"--captions FILE needs a VQ model trained on an image folder; {path} was trained on "
-                             f"{da['data']!r}")
-        tf = 0.1 if da["test_fraction"] is None else da["test_fraction"]
-        text_tokens = ckpt["config"]["text_tokens"] if ckpt else args.text_tokens
-        tr, te = datasets.folder_captions(da["data"], captions, tf, max_bytes=text_tokens)
-        caps_train, caps_test = [[c] for c in tr], [[c] for c in te]
+    text_tokens = ckpt["config"]["text_tokens"] if ckpt else args.text_tokens
+    caps_train, caps_test = captions_of(source.ckpt["data_args"], captions, text_tokens,
+                                        f"a VQ model trained on them; {path} was trained on")
     ds = source.data
     config = ckpt["config"] if ckpt else dict(
         num_codes=source.num_codes, image_tokens=source.length, text_tokens=args.text_tokens, dim=args.dim,

@@ -57,6 +57,10 @@ class ContrastiveScorer(nn.Module):
                                                    norm_first=True)
         self.text_out = nn.Linear(width, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # a fixed random vector: equal images give bit-equal dot products with it (the
+        # same-image positives); made once, not per step, and kept out of the state dict
+        g = torch.Generator().manual_seed(12345)
+        self.register_buffer("probe", torch.randn(c * h * w, generator=g), persistent=False)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -108,12 +112,6 @@ class ContrastiveScorer(nn.Module):
         x = (x * keep).sum(1) / keep.sum(1).clamp_min(1)
         return F.normalize(self.text_out(x), dim=-1)
 
-    @staticmethod
-    def _probe(images):
-        """A fixed random vector: equal images give bit-equal dot products with it."""
-        g = torch.Generator().manual_seed(12345)
-        return torch.randn(images[0].numel(), generator=g, dtype=torch.float64).to(images.device, images.dtype)
-
     def similarity(self, images, text):
         """(N,) cosine similarity of each image with its own caption (the re-ranking score)."""
         return (self.embed_images(images) * self.embed_text(text)).sum(-1)
@@ -130,7 +128,7 @@ class ContrastiveScorer(nn.Module):
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * zi @ zt.T
         # positives: pairs with the same caption, or the same image (an image with several
         # phrasings appears once per phrasing); images compared by an exact fingerprint
-        key = images.flatten(1) @ self._probe(images)
+        key = images.flatten(1).to(self.probe.dtype) @ self.probe
         same = ((text[:, None, :] == text[None, :, :]).all(-1) | (key[:, None] == key[None, :])).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
